@@ -1,0 +1,296 @@
+//! Alice's daemon: the photon source on the simulated fibre and the server of the classical
+//! channel. `main.rs` only parses flags and wires; [`run`] takes bound listeners and a shutdown
+//! token, so tests bind port 0 and stop it themselves.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context;
+use common::config::AliceConfig;
+use common::fibre::{encode_frame, write_frame};
+use common::link::alice::{AliceCore, AliceEvent};
+use common::link::LinkError;
+use common::sim::{FrameSecret, LinkParams, Source};
+use common::store::SledStore;
+use proto::link::link_server::{Link, LinkServer};
+use proto::link::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status};
+use tracing::{info, warn};
+
+/// Alice's counters, written to `status.json` in the data directory every second.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct AliceStatus {
+    /// Frames emitted on the fibre.
+    pub frames_emitted: u64,
+    /// Photons that reached the fibre's far end (before Bob's losses).
+    pub photons_sent: u64,
+    /// Whether a receiver is connected to the fibre.
+    pub fibre_connected: bool,
+    /// Blocks committed.
+    pub blocks_committed: u64,
+    /// Blocks aborted.
+    pub blocks_aborted: u64,
+    /// Key units stored.
+    pub keys_stored: u64,
+    /// Secret bits stored.
+    pub secret_bits: u64,
+    /// The last abort reason, if any.
+    pub last_abort_reason: Option<String>,
+}
+
+/// Loads `config` (with `data_dir` overriding its data directory), binds the listeners and runs
+/// until SIGINT or SIGTERM.
+pub async fn run_from_config(config: &std::path::Path, data_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let (mut cfg, link) = AliceConfig::load(config)?;
+    if let Some(dir) = data_dir {
+        cfg.data_dir = dir;
+    }
+    let grpc = TcpListener::bind(cfg.classical.listen)
+        .await
+        .with_context(|| format!("binding classical.listen {}", cfg.classical.listen))?;
+    let fibre = TcpListener::bind(cfg.fibre.listen).await.with_context(|| format!("binding fibre.listen {}", cfg.fibre.listen))?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(common::shutdown_on_signal(shutdown.clone()));
+    run(cfg, link, grpc, fibre, shutdown).await
+}
+
+/// Runs Alice until `shutdown` is cancelled.
+pub async fn run(
+    cfg: AliceConfig,
+    link: LinkParams,
+    grpc_listener: TcpListener,
+    fibre_listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
+    let tls = cfg.tls.load().context("loading TLS material")?;
+    let core = AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), link.clone(), ChaCha20Rng::from_os_rng());
+    let core = Arc::new(Mutex::new(core));
+    let status = Arc::new(Mutex::new(AliceStatus::default()));
+    info!(
+        node = %cfg.node_id,
+        classical = %grpc_listener.local_addr()?,
+        fibre = %fibre_listener.local_addr()?,
+        distance_km = link.distance_km,
+        block_bits = cfg.protocol.block_bits,
+        "alice started"
+    );
+
+    // Shutdown drains: the source stops at once, blocks in progress get up to 10 s to commit,
+    // then the classical channel closes. A block is thus never left committed at one end only.
+    let server_stop = CancellationToken::new();
+    let drainer = {
+        let (core, shutdown, server_stop) = (core.clone(), shutdown.clone(), server_stop.clone());
+        async move {
+            shutdown.cancelled().await;
+            core.lock().expect("alice core lock poisoned").drain();
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while core.lock().expect("alice core lock poisoned").blocks_in_progress() > 0 && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            server_stop.cancel();
+        }
+    };
+    let service = LinkService { core: core.clone(), store: store.clone(), peer_name: cfg.classical.peer_name.clone(), status: status.clone() };
+    let grpc = tonic::transport::Server::builder()
+        .tls_config(tls.tonic_server())
+        .context("TLS configuration of the classical channel")?
+        .add_service(LinkServer::new(service))
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), server_stop.cancelled_owned());
+
+    let emitter = emit_frames(fibre_listener, core, link, cfg.protocol.frame_pulses, status.clone(), shutdown.clone());
+    let status_writer = common::status::write_periodically(cfg.data_dir.join("status.json"), status, shutdown.clone());
+
+    let (grpc_result, (), (), ()) = tokio::join!(grpc, emitter, status_writer, drainer);
+    grpc_result.context("classical channel server")?;
+    store.flush().context("flushing the key store")?;
+    info!("alice stopped; key store flushed");
+    Ok(())
+}
+
+/// The gRPC service: checks the caller's certificate name, then hands each request to the core.
+struct LinkService {
+    core: Arc<Mutex<AliceCore>>,
+    store: Arc<SledStore>,
+    peer_name: String,
+    status: Arc<Mutex<AliceStatus>>,
+}
+
+impl LinkService {
+    /// Refuses a caller whose (CA-verified) certificate is not valid for the configured peer name.
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if common::tls::peer_has_name(leaf, &self.peer_name) {
+            Ok(())
+        } else {
+            warn!(expected = %self.peer_name, "refused a classical-channel client whose certificate names another peer");
+            Err(Status::permission_denied(format!("client certificate is not valid for {}", self.peer_name)))
+        }
+    }
+
+    fn with_core<R>(&self, f: impl FnOnce(&mut AliceCore) -> Result<R, LinkError>) -> Result<R, Status> {
+        // Invariant: no code panics while holding the lock, so it is never poisoned.
+        let mut core = self.core.lock().expect("alice core lock poisoned");
+        f(&mut core).map_err(Status::from)
+    }
+
+    fn record(&self, event: Option<AliceEvent>) {
+        let Some(event) = event else { return };
+        let mut status = self.status.lock().expect("status lock poisoned");
+        match event {
+            AliceEvent::Committed(meta) => {
+                info!(
+                    block = %meta.block_id,
+                    sifted_bits = meta.n_sifted_bits,
+                    qber_z = format_args!("{:.3}%", 100.0 * meta.qber_z),
+                    qber_x = format_args!("{:.3}%", 100.0 * meta.qber_x),
+                    phase_error_upper = format_args!("{:.3}%", 100.0 * meta.phase_error_upper),
+                    leak_bits = meta.leak_bits,
+                    final_bits = meta.final_bits,
+                    "block committed: keys stored as ready"
+                );
+                status.blocks_committed += 1;
+                status.keys_stored += meta.final_bits / 256;
+                status.secret_bits += meta.final_bits;
+            }
+            AliceEvent::Aborted { block_id, reason } => {
+                warn!(block = %block_id, %reason, "block aborted: no key stored");
+                status.blocks_aborted += 1;
+                status.last_abort_reason = Some(reason);
+            }
+        }
+    }
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+#[tonic::async_trait]
+impl Link for LinkService {
+    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let resp = self.with_core(|core| core.hello(&req, self.store.as_ref()))?;
+        info!(bob = %req.bob_id, session = %resp.session_id, settled_ready = resp.ready_block_ids.len(), "session opened");
+        Ok(Response::new(resp))
+    }
+
+    async fn sift(&self, request: Request<SiftRequest>) -> Result<Response<SiftResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        Ok(Response::new(self.with_core(|core| core.sift(&req))?))
+    }
+
+    async fn start_block(&self, request: Request<StartBlockRequest>) -> Result<Response<StartBlockResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let (resp, event) = self.with_core(|core| core.start_block(&req))?;
+        self.record(event);
+        Ok(Response::new(resp))
+    }
+
+    async fn parities(&self, request: Request<ParityRequest>) -> Result<Response<ParityResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        Ok(Response::new(self.with_core(|core| core.parities(&req))?))
+    }
+
+    async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        Ok(Response::new(self.with_core(|core| core.verify(&req))?))
+    }
+
+    async fn amplify(&self, request: Request<AmplifyRequest>) -> Result<Response<AmplifyResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let (resp, event) = self.with_core(|core| core.amplify(&req, now_unix_ms()))?;
+        self.record(event);
+        Ok(Response::new(resp))
+    }
+
+    async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let (resp, event) = self.with_core(|core| core.commit(&req, self.store.as_ref()))?;
+        self.record(Some(event));
+        Ok(Response::new(resp))
+    }
+
+    async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        let (resp, event) = self.with_core(|core| core.abort(&req))?;
+        self.record(Some(event));
+        Ok(Response::new(resp))
+    }
+}
+
+/// The source: while a receiver is connected, emits one frame per frame period (wall clock),
+/// registering each frame's secret with the core before its photons leave.
+async fn emit_frames(
+    listener: TcpListener,
+    core: Arc<Mutex<AliceCore>>,
+    link: LinkParams,
+    frame_pulses: u64,
+    status: Arc<Mutex<AliceStatus>>,
+    shutdown: CancellationToken,
+) {
+    let source = Source::new(&link);
+    let mut rng = ChaCha20Rng::from_os_rng();
+    let period = Duration::from_secs_f64(frame_pulses as f64 / link.clock_hz);
+    let mut ticker = tokio::time::interval(period);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut receiver: Option<TcpStream> = None;
+    let mut frame_idx = 0u64;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    if receiver.replace(stream).is_some() {
+                        info!(%addr, "fibre: a new receiver replaced the previous one");
+                    } else {
+                        info!(%addr, "fibre: receiver connected; emitting frames");
+                    }
+                    status.lock().expect("status lock poisoned").fibre_connected = true;
+                }
+                Err(e) => warn!(error = %e, "fibre: accept failed"),
+            },
+            _ = ticker.tick() => {
+                let Some(stream) = receiver.as_mut() else { continue };
+                let secret = FrameSecret::random(&mut rng);
+                let photons = source.emit_frame(&secret, frame_pulses, &mut rng);
+                let frame = encode_frame(frame_idx, frame_pulses, &photons);
+                core.lock().expect("alice core lock poisoned").register_frame(frame_idx, secret, frame_pulses);
+                frame_idx += 1;
+                let sent = tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &frame)).await;
+                let mut status = status.lock().expect("status lock poisoned");
+                match sent {
+                    Ok(Ok(())) => {
+                        status.frames_emitted += 1;
+                        status.photons_sent += photons.len() as u64;
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = %e, "fibre: receiver gone");
+                        receiver = None;
+                        status.fibre_connected = false;
+                    }
+                    Err(_) => {
+                        warn!("fibre: receiver stalled for 2 s; dropping it");
+                        receiver = None;
+                        status.fibre_connected = false;
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,267 @@
+//! Bob's daemon: the receiver on the simulated fibre and the driver of the classical channel.
+//! `main.rs` only parses flags and wires; [`run`] takes a shutdown token.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{anyhow, Context};
+use common::config::BobConfig;
+use common::fibre::{decode_frame, read_frame};
+use common::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
+use common::link::LinkError;
+use common::sim::{LinkParams, Receiver};
+use common::store::SledStore;
+use common::tls::TlsMaterial;
+use proto::link::link_client::LinkClient;
+use proto::link::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, warn};
+
+/// Bob's status, written to `status.json` in the data directory every second.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BobStatus {
+    /// True while a session with Alice is open.
+    pub connected: bool,
+    /// Sessions opened since start.
+    pub sessions: u64,
+    /// Counters of all sessions since start.
+    pub total: LinkCounters,
+    /// Sifted bits waiting for the next block.
+    pub pending_bits: u64,
+    /// The last block's outcome.
+    pub last_block: Option<BlockReport>,
+    /// Current uncorrected phase offset of the decoder, radians.
+    pub phase_error_rad: f64,
+    /// Why the link last went down.
+    pub last_error: Option<String>,
+}
+
+/// Loads `config` (with `data_dir` overriding its data directory) and runs until SIGINT or
+/// SIGTERM.
+pub async fn run_from_config(config: &std::path::Path, data_dir: Option<std::path::PathBuf>) -> anyhow::Result<()> {
+    let (mut cfg, link) = BobConfig::load(config)?;
+    if let Some(dir) = data_dir {
+        cfg.data_dir = dir;
+    }
+    let shutdown = CancellationToken::new();
+    tokio::spawn(common::shutdown_on_signal(shutdown.clone()));
+    run(cfg, link, shutdown).await
+}
+
+/// Runs Bob until `shutdown` is cancelled, reconnecting with back-off whenever Alice (or the
+/// fibre) goes away.
+pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    let store = SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?;
+    let tls = cfg.tls.load().context("loading TLS material")?;
+    let status = Arc::new(Mutex::new(BobStatus::default()));
+    let status_writer = tokio::spawn(common::status::write_periodically(cfg.data_dir.join("status.json"), status.clone(), shutdown.clone()));
+    let mut receiver = Receiver::new(&link);
+    let mut rng = ChaCha20Rng::from_os_rng();
+    info!(node = %cfg.node_id, alice = %cfg.classical.alice_addr, fibre = %cfg.fibre.alice_addr, "bob started");
+
+    let min_backoff = Duration::from_millis(100);
+    let mut backoff = min_backoff;
+    while !shutdown.is_cancelled() {
+        let started = std::time::Instant::now();
+        let result = session(&cfg, &link, &store, &tls, &status, &mut receiver, &mut rng, &shutdown).await;
+        status.lock().expect("status lock poisoned").connected = false;
+        match result {
+            Ok(()) => break,
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(10) {
+                    backoff = min_backoff;
+                }
+                warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "link down; reconnecting");
+                status.lock().expect("status lock poisoned").last_error = Some(format!("{e:#}"));
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs_f64(cfg.classical.max_backoff_s));
+            }
+        }
+    }
+    store.flush().context("flushing the key store")?;
+    let _ = status_writer.await;
+    info!("bob stopped; key store flushed");
+    Ok(())
+}
+
+/// One session: connect both channels, settle pending blocks, then sift frames and process
+/// blocks until an error or shutdown.
+#[allow(clippy::too_many_arguments)]
+async fn session(
+    cfg: &BobConfig,
+    link: &LinkParams,
+    store: &SledStore,
+    tls: &TlsMaterial,
+    status: &Mutex<BobStatus>,
+    receiver: &mut Receiver,
+    rng: &mut ChaCha20Rng,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let endpoint = Endpoint::from_shared(format!("https://{}", cfg.classical.alice_addr))
+        .context("classical.alice_addr")?
+        .tls_config(tls.tonic_client(&cfg.classical.alice_name))
+        .context("TLS configuration of the classical channel")?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5));
+    let channel = endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
+    let fibre = tokio::net::TcpStream::connect(&cfg.fibre.alice_addr)
+        .await
+        .with_context(|| format!("connecting the fibre to {}", cfg.fibre.alice_addr))?;
+    let _ = fibre.set_nodelay(true);
+    let peer = GrpcPeer { client: LinkClient::new(channel) };
+    let (mut bob, (ready, dropped)) = BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), link.clone(), store).await?;
+    info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
+    {
+        let mut s = status.lock().expect("status lock poisoned");
+        s.connected = true;
+        s.sessions += 1;
+        s.last_error = None;
+    }
+
+    // The fibre is read by its own task so that frames keep arriving (and queue) while a block
+    // is post-processed.
+    let (frames_tx, mut frames_rx) = mpsc::channel(4096);
+    let reader_stop = shutdown.child_token();
+    let reader = tokio::spawn({
+        let stop = reader_stop.clone();
+        async move {
+            let mut fibre = fibre;
+            loop {
+                let frame = tokio::select! {
+                    () = stop.cancelled() => return,
+                    frame = read_frame(&mut fibre) => frame,
+                };
+                let done = !matches!(frame, Ok(Some(_)));
+                if frames_tx.send(frame).await.is_err() || done {
+                    return;
+                }
+            }
+        }
+    });
+    let _stop_reader = reader_stop.clone().drop_guard();
+
+    let mut last = bob.counters.clone();
+    let result = loop {
+        let frame = tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            frame = frames_rx.recv() => frame,
+        };
+        let frame = match frame {
+            Some(Ok(Some(frame))) => frame,
+            Some(Ok(None)) | None => break Err(anyhow!("the fibre was closed by the far end")),
+            Some(Err(e)) => break Err(anyhow!(e).context("fibre")),
+        };
+        let photons = match decode_frame(&frame) {
+            Ok(p) => p,
+            Err(e) => break Err(anyhow!(e).context("fibre")),
+        };
+        let detections = receiver.detect_frame(&photons, frame.n_pulses, rng);
+        let x_counts = match bob.sift_frame(frame.frame_idx, frame.n_pulses, &detections).await {
+            Ok(c) => c,
+            Err(e) => break Err(anyhow!(e).context("sifting")),
+        };
+        receiver.feedback(x_counts.plus_plus + x_counts.plus_minus, x_counts.plus_minus);
+        let mut report = None;
+        if bob.block_ready() {
+            match bob.process_block(store, now_unix_ms()).await {
+                Ok(r) => report = Some(r),
+                Err(e) => break Err(anyhow!(e).context("block post-processing")),
+            }
+        }
+        if let Some(report) = &report {
+            log_block(report);
+        }
+        let mut s = status.lock().expect("status lock poisoned");
+        add_counters(&mut s.total, &bob.counters, &last);
+        last = bob.counters.clone();
+        s.pending_bits = bob.pending_bits();
+        s.phase_error_rad = receiver.phase_error_rad();
+        if report.is_some() {
+            s.last_block = report;
+        }
+    };
+    reader_stop.cancel();
+    let _ = reader.await;
+    result
+}
+
+fn log_block(report: &BlockReport) {
+    match &report.abort_reason {
+        None => info!(
+            block = %report.block_id,
+            sifted_bits = report.n_bits,
+            qber_z = format_args!("{:.3}%", 100.0 * report.qber_z),
+            qber_x = format_args!("{:.3}%", 100.0 * report.qber_x),
+            phase_error_upper = format_args!("{:.3}%", 100.0 * report.phase_error_upper),
+            leak_bits = report.leak_bits,
+            round_trips = report.round_trips,
+            final_bits = report.final_bits,
+            keys = report.n_keys,
+            "block committed: keys stored as ready"
+        ),
+        Some(reason) => warn!(
+            block = %report.block_id,
+            sifted_bits = report.n_bits,
+            qber_z = format_args!("{:.3}%", 100.0 * report.qber_z),
+            qber_x = format_args!("{:.3}%", 100.0 * report.qber_x),
+            %reason,
+            "block aborted: no key stored"
+        ),
+    }
+}
+
+fn add_counters(total: &mut LinkCounters, now: &LinkCounters, before: &LinkCounters) {
+    total.frames += now.frames - before.frames;
+    total.detections += now.detections - before.detections;
+    total.sifted_bits += now.sifted_bits - before.sifted_bits;
+    total.blocks_committed += now.blocks_committed - before.blocks_committed;
+    total.blocks_aborted += now.blocks_aborted - before.blocks_aborted;
+    total.keys_stored += now.keys_stored - before.keys_stored;
+    total.secret_bits += now.secret_bits - before.secret_bits;
+}
+
+fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Alice over gRPC with mutual TLS.
+struct GrpcPeer {
+    client: LinkClient<Channel>,
+}
+
+impl LinkPeer for GrpcPeer {
+    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
+        Ok(self.client.hello(req).await?.into_inner())
+    }
+    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
+        Ok(self.client.sift(req).await?.into_inner())
+    }
+    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
+        Ok(self.client.start_block(req).await?.into_inner())
+    }
+    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
+        Ok(self.client.parities(req).await?.into_inner())
+    }
+    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
+        Ok(self.client.verify(req).await?.into_inner())
+    }
+    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
+        Ok(self.client.amplify(req).await?.into_inner())
+    }
+    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
+        Ok(self.client.commit(req).await?.into_inner())
+    }
+    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
+        Ok(self.client.abort(req).await?.into_inner())
+    }
+}

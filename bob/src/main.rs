@@ -1,0 +1,39 @@
+//! `bob`: the receiving QKD daemon. Parses flags, sets up logging and TLS, then runs.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use common::config::BobConfig;
+
+/// Bob, the receiver of a QKD link: detects photons from the simulated fibre and drives the
+/// classical post-processing with Alice (gRPC, mutual TLS). Distilled keys go to the key store
+/// in the data directory. Reconnects by itself, with back-off, when Alice goes away.
+#[derive(Parser, Debug)]
+#[command(version)]
+struct Args {
+    /// Configuration file (TOML). Values can be overridden by BOB__SECTION__KEY variables,
+    /// e.g. BOB__FIBRE__ALICE_ADDR=127.0.0.1:7000.
+    #[arg(long, value_name = "FILE", required_unless_present = "check_config")]
+    config: Option<PathBuf>,
+    /// Validate a configuration file, explain any error, and exit (non-zero on error).
+    #[arg(long, value_name = "FILE")]
+    check_config: Option<PathBuf>,
+    /// Override `data_dir`.
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    common::tls::install_crypto_provider();
+    common::logging::init();
+    let args = Args::parse();
+    if let Some(path) = args.check_config {
+        let (cfg, link) = BobConfig::load(&path)?;
+        println!("{}: ok (node {}, {} km, block {} bits)", path.display(), cfg.node_id, link.distance_km, cfg.protocol.block_bits);
+        return Ok(());
+    }
+    let path = args.config.context("--config is required")?;
+    bob::run_from_config(&path, args.data_dir).await
+}

@@ -1,0 +1,210 @@
+//! The daemons' configuration: TOML files, overridden by environment variables
+//! (`ALICE__SECTION__KEY`, `BOB__SECTION__KEY`) and command-line flags. Unknown keys are errors.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use crate::link::ProtocolParams;
+use crate::sim::LinkParams;
+use crate::tls::TlsFiles;
+
+/// Errors loading a configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment does not parse into the expected structure.
+    #[error("{file}: {source}")]
+    Parse {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong (names the key).
+        source: config::ConfigError,
+    },
+    /// A value is out of range.
+    #[error("{file}: {message}")]
+    Invalid {
+        /// The file.
+        file: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// The physical link model: a preset or a preset file, with optional overrides.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LinkSection {
+    /// Name of a built-in preset (`qkdctl simulate --help` lists them). Default `lab-10km`.
+    pub preset: Option<String>,
+    /// A preset file (TOML, the format of `presets/*.toml`); takes precedence over `preset`.
+    pub file: Option<PathBuf>,
+    /// Fibre length override, km.
+    pub distance_km: Option<f64>,
+}
+
+impl LinkSection {
+    /// Resolves the physical parameters.
+    pub fn resolve(&self, base_dir: &Path) -> Result<LinkParams, String> {
+        let mut params = match (&self.file, &self.preset) {
+            (Some(file), _) => {
+                let path = base_dir.join(file);
+                let text = std::fs::read_to_string(&path).map_err(|e| format!("link.file {}: {e}", path.display()))?;
+                LinkParams::from_toml_str(&text).map_err(|e| format!("link.file {}: {e}", path.display()))?
+            }
+            (None, Some(name)) => LinkParams::preset(name).map_err(|e| format!("link.preset: {e}"))?,
+            (None, None) => LinkParams::preset("lab-10km").map_err(|e| format!("link.preset: {e}"))?,
+        };
+        if let Some(km) = self.distance_km {
+            params.distance_km = km;
+        }
+        params.validate().map_err(|e| format!("link: {e}"))?;
+        Ok(params)
+    }
+}
+
+/// Alice's daemon configuration.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliceConfig {
+    /// This node's name, in logs and in the session handshake.
+    pub node_id: String,
+    /// Directory of the key store and the status file; created if missing.
+    pub data_dir: PathBuf,
+    /// The classical channel's gRPC server.
+    pub classical: AliceClassical,
+    /// The simulated fibre's transmitter.
+    pub fibre: AliceFibre,
+    /// TLS material for the classical channel.
+    pub tls: TlsFiles,
+    /// Physical link model.
+    #[serde(default)]
+    pub link: LinkSection,
+    /// Post-processing parameters; must equal Bob's.
+    #[serde(default)]
+    pub protocol: ProtocolParams,
+}
+
+/// Alice's classical-channel server.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliceClassical {
+    /// Address the gRPC server listens on (mutual TLS).
+    pub listen: SocketAddr,
+    /// DNS name that Bob's client certificate must carry (a SAN).
+    pub peer_name: String,
+}
+
+/// Alice's end of the fibre.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AliceFibre {
+    /// Address where Bob's receiver (or an eavesdropper in between) connects.
+    pub listen: SocketAddr,
+}
+
+/// Bob's daemon configuration.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BobConfig {
+    /// This node's name, in logs and in the session handshake.
+    pub node_id: String,
+    /// Directory of the key store and the status file; created if missing.
+    pub data_dir: PathBuf,
+    /// The classical channel's gRPC client.
+    pub classical: BobClassical,
+    /// The simulated fibre's receiving end.
+    pub fibre: BobFibre,
+    /// TLS material for the classical channel.
+    pub tls: TlsFiles,
+    /// Physical link model.
+    #[serde(default)]
+    pub link: LinkSection,
+    /// Post-processing parameters; must equal Alice's.
+    #[serde(default)]
+    pub protocol: ProtocolParams,
+}
+
+/// Bob's classical-channel client.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BobClassical {
+    /// Alice's gRPC address, `host:port`.
+    pub alice_addr: String,
+    /// DNS name that Alice's server certificate must carry (a SAN).
+    pub alice_name: String,
+    /// Longest wait between reconnection attempts, seconds (the back-off doubles up to it).
+    #[serde(default = "default_max_backoff_s")]
+    pub max_backoff_s: f64,
+}
+
+fn default_max_backoff_s() -> f64 {
+    5.0
+}
+
+/// Bob's end of the fibre.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BobFibre {
+    /// Address of Alice's fibre transmitter (or of an eavesdropper in between), `host:port`.
+    pub alice_addr: String,
+}
+
+/// Loads a configuration file with environment overrides (`PREFIX__SECTION__KEY=value`),
+/// resolving relative paths against the file's directory.
+pub fn load<T: serde::de::DeserializeOwned>(path: &Path, env_prefix: &str) -> Result<T, ConfigError> {
+    let parse = |source| ConfigError::Parse { file: path.to_owned(), source };
+    let settings = config::Config::builder()
+        .add_source(config::File::from(path).format(config::FileFormat::Toml))
+        .add_source(config::Environment::with_prefix(env_prefix).prefix_separator("__").separator("__"))
+        .build()
+        .map_err(parse)?;
+    settings.try_deserialize().map_err(parse)
+}
+
+impl AliceConfig {
+    /// Loads and validates `path`.
+    pub fn load(path: &Path) -> Result<(Self, LinkParams), ConfigError> {
+        let mut cfg: Self = load(path, "ALICE")?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        cfg.rebase(base);
+        let link = validate(path, &cfg.link, &cfg.protocol, base)?;
+        Ok((cfg, link))
+    }
+
+    fn rebase(&mut self, base: &Path) {
+        rebase_path(&mut self.data_dir, base);
+        rebase_tls(&mut self.tls, base);
+    }
+}
+
+impl BobConfig {
+    /// Loads and validates `path`.
+    pub fn load(path: &Path) -> Result<(Self, LinkParams), ConfigError> {
+        let mut cfg: Self = load(path, "BOB")?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        rebase_path(&mut cfg.data_dir, base);
+        rebase_tls(&mut cfg.tls, base);
+        if !(cfg.classical.max_backoff_s > 0.0) {
+            return Err(ConfigError::Invalid { file: path.to_owned(), message: "classical.max_backoff_s must be positive".into() });
+        }
+        let link = validate(path, &cfg.link, &cfg.protocol, base)?;
+        Ok((cfg, link))
+    }
+}
+
+fn validate(path: &Path, link: &LinkSection, protocol: &ProtocolParams, base: &Path) -> Result<LinkParams, ConfigError> {
+    let invalid = |message| ConfigError::Invalid { file: path.to_owned(), message };
+    protocol.validate().map_err(|m| invalid(format!("protocol.{m}")))?;
+    link.resolve(base).map_err(invalid)
+}
+
+fn rebase_path(path: &mut PathBuf, base: &Path) {
+    if path.is_relative() {
+        *path = base.join(&*path);
+    }
+}
+
+fn rebase_tls(tls: &mut TlsFiles, base: &Path) {
+    rebase_path(&mut tls.ca_cert, base);
+    rebase_path(&mut tls.cert, base);
+    rebase_path(&mut tls.key, base);
+}

@@ -1,0 +1,345 @@
+//! Alice's side of the post-processing protocol: answers Bob's requests.
+
+use std::collections::{BTreeMap, HashMap};
+
+use proto::link::*;
+use rand::{Rng, RngCore};
+use rand_chacha::ChaCha20Rng;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::transcript::Transcript;
+use super::{parse_uuid, LinkError, ProtocolParams};
+use crate::bits::BitVec;
+use crate::postproc::cascade::{CascadeAlice, ParityQuery};
+use crate::postproc::finite_key::{phase_error_upper, secret_key_length, BlockStats, XCounts};
+use crate::postproc::toeplitz::toeplitz_hash;
+use crate::postproc::verify::poly_hash_tag;
+use crate::sifting::alice_sift;
+use crate::sim::{FrameSecret, LinkParams};
+use crate::store::{BlockMeta, KeyStore, KeyUnit};
+
+/// Frames whose secrets Alice keeps while waiting for Bob to sift them (at 55 ms a frame, about
+/// 7.5 minutes). Older secrets are erased: their frames can no longer be sifted.
+pub const MAX_UNSIFTED_FRAMES: usize = 8192;
+
+/// Verification tag length in bits; disclosed, so it counts as leak.
+pub const TAG_BITS: u64 = 64;
+
+/// Alice's protocol state: the secrets of frames not yet sifted and the current session with Bob.
+pub struct AliceCore {
+    alice_id: String,
+    params: ProtocolParams,
+    link: LinkParams,
+    digest: Vec<u8>,
+    rng: ChaCha20Rng,
+    frames: BTreeMap<u64, (FrameSecret, u64)>,
+    session: Option<Session>,
+    draining: bool,
+}
+
+/// Sifted material accumulated since the last block, and the blocks in progress.
+struct Session {
+    id: Uuid,
+    acc_bits: BitVec,
+    acc_counts: XCounts,
+    acc_pulses: u64,
+    acc_frames: u64,
+    blocks: HashMap<Uuid, Block>,
+}
+
+struct Block {
+    stats: BlockStats,
+    key: BitVec,
+    cascade: CascadeAlice,
+    transcript: Transcript,
+    n_corrected: Option<u64>,
+    verified_tag: bool,
+    amplified: Option<(BlockMeta, Vec<KeyUnit>)>,
+}
+
+/// What Alice reports about a block she finished (for logs and progress).
+#[derive(Clone, Debug)]
+pub enum AliceEvent {
+    /// A block was committed with its keys.
+    Committed(BlockMeta),
+    /// A block was dropped, with the reason.
+    Aborted {
+        /// The block.
+        block_id: Uuid,
+        /// Why.
+        reason: String,
+    },
+}
+
+impl AliceCore {
+    /// A core with no frames and no session. `rng` must be a CSPRNG seeded from the OS: it
+    /// draws block IDs, key IDs, hash keys and Toeplitz seeds.
+    pub fn new(alice_id: String, params: ProtocolParams, link: LinkParams, rng: ChaCha20Rng) -> Self {
+        let digest = params.digest(&link);
+        Self { alice_id, params, link, digest, rng, frames: BTreeMap::new(), session: None, draining: false }
+    }
+
+    /// The physical parameters in use.
+    pub fn link_params(&self) -> &LinkParams {
+        &self.link
+    }
+
+    /// Stops accepting new blocks (shutdown): blocks in progress may still finish.
+    pub fn drain(&mut self) {
+        self.draining = true;
+    }
+
+    /// Number of blocks started and not yet committed or aborted.
+    pub fn blocks_in_progress(&self) -> usize {
+        self.session.as_ref().map_or(0, |s| s.blocks.len())
+    }
+
+    /// Records the secret of a frame just emitted, erasing the oldest beyond the limit.
+    pub fn register_frame(&mut self, frame_idx: u64, secret: FrameSecret, n_pulses: u64) {
+        self.frames.insert(frame_idx, (secret, n_pulses));
+        while self.frames.len() > MAX_UNSIFTED_FRAMES {
+            self.frames.pop_first();
+        }
+    }
+
+    /// Opens a new session, dropping every unfinished block of the previous one, and says which
+    /// of Bob's pending blocks are ready here.
+    pub fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<HelloResponse, LinkError> {
+        if req.params_digest != self.digest {
+            return Err(LinkError::ParamsMismatch(
+                "block size, epsilons, key unit, frame length, p_z, mu or g2 differ; use the same preset and [protocol] section at both ends".into(),
+            ));
+        }
+        let mut ready_block_ids = Vec::new();
+        for id in &req.pending_block_ids {
+            let block_id = parse_uuid(id, "pending block id")?;
+            if store.block_state(block_id)? == Some(crate::store::BlockState::Ready) {
+                ready_block_ids.push(id.clone());
+            }
+        }
+        let id = self.uuid();
+        self.session = Some(Session {
+            id,
+            acc_bits: BitVec::new(),
+            acc_counts: XCounts::default(),
+            acc_pulses: 0,
+            acc_frames: 0,
+            blocks: HashMap::new(),
+        });
+        Ok(HelloResponse {
+            session_id: id.to_string(),
+            alice_id: self.alice_id.clone(),
+            ready_block_ids,
+            next_frame_idx: self.frames.last_key_value().map_or(0, |(k, _)| k + 1),
+        })
+    }
+
+    /// Sifts one frame against Bob's announcement; the frame's secret is erased afterwards.
+    pub fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
+        let p_z = self.link.p_z;
+        let session = session_mut(&mut self.session, &req.session_id)?;
+        let Some((secret, n_pulses)) = self.frames.remove(&req.frame_idx) else {
+            return Err(LinkError::State(format!("frame {} is unknown or expired", req.frame_idx)));
+        };
+        let (alice_info, sift) = alice_sift(&secret, p_z, n_pulses, &req.click_deltas, &req.bob_measurements)?;
+        drop(secret);
+        session.acc_bits.extend_from(&sift.key_bits);
+        session.acc_counts.add(&sift.x_counts);
+        session.acc_pulses += n_pulses;
+        session.acc_frames += 1;
+        Ok(SiftResponse { alice_info })
+    }
+
+    /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
+    pub fn start_block(&mut self, req: &StartBlockRequest) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
+        if self.draining {
+            return Err(LinkError::State("alice is shutting down; no new block".into()));
+        }
+        let block_id = self.uuid();
+        let mut cascade_seed = [0u8; 32];
+        self.rng.fill_bytes(&mut cascade_seed);
+        let security = self.params.security(&self.link);
+        let session = session_mut(&mut self.session, &req.session_id)?;
+        if req.n_bits != session.acc_bits.len() as u64 || req.n_frames != session.acc_frames {
+            return Err(LinkError::State(format!(
+                "block boundary differs: Bob has {} bits from {} frames, Alice {} bits from {} frames",
+                req.n_bits,
+                req.n_frames,
+                session.acc_bits.len(),
+                session.acc_frames
+            )));
+        }
+        let key = std::mem::take(&mut session.acc_bits);
+        let stats = BlockStats {
+            n_key_bits: key.len() as u64,
+            n_pulses: std::mem::take(&mut session.acc_pulses),
+            x_counts: std::mem::take(&mut session.acc_counts),
+            leak_ec_bits: 0,
+        };
+        session.acc_frames = 0;
+        if let Err(e) = phase_error_upper(&stats, &security) {
+            let reason = format!("parameter estimation: {e}");
+            let response = StartBlockResponse { block_id: block_id.to_string(), cascade_seed: vec![], abort_reason: reason.clone() };
+            return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
+        }
+        let response = StartBlockResponse { block_id: block_id.to_string(), cascade_seed: cascade_seed.to_vec(), abort_reason: String::new() };
+        let mut transcript = Transcript::default();
+        transcript.absorb("StartBlock", req, &response);
+        let cascade = CascadeAlice::new(&key, cascade_seed);
+        session.blocks.insert(
+            block_id,
+            Block { stats, key, cascade, transcript, n_corrected: None, verified_tag: false, amplified: None },
+        );
+        Ok((response, None))
+    }
+
+    /// Discloses the parities Bob asks for (each one counted as leak).
+    pub fn parities(&mut self, req: &ParityRequest) -> Result<ParityResponse, LinkError> {
+        let block = self.block_mut(&req.block_id)?;
+        if block.n_corrected.is_some() {
+            return Err(LinkError::State("error correction of this block is closed".into()));
+        }
+        let queries: Vec<ParityQuery> =
+            req.queries.iter().map(|q| ParityQuery { pass: q.pass, start: q.start, end: q.end }).collect();
+        let bits = block.cascade.answer(&queries).map_err(|e| LinkError::Malformed(e.to_string()))?;
+        let response = ParityResponse { parities: BitVec::from_bools(&bits).to_bytes() };
+        block.transcript.absorb("Parities", req, &response);
+        Ok(response)
+    }
+
+    /// Closes error correction and reveals Alice's verification tag under a fresh hash key.
+    pub fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
+        let hash_key = self.rng.next_u64();
+        let block = self.block_mut(&req.block_id)?;
+        if block.n_corrected.is_some() {
+            return Err(LinkError::State("block already verified".into()));
+        }
+        if req.n_corrected > block.stats.n_key_bits {
+            return Err(LinkError::Malformed("more corrections than bits".into()));
+        }
+        block.n_corrected = Some(req.n_corrected);
+        let response = VerifyResponse { hash_key, tag: poly_hash_tag(&block.key, hash_key) };
+        block.transcript.absorb("Verify", req, &response);
+        Ok(response)
+    }
+
+    /// Computes the final key length and the Toeplitz seed, and prepares the block's key units.
+    pub fn amplify(&mut self, req: &AmplifyRequest, now_unix_ms: u64) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
+        let block_id = parse_uuid(&req.block_id, "block id")?;
+        let security = self.params.security(&self.link);
+        let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
+        let Self { session, rng, .. } = self;
+        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+        let block = session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+        let Some(n_corrected) = block.n_corrected else {
+            return Err(LinkError::State("block not verified yet".into()));
+        };
+        let n = block.stats.n_key_bits;
+        let qber_z = n_corrected as f64 / n.max(1) as f64;
+        let qber_x = block.stats.x_counts.qber_x();
+        let stats = BlockStats {
+            n_key_bits: block.stats.n_key_bits,
+            n_pulses: block.stats.n_pulses,
+            x_counts: block.stats.x_counts,
+            leak_ec_bits: block.cascade.leak_bits() + TAG_BITS,
+        };
+        let outcome = if !req.verified {
+            Err("verification failed: the corrected keys differ".to_owned())
+        } else if qber_z > max_qber_z {
+            Err(format!("QBER in Z {:.2} % exceeds the limit {:.2} %", 100.0 * qber_z, 100.0 * max_qber_z))
+        } else {
+            match secret_key_length(&stats, &security) {
+                Ok(length) if length.final_bits / unit_bits > 0 => Ok(length),
+                Ok(length) => Err(format!(
+                    "finite-key length {} bits is below one key unit of {unit_bits} bits",
+                    length.final_bits
+                )),
+                Err(e) => Err(format!("finite-key analysis: {e}")),
+            }
+        };
+        let length = match outcome {
+            Ok(length) => length,
+            Err(reason) => {
+                session.blocks.remove(&block_id);
+                let response = AmplifyResponse { abort_reason: reason.clone(), ..Default::default() };
+                return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
+            }
+        };
+        let final_bits = (length.final_bits / unit_bits) * unit_bits;
+        let seed_bits = (n + final_bits - 1) as usize;
+        let mut seed_bytes = vec![0u8; seed_bits.div_ceil(8)];
+        rng.fill_bytes(&mut seed_bytes);
+        let seed = BitVec::from_bytes(&seed_bytes, seed_bits);
+        let final_key = toeplitz_hash(&block.key, &seed, final_bits as usize);
+        let key_bytes = Zeroizing::new(final_key.to_bytes());
+        let mut keys = Vec::new();
+        for chunk in key_bytes.chunks_exact((unit_bits / 8) as usize) {
+            let mut id = [0u8; 16];
+            rng.fill_bytes(&mut id);
+            keys.push(KeyUnit { key_id: uuid::Builder::from_random_bytes(id).into_uuid(), key: Zeroizing::new(chunk.to_vec()) });
+        }
+        let meta = BlockMeta {
+            block_id,
+            created_unix_ms: now_unix_ms,
+            n_sifted_bits: n,
+            qber_z,
+            qber_x,
+            phase_error_upper: length.phase_error_upper,
+            leak_bits: stats.leak_ec_bits,
+            final_bits,
+        };
+        let response = AmplifyResponse {
+            final_bits,
+            toeplitz_seed: seed.to_bytes(),
+            key_ids: keys.iter().map(|k| k.key_id.to_string()).collect(),
+            abort_reason: String::new(),
+        };
+        block.transcript.absorb("Amplify", req, &response);
+        block.amplified = Some((meta, keys));
+        block.verified_tag = true;
+        Ok((response, None))
+    }
+
+    /// Bob holds the block as pending: store it as ready (durably) and confirm.
+    pub fn commit(&mut self, req: &CommitRequest, store: &dyn KeyStore) -> Result<(CommitResponse, AliceEvent), LinkError> {
+        let block_id = parse_uuid(&req.block_id, "block id")?;
+        let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+        let block = session.blocks.remove(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+        let Some((meta, keys)) = block.amplified.as_ref().filter(|_| block.verified_tag) else {
+            return Err(LinkError::State("block not amplified".into()));
+        };
+        if block.transcript.digest().as_slice() != req.transcript_digest.as_slice() {
+            let reason = "transcripts differ: the two ends did not see the same messages".to_owned();
+            return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, reason }));
+        }
+        store.put_ready(meta, keys)?;
+        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta.clone())))
+    }
+
+    /// Bob gave up on a block: forget it.
+    pub fn abort(&mut self, req: &AbortRequest) -> Result<(AbortResponse, AliceEvent), LinkError> {
+        let block_id = parse_uuid(&req.block_id, "block id")?;
+        if let Some(session) = self.session.as_mut() {
+            session.blocks.remove(&block_id);
+        }
+        Ok((AbortResponse {}, AliceEvent::Aborted { block_id, reason: format!("Bob aborted: {}", req.reason) }))
+    }
+
+    fn block_mut(&mut self, block_id: &str) -> Result<&mut Block, LinkError> {
+        let block_id = parse_uuid(block_id, "block id")?;
+        let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+        session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))
+    }
+
+    fn uuid(&mut self) -> Uuid {
+        uuid::Builder::from_random_bytes(self.rng.random()).into_uuid()
+    }
+}
+
+fn session_mut<'a>(session: &'a mut Option<Session>, id: &str) -> Result<&'a mut Session, LinkError> {
+    match session {
+        Some(s) if s.id.to_string() == id => Ok(s),
+        _ => Err(LinkError::State(format!("session {id} is not the current session; say hello again"))),
+    }
+}

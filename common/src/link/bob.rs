@@ -1,0 +1,323 @@
+//! Bob's side of the post-processing protocol: drives sifting and every block's rounds through
+//! a [`LinkPeer`], and commits blocks to his store.
+
+use proto::link::*;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::alice::TAG_BITS;
+use super::transcript::Transcript;
+use super::{parse_uuid, LinkError, ProtocolParams};
+use crate::bits::BitVec;
+use crate::postproc::cascade::CascadeBob;
+use crate::postproc::finite_key::{secret_key_length, BlockStats, XCounts};
+use crate::postproc::toeplitz::toeplitz_hash;
+use crate::postproc::verify::{poly_hash_tag, tags_match};
+use crate::sifting::{announce, bob_sift};
+use crate::sim::{Detection, LinkParams};
+use crate::store::{BlockMeta, KeyStore, KeyUnit};
+
+/// Alice as Bob sees her: one call per round. The daemon implements it over gRPC with mutual
+/// TLS; the planning tool and tests with an in-memory [`AliceCore`](super::alice::AliceCore).
+#[allow(async_fn_in_trait)]
+pub trait LinkPeer {
+    /// Opens a session.
+    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError>;
+    /// Sifts a frame.
+    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError>;
+    /// Starts a block.
+    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError>;
+    /// Asks parities.
+    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError>;
+    /// Asks Alice's verification tag.
+    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError>;
+    /// Asks the privacy-amplification parameters.
+    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError>;
+    /// Acknowledges the pending block.
+    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError>;
+    /// Gives up a block.
+    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError>;
+}
+
+/// The public outcome of one block (no key material).
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct BlockReport {
+    /// Block ID from Alice.
+    pub block_id: Uuid,
+    /// Sifted key bits in the block.
+    pub n_bits: u64,
+    /// Pulses sent during the block's frames.
+    pub n_pulses: u64,
+    /// Key-basis QBER measured by error correction (0 when aborted before it).
+    pub qber_z: f64,
+    /// Test-basis QBER (Alice sent |+>).
+    pub qber_x: f64,
+    /// Finite-size upper bound on the phase error (0 when not computed).
+    pub phase_error_upper: f64,
+    /// Bits disclosed by Cascade and verification.
+    pub leak_bits: u64,
+    /// Cascade round trips.
+    pub round_trips: u32,
+    /// Final key bits stored (0 when aborted).
+    pub final_bits: u64,
+    /// Key units stored.
+    pub n_keys: u64,
+    /// Why no key was stored, if none was.
+    pub abort_reason: Option<String>,
+}
+
+/// Counters of a running link, for progress output.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct LinkCounters {
+    /// Frames sifted.
+    pub frames: u64,
+    /// Detections announced.
+    pub detections: u64,
+    /// Sifted key bits.
+    pub sifted_bits: u64,
+    /// Blocks committed.
+    pub blocks_committed: u64,
+    /// Blocks aborted.
+    pub blocks_aborted: u64,
+    /// Key units stored.
+    pub keys_stored: u64,
+    /// Secret bits stored.
+    pub secret_bits: u64,
+}
+
+/// Bob's session with Alice.
+pub struct BobLink<P: LinkPeer> {
+    peer: P,
+    params: ProtocolParams,
+    link: LinkParams,
+    session_id: String,
+    acc_bits: BitVec,
+    acc_counts: XCounts,
+    acc_pulses: u64,
+    acc_frames: u64,
+    qber_estimate: f64,
+    /// Running counters.
+    pub counters: LinkCounters,
+}
+
+impl<P: LinkPeer> BobLink<P> {
+    /// Opens a session and settles blocks left pending by an earlier session: those Alice holds
+    /// as ready become ready here, the others are dropped (step 3 of the two-ended commit).
+    /// Returns the link and the number of blocks (made ready, dropped).
+    pub async fn open(
+        mut peer: P,
+        bob_id: &str,
+        params: ProtocolParams,
+        link: LinkParams,
+        store: &dyn KeyStore,
+    ) -> Result<(Self, (usize, usize)), LinkError> {
+        let pending = store.pending_blocks()?;
+        let hello = peer
+            .hello(HelloRequest {
+                bob_id: bob_id.to_owned(),
+                params_digest: params.digest(&link),
+                pending_block_ids: pending.iter().map(Uuid::to_string).collect(),
+            })
+            .await?;
+        let mut ready = 0;
+        for id in &hello.ready_block_ids {
+            let block_id = parse_uuid(id, "ready block id")?;
+            if !pending.contains(&block_id) {
+                return Err(LinkError::Malformed(format!("Alice confirmed block {block_id} that was not pending")));
+            }
+            store.mark_ready(block_id)?;
+            ready += 1;
+        }
+        let mut dropped = 0;
+        for block_id in pending {
+            if !hello.ready_block_ids.contains(&block_id.to_string()) {
+                store.drop_pending(block_id)?;
+                dropped += 1;
+            }
+        }
+        let qber_estimate = params.initial_qber;
+        let link = Self {
+            peer,
+            params,
+            link,
+            session_id: hello.session_id,
+            acc_bits: BitVec::new(),
+            acc_counts: XCounts::default(),
+            acc_pulses: 0,
+            acc_frames: 0,
+            qber_estimate,
+            counters: LinkCounters::default(),
+        };
+        Ok((link, (ready, dropped)))
+    }
+
+    /// Sifts one frame of detections with Alice; returns the frame's test counts (for the
+    /// phase-stabilisation feedback).
+    pub async fn sift_frame(&mut self, frame_idx: u64, n_pulses: u64, detections: &[Detection]) -> Result<XCounts, LinkError> {
+        let (click_deltas, bob_measurements) = announce(detections);
+        let response = self
+            .peer
+            .sift(SiftRequest { session_id: self.session_id.clone(), frame_idx, click_deltas, bob_measurements })
+            .await?;
+        let sift = bob_sift(detections, &response.alice_info)?;
+        self.acc_bits.extend_from(&sift.key_bits);
+        self.acc_counts.add(&sift.x_counts);
+        self.acc_pulses += n_pulses;
+        self.acc_frames += 1;
+        self.counters.frames += 1;
+        self.counters.detections += detections.len() as u64;
+        self.counters.sifted_bits += sift.key_bits.len() as u64;
+        Ok(sift.x_counts)
+    }
+
+    /// True once enough sifted bits wait for a block.
+    pub fn block_ready(&self) -> bool {
+        self.acc_bits.len() as u64 >= self.params.block_bits
+    }
+
+    /// Sifted bits waiting for the next block.
+    pub fn pending_bits(&self) -> u64 {
+        self.acc_bits.len() as u64
+    }
+
+    /// Post-processes the accumulated block: Cascade, verification, privacy amplification and
+    /// the two-ended commit. A block that does not complete stores nothing.
+    pub async fn process_block(&mut self, store: &dyn KeyStore, now_unix_ms: u64) -> Result<BlockReport, LinkError> {
+        let key = std::mem::take(&mut self.acc_bits);
+        let stats = BlockStats {
+            n_key_bits: key.len() as u64,
+            n_pulses: std::mem::take(&mut self.acc_pulses),
+            x_counts: std::mem::take(&mut self.acc_counts),
+            leak_ec_bits: 0,
+        };
+        let start = StartBlockRequest { session_id: self.session_id.clone(), n_bits: stats.n_key_bits, n_frames: self.acc_frames };
+        self.acc_frames = 0;
+        let started = self.peer.start_block(start.clone()).await?;
+        let block_id = parse_uuid(&started.block_id, "block id")?;
+        let mut report = BlockReport {
+            block_id,
+            n_bits: stats.n_key_bits,
+            n_pulses: stats.n_pulses,
+            qber_z: 0.0,
+            qber_x: stats.x_counts.qber_x(),
+            phase_error_upper: 0.0,
+            leak_bits: 0,
+            round_trips: 0,
+            final_bits: 0,
+            n_keys: 0,
+            abort_reason: None,
+        };
+        if !started.abort_reason.is_empty() {
+            report.abort_reason = Some(started.abort_reason);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
+        let mut transcript = Transcript::default();
+        transcript.absorb("StartBlock", &start, &started);
+        let seed: [u8; 32] = started
+            .cascade_seed
+            .as_slice()
+            .try_into()
+            .map_err(|_| LinkError::Malformed("cascade seed is not 32 bytes".into()))?;
+
+        // Error correction: Bob asks, Alice discloses parities.
+        let mut cascade = CascadeBob::new(key, self.qber_estimate, seed);
+        while let Some(queries) = cascade.next_queries() {
+            let req = ParityRequest {
+                block_id: started.block_id.clone(),
+                queries: queries.iter().map(|q| proto::link::ParityQuery { pass: q.pass, start: q.start, end: q.end }).collect(),
+            };
+            let resp = self.peer.parities(req.clone()).await?;
+            let bits = BitVec::from_bytes(&resp.parities, queries.len());
+            if resp.parities.len() != queries.len().div_ceil(8) {
+                return Err(LinkError::Malformed("parity answer of the wrong length".into()));
+            }
+            transcript.absorb("Parities", &req, &resp);
+            let answers: Vec<bool> = (0..queries.len()).map(|i| bits.get(i)).collect();
+            cascade.receive(&answers).map_err(|e| LinkError::Malformed(e.to_string()))?;
+        }
+        let outcome = cascade.finish();
+        report.round_trips = outcome.round_trips;
+        report.qber_z = outcome.n_corrected as f64 / stats.n_key_bits.max(1) as f64;
+        report.leak_bits = outcome.leak_bits + TAG_BITS;
+        self.qber_estimate = report.qber_z.clamp(0.002, 0.2);
+
+        // Verification: Alice's tag under a hash key chosen after error correction.
+        let req = VerifyRequest { block_id: started.block_id.clone(), n_corrected: outcome.n_corrected };
+        let verify = self.peer.verify(req.clone()).await?;
+        transcript.absorb("Verify", &req, &verify);
+        let verified = tags_match(poly_hash_tag(&outcome.key, verify.hash_key), verify.tag);
+
+        let req = AmplifyRequest { block_id: started.block_id.clone(), verified };
+        let amplify = self.peer.amplify(req.clone()).await?;
+        if !amplify.abort_reason.is_empty() {
+            report.abort_reason = Some(amplify.abort_reason);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
+        transcript.absorb("Amplify", &req, &amplify);
+
+        // Bob checks Alice's key length against his own evaluation of the same formula.
+        let security = self.params.security(&self.link);
+        let unit_bits = u64::from(self.params.key_unit_bits);
+        let own = BlockStats { leak_ec_bits: report.leak_bits, ..stats };
+        let expected = secret_key_length(&own, &security).map_err(|e| LinkError::Refused(format!("finite-key analysis: {e}")))?;
+        report.phase_error_upper = expected.phase_error_upper;
+        let expected_bits = expected.final_bits / unit_bits * unit_bits;
+        if amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_bits / unit_bits {
+            let reason = format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits);
+            self.abort(&started.block_id, &reason).await?;
+            report.abort_reason = Some(reason);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
+        let seed_bits = (stats.n_key_bits + amplify.final_bits - 1) as usize;
+        if amplify.toeplitz_seed.len() != seed_bits.div_ceil(8) {
+            return Err(LinkError::Malformed("Toeplitz seed of the wrong length".into()));
+        }
+        let seed = BitVec::from_bytes(&amplify.toeplitz_seed, seed_bits);
+        let final_key = toeplitz_hash(&outcome.key, &seed, amplify.final_bits as usize);
+        let key_bytes = Zeroizing::new(final_key.to_bytes());
+        let keys = key_bytes
+            .chunks_exact((unit_bits / 8) as usize)
+            .zip(&amplify.key_ids)
+            .map(|(chunk, id)| Ok(KeyUnit { key_id: parse_uuid(id, "key id")?, key: Zeroizing::new(chunk.to_vec()) }))
+            .collect::<Result<Vec<_>, LinkError>>()?;
+        let meta = BlockMeta {
+            block_id,
+            created_unix_ms: now_unix_ms,
+            n_sifted_bits: stats.n_key_bits,
+            qber_z: report.qber_z,
+            qber_x: report.qber_x,
+            phase_error_upper: report.phase_error_upper,
+            leak_bits: report.leak_bits,
+            final_bits: amplify.final_bits,
+        };
+
+        // Two-ended commit: pending here (durably), then Alice stores ready, then ready here.
+        store.put_pending(&meta, &keys)?;
+        tracing::debug!(block = %block_id, keys = keys.len(), "block stored as pending; asking Alice to commit");
+        let commit = self
+            .peer
+            .commit(CommitRequest { block_id: started.block_id.clone(), transcript_digest: transcript.digest().to_vec() })
+            .await?;
+        if !commit.ready {
+            store.drop_pending(block_id)?;
+            report.abort_reason = Some("Alice refused the commit: transcripts differ".into());
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
+        store.mark_ready(block_id)?;
+        report.final_bits = amplify.final_bits;
+        report.n_keys = keys.len() as u64;
+        self.counters.blocks_committed += 1;
+        self.counters.keys_stored += report.n_keys;
+        self.counters.secret_bits += report.final_bits;
+        Ok(report)
+    }
+
+    async fn abort(&mut self, block_id: &str, reason: &str) -> Result<(), LinkError> {
+        self.peer.abort(AbortRequest { block_id: block_id.to_owned(), reason: reason.to_owned() }).await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,96 @@
+//! Protocol parameters both ends must agree on.
+
+use sha2::{Digest, Sha256};
+
+use crate::postproc::finite_key::SecurityParams;
+use crate::sim::LinkParams;
+
+/// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
+/// parameters the security analysis uses) when a session opens.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProtocolParams {
+    /// Sifted key bits after which a block is closed and post-processed (the finite-key block
+    /// size; a block closes at the first frame boundary at or after this many bits).
+    pub block_bits: u64,
+    /// Bits per stored key unit; final keys are cut into units of this size, each with a UUID.
+    pub key_unit_bits: u32,
+    /// Pulses per frame on the fibre (2^22 is 55 ms at 76 MHz).
+    pub frame_pulses: u64,
+    /// QBER assumed for the first block's Cascade schedule, before any block was corrected.
+    pub initial_qber: f64,
+    /// Largest key-basis QBER accepted after error correction; above it the block is aborted.
+    pub max_qber_z: f64,
+    /// Secrecy parameter eps_sec of the finite-key analysis.
+    pub eps_sec: f64,
+    /// Correctness parameter eps_cor the key-length formula charges.
+    pub eps_cor: f64,
+    /// Failure probability of each statistical bound in parameter estimation.
+    pub eps_pe: f64,
+}
+
+impl Default for ProtocolParams {
+    fn default() -> Self {
+        Self {
+            block_bits: 100_000,
+            key_unit_bits: 256,
+            frame_pulses: 1 << 22,
+            initial_qber: 0.03,
+            max_qber_z: 0.11,
+            eps_sec: 1e-10,
+            eps_cor: 1e-15,
+            eps_pe: 1e-11,
+        }
+    }
+}
+
+impl ProtocolParams {
+    /// Checks ranges; the message names the field.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.block_bits < 1000 {
+            return Err(format!("block_bits = {} is below 1000", self.block_bits));
+        }
+        if self.key_unit_bits == 0 || self.key_unit_bits % 8 != 0 {
+            return Err(format!("key_unit_bits = {} is not a positive multiple of 8", self.key_unit_bits));
+        }
+        if self.frame_pulses == 0 {
+            return Err("frame_pulses must be positive".into());
+        }
+        for (name, v) in [("eps_sec", self.eps_sec), ("eps_cor", self.eps_cor), ("eps_pe", self.eps_pe)] {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(format!("{name} = {v} is not in (0, 1)"));
+            }
+        }
+        if !(self.initial_qber > 0.0 && self.initial_qber < 0.5) {
+            return Err(format!("initial_qber = {} is not in (0, 0.5)", self.initial_qber));
+        }
+        if !(self.max_qber_z > 0.0 && self.max_qber_z < 0.5) {
+            return Err(format!("max_qber_z = {} is not in (0, 0.5)", self.max_qber_z));
+        }
+        Ok(())
+    }
+
+    /// The security parameters of the finite-key analysis for a link with `link` physics.
+    pub fn security(&self, link: &LinkParams) -> SecurityParams {
+        SecurityParams {
+            eps_sec: self.eps_sec,
+            eps_cor: self.eps_cor,
+            eps_pe: self.eps_pe,
+            g2: link.g2,
+            mu: link.mu,
+            p_z: link.p_z,
+        }
+    }
+
+    /// SHA-256 over everything both ends must share: these parameters and the physical
+    /// parameters the security analysis uses.
+    pub fn digest(&self, link: &LinkParams) -> Vec<u8> {
+        let shared = serde_json::json!({
+            "protocol": self,
+            "p_z": link.p_z,
+            "mu": link.mu,
+            "g2": link.g2,
+        });
+        Sha256::digest(shared.to_string().as_bytes()).to_vec()
+    }
+}

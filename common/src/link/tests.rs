@@ -1,0 +1,169 @@
+//! The whole protocol in memory: source, receiver, Alice's core and Bob's driver, with crashes
+//! injected at each step of the two-ended commit.
+
+use std::sync::Arc;
+
+use proto::link::*;
+use rand::SeedableRng;
+use rand_chacha::ChaCha20Rng;
+
+use super::alice::AliceCore;
+use super::bob::{BobLink, LinkPeer};
+use super::memory::MemoryAlice;
+use super::{LinkError, ProtocolParams};
+use crate::sim::{FrameSecret, LinkParams, Receiver, Source};
+use crate::store::{KeyStore, SledStore};
+
+/// Where a test makes the connection to Alice fail during a commit.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Crash {
+    None,
+    /// Bob's commit request never reaches Alice.
+    BeforeAliceCommits,
+    /// Alice commits but her answer never reaches Bob.
+    AfterAliceCommits,
+}
+
+struct FlakyAlice {
+    alice: MemoryAlice,
+    crash: Crash,
+}
+
+impl LinkPeer for FlakyAlice {
+    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
+        self.alice.hello(req).await
+    }
+    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
+        self.alice.sift(req).await
+    }
+    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
+        self.alice.start_block(req).await
+    }
+    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
+        self.alice.parities(req).await
+    }
+    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
+        self.alice.verify(req).await
+    }
+    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
+        self.alice.amplify(req).await
+    }
+    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
+        match self.crash {
+            Crash::None => self.alice.commit(req).await,
+            Crash::BeforeAliceCommits => Err(LinkError::Transport("connection lost".into())),
+            Crash::AfterAliceCommits => {
+                self.alice.commit(req).await?;
+                Err(LinkError::Transport("connection lost".into()))
+            }
+        }
+    }
+    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
+        self.alice.abort(req).await
+    }
+}
+
+struct Rig {
+    link: LinkParams,
+    params: ProtocolParams,
+    source: Source,
+    receiver: Receiver,
+    alice: MemoryAlice,
+    alice_store: Arc<SledStore>,
+    bob_store: SledStore,
+    rng: ChaCha20Rng,
+    frame_idx: u64,
+}
+
+impl Rig {
+    fn new(seed: u64) -> Self {
+        let link = LinkParams::preset("lab-10km").unwrap();
+        let params = ProtocolParams { block_bits: 20_000, ..ProtocolParams::default() };
+        let alice_store = Arc::new(SledStore::temporary().unwrap());
+        let core = AliceCore::new("alice".into(), params.clone(), link.clone(), ChaCha20Rng::seed_from_u64(seed));
+        Self {
+            source: Source::new(&link),
+            receiver: Receiver::new(&link),
+            alice: MemoryAlice::new(core, alice_store.clone()),
+            alice_store,
+            bob_store: SledStore::temporary().unwrap(),
+            rng: ChaCha20Rng::seed_from_u64(seed ^ 0xB0B),
+            link,
+            params,
+            frame_idx: 0,
+        }
+    }
+
+    async fn open(&mut self, crash: Crash) -> BobLink<FlakyAlice> {
+        let peer = FlakyAlice { alice: self.alice.clone(), crash };
+        BobLink::open(peer, "bob", self.params.clone(), self.link.clone(), &self.bob_store).await.unwrap().0
+    }
+
+    /// Emits, detects and sifts frames until a block is ready.
+    async fn fill_block(&mut self, bob: &mut BobLink<FlakyAlice>) {
+        while !bob.block_ready() {
+            let n_pulses = self.params.frame_pulses;
+            let secret = FrameSecret::random(&mut self.rng);
+            let photons = self.source.emit_frame(&secret, n_pulses, &mut self.rng);
+            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses);
+            let detections = self.receiver.detect_frame(&photons, n_pulses, &mut self.rng);
+            bob.sift_frame(self.frame_idx, n_pulses, &detections).await.unwrap();
+            self.frame_idx += 1;
+        }
+    }
+}
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+}
+
+#[test]
+fn blocks_commit_with_identical_keys_at_both_ends() {
+    rt().block_on(async {
+        let mut rig = Rig::new(1);
+        let mut bob = rig.open(Crash::None).await;
+        for _ in 0..2 {
+            rig.fill_block(&mut bob).await;
+            let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+            assert_eq!(report.abort_reason, None, "{report:?}");
+            assert!(report.n_keys > 0 && report.qber_z > 0.0 && report.qber_z < 0.1, "{report:?}");
+        }
+        let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+        assert!(a.n_keys > 0);
+        assert_eq!(a, b);
+    });
+}
+
+#[test]
+fn a_crash_at_any_step_of_the_commit_settles_to_the_same_keys() {
+    for crash in [Crash::BeforeAliceCommits, Crash::AfterAliceCommits] {
+        rt().block_on(async {
+            let mut rig = Rig::new(2);
+            let mut bob = rig.open(crash).await;
+            rig.fill_block(&mut bob).await;
+            let err = bob.process_block(&rig.bob_store, 0).await.unwrap_err();
+            assert!(matches!(err, LinkError::Transport(_)), "{crash:?}: {err}");
+            // Bob holds the block as pending; Alice holds it as ready only if she committed.
+            assert_eq!(rig.bob_store.pending_blocks().unwrap().len(), 1);
+            let alice_keys = rig.alice_store.summary().unwrap().n_keys;
+            assert_eq!(alice_keys > 0, crash == Crash::AfterAliceCommits, "{crash:?}");
+            // Reconnection settles: both ends end with the same ready keys and nothing pending.
+            drop(bob);
+            let _bob = rig.open(Crash::None).await;
+            let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+            assert_eq!(a, b, "{crash:?}");
+            assert_eq!(b.n_pending_blocks, 0);
+        });
+    }
+}
+
+#[test]
+fn mismatched_parameters_are_refused_at_hello() {
+    rt().block_on(async {
+        let mut rig = Rig::new(3);
+        rig.params.block_bits += 1;
+        let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
+        let err = BobLink::open(peer, "bob", rig.params.clone(), rig.link.clone(), &rig.bob_store).await.err().unwrap();
+        assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
+    });
+}

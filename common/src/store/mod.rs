@@ -1,0 +1,346 @@
+//! The durable key store: distilled keys, in fixed-size units, each with a UUID.
+//!
+//! A block's keys go through two states (the two-ended commit of ARCHITECTURE.md):
+//! *pending* (stored durably at Bob, not servable) and *ready* (servable). Only ready keys are
+//! ever listed or served. Every mutation is one sled transaction followed by a flush, so a crash
+//! (kill -9 included) leaves either all of a block's keys in a state or none of them.
+
+use std::path::Path;
+
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+/// Errors of the key store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The underlying database failed (disk full, permissions, corruption).
+    #[error("key store database error: {0}")]
+    Db(#[from] sled::Error),
+    /// A record on disk does not decode; the store is damaged or from another version.
+    #[error("key store record is corrupt: {0}")]
+    Corrupt(String),
+    /// The block is already stored (in any state).
+    #[error("block {0} is already in the key store")]
+    DuplicateBlock(Uuid),
+    /// The block is not stored as pending.
+    #[error("block {0} is not pending in the key store")]
+    NotPending(Uuid),
+}
+
+/// Where a block's keys stand in the two-ended commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockState {
+    /// Stored durably, not yet known to be stored at the peer; never served.
+    Pending,
+    /// Stored at both ends; its keys may be served.
+    Ready,
+}
+
+/// Public facts about a distilled block, kept with its keys (no key material).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockMeta {
+    /// Block identifier chosen by Alice.
+    pub block_id: Uuid,
+    /// Unix time in milliseconds when the block was distilled.
+    pub created_unix_ms: u64,
+    /// Sifted key bits that went into the block.
+    pub n_sifted_bits: u64,
+    /// Measured quantum bit error rate in the key (Z) basis.
+    pub qber_z: f64,
+    /// Measured error rate in the test (X) basis.
+    pub qber_x: f64,
+    /// Finite-size upper bound on the phase error used for privacy amplification.
+    pub phase_error_upper: f64,
+    /// Bits disclosed by error correction and verification.
+    pub leak_bits: u64,
+    /// Final secret key bits of the block.
+    pub final_bits: u64,
+}
+
+/// One unit of distilled key: a UUID and its bytes.
+#[derive(Clone)]
+pub struct KeyUnit {
+    /// Identifier agreed by both sides.
+    pub key_id: Uuid,
+    /// The key bytes; wiped on drop.
+    pub key: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeyUnit {
+    /// Prints the ID and the length only, never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyUnit({}, {} bytes)", self.key_id, self.key.len())
+    }
+}
+
+/// Count and digest of the ready keys, for comparing the two ends without revealing keys.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StoreSummary {
+    /// Number of ready keys.
+    pub n_keys: u64,
+    /// Total bits of ready keys.
+    pub n_key_bits: u64,
+    /// Number of blocks in the ready state.
+    pub n_ready_blocks: u64,
+    /// Number of blocks still pending.
+    pub n_pending_blocks: u64,
+    /// SHA-256 over (key ID bytes, key bytes) of every ready key in key-ID order, hex.
+    pub digest: String,
+}
+
+/// The operations the link needs from a key store.
+pub trait KeyStore: Send + Sync {
+    /// Stores a block's keys as pending, durably, before returning.
+    fn put_pending(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError>;
+    /// Stores a block's keys as ready, durably, before returning.
+    fn put_ready(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError>;
+    /// Promotes a pending block to ready, durably.
+    fn mark_ready(&self, block_id: Uuid) -> Result<(), StoreError>;
+    /// Removes a pending block and its keys, durably (the peer never committed it).
+    fn drop_pending(&self, block_id: Uuid) -> Result<(), StoreError>;
+    /// The state of a block, if stored.
+    fn block_state(&self, block_id: Uuid) -> Result<Option<BlockState>, StoreError>;
+    /// IDs of all pending blocks.
+    fn pending_blocks(&self) -> Result<Vec<Uuid>, StoreError>;
+    /// Count and digest of ready keys.
+    fn summary(&self) -> Result<StoreSummary, StoreError>;
+    /// Metadata of every stored block, ready or pending.
+    fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError>;
+}
+
+/// The sled-backed key store kept in a daemon's data directory.
+///
+/// Trees: `blocks` (block ID -> state byte + JSON metadata + key IDs), `ready` (key ID -> key
+/// bytes + block ID) and `pending` (key ID -> key bytes + block ID).
+pub struct SledStore {
+    db: sled::Db,
+    blocks: sled::Tree,
+    ready: sled::Tree,
+    pending: sled::Tree,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = sled::Config::new().path(dir).open()?;
+        Ok(Self {
+            blocks: db.open_tree("blocks")?,
+            ready: db.open_tree("ready")?,
+            pending: db.open_tree("pending")?,
+            db,
+        })
+    }
+
+    /// A store in a temporary location, deleted when dropped (simulations and tests).
+    pub fn temporary() -> Result<Self, StoreError> {
+        let db = sled::Config::new().temporary(true).open()?;
+        Ok(Self {
+            blocks: db.open_tree("blocks")?,
+            ready: db.open_tree("ready")?,
+            pending: db.open_tree("pending")?,
+            db,
+        })
+    }
+
+    /// Flushes all writes to disk.
+    pub fn flush(&self) -> Result<(), StoreError> {
+        self.db.flush()?;
+        Ok(())
+    }
+
+    fn put(&self, meta: &BlockMeta, keys: &[KeyUnit], state: BlockState) -> Result<(), StoreError> {
+        use sled::Transactional;
+        let block_value = encode_block(meta, state, keys.iter().map(|k| k.key_id));
+        let target = match state {
+            BlockState::Pending => &self.pending,
+            BlockState::Ready => &self.ready,
+        };
+        let result = (&self.blocks, target).transaction(|(blocks, target)| {
+            if blocks.get(meta.block_id.as_bytes())?.is_some() {
+                return sled::transaction::abort(StoreError::DuplicateBlock(meta.block_id));
+            }
+            blocks.insert(meta.block_id.as_bytes(), block_value.as_slice())?;
+            for key in keys {
+                target.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice())?;
+            }
+            Ok(())
+        });
+        unwrap_tx(result)?;
+        self.flush()
+    }
+
+    fn load_block(&self, block_id: Uuid) -> Result<Option<(BlockMeta, BlockState, Vec<Uuid>)>, StoreError> {
+        match self.blocks.get(block_id.as_bytes())? {
+            Some(v) => decode_block(&v).map(Some),
+            None => Ok(None),
+        }
+    }
+}
+
+impl KeyStore for SledStore {
+    fn put_pending(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError> {
+        self.put(meta, keys, BlockState::Pending)
+    }
+
+    fn put_ready(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError> {
+        self.put(meta, keys, BlockState::Ready)
+    }
+
+    fn mark_ready(&self, block_id: Uuid) -> Result<(), StoreError> {
+        use sled::Transactional;
+        let Some((meta, state, key_ids)) = self.load_block(block_id)? else {
+            return Err(StoreError::NotPending(block_id));
+        };
+        if state == BlockState::Ready {
+            return Ok(());
+        }
+        let block_value = encode_block(&meta, BlockState::Ready, key_ids.iter().copied());
+        let result = (&self.blocks, &self.pending, &self.ready).transaction(|(blocks, pending, ready)| {
+            for key_id in &key_ids {
+                let Some(value) = pending.remove(key_id.as_bytes())? else {
+                    return sled::transaction::abort(StoreError::Corrupt(format!(
+                        "pending key {key_id} of block {block_id} is missing"
+                    )));
+                };
+                ready.insert(key_id.as_bytes(), value)?;
+            }
+            blocks.insert(block_id.as_bytes(), block_value.as_slice())?;
+            Ok(())
+        });
+        unwrap_tx(result)?;
+        self.flush()
+    }
+
+    fn drop_pending(&self, block_id: Uuid) -> Result<(), StoreError> {
+        use sled::Transactional;
+        let Some((_, state, key_ids)) = self.load_block(block_id)? else {
+            return Ok(());
+        };
+        if state != BlockState::Pending {
+            return Err(StoreError::NotPending(block_id));
+        }
+        let result = (&self.blocks, &self.pending).transaction(|(blocks, pending)| {
+            for key_id in &key_ids {
+                pending.remove(key_id.as_bytes())?;
+            }
+            blocks.remove(block_id.as_bytes())?;
+            Ok(())
+        });
+        unwrap_tx(result)?;
+        self.flush()
+    }
+
+    fn block_state(&self, block_id: Uuid) -> Result<Option<BlockState>, StoreError> {
+        Ok(self.load_block(block_id)?.map(|(_, state, _)| state))
+    }
+
+    fn pending_blocks(&self) -> Result<Vec<Uuid>, StoreError> {
+        let mut out = Vec::new();
+        for (meta, state) in self.blocks()? {
+            if state == BlockState::Pending {
+                out.push(meta.block_id);
+            }
+        }
+        Ok(out)
+    }
+
+    fn summary(&self) -> Result<StoreSummary, StoreError> {
+        let mut hasher = Sha256::new();
+        let (mut n_keys, mut n_key_bits) = (0u64, 0u64);
+        // sled iterates in key order; UUID bytes order is key-ID order.
+        for item in self.ready.iter() {
+            let (key_id, value) = item?;
+            let (_, key) = decode_key(&value)?;
+            hasher.update(&key_id);
+            hasher.update(key.as_slice());
+            n_keys += 1;
+            n_key_bits += 8 * key.len() as u64;
+        }
+        let (mut n_ready_blocks, mut n_pending_blocks) = (0, 0);
+        for (_, state) in self.blocks()? {
+            match state {
+                BlockState::Ready => n_ready_blocks += 1,
+                BlockState::Pending => n_pending_blocks += 1,
+            }
+        }
+        Ok(StoreSummary {
+            n_keys,
+            n_key_bits,
+            n_ready_blocks,
+            n_pending_blocks,
+            digest: hex::encode(hasher.finalize()),
+        })
+    }
+
+    fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError> {
+        let mut out = Vec::new();
+        for item in self.blocks.iter() {
+            let (_, value) = item?;
+            let (meta, state, _) = decode_block(&value)?;
+            out.push((meta, state));
+        }
+        Ok(out)
+    }
+}
+
+fn unwrap_tx(result: sled::transaction::TransactionResult<(), StoreError>) -> Result<(), StoreError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(sled::transaction::TransactionError::Abort(e)) => Err(e),
+        Err(sled::transaction::TransactionError::Storage(e)) => Err(StoreError::Db(e)),
+    }
+}
+
+/// Block record: state byte, number of key IDs (u32 LE), the key IDs, then JSON metadata.
+fn encode_block(meta: &BlockMeta, state: BlockState, key_ids: impl ExactSizeIterator<Item = Uuid>) -> Vec<u8> {
+    let mut out = vec![match state {
+        BlockState::Pending => 0u8,
+        BlockState::Ready => 1u8,
+    }];
+    out.extend_from_slice(&(key_ids.len() as u32).to_le_bytes());
+    for key_id in key_ids {
+        out.extend_from_slice(key_id.as_bytes());
+    }
+    // Invariant: BlockMeta holds only numbers and a UUID, which always serialise.
+    out.extend(serde_json::to_vec(meta).expect("block metadata serialises"));
+    out
+}
+
+fn decode_block(value: &[u8]) -> Result<(BlockMeta, BlockState, Vec<Uuid>), StoreError> {
+    let corrupt = || StoreError::Corrupt("truncated block record".into());
+    let state = match value.first().ok_or_else(corrupt)? {
+        0 => BlockState::Pending,
+        1 => BlockState::Ready,
+        other => return Err(StoreError::Corrupt(format!("unknown block state {other}"))),
+    };
+    let n = u32::from_le_bytes(value.get(1..5).ok_or_else(corrupt)?.try_into().map_err(|_| corrupt())?) as usize;
+    let ids_end = 5 + 16 * n;
+    let ids = value.get(5..ids_end).ok_or_else(corrupt)?;
+    let key_ids = ids
+        .chunks_exact(16)
+        .map(|c| Uuid::from_slice(c).map_err(|e| StoreError::Corrupt(e.to_string())))
+        .collect::<Result<Vec<_>, _>>()?;
+    let meta = serde_json::from_slice(&value[ids_end..]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok((meta, state, key_ids))
+}
+
+/// Key record: block ID (16 bytes) then the key bytes.
+fn encode_key(block_id: Uuid, key: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(16 + key.len()));
+    out.extend_from_slice(block_id.as_bytes());
+    out.extend_from_slice(key);
+    out
+}
+
+fn decode_key(value: &[u8]) -> Result<(Uuid, Zeroizing<Vec<u8>>), StoreError> {
+    if value.len() < 16 {
+        return Err(StoreError::Corrupt("truncated key record".into()));
+    }
+    let block_id = Uuid::from_slice(&value[..16]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    Ok((block_id, Zeroizing::new(value[16..].to_vec())))
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,199 @@
+//! Test harness: a throw-away PKI, Alice and Bob daemons on `127.0.0.1:0` (in-process or as
+//! real processes), an eavesdropper on the fibre, and polling with deadlines (never sleeps that
+//! "wait long enough").
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use common::config::{AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, LinkSection};
+use common::link::ProtocolParams;
+use common::sim::LinkParams;
+use common::store::{KeyStore, SledStore, StoreSummary};
+use common::tls::LabPki;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// A temporary directory removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// Creates a fresh directory under the system temp dir.
+    pub fn new(label: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("qkd-{label}-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).expect("create temp dir");
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Installs the crypto provider and a test log subscriber (once).
+pub fn init() {
+    common::tls::install_crypto_provider();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
+        .with_test_writer()
+        .try_init();
+}
+
+/// A lab's directory: PKI, and the addresses the daemons use.
+pub struct Lab {
+    /// Root directory (removed on drop).
+    pub dir: TempDir,
+    /// The PKI.
+    pub pki: LabPki,
+    /// Link physics.
+    pub link: LinkParams,
+    /// Protocol parameters.
+    pub protocol: ProtocolParams,
+}
+
+impl Lab {
+    /// A new lab with the `lab-10km` preset and small blocks, so that keys come quickly.
+    pub fn new(label: &str) -> Self {
+        init();
+        let dir = TempDir::new(label);
+        let pki = LabPki::open_or_create(&dir.0.join("pki")).expect("lab pki");
+        let link = LinkParams::preset("lab-10km").expect("preset");
+        let protocol = ProtocolParams { block_bits: 20_000, ..ProtocolParams::default() };
+        Self { dir, pki, link, protocol }
+    }
+
+    /// Alice's configuration with the given listen addresses.
+    pub fn alice_config(&self, grpc: std::net::SocketAddr, fibre: std::net::SocketAddr) -> AliceConfig {
+        AliceConfig {
+            node_id: "alice".into(),
+            data_dir: self.dir.0.join("alice"),
+            classical: AliceClassical { listen: grpc, peer_name: "bob".into() },
+            fibre: AliceFibre { listen: fibre },
+            tls: self.pki.files("alice"),
+            link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
+            protocol: self.protocol.clone(),
+        }
+    }
+
+    /// Bob's configuration pointing at the given addresses.
+    pub fn bob_config(&self, grpc: std::net::SocketAddr, fibre: std::net::SocketAddr) -> BobConfig {
+        BobConfig {
+            node_id: "bob".into(),
+            data_dir: self.dir.0.join("bob"),
+            classical: BobClassical { alice_addr: grpc.to_string(), alice_name: "alice".into(), max_backoff_s: 0.5 },
+            fibre: BobFibre { alice_addr: fibre.to_string() },
+            tls: self.pki.files("bob"),
+            link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
+            protocol: self.protocol.clone(),
+        }
+    }
+
+    /// Summary of a stopped node's store.
+    pub fn summary(&self, node: &str) -> StoreSummary {
+        SledStore::open(&self.dir.0.join(node).join("store")).expect("open store").summary().expect("summary")
+    }
+
+    /// A node's status file, if written yet.
+    pub fn status(&self, node: &str) -> Option<serde_json::Value> {
+        serde_json::from_slice(&std::fs::read(self.dir.0.join(node).join("status.json")).ok()?).ok()
+    }
+}
+
+/// A daemon running in this process.
+pub struct Running {
+    /// Cancels the daemon.
+    pub shutdown: CancellationToken,
+    /// The daemon's task.
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl Running {
+    /// Stops the daemon gracefully and returns its result.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.task.await.expect("daemon task panicked")
+    }
+}
+
+/// Binds two loopback listeners on port 0.
+pub async fn bind_pair() -> (TcpListener, TcpListener) {
+    (TcpListener::bind("127.0.0.1:0").await.expect("bind"), TcpListener::bind("127.0.0.1:0").await.expect("bind"))
+}
+
+/// Starts Alice in-process on the given listeners.
+pub fn spawn_alice(lab: &Lab, grpc: TcpListener, fibre: TcpListener) -> Running {
+    let cfg = lab.alice_config(grpc.local_addr().expect("addr"), fibre.local_addr().expect("addr"));
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(alice::run(cfg, lab.link.clone(), grpc, fibre, shutdown.clone()));
+    Running { shutdown, task }
+}
+
+/// Starts Bob in-process against the given addresses.
+pub fn spawn_bob(lab: &Lab, grpc: std::net::SocketAddr, fibre: std::net::SocketAddr) -> Running {
+    let cfg = lab.bob_config(grpc, fibre);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bob::run(cfg, lab.link.clone(), shutdown.clone()));
+    Running { shutdown, task }
+}
+
+/// Polls `check` every 50 ms until it returns `Some` or `timeout` passes; panics with `what` on
+/// time-out.
+pub async fn wait_for<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads a `u64` at a JSON pointer of a status value (0 when absent).
+pub fn counter(status: &serde_json::Value, pointer: &str) -> u64 {
+    status.pointer(pointer).and_then(|v| v.as_u64()).unwrap_or(0)
+}
+
+/// An intercept-resend eavesdropper on the fibre: accepts Bob's connection on `listener`,
+/// connects to Alice's fibre at `alice`, and measures and resends `fraction` of the photons.
+pub async fn run_eve(listener: TcpListener, alice: std::net::SocketAddr, fraction: f64, stop: CancellationToken) {
+    use common::fibre::{decode_frame, encode_frame, read_frame, write_frame};
+    use rand::SeedableRng;
+    let eve = common::sim::InterceptResend { fraction };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0xE7E);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut to_bob, _)) = accepted else { continue };
+        let Ok(mut from_alice) = tokio::net::TcpStream::connect(alice).await else { continue };
+        loop {
+            let frame = tokio::select! {
+                () = stop.cancelled() => return,
+                f = read_frame(&mut from_alice) => f,
+            };
+            let Ok(Some(frame)) = frame else { break };
+            let Ok(mut photons) = decode_frame(&frame) else { break };
+            eve.attack(&mut photons, &mut rng);
+            if write_frame(&mut to_bob, &encode_frame(frame.frame_idx, frame.n_pulses, &photons)).await.is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Path of a workspace binary, built first if needed (`cargo build --bin NAME`).
+pub fn workspace_binary(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned();
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let status = std::process::Command::new(cargo)
+        .current_dir(&root)
+        .args(["build", "--quiet", "-p", name, "--bin", name])
+        .status()
+        .expect("run cargo build");
+    assert!(status.success(), "cargo build --bin {name} failed");
+    let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
+    target.join("debug").join(name)
+}

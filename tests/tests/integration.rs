@@ -1,0 +1,7 @@
+//! End-to-end tests: real daemons over real sockets, real mutual TLS, real stores on disk.
+
+use std::time::Duration;
+
+use tests::*;
+
+mod link;

@@ -1,0 +1,175 @@
+//! Keys flow end to end between an Alice and a Bob daemon.
+
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+
+use super::*;
+
+/// Alice and Bob distil keys over the simulated fibre; once stopped, both stores hold the very
+/// same keys under the same IDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_flow_and_both_stores_hold_the_same_keys() {
+    let lab = Lab::new("flow");
+    let (grpc, fibre) = bind_pair().await;
+    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    let alice = spawn_alice(&lab, grpc, fibre);
+    let bob = spawn_bob(&lab, grpc_addr, fibre_addr);
+    wait_for("two committed blocks at Bob", Duration::from_secs(120), || {
+        lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") >= 2)
+    })
+    .await;
+    bob.stop().await.unwrap();
+    alice.stop().await.unwrap();
+    let (a, b) = (lab.summary("alice"), lab.summary("bob"));
+    assert!(a.n_keys > 0, "no keys stored: {a:?}");
+    assert_eq!(a.n_keys, b.n_keys);
+    assert_eq!(a.digest, b.digest, "the two stores differ");
+    assert_eq!(b.n_pending_blocks, 0);
+}
+
+/// An intercept-resend eavesdropper on the fibre raises the error rate to about 25 %; every
+/// block is aborted and neither side stores a key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn intercept_resend_raises_qber_and_no_key_is_stored() {
+    let lab = Lab::new("eve");
+    let (grpc, fibre) = bind_pair().await;
+    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    let eve_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let eve_addr = eve_listener.local_addr().unwrap();
+    let eve_stop = tokio_util::sync::CancellationToken::new();
+    let eve = tokio::spawn(run_eve(eve_listener, fibre_addr, 1.0, eve_stop.clone()));
+    let alice = spawn_alice(&lab, grpc, fibre);
+    let bob = spawn_bob(&lab, grpc_addr, eve_addr);
+    let status = wait_for("two aborted blocks at Bob", Duration::from_secs(120), || {
+        lab.status("bob").filter(|s| counter(s, "/total/blocks_aborted") >= 2)
+    })
+    .await;
+    bob.stop().await.unwrap();
+    alice.stop().await.unwrap();
+    eve_stop.cancel();
+    eve.await.unwrap();
+    assert_eq!(counter(&status, "/total/blocks_committed"), 0, "a block was committed under attack: {status}");
+    let qber_x = status.pointer("/last_block/qber_x").and_then(|v| v.as_f64()).unwrap();
+    assert!((0.20..0.30).contains(&qber_x), "QBER X under intercept-resend is {qber_x}, expected about 0.25");
+    let reason = status.pointer("/last_block/abort_reason").and_then(|v| v.as_str()).unwrap();
+    assert!(reason.contains("phase error"), "unexpected abort reason: {reason}");
+    assert_eq!(lab.summary("alice").n_keys, 0);
+    assert_eq!(lab.summary("bob").n_keys, 0);
+}
+
+/// The classical channel refuses a client whose certificate comes from another CA, and one
+/// whose certificate (from the right CA) names another peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn classical_channel_refuses_unknown_and_misnamed_clients() {
+    let lab = Lab::new("mtls");
+    let (grpc, fibre) = bind_pair().await;
+    let grpc_addr = grpc.local_addr().unwrap();
+    let alice = spawn_alice(&lab, grpc, fibre);
+
+    let hello = |material: common::tls::TlsMaterial| async move {
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{grpc_addr}"))
+            .unwrap()
+            .tls_config(material.tonic_client("alice"))
+            .unwrap()
+            .connect()
+            .await;
+        match channel {
+            Err(e) => Err(format!("connect: {e}")),
+            Ok(channel) => proto::link::link_client::LinkClient::new(channel)
+                .hello(proto::link::HelloRequest::default())
+                .await
+                .map(|_| ())
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
+        }
+    };
+
+    // A client certificate from a foreign CA: the TLS handshake fails.
+    let foreign = common::tls::CertAuthority::generate("foreign ca").unwrap();
+    let issued = foreign.issue("bob", &["bob"], true).unwrap();
+    let material = common::tls::TlsMaterial {
+        ca_pem: std::fs::read_to_string(lab.pki.files("bob").ca_cert).unwrap(),
+        cert_pem: issued.cert_pem,
+        key_pem: issued.key_pem,
+    };
+    let refused = hello(material).await;
+    assert!(refused.is_err(), "a foreign-CA client was accepted");
+
+    // A certificate from the lab CA but for another name: refused by the name check.
+    let ca_key = std::fs::read_to_string(lab.pki.dir.join("ca.key")).unwrap();
+    let ca_pem = std::fs::read_to_string(lab.pki.dir.join("ca.crt")).unwrap();
+    let ca = common::tls::CertAuthority::from_pem(&ca_pem, &ca_key, "QKD lab CA").unwrap();
+    let mallory = ca.issue("mallory", &["mallory"], true).unwrap();
+    let material = common::tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
+    let err = hello(material).await.expect_err("a client with another name was accepted");
+    assert!(err.contains("PermissionDenied"), "unexpected refusal: {err}");
+
+    // Bob's own certificate passes both checks (the request itself is refused for its content).
+    let bob_material = lab.pki.files("bob").load().unwrap();
+    let err = hello(bob_material).await.expect_err("empty hello accepted");
+    assert!(err.contains("FailedPrecondition"), "bob's certificate was refused: {err}");
+    alice.stop().await.unwrap();
+}
+
+/// Bob is killed with SIGKILL while a block is being committed, then restarted: the link resumes
+/// by itself and, once both are stopped, the two stores hold the same keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bob_killed_mid_block_resumes_and_stores_agree() {
+    let lab = Lab::new("kill");
+    let (alice_bin, bob_bin) = (workspace_binary("alice"), workspace_binary("bob"));
+    let (grpc, fibre) = bind_pair().await;
+    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    drop((grpc, fibre));
+    let alice_cfg = lab.dir.0.join("alice.toml");
+    let bob_cfg = lab.dir.0.join("bob.toml");
+    std::fs::write(&alice_cfg, toml::to_string(&lab.alice_config(grpc_addr, fibre_addr)).unwrap()).unwrap();
+    std::fs::write(&bob_cfg, toml::to_string(&lab.bob_config(grpc_addr, fibre_addr)).unwrap()).unwrap();
+
+    let mut alice = Command::new(&alice_bin).arg("--config").arg(&alice_cfg).stderr(Stdio::null()).spawn().unwrap();
+    let start_bob = || {
+        Command::new(&bob_bin)
+            .arg("--config")
+            .arg(&bob_cfg)
+            .env("RUST_LOG", "bob=debug,common=debug")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+
+    // Kill Bob twice, each time the moment he logs that a block is stored as pending (before
+    // Alice has confirmed it).
+    for round in 0..2 {
+        let mut bob = start_bob();
+        let stderr = bob.stderr.take().unwrap();
+        let saw_pending = tokio::task::spawn_blocking(move || {
+            for line in std::io::BufReader::new(stderr).lines() {
+                let Ok(line) = line else { return false };
+                if line.contains("stored as pending") {
+                    return true;
+                }
+            }
+            false
+        });
+        let saw = tokio::time::timeout(Duration::from_secs(120), saw_pending).await.expect("no block reached the commit").unwrap();
+        assert!(saw, "bob exited before committing a block (round {round})");
+        bob.kill().unwrap();
+        bob.wait().unwrap();
+    }
+
+    // Restarted once more, Bob settles what was pending and commits new blocks. (The killed
+    // Bob's last status file is removed first so that only the new process's counts are read.)
+    let _ = std::fs::remove_file(lab.dir.0.join("bob").join("status.json"));
+    let mut bob = Command::new(&bob_bin).arg("--config").arg(&bob_cfg).stderr(Stdio::null()).spawn().unwrap();
+    wait_for("a block committed after the restart", Duration::from_secs(120), || {
+        lab.status("bob").filter(|s| counter(s, "/sessions") >= 1 && counter(s, "/total/blocks_committed") >= 1)
+    })
+    .await;
+    for child in [&mut bob, &mut alice] {
+        Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
+        let status = child.wait().unwrap();
+        assert!(status.success(), "daemon exited with {status}");
+    }
+    let (a, b) = (lab.summary("alice"), lab.summary("bob"));
+    assert!(a.n_keys > 0);
+    assert_eq!(b.n_pending_blocks, 0, "bob kept a pending block: {b:?}");
+    assert_eq!((a.n_keys, &a.digest), (b.n_keys, &b.digest), "stores differ after the kills");
+}
