@@ -2,7 +2,7 @@
 //! is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/link.proto", "proto/fibre.proto"];
+    let files = ["proto/link.proto", "proto/fibre.proto", "proto/kme.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -13,9 +13,11 @@
 
 pub mod bits;
 pub mod config;
+pub mod etsi;
 pub mod fibre;
 pub mod link;
 pub mod logging;
+pub mod planner;
 pub mod postproc;
 pub mod sifting;
 pub mod sim;

@@ -16,3 +16,8 @@ pub mod link {
 pub mod fibre {
     tonic::include_proto!("qkd.fibre.v1");
 }
+
+/// KME-to-KME key reservations (ETSI GS QKD 014 key life cycle across two KMEs).
+pub mod kme {
+    tonic::include_proto!("qkd.kme.v1");
+}

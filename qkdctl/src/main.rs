@@ -5,6 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod lab;
+mod plot;
+mod simulate;
 mod store;
 
 /// Operator tool of the QKD link: run a local lab, inspect key stores.
@@ -31,6 +33,13 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Simulate one link configuration for a given duration in simulated time, with the full
+    /// post-processing, and print QBER, rates and the finite-key secret key rate.
+    Simulate(simulate::SimulateArgs),
+    /// Simulate a range of distances (or of any model parameter) and write a table (CSV, JSON)
+    /// and a plot (SVG) of key rate and QBER, with the analytic model and the reference
+    /// experiment's published points.
+    Sweep(simulate::SweepArgs),
     /// Inspect a key store.
     Store {
         #[command(subcommand)]
@@ -67,6 +76,8 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Simulate(args) => simulate::run_simulate(args),
+        Command::Sweep(args) => simulate::run_sweep(args),
         Command::Daemon { role, config } => run_daemon(&role, &config),
         Command::Store { command: StoreCommand::Summary { data_dir, json } } => store::summary(&data_dir, json),
     };

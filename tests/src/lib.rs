@@ -59,7 +59,7 @@ impl Lab {
         let dir = TempDir::new(label);
         let pki = LabPki::open_or_create(&dir.0.join("pki")).expect("lab pki");
         let link = LinkParams::preset("lab-10km").expect("preset");
-        let protocol = ProtocolParams { block_bits: 20_000, ..ProtocolParams::default() };
+        let protocol = ProtocolParams { block_bits: 100_000, ..ProtocolParams::default() };
         Self { dir, pki, link, protocol }
     }
 

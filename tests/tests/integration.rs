@@ -5,3 +5,4 @@ use std::time::Duration;
 use tests::*;
 
 mod link;
+mod etsi;

@@ -49,10 +49,16 @@ async fn intercept_resend_raises_qber_and_no_key_is_stored() {
     eve_stop.cancel();
     eve.await.unwrap();
     assert_eq!(counter(&status, "/total/blocks_committed"), 0, "a block was committed under attack: {status}");
+    // Intercept-resend in random bases gives 25 % errors in both bases (plus half the intrinsic
+    // Z error of the lab preset, about 1.7 %).
     let qber_x = status.pointer("/last_block/qber_x").and_then(|v| v.as_f64()).unwrap();
-    assert!((0.20..0.30).contains(&qber_x), "QBER X under intercept-resend is {qber_x}, expected about 0.25");
+    assert!((0.20..0.31).contains(&qber_x), "QBER X under intercept-resend is {qber_x}, expected about 0.25");
+    let qber_z = status.pointer("/last_block/qber_z").and_then(|v| v.as_f64()).unwrap();
     let reason = status.pointer("/last_block/abort_reason").and_then(|v| v.as_str()).unwrap();
-    assert!(reason.contains("phase error"), "unexpected abort reason: {reason}");
+    assert!(
+        reason.contains("phase error") || ((0.22..0.32).contains(&qber_z) && reason.contains("QBER in Z")),
+        "unexpected abort: QBER Z {qber_z}, reason {reason}"
+    );
     assert_eq!(lab.summary("alice").n_keys, 0);
     assert_eq!(lab.summary("bob").n_keys, 0);
 }

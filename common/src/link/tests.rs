@@ -78,7 +78,7 @@ struct Rig {
 impl Rig {
     fn new(seed: u64) -> Self {
         let link = LinkParams::preset("lab-10km").unwrap();
-        let params = ProtocolParams { block_bits: 20_000, ..ProtocolParams::default() };
+        let params = ProtocolParams { block_bits: 100_000, ..ProtocolParams::default() };
         let alice_store = Arc::new(SledStore::temporary().unwrap());
         let core = AliceCore::new("alice".into(), params.clone(), link.clone(), ChaCha20Rng::seed_from_u64(seed));
         Self {

@@ -1,25 +1,47 @@
-//! TEMPORARY STUB (replaced by the simulation work): the API the rest of the crate uses.
-#![allow(missing_docs, unused_variables, dead_code)]
-use zeroize::{Zeroize, ZeroizeOnDrop};
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LinkParams { pub clock_hz: f64, pub mu: f64, pub g2: f64, pub p_z: f64, pub distance_km: f64 }
-#[derive(Debug, thiserror::Error)] #[error("x")] pub struct ParamsError;
-impl LinkParams {
-    pub fn preset(name: &str) -> Result<Self, ParamsError> { todo!() }
-    pub fn from_toml_str(s: &str) -> Result<Self, ParamsError> { todo!() }
-    pub fn validate(&self) -> Result<(), ParamsError> { todo!() }
-}
-#[derive(Clone, Copy, Debug, PartialEq, Eq)] #[repr(u8)] pub enum State { Early = 0, Late = 1, Plus = 2, Minus = 3 }
-impl State { pub fn from_code(c: u8) -> Option<State> { todo!() } }
-#[derive(Zeroize, ZeroizeOnDrop)] pub struct FrameSecret([u8; 32]);
-impl FrameSecret { pub fn random(rng: &mut impl rand::Rng) -> Self { todo!() } pub fn from_bytes(b: [u8; 32]) -> Self { Self(b) } }
-pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State { todo!() }
-#[derive(Clone, Copy, Debug)] pub struct Photon { pub pulse_idx: u64, pub state: State, pub two_photons: bool }
-pub struct Source;
-impl Source { pub fn new(p: &LinkParams) -> Self { Source } pub fn emit_frame(&self, s: &FrameSecret, n: u64, rng: &mut impl rand::Rng) -> Vec<Photon> { todo!() } }
-#[derive(Clone, Copy, Debug)] pub enum Measurement { Z { late: bool }, X { minus: bool } }
-#[derive(Clone, Copy, Debug)] pub struct Detection { pub pulse_idx: u64, pub measurement: Measurement }
-pub struct Receiver;
-impl Receiver { pub fn new(p: &LinkParams) -> Self { Receiver } pub fn detect_frame(&mut self, p: &[Photon], n: u64, rng: &mut impl rand::Rng) -> Vec<Detection> { todo!() } pub fn feedback(&mut self, a: u64, b: u64) {} pub fn phase_error_rad(&self) -> f64 { 0.0 } }
-pub struct InterceptResend { pub fraction: f64 }
-impl InterceptResend { pub fn attack(&self, p: &mut Vec<Photon>, rng: &mut impl rand::Rng) {} }
+//! Physics of the simulated quantum channel: Alice's quantum-dot source, the fibre, Bob's
+//! time-bin receiver with drift and phase stabilisation, eavesdroppers, and the analytic model the
+//! Monte-Carlo is checked against.
+//!
+//! The link reproduced is the three-state time-bin QKD experiment of J. Wang et al., Light: Sci.
+//! Appl. (2026), arXiv:2506.15520; its facts, the protocol and the simulation model are collected
+//! in `shared/reference/seed-experiment.md` ("seed" below) and the design of this module in
+//! `shared/reference/design-notes.md`, "The simulated fibre".
+//!
+//! * [`params`]: [`LinkParams`], every physical parameter, with presets in `presets/*.toml`.
+//! * [`source`]: Alice's states ([`alice_state`], a pure function of a [`FrameSecret`] and the
+//!   pulse index) and the photons that survive the fibre ([`Source::emit_frame`]).
+//! * [`receiver`]: Bob's detections ([`Receiver::detect_frame`]), phase drift and the
+//!   phase-stabilisation loop ([`Receiver::feedback`]).
+//! * [`eve`]: attacks on the photons in the fibre ([`InterceptResend`]).
+//! * [`analytic`]: closed-form expectations ([`expected`]).
+//!
+//! Work is proportional to photons and clicks, never to pulses: photons and dark counts are placed
+//! by geometric skipping over pulse indices.
+//!
+//! # Equations referred to in this module
+//! * T1 (timing, [`params::TimingModel`]): the arrival time after a bin's excitation is
+//!   Exp(T1) + N(0, sigma^2), with distribution function
+//!   F(t) = Phi(t/sigma) - exp(sigma^2/(2 T1^2) - t/T1) Phi(t/sigma - sigma/T1); windows of width
+//!   w open at each bin's nominal time, tau apart; P(E -> E) = P(L -> L) = F(w) - F(0),
+//!   P(E -> L) = F(tau + w) - F(tau), P(L -> E) = F(w - tau) - F(-tau). This makes precise the
+//!   seed's "intrinsic error e_Z0 from the T1 tail and jitter, about exp(-tau/T1)".
+//! * T2: e_Z0 = [P(E -> L) + P(L -> E)] / [2 P(E -> E) + P(E -> L) + P(L -> E)], which is
+//!   x / (2 + x) with x = exp(-tau/T1) without jitter.
+//! * A1, A2 (click probabilities): see [`analytic`].
+//! * F1 (feedback): sin(phi - c) = (p- - p+) / (2 b sin delta), see [`receiver`].
+
+pub mod analytic;
+pub mod eve;
+mod math;
+pub mod params;
+pub mod receiver;
+pub mod source;
+#[cfg(test)]
+mod tests;
+
+pub use analytic::{Expected, expected, expected_with_phase};
+pub use eve::InterceptResend;
+pub use math::binary_entropy;
+pub use params::{LinkParams, ParamsError, TimingModel};
+pub use receiver::{Detection, Measurement, Receiver};
+pub use source::{Basis, FrameSecret, Photon, Source, State, alice_state};

@@ -342,5 +342,7 @@ fn decode_key(value: &[u8]) -> Result<(Uuid, Zeroizing<Vec<u8>>), StoreError> {
     Ok((block_id, Zeroizing::new(value[16..].to_vec())))
 }
 
+pub mod kme;
+
 #[cfg(test)]
 mod tests;

@@ -1,0 +1,182 @@
+//! The KME-to-KME channel (`proto/kme.proto`, gRPC with mutual TLS on node certificates): the
+//! reservation a KME asks of its peer before handing keys to a master SAE.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use proto::kme::kme_peer_client::KmePeerClient;
+use proto::kme::kme_peer_server::{KmePeer, KmePeerServer};
+use proto::kme::{PingRequest, PingResponse, ReserveRequest as ReserveMessage, ReserveResponse, ReservedKey};
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+use tracing::warn;
+use uuid::Uuid;
+
+use super::identity::{KmeId, SaeId};
+use super::pool::KmeState;
+use crate::tls::TlsMaterial;
+
+/// A reservation asked of the peer KME: ETSI keys, each made of units, for a master and slaves.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ReserveRequest {
+    /// The asking KME.
+    pub source_kme_id: KmeId,
+    /// The master SAE (attached to the asking KME).
+    pub master: SaeId,
+    /// The slave SAEs (attached to the peer): the path's slave first.
+    pub slaves: Vec<SaeId>,
+    /// Key size, bits.
+    pub size_bits: u32,
+    /// Each ETSI key ID and its units, in order.
+    pub keys: Vec<(Uuid, Vec<Uuid>)>,
+}
+
+/// Why a reservation did not happen (in every case the peer changed nothing).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum ReserveError {
+    /// The peer does not hold these units (any more); they can never be served.
+    #[error("the peer KME does not hold {} of the units", .0.len())]
+    Missing(Vec<Uuid>),
+    /// The peer refused the request (it is inconsistent with its configuration, or its store
+    /// failed).
+    #[error("the peer KME refused: {0}")]
+    Refused(String),
+    /// The peer could not be reached or did not answer in time.
+    #[error("the peer KME is unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// A boxed future, as returned by [`ReservePeer`].
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The peer KME as the key life cycle sees it (gRPC in the daemons, in-process in unit tests).
+pub trait ReservePeer: Send + Sync + 'static {
+    /// Asks the peer to reserve the keys of `request`, all or nothing.
+    fn reserve(&self, request: ReserveRequest) -> BoxFuture<'_, Result<(), ReserveError>>;
+}
+
+/// The gRPC client of the peer KME. The channel connects lazily and reconnects by itself.
+#[derive(Clone)]
+pub struct GrpcPeer {
+    client: KmePeerClient<Channel>,
+}
+
+impl GrpcPeer {
+    /// A client of the peer KME at `addr` (`host:port`), whose node certificate must be valid
+    /// for `peer_name`; every call is limited to `timeout` (connection included).
+    pub fn connect_lazy(addr: &str, peer_name: &str, node_tls: &TlsMaterial, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+        let channel = Endpoint::from_shared(format!("https://{addr}"))?
+            .tls_config(node_tls.tonic_client(peer_name))?
+            .connect_timeout(timeout)
+            .timeout(timeout)
+            .connect_lazy();
+        Ok(Self { client: KmePeerClient::new(channel) })
+    }
+
+    /// Asks the peer KME for its ID (a health check).
+    pub async fn ping(&self) -> Result<KmeId, Status> {
+        let response = self.client.clone().ping(PingRequest {}).await?;
+        Ok(KmeId(response.into_inner().kme_id))
+    }
+}
+
+impl ReservePeer for GrpcPeer {
+    fn reserve(&self, request: ReserveRequest) -> BoxFuture<'_, Result<(), ReserveError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let message = ReserveMessage {
+                source_kme_id: request.source_kme_id.0,
+                master_sae_id: request.master.0,
+                slave_sae_ids: request.slaves.into_iter().map(|s| s.0).collect(),
+                size_bits: request.size_bits,
+                keys: request
+                    .keys
+                    .into_iter()
+                    .map(|(key_id, units)| ReservedKey {
+                        key_id: key_id.as_bytes().to_vec(),
+                        unit_ids: units.iter().map(|u| u.as_bytes().to_vec()).collect(),
+                    })
+                    .collect(),
+            };
+            let response = client.reserve(message).await.map_err(|status| match status.code() {
+                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+                    ReserveError::Unreachable(status.message().to_owned())
+                }
+                _ => ReserveError::Refused(status.message().to_owned()),
+            })?;
+            let missing = response.into_inner().missing_unit_ids;
+            if missing.is_empty() {
+                return Ok(());
+            }
+            let missing = missing
+                .iter()
+                .map(|id| Uuid::from_slice(id))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| ReserveError::Refused("malformed unit ID in the peer's answer".into()))?;
+            Err(ReserveError::Missing(missing))
+        })
+    }
+}
+
+/// The gRPC service a KME offers its peer: checks that the caller's (CA-verified) node
+/// certificate is valid for the configured peer name, then reserves.
+pub struct PeerService {
+    state: KmeState,
+    peer_name: String,
+}
+
+/// The tonic service to add to the peer channel's server.
+pub fn peer_server(state: KmeState, peer_name: String) -> KmePeerServer<PeerService> {
+    KmePeerServer::new(PeerService { state, peer_name })
+}
+
+impl PeerService {
+    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+        let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        if crate::tls::peer_has_name(leaf, &self.peer_name) {
+            Ok(())
+        } else {
+            warn!(expected = %self.peer_name, "refused a KME peer whose certificate names another node");
+            Err(Status::permission_denied(format!("client certificate is not valid for {}", self.peer_name)))
+        }
+    }
+}
+
+fn uuid_field(bytes: &[u8], what: &str) -> Result<Uuid, Status> {
+    Uuid::from_slice(bytes).map_err(|_| Status::invalid_argument(format!("{what} is not a 16-byte UUID")))
+}
+
+#[tonic::async_trait]
+impl KmePeer for PeerService {
+    async fn ping(&self, request: Request<PingRequest>) -> Result<Response<PingResponse>, Status> {
+        self.authorize(&request)?;
+        Ok(Response::new(PingResponse { kme_id: self.state.settings().kme_id.0.clone() }))
+    }
+
+    async fn reserve(&self, request: Request<ReserveMessage>) -> Result<Response<ReserveResponse>, Status> {
+        self.authorize(&request)?;
+        let message = request.into_inner();
+        let mut keys = Vec::with_capacity(message.keys.len());
+        for key in &message.keys {
+            let units = key.unit_ids.iter().map(|u| uuid_field(u, "unit_id")).collect::<Result<Vec<_>, _>>()?;
+            keys.push((uuid_field(&key.key_id, "key_id")?, units));
+        }
+        let request = ReserveRequest {
+            source_kme_id: KmeId(message.source_kme_id),
+            master: SaeId(message.master_sae_id),
+            slaves: message.slave_sae_ids.into_iter().map(SaeId).collect(),
+            size_bits: message.size_bits,
+            keys,
+        };
+        match self.state.reserve_for_peer(request).await {
+            Ok(()) => Ok(Response::new(ReserveResponse { missing_unit_ids: Vec::new() })),
+            Err(ReserveError::Missing(missing)) => {
+                Ok(Response::new(ReserveResponse { missing_unit_ids: missing.iter().map(|u| u.as_bytes().to_vec()).collect() }))
+            }
+            Err(ReserveError::Refused(message)) => Err(Status::failed_precondition(message)),
+            Err(ReserveError::Unreachable(message)) => Err(Status::internal(message)),
+        }
+    }
+}

@@ -1,0 +1,287 @@
+//! The ETSI GS QKD 014 HTTPS server: a TLS accept loop (mutual TLS, TLS 1.2 and 1.3), HTTP/1.1
+//! and HTTP/2 on each connection, and the axum router of the endpoints. The caller's SAE ID is
+//! read once per connection from its verified certificate and handed to the handlers as a
+//! request extension; no header or URL can claim an identity.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::rejection::{BytesRejection, ExtensionRejection, PathRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Json, Router};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{debug, info, warn};
+
+use super::api::{self, EtsiError, KeyRequest};
+use super::identity::{sae_id_from_certificate, IdentitySource, SaeId};
+use super::pool::KmeState;
+use super::KmeError;
+use crate::tls::TlsMaterial;
+
+/// The OpenAPI 3 document of this API, served at `GET /api/v1/openapi.yaml`.
+pub const OPENAPI_YAML: &str = include_str!("../../../docs/openapi.yaml");
+
+/// Path of Get status (`{slave_SAE_ID}` URL-encoded).
+pub const STATUS_PATH: &str = "/api/v1/keys/{slave_SAE_ID}/status";
+/// Path of Get key.
+pub const ENC_KEYS_PATH: &str = "/api/v1/keys/{slave_SAE_ID}/enc_keys";
+/// Path of Get key with key IDs.
+pub const DEC_KEYS_PATH: &str = "/api/v1/keys/{master_SAE_ID}/dec_keys";
+/// Path of the OpenAPI document.
+pub const OPENAPI_PATH: &str = "/api/v1/openapi.yaml";
+
+/// Every (method, path template) the router serves; a test checks that the OpenAPI document
+/// lists exactly these.
+pub const ROUTES: [(&str, &str); 6] = [
+    ("get", STATUS_PATH),
+    ("get", ENC_KEYS_PATH),
+    ("post", ENC_KEYS_PATH),
+    ("get", DEC_KEYS_PATH),
+    ("post", DEC_KEYS_PATH),
+    ("get", OPENAPI_PATH),
+];
+
+/// Largest request body accepted, bytes.
+const MAX_BODY_BYTES: usize = 1 << 20;
+
+/// Time a client has to complete the TLS handshake, and to send a request's headers.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Time open connections get to finish their requests at shutdown.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The caller of a request: the SAE ID read from its client certificate, if any could be read.
+#[derive(Clone, Debug)]
+pub struct Caller(pub Option<SaeId>);
+
+/// The rustls configuration of the HTTPS server: `tls.cert_pem`/`tls.key_pem` are the KME's
+/// server certificate and key; every client must present a certificate chaining to
+/// `tls.ca_pem`. TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
+pub fn https_server_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, KmeError> {
+    let bad = |what: &str, e: &dyn std::fmt::Display| KmeError::Tls(format!("{what}: {e}"));
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
+        roots.add(cert.map_err(|e| bad("SAE CA certificate", &e))?).map_err(|e| bad("SAE CA certificate", &e))?;
+    }
+    if roots.is_empty() {
+        return Err(KmeError::Tls("the SAE CA file holds no certificate".into()));
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .build()
+        .map_err(|e| bad("client certificate verifier", &e))?;
+    let chain = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| bad("server certificate", &e))?;
+    if chain.is_empty() {
+        return Err(KmeError::Tls("the server certificate file holds no certificate".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).map_err(|e| bad("server key", &e))?;
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| bad("TLS versions", &e))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key)
+        .map_err(|e| bad("server certificate and key", &e))?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The axum router of the API. Handlers read the caller from the [`Caller`] extension (absent:
+/// the request is refused with 401).
+pub fn router(state: KmeState) -> Router {
+    Router::new()
+        .route(STATUS_PATH, get(status))
+        .route(ENC_KEYS_PATH, get(enc_keys_get).post(enc_keys_post))
+        .route(DEC_KEYS_PATH, get(dec_keys_get).post(dec_keys_post))
+        .route(OPENAPI_PATH, get(openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown`, then lets open connections finish (up to
+/// 10 s).
+pub async fn serve_etsi(listener: TcpListener, state: KmeState, tls: Arc<rustls::ServerConfig>, shutdown: CancellationToken) -> Result<(), KmeError> {
+    let acceptor = TlsAcceptor::from(tls);
+    let identity = state.settings().identity;
+    let router = router(state);
+    let connections = TaskTracker::new();
+    info!(addr = %listener.local_addr()?, "ETSI key delivery API listening");
+    loop {
+        let accepted = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((tcp, remote)) => {
+                connections.spawn(serve_connection(tcp, remote, acceptor.clone(), identity, router.clone(), shutdown.clone()));
+            }
+            Err(e) => {
+                // Out of file descriptors and the like: back off instead of spinning.
+                warn!(error = %e, "accepting an ETSI connection failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await.is_err() {
+        warn!("ETSI connections still open after the drain time; closing them");
+    }
+    Ok(())
+}
+
+async fn serve_connection(
+    tcp: TcpStream,
+    remote: SocketAddr,
+    acceptor: TlsAcceptor,
+    identity: IdentitySource,
+    router: Router,
+    shutdown: CancellationToken,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            debug!(%remote, error = %e, "TLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            debug!(%remote, "TLS handshake timed out");
+            return;
+        }
+    };
+    let leaf = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first());
+    let caller = match leaf.map(|leaf| sae_id_from_certificate(leaf, identity)) {
+        Some(Ok(sae_id)) => Caller(Some(sae_id)),
+        Some(Err(e)) => {
+            warn!(%remote, error = %e, "no SAE ID in a client certificate; its requests get 401");
+            Caller(None)
+        }
+        None => Caller(None),
+    };
+    debug!(%remote, caller = ?caller.0, "ETSI connection");
+    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+        request.extensions_mut().insert(caller.clone());
+        tower::ServiceExt::oneshot(router.clone(), request)
+    });
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
+    let connection = builder.serve_connection(TokioIo::new(tls), service);
+    tokio::pin!(connection);
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            result = connection.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%remote, error = %e, "ETSI connection ended with an error");
+                }
+                break;
+            }
+            () = shutdown.cancelled(), if !draining => {
+                connection.as_mut().graceful_shutdown();
+                draining = true;
+            }
+        }
+    }
+}
+
+type Caller_ = Result<Extension<Caller>, ExtensionRejection>;
+
+fn caller_id(caller: &Caller_) -> Option<&SaeId> {
+    caller.as_ref().ok().and_then(|Extension(c)| c.0.as_ref())
+}
+
+fn path_id(path: Result<Path<String>, PathRejection>) -> Result<SaeId, EtsiError> {
+    match path {
+        Ok(Path(id)) if !id.is_empty() => Ok(SaeId(id)),
+        Ok(_) => Err(EtsiError::bad_request("the SAE ID in the path is empty")),
+        Err(e) => Err(EtsiError::bad_request(format!("the SAE ID in the path is malformed: {}", e.body_text()))),
+    }
+}
+
+fn query_pairs(query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Vec<(String, String)>, EtsiError> {
+    query.map(|Query(pairs)| pairs).map_err(|e| EtsiError::bad_request(format!("malformed query: {}", e.body_text())))
+}
+
+fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, EtsiError> {
+    body.map_err(|e| EtsiError::bad_request(format!("unreadable request body: {}", e.body_text())))
+}
+
+async fn status(
+    State(state): State<KmeState>,
+    caller: Caller_,
+    slave: Result<Path<String>, PathRejection>,
+) -> Result<Json<api::StatusBody>, EtsiError> {
+    let slave = path_id(slave)?;
+    Ok(Json(state.status(caller_id(&caller), &slave).await?))
+}
+
+async fn enc_keys_get(
+    State(state): State<KmeState>,
+    caller: Caller_,
+    slave: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<api::KeyContainer>, EtsiError> {
+    let slave = path_id(slave)?;
+    let request = KeyRequest::from_query(&query_pairs(query)?)?;
+    Ok(Json(state.get_key(caller_id(&caller), &slave, request).await?))
+}
+
+async fn enc_keys_post(
+    State(state): State<KmeState>,
+    caller: Caller_,
+    slave: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::KeyContainer>, EtsiError> {
+    let slave = path_id(slave)?;
+    let request = KeyRequest::from_json(&body_bytes(body)?)?;
+    Ok(Json(state.get_key(caller_id(&caller), &slave, request).await?))
+}
+
+async fn dec_keys_get(
+    State(state): State<KmeState>,
+    caller: Caller_,
+    master: Result<Path<String>, PathRejection>,
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Json<api::KeyContainer>, EtsiError> {
+    let master = path_id(master)?;
+    let key_ids = api::key_ids_from_query(&query_pairs(query)?)?;
+    Ok(Json(state.get_key_with_key_ids(caller_id(&caller), &master, key_ids).await?))
+}
+
+async fn dec_keys_post(
+    State(state): State<KmeState>,
+    caller: Caller_,
+    master: Result<Path<String>, PathRejection>,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Json<api::KeyContainer>, EtsiError> {
+    let master = path_id(master)?;
+    let key_ids = api::key_ids_from_json(&body_bytes(body)?)?;
+    Ok(Json(state.get_key_with_key_ids(caller_id(&caller), &master, key_ids).await?))
+}
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/yaml")], OPENAPI_YAML).into_response()
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, Json(api::ErrorBody { message: "no such resource".into(), details: None })).into_response()
+}
+
+async fn method_not_allowed() -> Response {
+    (StatusCode::METHOD_NOT_ALLOWED, Json(api::ErrorBody { message: "method not allowed on this resource".into(), details: None }))
+        .into_response()
+}

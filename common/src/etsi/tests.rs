@@ -1,0 +1,280 @@
+use std::sync::{Arc, OnceLock};
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::api::{self, EtsiError, KeyRequest};
+use super::config::{KmeConfig, SaeEntry};
+use super::identity::{sae_id_from_certificate, IdentitySource, KmeSide, SaeId};
+use super::peer::{BoxFuture, ReserveError, ReservePeer, ReserveRequest};
+use super::pool::KmeState;
+use crate::store::kme::UNIT_BYTES;
+use crate::store::{BlockMeta, KeyStore, KeyUnit, SledStore};
+
+fn message(result: Result<impl std::fmt::Debug, EtsiError>) -> (u16, String) {
+    match result {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => (e.status_code().as_u16(), e.to_string()),
+    }
+}
+
+#[test]
+fn key_request_parses_every_documented_form() {
+    assert_eq!(KeyRequest::from_json(b"").unwrap(), KeyRequest::default());
+    assert_eq!(KeyRequest::from_json(b" \n").unwrap(), KeyRequest::default());
+    assert_eq!(KeyRequest::from_json(b"{}").unwrap(), KeyRequest::default());
+    let r = KeyRequest::from_json(br#"{"number":3,"size":512,"unknown":[1],"extension_optional":[{"x":1}]}"#).unwrap();
+    assert_eq!((r.number, r.size, r.extension_optional.len()), (Some(3), Some(512), 1));
+    let r = KeyRequest::from_json(br#"{"number":null,"additional_slave_SAE_IDs":["a","b"]}"#).unwrap();
+    assert_eq!(r.number, None);
+    assert_eq!(r.additional_slave_sae_ids, vec![SaeId("a".into()), SaeId("b".into())]);
+    let pairs = vec![("number".to_string(), "2".to_string()), ("size".into(), "128".into()), ("other".into(), "x".into())];
+    let r = KeyRequest::from_query(&pairs).unwrap();
+    assert_eq!((r.number, r.size), (Some(2), Some(128)));
+}
+
+#[test]
+fn malformed_key_requests_are_400_with_a_clear_message() {
+    for (body, expected) in [
+        (&br#"{"number":1.5}"#[..], "number shall be an integer"),
+        (br#"{"size":"256"}"#, "size shall be an integer"),
+        (br#"{"extension_mandatory":{"a":1}}"#, "extension_mandatory shall be an array of objects"),
+        (br#"{"extension_optional":{"a":1}}"#, "extension_optional shall be an array of objects"),
+        (br#"{"extension_optional":[1]}"#, "extension_optional shall be an array of objects"),
+        (br#"{"additional_slave_SAE_IDs":"s"}"#, "additional_slave_SAE_IDs shall be an array of strings"),
+        (br#"[]"#, "request body shall be a JSON object"),
+    ] {
+        assert_eq!(message(KeyRequest::from_json(body)), (400, expected.to_string()), "{}", String::from_utf8_lossy(body));
+    }
+    let (code, text) = message(KeyRequest::from_json(b"{"));
+    assert_eq!(code, 400);
+    assert!(text.starts_with("request body is not valid JSON"), "{text}");
+    let pairs = vec![("number".to_string(), "x".to_string())];
+    assert_eq!(message(KeyRequest::from_query(&pairs)), (400, "number shall be an integer".into()));
+}
+
+#[test]
+fn key_ids_parse_and_refuse_malformed_lists() {
+    let id = Uuid::new_v4();
+    let body = format!(r#"{{"key_IDs":[{{"key_ID":"{id}","key_ID_extension":{{}}}}],"key_IDs_extension":{{}},"x":1}}"#);
+    assert_eq!(api::key_ids_from_json(body.as_bytes()).unwrap(), vec![id]);
+    let upper = id.to_string().to_uppercase();
+    assert_eq!(api::key_ids_from_query(&[("key_ID".into(), upper)]).unwrap(), vec![id]);
+    for body in [
+        r#"{"key_IDs":[]}"#.to_string(),
+        r#"{"key_IDs":[{"key_ID":"not-a-uuid"}]}"#.to_string(),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{}"}}]}}"#, id.simple()),
+        r#"{"key_IDs":{"key_ID":"x"}}"#.to_string(),
+        format!(r#"{{"key_IDs":[{{"key_ID":"{id}"}},{{"key_ID":"{id}"}}]}}"#),
+        String::new(),
+    ] {
+        assert_eq!(message(api::key_ids_from_json(body.as_bytes())).0, 400, "{body}");
+    }
+    assert_eq!(message(api::key_ids_from_query(&[])).0, 400);
+}
+
+#[test]
+fn sae_id_comes_from_the_common_name_or_the_uri_san() {
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+    let key = KeyPair::generate().unwrap();
+    let mut params = CertificateParams::new(vec!["host.example".to_string()]).unwrap();
+    params.distinguished_name.push(DnType::CommonName, "sae 1/é");
+    params.subject_alt_names.push(SanType::URI("urn:sae:gw-1".try_into().unwrap()));
+    let cert = params.self_signed(&key).unwrap();
+    assert_eq!(sae_id_from_certificate(cert.der(), IdentitySource::Cn).unwrap(), SaeId("sae 1/é".into()));
+    assert_eq!(sae_id_from_certificate(cert.der(), IdentitySource::UriSan).unwrap(), SaeId("urn:sae:gw-1".into()));
+    let bare = CertificateParams::new(Vec::<String>::new()).unwrap().self_signed(&key).unwrap();
+    assert!(sae_id_from_certificate(bare.der(), IdentitySource::UriSan).is_err());
+    assert!(sae_id_from_certificate(b"junk", IdentitySource::Cn).is_err());
+}
+
+#[test]
+fn unit_ownership_splits_by_the_last_byte() {
+    let even = Uuid::from_bytes([0; 16]);
+    let mut odd_bytes = [0; 16];
+    odd_bytes[15] = 1;
+    let odd = Uuid::from_bytes(odd_bytes);
+    assert!(KmeSide::Alice.owns(&even) && !KmeSide::Bob.owns(&even));
+    assert!(KmeSide::Bob.owns(&odd) && !KmeSide::Alice.owns(&odd));
+}
+
+const SECTION: &str = r#"
+listen = "127.0.0.1:8443"
+peer_listen = "127.0.0.1:50061"
+peer_addr = "bob.example:50061"
+peer_name = "bob"
+kme_id = "KME_A"
+peer_kme_id = "KME_B"
+identity = "uri_san"
+max_key_per_request = 16
+tls = { ca_cert = "sae-ca.crt", cert = "kme.crt", key = "kme.key" }
+saes = [ { sae_id = "m", kme_id = "KME_A" }, { sae_id = "s", kme_id = "KME_B" } ]
+"#;
+
+#[test]
+fn config_section_parses_with_defaults_and_rejects_nonsense() {
+    let cfg: KmeConfig = toml::from_str(SECTION).unwrap();
+    let settings = cfg.settings().unwrap();
+    assert_eq!(settings.identity, IdentitySource::UriSan);
+    assert_eq!((settings.limits.key_size, settings.limits.max_key_per_request, settings.limits.max_sae_id_count), (256, 16, 0));
+    assert!(toml::from_str::<KmeConfig>(&format!("{SECTION}\nunknown = 1")).is_err());
+    for bad in [
+        KmeConfig { key_size: 100, ..cfg.clone() },
+        KmeConfig { min_key_size: 512, ..cfg.clone() },
+        KmeConfig { max_key_per_request: 0, ..cfg.clone() },
+        KmeConfig { peer_kme_id: "KME_A".into(), ..cfg.clone() },
+        KmeConfig { saes: vec![SaeEntry { sae_id: "x".into(), kme_id: "KME_C".into() }], ..cfg.clone() },
+        KmeConfig { saes: vec![cfg.saes[0].clone(), cfg.saes[0].clone()], ..cfg.clone() },
+    ] {
+        assert!(bad.settings().is_err(), "{bad:?}");
+    }
+}
+
+/// An in-process peer: calls the other KME's reservation directly (no TLS, no gRPC).
+struct LocalPeer(OnceLock<KmeState>);
+
+impl ReservePeer for LocalPeer {
+    fn reserve(&self, request: ReserveRequest) -> BoxFuture<'_, Result<(), ReserveError>> {
+        Box::pin(async move {
+            match self.0.get() {
+                Some(peer) => peer.reserve_for_peer(request).await,
+                None => Err(ReserveError::Unreachable("no peer".into())),
+            }
+        })
+    }
+}
+
+fn settings(kme: &str, peer: &str, max_sae_id_count: u32) -> super::KmeSettings {
+    let mut cfg: KmeConfig = toml::from_str(SECTION).unwrap();
+    cfg.kme_id = kme.into();
+    cfg.peer_kme_id = peer.into();
+    cfg.max_sae_id_count = max_sae_id_count;
+    cfg.saes = vec![
+        SaeEntry { sae_id: "m".into(), kme_id: "KME_A".into() },
+        SaeEntry { sae_id: "s".into(), kme_id: "KME_B".into() },
+        SaeEntry { sae_id: "s2".into(), kme_id: "KME_B".into() },
+    ];
+    cfg.settings().unwrap()
+}
+
+/// Two KMEs over in-process peers, sharing `n_units` random ready units (same IDs, same bytes).
+fn pair(n_units: usize, max_sae_id_count: u32) -> (KmeState, KmeState) {
+    // Alternate the last byte's parity so that each KME owns exactly half of the units.
+    let units: Vec<KeyUnit> = (0..n_units)
+        .map(|i| {
+            let mut id = *Uuid::new_v4().as_bytes();
+            id[15] = (id[15] & 0xfe) | (i % 2) as u8;
+            KeyUnit { key_id: Uuid::from_bytes(id), key: Zeroizing::new(Uuid::new_v4().as_bytes().repeat(UNIT_BYTES / 16)) }
+        })
+        .collect();
+    let meta = BlockMeta {
+        block_id: Uuid::new_v4(),
+        created_unix_ms: 0,
+        n_sifted_bits: 0,
+        qber_z: 0.0,
+        qber_x: 0.0,
+        phase_error_upper: 0.0,
+        leak_bits: 0,
+        final_bits: 256 * n_units as u64,
+    };
+    let (store_a, store_b) = (Arc::new(SledStore::temporary().unwrap()), Arc::new(SledStore::temporary().unwrap()));
+    store_a.put_ready(&meta, &units).unwrap();
+    store_b.put_ready(&meta, &units).unwrap();
+    let (peer_of_a, peer_of_b) = (Arc::new(LocalPeer(OnceLock::new())), Arc::new(LocalPeer(OnceLock::new())));
+    let a = KmeState::new(settings("KME_A", "KME_B", max_sae_id_count), KmeSide::Alice, store_a, peer_of_a.clone());
+    let b = KmeState::new(settings("KME_B", "KME_A", max_sae_id_count), KmeSide::Bob, store_b, peer_of_b.clone());
+    let _ = peer_of_a.0.set(b.clone());
+    let _ = peer_of_b.0.set(a.clone());
+    (a, b)
+}
+
+fn sae(id: &str) -> SaeId {
+    SaeId(id.into())
+}
+
+#[tokio::test]
+async fn a_key_reserved_at_the_peer_reaches_the_slave_once() {
+    let (a, b) = pair(40, 0);
+    let before = a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
+    let request = KeyRequest { number: Some(2), size: Some(320), ..KeyRequest::default() };
+    let container = a.get_key(Some(&sae("m")), &sae("s"), request).await.unwrap();
+    assert_eq!(container.keys.len(), 2);
+    assert!(container.keys.iter().all(|k| k.key.decode().unwrap().len() == 40));
+    // Two keys of 320 bits take four units, that is two keys of 256 bits.
+    assert_eq!(a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count, before - 4);
+    let ids: Vec<Uuid> = container.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(message(b.get_key_with_key_ids(Some(&sae("m")), &sae("m"), ids.clone()).await).0, 401);
+    let got = b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids.clone()).await.unwrap();
+    assert_eq!(got.keys, container.keys);
+    assert_eq!(
+        message(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await),
+        (400, api::MSG_KEYS_NOT_FOUND.to_string())
+    );
+}
+
+#[tokio::test]
+async fn missing_units_at_the_peer_are_discarded_and_replaced() {
+    let (a, b) = pair(40, 0);
+    // Simulate a crash of A after B reserved: B no longer holds some of A's units.
+    let owned: Vec<Uuid> = a.store().select_ready_units(3, |id| KmeSide::Alice.owns(id)).unwrap().iter().map(|u| u.key_id).collect();
+    b.store().take_ready_units(&owned).unwrap();
+    let before = a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
+    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
+    assert_eq!(container.keys.len(), 4);
+    assert_eq!(a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count, before - 4 - 3);
+    let ids = container.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await.unwrap().keys, container.keys);
+}
+
+#[tokio::test]
+async fn multicast_keys_reach_every_slave() {
+    let (a, b) = pair(10, 1);
+    let request = KeyRequest { additional_slave_sae_ids: vec![sae("s2")], ..KeyRequest::default() };
+    let container = a.get_key(Some(&sae("m")), &sae("s"), request).await.unwrap();
+    let ids: Vec<Uuid> = container.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(b.get_key_with_key_ids(Some(&sae("s2")), &sae("m"), ids.clone()).await.unwrap().keys, container.keys);
+    assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await.unwrap().keys, container.keys);
+    let too_many = KeyRequest { additional_slave_sae_ids: vec![sae("s2"), sae("s3")], ..KeyRequest::default() };
+    assert_eq!(message(a.get_key(Some(&sae("m")), &sae("s"), too_many).await).0, 400);
+}
+
+#[tokio::test]
+async fn requests_outside_the_limits_are_refused_and_consume_nothing() {
+    let (a, _b) = pair(8, 0);
+    let m = sae("m");
+    let before = a.status(Some(&m), &sae("s")).await.unwrap().stored_key_count;
+    let cases = [
+        (KeyRequest { size: Some(100), ..KeyRequest::default() }, 400, Some(api::MSG_SIZE_NOT_MULTIPLE_OF_8)),
+        (KeyRequest { size: Some(32), ..KeyRequest::default() }, 400, None),
+        (KeyRequest { size: Some(2048), ..KeyRequest::default() }, 400, None),
+        (KeyRequest { number: Some(0), ..KeyRequest::default() }, 400, None),
+        (KeyRequest { number: Some(17), ..KeyRequest::default() }, 400, None),
+        (KeyRequest { number: Some(16), ..KeyRequest::default() }, 503, None),
+    ];
+    for (request, code, text) in cases {
+        let (got_code, got_text) = message(a.get_key(Some(&m), &sae("s"), request.clone()).await);
+        assert_eq!(got_code, code, "{request:?}: {got_text}");
+        if let Some(text) = text {
+            assert_eq!(got_text, text);
+        }
+    }
+    assert_eq!(message(a.get_key(Some(&m), &m, KeyRequest::default()).await).0, 400);
+    assert_eq!(message(a.get_key(Some(&sae("s")), &sae("s2"), KeyRequest::default()).await).0, 401);
+    assert_eq!(message(a.get_key(None, &sae("s"), KeyRequest::default()).await).0, 401);
+    assert_eq!(a.status(Some(&m), &sae("s")).await.unwrap().stored_key_count, before);
+}
+
+#[tokio::test]
+async fn unreachable_peer_gives_503_and_keeps_the_units() {
+    let (a, _b) = pair(8, 0);
+    let lonely = KmeState::new(
+        settings("KME_A", "KME_B", 0),
+        KmeSide::Alice,
+        a.store().clone(),
+        Arc::new(LocalPeer(OnceLock::new())),
+    );
+    let before = lonely.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
+    assert!(before > 0);
+    assert_eq!(message(lonely.get_key(Some(&sae("m")), &sae("s"), KeyRequest::default()).await).0, 503);
+    assert_eq!(lonely.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count, before);
+}

@@ -1,0 +1,200 @@
+//! Privacy amplification by Toeplitz hashing.
+//!
+//! The m x n Toeplitz matrix with seed s (n + m - 1 bits) is T[i][j] = s[i - j + n - 1]; random
+//! Toeplitz matrices form a 2-universal family (Krawczyk, CRYPTO '94, LNCS 839, p. 129), which the
+//! leftover hash lemma turns into a secret key of m bits. Output bit i is
+//! y_i = XOR_j s[i - j + n - 1] x_j, that is the coefficient of z^(i + n - 1) in the GF(2)
+//! polynomial product S(z) X(z) with S(z) = sum_t s_t z^t and X(z) = sum_j x_j z^j (every pair
+//! (t, j) with t + j = i + n - 1 and j < n has 0 <= t < n + m - 1). So the fast path multiplies two
+//! bit-packed polynomials (Karatsuba over a software carry-less multiply) and keeps m bits of the
+//! product: O(n^1.585) word operations instead of the O(n m) of the matrix-vector product.
+
+use crate::bits::BitVec;
+
+/// Operand length (64-bit words) at or below which Karatsuba hands over to the schoolbook product.
+const KARATSUBA_THRESHOLD_WORDS: usize = 64;
+
+/// Multiplies the n-bit `input` by the m x n Toeplitz matrix defined by `seed` (n + m - 1 bits,
+/// m = `out_bits`), returning m bits.
+///
+/// Seed bit convention: T[i][j] = seed[i - j + n - 1], so seed bit 0 is the top-right corner
+/// T[0][n - 1]; row 0 reads seed bits n - 1 (column 0) down to 0 (column n - 1), and row m - 1
+/// reads seed bits n + m - 2 down to m - 1. Output bit i is
+/// XOR_j T[i][j] input[j]. Panics when `seed.len() != n + m - 1` (for n, m > 0): the seed comes
+/// from the local shared-randomness source, so a wrong length is a programming error.
+pub fn toeplitz_hash(input: &BitVec, seed: &BitVec, out_bits: usize) -> BitVec {
+    let n = input.len();
+    let m = out_bits;
+    if m == 0 {
+        return BitVec::new();
+    }
+    if n == 0 {
+        return BitVec::zeros(m);
+    }
+    assert_eq!(seed.len(), n + m - 1, "toeplitz seed must have n + m - 1 = {} bits", n + m - 1);
+    let product = poly_mul(seed.words(), input.words());
+    let n_product_bits = 64 * product.len();
+    BitVec::from_words(product, n_product_bits).slice(n - 1, n - 1 + m)
+}
+
+/// Bit-by-bit reference implementation for tests (O(n m)): output bit i is the XOR over j of
+/// seed[i - j + n - 1] AND input[j]. Same conventions and panics as [`toeplitz_hash`].
+pub fn toeplitz_hash_reference(input: &BitVec, seed: &BitVec, out_bits: usize) -> BitVec {
+    let n = input.len();
+    let m = out_bits;
+    if m == 0 {
+        return BitVec::new();
+    }
+    if n == 0 {
+        return BitVec::zeros(m);
+    }
+    assert_eq!(seed.len(), n + m - 1, "toeplitz seed must have n + m - 1 = {} bits", n + m - 1);
+    let mut out = BitVec::zeros(m);
+    for i in 0..m {
+        let mut bit = false;
+        for j in 0..n {
+            bit ^= seed.get(i + n - 1 - j) & input.get(j);
+        }
+        out.set(i, bit);
+    }
+    out
+}
+
+/// Carry-less (GF(2)[z]) product of two bit-packed polynomials, word i bit k being the
+/// coefficient of z^(64 i + k). The result has `a.len() + b.len()` words.
+pub(crate) fn poly_mul(a: &[u64], b: &[u64]) -> Vec<u64> {
+    let mut out = vec![0u64; a.len() + b.len()];
+    let mut scratch = Vec::new();
+    mul_acc(a, b, &mut out, &mut scratch);
+    out
+}
+
+/// `out[..a.len() + b.len()] ^= a * b` for operands of any lengths: the longer operand is cut
+/// into chunks of the shorter one's length, each chunk multiplied by balanced Karatsuba.
+fn mul_acc(a: &[u64], b: &[u64], out: &mut [u64], scratch: &mut Vec<u64>) {
+    let (long, short) = if a.len() >= b.len() { (a, b) } else { (b, a) };
+    if short.is_empty() {
+        return;
+    }
+    let k = short.len();
+    let mut product = vec![0u64; 2 * k];
+    for (chunk_idx, chunk) in long.chunks(k).enumerate() {
+        let offset = chunk_idx * k;
+        if chunk.len() == k {
+            scratch.resize(scratch_words(k), 0);
+            karatsuba(chunk, short, &mut product, scratch);
+            for (o, p) in out[offset..offset + 2 * k].iter_mut().zip(&product) {
+                *o ^= p;
+            }
+        } else {
+            // The last, shorter chunk: recurse with the roles swapped.
+            mul_acc(short, chunk, &mut out[offset..], scratch);
+        }
+    }
+}
+
+/// Scratch words [`karatsuba`] needs for operands of `n` words.
+fn scratch_words(n: usize) -> usize {
+    if n <= KARATSUBA_THRESHOLD_WORDS {
+        return 0;
+    }
+    let half = n.div_ceil(2);
+    4 * half + scratch_words(half)
+}
+
+/// `out = a * b` (out has 2 n words) for two operands of the same length n, by Karatsuba over
+/// GF(2): with a = a0 + z^h a1 and b = b0 + z^h b1,
+/// a b = a0 b0 + z^h ((a0 + a1)(b0 + b1) + a0 b0 + a1 b1) + z^(2h) a1 b1.
+fn karatsuba(a: &[u64], b: &[u64], out: &mut [u64], scratch: &mut [u64]) {
+    let n = a.len();
+    debug_assert_eq!(b.len(), n);
+    debug_assert_eq!(out.len(), 2 * n);
+    if n <= KARATSUBA_THRESHOLD_WORDS {
+        schoolbook(a, b, out);
+        return;
+    }
+    let h = n.div_ceil(2);
+    let l = n - h;
+    let (a0, a1) = a.split_at(h);
+    let (b0, b1) = b.split_at(h);
+    {
+        let (low, high) = out.split_at_mut(2 * h);
+        karatsuba(a0, b0, low, scratch);
+        karatsuba(a1, b1, high, scratch);
+    }
+    let (sum_a, rest) = scratch.split_at_mut(h);
+    let (sum_b, rest) = rest.split_at_mut(h);
+    let (middle, rest) = rest.split_at_mut(2 * h);
+    sum_a.copy_from_slice(a0);
+    sum_b.copy_from_slice(b0);
+    for i in 0..l {
+        sum_a[i] ^= a1[i];
+        sum_b[i] ^= b1[i];
+    }
+    karatsuba(sum_a, sum_b, middle, rest);
+    for i in 0..2 * h {
+        middle[i] ^= out[i];
+    }
+    for i in 0..2 * l {
+        middle[i] ^= out[2 * h + i];
+    }
+    // middle has degree < 128 h - 1, and h + 2 h <= 2 n because h <= l + 1 <= 2 l for n >= 2.
+    for i in 0..2 * h {
+        out[h + i] ^= middle[i];
+    }
+}
+
+/// `out = a * b` for operands of at most [`KARATSUBA_THRESHOLD_WORDS`] words, by 4-bit windows
+/// over `b`: for each of the 16 nibble offsets s within a word, a table of the 16 multiples
+/// `a * t * z^(4 s)` (t of degree < 4) is built, and every word of `b` XORs the row its nibble at
+/// offset s selects into `out`. The inner loop is a plain XOR of two word slices, which the
+/// compiler vectorizes.
+fn schoolbook(a: &[u64], b: &[u64], out: &mut [u64]) {
+    const ROW: usize = KARATSUBA_THRESHOLD_WORDS + 1;
+    debug_assert!(a.len() <= KARATSUBA_THRESHOLD_WORDS);
+    out.fill(0);
+    let row = a.len() + 1;
+    let mut table = [[0u64; ROW]; 16];
+    for nibble_offset in 0..16 {
+        let shift = 4 * nibble_offset;
+        for bit in 0..4 {
+            shift_into(a, shift + bit, &mut table[1 << bit][..row]);
+        }
+        for t in [3usize, 5, 6, 7, 9, 10, 11, 12, 13, 14, 15] {
+            let low = t & t.wrapping_neg();
+            let (rest, single) = (t ^ low, low);
+            let (rest_row, single_row) = (table[rest], table[single]);
+            for ((dst, x), y) in table[t][..row].iter_mut().zip(&rest_row).zip(&single_row) {
+                *dst = x ^ y;
+            }
+        }
+        for (j, &b_word) in b.iter().enumerate() {
+            let nibble = ((b_word >> shift) & 0xF) as usize;
+            if nibble == 0 {
+                continue;
+            }
+            for (o, &x) in out[j..j + row].iter_mut().zip(&table[nibble][..row]) {
+                *o ^= x;
+            }
+        }
+    }
+}
+
+/// Writes `a * z^shift` (0 <= shift < 64) into `row`, which has `a.len() + 1` words.
+#[inline]
+fn shift_into(a: &[u64], shift: usize, row: &mut [u64]) {
+    if shift == 0 {
+        row[..a.len()].copy_from_slice(a);
+        row[a.len()] = 0;
+        return;
+    }
+    let mut carry = 0u64;
+    for (r, &w) in row.iter_mut().zip(a) {
+        *r = (w << shift) | carry;
+        carry = w >> (64 - shift);
+    }
+    row[a.len()] = carry;
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,410 @@
+//! Key-pool operations of the ETSI GS QKD 014 key delivery (`crate::etsi`).
+//!
+//! Ready 256-bit units leave the pool in two ways, each one sled transaction followed by a flush:
+//! * the KME that answers a master SAE removes the units it handed out ([`SledStore::take_ready_units`]);
+//! * the peer KME turns the same units into *reservations* ([`SledStore::reserve_keys`]): one
+//!   record per ETSI key in the `kme_reservations` tree (key ID -> master, slaves, size, key
+//!   bytes), which the slave SAEs later fetch, each once ([`SledStore::deliver_reserved_keys`]).
+//!
+//! Block records keep listing the IDs of units that were served; only the `ready` tree says
+//! which units are still available.
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::{decode_key, KeyUnit, SledStore, StoreError};
+
+/// Name of the sled tree holding the reservations.
+const RESERVATIONS_TREE: &str = "kme_reservations";
+
+/// Bytes in one key unit (256 bits), the granularity of the ETSI key pool.
+pub const UNIT_BYTES: usize = 32;
+
+/// Errors of the key-pool operations.
+#[derive(Debug, thiserror::Error)]
+pub enum KmeStoreError {
+    /// The key store itself failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Some units are not ready in this store (already served or never stored); nothing changed.
+    #[error("{} key units are not ready in the key store", .0.len())]
+    MissingUnits(Vec<Uuid>),
+    /// A unit does not hold exactly [`UNIT_BYTES`] bytes, so it cannot be part of an ETSI key.
+    #[error("key unit {key_id} holds {len} bytes, not {UNIT_BYTES}")]
+    BadUnit {
+        /// The unit.
+        key_id: Uuid,
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A reservation with this key ID exists already; nothing changed.
+    #[error("key {0} is already reserved")]
+    DuplicateReservation(Uuid),
+    /// The request names a key that is not reserved for this master (or was already delivered
+    /// to this slave); nothing changed.
+    #[error("key {0} is not reserved for this master and slave")]
+    NotFound(Uuid),
+    /// The caller is not one of the key's slave SAEs; nothing changed.
+    #[error("the caller is not a slave SAE of key {0}")]
+    NotSlave(Uuid),
+}
+
+/// One ETSI key to reserve: its ID, the units that make it and who may fetch it.
+#[derive(Clone, Debug)]
+pub struct KeyReservation {
+    /// The ETSI key ID handed to the master.
+    pub key_id: Uuid,
+    /// The units, in order; their bytes concatenated and truncated to `size_bits / 8` are the key.
+    pub unit_ids: Vec<Uuid>,
+    /// Key size, bits (a multiple of 8, at most `8 * UNIT_BYTES * unit_ids.len()`).
+    pub size_bits: u32,
+    /// The master SAE ID.
+    pub master: String,
+    /// The slave SAE IDs; each may fetch the key once.
+    pub slaves: Vec<String>,
+    /// Unix time in milliseconds when the reservation was made (for expiry).
+    pub created_unix_ms: u64,
+}
+
+impl SledStore {
+    /// Reads, in key-ID order, up to `limit` ready units whose IDs pass `select`.
+    pub fn select_ready_units(&self, limit: usize, mut select: impl FnMut(&Uuid) -> bool) -> Result<Vec<KeyUnit>, StoreError> {
+        let mut out = Vec::with_capacity(limit.min(4096));
+        if limit == 0 {
+            return Ok(out);
+        }
+        for item in self.ready.iter() {
+            let (key, value) = item?;
+            let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if !select(&key_id) {
+                continue;
+            }
+            let (_, bytes) = decode_key(&value)?;
+            out.push(KeyUnit { key_id, key: bytes });
+            if out.len() == limit {
+                break;
+            }
+        }
+        Ok(out)
+    }
+
+    /// Counts the ready units whose IDs pass `select`, stopping at `cap`.
+    pub fn count_ready_units(&self, cap: usize, mut select: impl FnMut(&Uuid) -> bool) -> Result<usize, StoreError> {
+        let mut n = 0;
+        if cap == 0 {
+            return Ok(0);
+        }
+        for key in self.ready.iter().keys() {
+            let key = key?;
+            let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            if select(&key_id) {
+                n += 1;
+                if n == cap {
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// Removes the given ready units, durably: all of them, or (when one is missing) none.
+    pub fn take_ready_units(&self, unit_ids: &[Uuid]) -> Result<(), KmeStoreError> {
+        let result = self.ready.transaction(|ready| {
+            let mut missing = Vec::new();
+            for unit_id in unit_ids {
+                if ready.get(unit_id.as_bytes())?.is_none() {
+                    missing.push(*unit_id);
+                }
+            }
+            if !missing.is_empty() {
+                return sled::transaction::abort(KmeStoreError::MissingUnits(missing));
+            }
+            for unit_id in unit_ids {
+                ready.remove(unit_id.as_bytes())?;
+            }
+            Ok(())
+        });
+        unwrap_kme_tx(result)?;
+        Ok(self.flush()?)
+    }
+
+    /// Removes whichever of the given units are ready, durably (units that can never be served,
+    /// because the peer KME no longer holds them). Returns how many were removed.
+    pub fn discard_ready_units(&self, unit_ids: &[Uuid]) -> Result<usize, StoreError> {
+        let result = self.ready.transaction(|ready| {
+            let mut n = 0;
+            for unit_id in unit_ids {
+                if ready.remove(unit_id.as_bytes())?.is_some() {
+                    n += 1;
+                }
+            }
+            Ok(n)
+        });
+        let n = match result {
+            Ok(n) => n,
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(StoreError::Db(e)),
+        };
+        self.flush()?;
+        Ok(n)
+    }
+
+    /// Turns ready units into reservations, durably and all at once: removes every unit of
+    /// every reservation from the ready pool and records each ETSI key. If any unit is missing
+    /// ([`KmeStoreError::MissingUnits`], listing all of them), a unit is malformed or a key ID
+    /// is already reserved, nothing changes.
+    pub fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
+        use sled::Transactional;
+        let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
+        let result = (&self.ready, &tree).transaction(|(ready, reserved)| {
+            let mut missing = Vec::new();
+            let mut records = Vec::with_capacity(reservations.len());
+            for reservation in reservations {
+                if reserved.get(reservation.key_id.as_bytes())?.is_some() {
+                    return sled::transaction::abort(KmeStoreError::DuplicateReservation(reservation.key_id));
+                }
+                let mut units = Vec::with_capacity(reservation.unit_ids.len());
+                for unit_id in &reservation.unit_ids {
+                    match ready.get(unit_id.as_bytes())? {
+                        None => missing.push(*unit_id),
+                        Some(value) => match decode_key(&value) {
+                            Ok((_, bytes)) if bytes.len() == UNIT_BYTES => units.push(bytes),
+                            Ok((_, bytes)) => {
+                                return sled::transaction::abort(KmeStoreError::BadUnit { key_id: *unit_id, len: bytes.len() });
+                            }
+                            Err(e) => return sled::transaction::abort(KmeStoreError::Store(e)),
+                        },
+                    }
+                }
+                if missing.is_empty() {
+                    let key = combine_units(units.iter().map(|u| u.as_slice()), reservation.size_bits);
+                    records.push(encode_reservation(reservation, &key));
+                }
+            }
+            if !missing.is_empty() {
+                return sled::transaction::abort(KmeStoreError::MissingUnits(missing));
+            }
+            for reservation in reservations {
+                for unit_id in &reservation.unit_ids {
+                    ready.remove(unit_id.as_bytes())?;
+                }
+            }
+            for (reservation, record) in reservations.iter().zip(&records) {
+                reserved.insert(reservation.key_id.as_bytes(), record.as_slice())?;
+            }
+            Ok(())
+        });
+        unwrap_kme_tx(result)?;
+        Ok(self.flush()?)
+    }
+
+    /// Hands reserved keys to the slave `caller`, durably and all at once. Every key must be
+    /// reserved for `master` and not yet delivered to `caller`; a key is erased once every slave
+    /// has fetched it. Returns the keys in the order of `key_ids`.
+    ///
+    /// Errors, nothing changed: [`KmeStoreError::NotSlave`] when `caller` is not a slave of a
+    /// reserved key (checked first), otherwise [`KmeStoreError::NotFound`] for an unknown key, a
+    /// key of another master, or one already delivered to `caller`.
+    pub fn deliver_reserved_keys(&self, key_ids: &[Uuid], master: &str, caller: &str) -> Result<Vec<KeyUnit>, KmeStoreError> {
+        let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
+        let result = tree.transaction(|reserved| {
+            let mut records = Vec::with_capacity(key_ids.len());
+            let mut not_found = None;
+            for key_id in key_ids {
+                let Some(value) = reserved.get(key_id.as_bytes())? else {
+                    not_found.get_or_insert(*key_id);
+                    continue;
+                };
+                let record = match decode_reservation(&value) {
+                    Ok(record) if record.key.len() == (record.size_bits / 8) as usize => record,
+                    Ok(_) => {
+                        let e = StoreError::Corrupt(format!("reserved key {key_id} does not have its recorded size"));
+                        return sled::transaction::abort(KmeStoreError::Store(e));
+                    }
+                    Err(e) => return sled::transaction::abort(KmeStoreError::Store(e)),
+                };
+                match record.slaves.iter().find(|(slave, _)| slave == caller) {
+                    None => return sled::transaction::abort(KmeStoreError::NotSlave(*key_id)),
+                    Some((_, true)) => {
+                        not_found.get_or_insert(*key_id);
+                    }
+                    Some((_, false)) if record.master != master => {
+                        not_found.get_or_insert(*key_id);
+                    }
+                    Some((_, false)) => records.push((*key_id, record)),
+                }
+            }
+            if let Some(key_id) = not_found {
+                return sled::transaction::abort(KmeStoreError::NotFound(key_id));
+            }
+            let mut keys = Vec::with_capacity(records.len());
+            for (key_id, mut record) in records {
+                for (slave, delivered) in &mut record.slaves {
+                    if slave == caller {
+                        *delivered = true;
+                    }
+                }
+                if record.slaves.iter().all(|(_, delivered)| *delivered) {
+                    reserved.remove(key_id.as_bytes())?;
+                } else {
+                    reserved.insert(key_id.as_bytes(), encode_record(&record).as_slice())?;
+                }
+                keys.push(KeyUnit { key_id, key: record.key });
+            }
+            Ok(keys)
+        });
+        let keys = match result {
+            Ok(keys) => keys,
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(StoreError::Db(e).into()),
+        };
+        self.flush()?;
+        Ok(keys)
+    }
+
+    /// Number of reservations not yet fetched by all their slaves.
+    pub fn reserved_key_count(&self) -> Result<usize, StoreError> {
+        Ok(self.db.open_tree(RESERVATIONS_TREE)?.len())
+    }
+
+    /// Erases, durably, the reservations made before `created_before_unix_ms` (keys whose
+    /// slaves never came). Returns how many were erased.
+    pub fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
+        let tree = self.db.open_tree(RESERVATIONS_TREE)?;
+        let mut n = 0;
+        for item in tree.iter() {
+            let (key, value) = item?;
+            let created = decode_reservation(&value)?.created_unix_ms;
+            // Compare-and-swap so that a concurrent delivery is never undone.
+            if created < created_before_unix_ms && tree.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok() {
+                n += 1;
+            }
+        }
+        if n > 0 {
+            self.flush()?;
+        }
+        Ok(n)
+    }
+}
+
+/// The bytes of an ETSI key of `size_bits` made of `units`: their bytes concatenated, the first
+/// `size_bits / 8` kept, the rest discarded (and wiped).
+pub fn combine_units<'a>(units: impl IntoIterator<Item = &'a [u8]>, size_bits: u32) -> Zeroizing<Vec<u8>> {
+    let n_bytes = (size_bits / 8) as usize;
+    let mut key = Zeroizing::new(Vec::with_capacity(n_bytes + UNIT_BYTES));
+    for unit in units {
+        key.extend_from_slice(unit);
+    }
+    // Truncating a Zeroizing<Vec> leaves the tail in the allocation: wipe it first.
+    if key.len() > n_bytes {
+        zeroize::Zeroize::zeroize(&mut key[n_bytes..]);
+        key.truncate(n_bytes);
+    }
+    key
+}
+
+fn unwrap_kme_tx(result: sled::transaction::TransactionResult<(), KmeStoreError>) -> Result<(), KmeStoreError> {
+    match result {
+        Ok(()) => Ok(()),
+        Err(sled::transaction::TransactionError::Abort(e)) => Err(e),
+        Err(sled::transaction::TransactionError::Storage(e)) => Err(StoreError::Db(e).into()),
+    }
+}
+
+/// A decoded reservation record.
+struct Reservation {
+    created_unix_ms: u64,
+    size_bits: u32,
+    master: String,
+    /// Each slave and whether it has fetched the key.
+    slaves: Vec<(String, bool)>,
+    key: Zeroizing<Vec<u8>>,
+}
+
+/// Format version of reservation records.
+const RECORD_VERSION: u8 = 1;
+
+fn encode_reservation(reservation: &KeyReservation, key: &[u8]) -> Zeroizing<Vec<u8>> {
+    encode_record(&Reservation {
+        created_unix_ms: reservation.created_unix_ms,
+        size_bits: reservation.size_bits,
+        master: reservation.master.clone(),
+        slaves: reservation.slaves.iter().map(|s| (s.clone(), false)).collect(),
+        key: Zeroizing::new(key.to_vec()),
+    })
+}
+
+/// Record: version byte, created (u64 LE), size bits (u32 LE), master (u16 LE length + UTF-8),
+/// slave count (u16 LE) and per slave a delivered byte and its ID (u16 LE length + UTF-8), then
+/// the key bytes.
+fn encode_record(record: &Reservation) -> Zeroizing<Vec<u8>> {
+    let mut out = Zeroizing::new(Vec::with_capacity(64 + record.key.len()));
+    out.push(RECORD_VERSION);
+    out.extend_from_slice(&record.created_unix_ms.to_le_bytes());
+    out.extend_from_slice(&record.size_bits.to_le_bytes());
+    push_str(&mut out, &record.master);
+    out.extend_from_slice(&(record.slaves.len() as u16).to_le_bytes());
+    for (slave, delivered) in &record.slaves {
+        out.push(u8::from(*delivered));
+        push_str(&mut out, slave);
+    }
+    out.extend_from_slice(&record.key);
+    out
+}
+
+/// SAE IDs are limited to `u16::MAX` bytes by configuration validation; longer ones are cut
+/// (never happens).
+fn push_str(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(u16::MAX as usize)];
+    out.extend_from_slice(&(bytes.len() as u16).to_le_bytes());
+    out.extend_from_slice(bytes);
+}
+
+fn decode_reservation(value: &[u8]) -> Result<Reservation, StoreError> {
+    let mut reader = Reader { bytes: value, pos: 0 };
+    let version = reader.take(1)?[0];
+    if version != RECORD_VERSION {
+        return Err(StoreError::Corrupt(format!("unknown reservation record version {version}")));
+    }
+    let created_unix_ms = u64::from_le_bytes(reader.array()?);
+    let size_bits = u32::from_le_bytes(reader.array()?);
+    let master = reader.string()?;
+    let n_slaves = u16::from_le_bytes(reader.array()?);
+    let mut slaves = Vec::with_capacity(n_slaves as usize);
+    for _ in 0..n_slaves {
+        let delivered = reader.take(1)?[0] != 0;
+        slaves.push((reader.string()?, delivered));
+    }
+    let key = Zeroizing::new(value[reader.pos..].to_vec());
+    Ok(Reservation { created_unix_ms, size_bits, master, slaves, key })
+}
+
+struct Reader<'a> {
+    bytes: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], StoreError> {
+        let out = self
+            .bytes
+            .get(self.pos..self.pos + n)
+            .ok_or_else(|| StoreError::Corrupt("truncated reservation record".into()))?;
+        self.pos += n;
+        Ok(out)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], StoreError> {
+        let mut out = [0u8; N];
+        out.copy_from_slice(self.take(N)?);
+        Ok(out)
+    }
+
+    fn string(&mut self) -> Result<String, StoreError> {
+        let len = u16::from_le_bytes(self.array()?) as usize;
+        String::from_utf8(self.take(len)?.to_vec()).map_err(|e| StoreError::Corrupt(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,159 @@
+use super::*;
+use crate::store::{BlockMeta, KeyStore};
+
+fn meta() -> BlockMeta {
+    BlockMeta {
+        block_id: Uuid::new_v4(),
+        created_unix_ms: 1,
+        n_sifted_bits: 1000,
+        qber_z: 0.02,
+        qber_x: 0.03,
+        phase_error_upper: 0.05,
+        leak_bits: 300,
+        final_bits: 256,
+    }
+}
+
+/// A temporary store with `n` ready units; unit `i` is filled with byte `i`.
+fn store_with_units(n: usize) -> (SledStore, Vec<KeyUnit>) {
+    let store = SledStore::temporary().unwrap();
+    let units: Vec<KeyUnit> =
+        (0..n).map(|i| KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![i as u8; UNIT_BYTES]) }).collect();
+    store.put_ready(&meta(), &units).unwrap();
+    (store, units)
+}
+
+fn reservation(units: &[&KeyUnit], size_bits: u32, slaves: &[&str]) -> KeyReservation {
+    KeyReservation {
+        key_id: Uuid::new_v4(),
+        unit_ids: units.iter().map(|u| u.key_id).collect(),
+        size_bits,
+        master: "m".into(),
+        slaves: slaves.iter().map(|s| s.to_string()).collect(),
+        created_unix_ms: 1000,
+    }
+}
+
+fn ready_count(store: &SledStore) -> usize {
+    store.count_ready_units(usize::MAX, |_| true).unwrap()
+}
+
+#[test]
+fn combine_units_concatenates_and_truncates() {
+    let (a, b) = ([1u8; UNIT_BYTES], [2u8; UNIT_BYTES]);
+    let key = combine_units([a.as_slice(), b.as_slice()], 320);
+    assert_eq!(key.len(), 40);
+    assert_eq!(&key[..32], &a);
+    assert_eq!(&key[32..], &[2u8; 8]);
+    assert_eq!(combine_units([a.as_slice()], 64).as_slice(), &[1u8; 8]);
+}
+
+#[test]
+fn reserved_key_is_delivered_once_to_its_slave() {
+    let (store, units) = store_with_units(4);
+    let r = reservation(&[&units[0], &units[1]], 512, &["s"]);
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    assert_eq!(ready_count(&store), 2);
+    assert_eq!(store.reserved_key_count().unwrap(), 1);
+
+    // Another SAE: refused, nothing changes.
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "x"), Err(KmeStoreError::NotSlave(_))));
+    // The slave with the wrong master: not found.
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "x", "s"), Err(KmeStoreError::NotFound(_))));
+    let keys = store.deliver_reserved_keys(&[r.key_id], "m", "s").unwrap();
+    assert_eq!(keys.len(), 1);
+    assert_eq!(keys[0].key_id, r.key_id);
+    let mut expected = vec![0u8; 32];
+    expected.extend_from_slice(&[1u8; 32]);
+    assert_eq!(keys[0].key.as_slice(), expected.as_slice());
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "s"), Err(KmeStoreError::NotFound(_))));
+}
+
+#[test]
+fn reservation_with_a_missing_unit_changes_nothing() {
+    let (store, units) = store_with_units(3);
+    store.take_ready_units(&[units[2].key_id]).unwrap();
+    let ok = reservation(&[&units[0]], 256, &["s"]);
+    let bad = reservation(&[&units[1], &units[2]], 512, &["s"]);
+    match store.reserve_keys(&[ok.clone(), bad]) {
+        Err(KmeStoreError::MissingUnits(missing)) => assert_eq!(missing, vec![units[2].key_id]),
+        other => panic!("expected missing units, got {other:?}"),
+    }
+    assert_eq!(ready_count(&store), 2);
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    // A duplicate key ID is refused too.
+    store.reserve_keys(std::slice::from_ref(&ok)).unwrap();
+    let mut again = reservation(&[&units[1]], 256, &["s"]);
+    again.key_id = ok.key_id;
+    assert!(matches!(store.reserve_keys(&[again]), Err(KmeStoreError::DuplicateReservation(_))));
+    assert_eq!(ready_count(&store), 1);
+}
+
+#[test]
+fn delivery_of_a_batch_is_all_or_nothing() {
+    let (store, units) = store_with_units(2);
+    let r = reservation(&[&units[0]], 256, &["s"]);
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    let unknown = Uuid::new_v4();
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id, unknown], "m", "s"), Err(KmeStoreError::NotFound(id)) if id == unknown));
+    assert_eq!(store.deliver_reserved_keys(&[r.key_id], "m", "s").unwrap().len(), 1);
+}
+
+#[test]
+fn multicast_key_is_erased_after_every_slave_fetched_it() {
+    let (store, units) = store_with_units(1);
+    let r = reservation(&[&units[0]], 128, &["s1", "s2"]);
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    let first = store.deliver_reserved_keys(&[r.key_id], "m", "s1").unwrap();
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "s1"), Err(KmeStoreError::NotFound(_))));
+    assert_eq!(store.reserved_key_count().unwrap(), 1);
+    let second = store.deliver_reserved_keys(&[r.key_id], "m", "s2").unwrap();
+    assert_eq!(first[0].key.as_slice(), second[0].key.as_slice());
+    assert_eq!(second[0].key.len(), 16);
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+}
+
+#[test]
+fn take_is_all_or_nothing_and_discard_ignores_missing_units() {
+    let (store, units) = store_with_units(3);
+    let stranger = Uuid::new_v4();
+    assert!(matches!(store.take_ready_units(&[units[0].key_id, stranger]), Err(KmeStoreError::MissingUnits(m)) if m == vec![stranger]));
+    assert_eq!(ready_count(&store), 3);
+    store.take_ready_units(&[units[0].key_id]).unwrap();
+    assert_eq!(store.discard_ready_units(&[units[0].key_id, units[1].key_id, stranger]).unwrap(), 1);
+    assert_eq!(ready_count(&store), 1);
+    let selected = store.select_ready_units(5, |_| true).unwrap();
+    assert_eq!(selected.len(), 1);
+    assert_eq!(selected[0].key_id, units[2].key_id);
+}
+
+#[test]
+fn old_reservations_are_purged() {
+    let (store, units) = store_with_units(2);
+    let old = reservation(&[&units[0]], 256, &["s"]);
+    let mut new = reservation(&[&units[1]], 256, &["s"]);
+    new.created_unix_ms = 5000;
+    store.reserve_keys(&[old.clone(), new.clone()]).unwrap();
+    assert_eq!(store.purge_reservations(2000).unwrap(), 1);
+    assert!(matches!(store.deliver_reserved_keys(&[old.key_id], "m", "s"), Err(KmeStoreError::NotFound(_))));
+    assert_eq!(store.deliver_reserved_keys(&[new.key_id], "m", "s").unwrap().len(), 1);
+}
+
+#[test]
+fn reservations_survive_a_reopen() {
+    let dir = std::env::temp_dir().join(format!("qkd-kme-store-test-{}", Uuid::new_v4()));
+    let unit = KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9u8; UNIT_BYTES]) };
+    let r = reservation(&[&unit], 256, &["s"]);
+    {
+        let store = SledStore::open(&dir).unwrap();
+        store.put_ready(&meta(), std::slice::from_ref(&unit)).unwrap();
+        store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    }
+    {
+        let store = SledStore::open(&dir).unwrap();
+        assert_eq!(ready_count(&store), 0);
+        assert_eq!(store.deliver_reserved_keys(&[r.key_id], "m", "s").unwrap()[0].key.as_slice(), &[9u8; 32]);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

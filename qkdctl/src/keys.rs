@@ -1,0 +1,1 @@
+//! `qkdctl keys`: ETSI GS QKD 014 client (placeholder).

@@ -1,0 +1,271 @@
+//! `qkdctl simulate` and `qkdctl sweep`: plan a link in simulated time with the full
+//! post-processing (the same code as the daemons).
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use anyhow::{bail, Context};
+use common::link::ProtocolParams;
+use common::planner::{simulate, Scenario, SimulationReport};
+use common::sim::{analytic, LinkParams};
+
+/// The reference experiment's published points (seed-experiment.md): (distance km, secret key
+/// rate bit/s) at 120 km, and the maximum distance with positive key.
+pub const PAPER_RATE_POINTS: [(f64, f64); 1] = [(120.0, 15.0)];
+/// The reference experiment's maximum distance, km.
+pub const PAPER_MAX_DISTANCE_KM: f64 = 127.0;
+/// The reference experiment's QBER at 120 km (Z, X).
+pub const PAPER_QBER_120KM: (f64, f64) = (0.0685, 0.096);
+
+/// Default finite-key block for planning: 10^6 sifted bits (about 1.5 h at 120 km with the
+/// reference preset, under a minute at 10 km).
+pub const DEFAULT_BLOCK_BITS: u64 = 1_000_000;
+
+/// Model and protocol options shared by `simulate` and `sweep`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Built-in preset (see presets/ in the repository): wang2026-120km, lab-10km.
+    #[arg(long, default_value = "wang2026-120km")]
+    preset: String,
+    /// A preset file of your own (same format as presets/*.toml); overrides --preset.
+    #[arg(long, value_name = "FILE")]
+    preset_file: Option<PathBuf>,
+    /// Fibre length, km (default: the preset's).
+    #[arg(long)]
+    distance_km: Option<f64>,
+    /// Override any model parameter, e.g. --set visibility=0.98 --set dark_count_rate_hz=50.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    overrides: Vec<String>,
+    /// Finite-key block size, sifted bits.
+    #[arg(long)]
+    block_bits: Option<u64>,
+    /// Fraction of photons intercepted and resent by an eavesdropper on the fibre.
+    #[arg(long, default_value_t = 0.0)]
+    intercept: f64,
+    /// Seed of all random choices (runs are reproducible).
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+}
+
+impl ModelArgs {
+    fn link(&self) -> anyhow::Result<LinkParams> {
+        let mut link = match &self.preset_file {
+            Some(path) => LinkParams::from_toml_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
+                .with_context(|| format!("parsing {}", path.display()))?,
+            None => LinkParams::preset(&self.preset)?,
+        };
+        if !self.overrides.is_empty() {
+            let mut table = toml::Table::try_from(&link)?;
+            for kv in &self.overrides {
+                let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+                let value: toml::Value = format!("v = {value}")
+                    .parse::<toml::Table>()
+                    .ok()
+                    .and_then(|mut t| t.remove("v"))
+                    .unwrap_or_else(|| toml::Value::String(value.to_owned()));
+                if !table.contains_key(key.trim()) {
+                    bail!("--set {kv}: unknown parameter {:?}; known: {}", key.trim(), table.keys().cloned().collect::<Vec<_>>().join(", "));
+                }
+                table.insert(key.trim().to_owned(), value);
+            }
+            link = table.try_into().context("--set")?;
+        }
+        if let Some(km) = self.distance_km {
+            link.distance_km = km;
+        }
+        link.validate()?;
+        Ok(link)
+    }
+
+    fn protocol(&self, link: &LinkParams) -> ProtocolParams {
+        let _ = link;
+        ProtocolParams { block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS), ..ProtocolParams::default() }
+    }
+}
+
+/// Options of `qkdctl simulate`.
+#[derive(clap::Args, Debug)]
+pub struct SimulateArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Simulated duration, seconds (default: long enough for three blocks).
+    #[arg(long)]
+    duration_s: Option<f64>,
+    /// Print the result as JSON.
+    #[arg(long)]
+    json: bool,
+    /// Include every block's report in the JSON output.
+    #[arg(long)]
+    blocks: bool,
+}
+
+fn default_duration(link: &LinkParams, protocol: &ProtocolParams) -> f64 {
+    let sifted_per_s = analytic::expected(link).p_sifted * link.clock_hz;
+    if sifted_per_s > 0.0 { 3.0 * protocol.block_bits as f64 / sifted_per_s } else { 3600.0 }
+}
+
+/// Runs `qkdctl simulate`.
+pub fn run_simulate(args: SimulateArgs) -> anyhow::Result<()> {
+    let link = args.model.link()?;
+    let protocol = args.model.protocol(&link);
+    let duration_s = args.duration_s.unwrap_or_else(|| default_duration(&link, &protocol));
+    let scenario = Scenario { link, protocol, duration_s, intercept_fraction: args.model.intercept, seed: args.model.seed };
+    let started = std::time::Instant::now();
+    let show = !args.json;
+    let mut report = simulate(&scenario, |done| {
+        if show {
+            eprint!("\rsimulating {:.0} s of operation: {:>3.0} %", duration_s, 100.0 * done);
+            let _ = std::io::stderr().flush();
+        }
+    })?;
+    if show {
+        eprintln!(" ({:.1} s of CPU time)", started.elapsed().as_secs_f64());
+    }
+    if !args.blocks {
+        report.block_reports.clear();
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    Ok(())
+}
+
+fn print_report(r: &SimulationReport) {
+    println!("distance                 {:.1} km", r.distance_km);
+    println!("simulated time           {:.0} s", r.duration_s);
+    println!("detections               {:.1} /s", r.detections_per_s);
+    println!("sifted key               {:.1} bit/s", r.sifted_bits_per_s);
+    println!("QBER Z / X               {:.2} % / {:.2} %", 100.0 * r.qber_z, 100.0 * r.qber_x);
+    println!("phase error upper bound  {:.2} %", 100.0 * r.phase_error_upper);
+    println!("reconciliation f         {:.3}", r.reconciliation_efficiency);
+    println!("blocks                   {} of {} bits ({} aborted)", r.blocks, r.block_size, r.aborted_blocks);
+    println!("secret key rate          {:.2} bit/s finite-key ({:.2} bit/s asymptotic, f = 1)", r.secret_key_rate_bps, r.asymptotic_key_rate_bps);
+}
+
+/// Options of `qkdctl sweep`.
+#[derive(clap::Args, Debug)]
+pub struct SweepArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Parameter to sweep (any model parameter; distance_km by default).
+    #[arg(long, default_value = "distance_km")]
+    param: String,
+    /// First value.
+    #[arg(long, default_value_t = 0.0)]
+    from: f64,
+    /// Last value.
+    #[arg(long, default_value_t = 140.0)]
+    to: f64,
+    /// Step.
+    #[arg(long, default_value_t = 10.0)]
+    step: f64,
+    /// Simulated duration per point, seconds.
+    #[arg(long, default_value_t = 21600.0)]
+    duration_s: f64,
+    /// Output prefix: writes PREFIX.csv, PREFIX.json and PREFIX.svg.
+    #[arg(long, default_value = "sweep")]
+    out: PathBuf,
+}
+
+/// Runs `qkdctl sweep`.
+pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
+    if args.step <= 0.0 || args.to < args.from {
+        bail!("--from must not exceed --to and --step must be positive");
+    }
+    let mut values = Vec::new();
+    let mut v = args.from;
+    while v <= args.to + 1e-9 {
+        values.push(v);
+        v += args.step;
+    }
+    let base = args.model.link()?;
+    let scenario_at = |value: f64| -> anyhow::Result<Scenario> {
+        let mut model = args.model.clone();
+        if args.param == "distance_km" {
+            model.distance_km = Some(value);
+        } else {
+            model.overrides.push(format!("{}={value}", args.param));
+        }
+        let link = model.link()?;
+        let protocol = model.protocol(&link);
+        Ok(Scenario { link, protocol, duration_s: args.duration_s, intercept_fraction: model.intercept, seed: model.seed })
+    };
+    let scenarios = values.iter().map(|&v| scenario_at(v)).collect::<anyhow::Result<Vec<_>>>()?;
+    let done = std::sync::atomic::AtomicUsize::new(0);
+    let total = scenarios.len();
+    eprintln!("sweeping {} over {} points, {:.0} simulated s each", args.param, total, args.duration_s);
+    let run_one = |s: &Scenario| -> anyhow::Result<SimulationReport> {
+        let mut r = simulate(s, |_| {})?;
+        r.block_reports.clear();
+        let n = done.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+        eprint!("\r{n}/{total} points done");
+        Ok(r)
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(total.max(1));
+    let mut reports: Vec<Option<SimulationReport>> = (0..total).map(|_| None).collect();
+    std::thread::scope(|scope| -> anyhow::Result<()> {
+        let chunks: Vec<Vec<usize>> = (0..threads).map(|t| (t..total).step_by(threads).collect()).collect();
+        let handles: Vec<_> = chunks
+            .into_iter()
+            .map(|idx| {
+                let (scenarios, run_one) = (&scenarios, &run_one);
+                scope.spawn(move || idx.into_iter().map(|i| run_one(&scenarios[i]).map(|r| (i, r))).collect::<anyhow::Result<Vec<_>>>())
+            })
+            .collect();
+        for h in handles {
+            for (i, r) in h.join().map_err(|_| anyhow::anyhow!("a sweep worker panicked"))?? {
+                reports[i] = Some(r);
+            }
+        }
+        Ok(())
+    })?;
+    eprintln!();
+    let reports: Vec<SimulationReport> = reports.into_iter().map(|r| r.expect("every point simulated")).collect();
+
+    // Analytic curve on a fine grid.
+    let mut analytic_points = Vec::new();
+    let n_fine = 200;
+    for k in 0..=n_fine {
+        let value = args.from + (args.to - args.from) * k as f64 / n_fine as f64;
+        let link = scenario_at(value)?.link;
+        let e = analytic::expected(&link);
+        analytic_points.push((value, e.asymptotic_key_per_pulse * link.clock_hz, e.qber_z, e.qber_x));
+    }
+
+    write_outputs(&args, &values, &reports, &analytic_points)?;
+    let _ = base;
+    if args.param == "distance_km" {
+        let last_positive = values.iter().zip(&reports).filter(|(_, r)| r.secret_key_rate_bps > 0.0).map(|(v, _)| *v).fold(None, |_, v| Some(v));
+        match last_positive {
+            Some(d) => println!("largest distance with positive finite key: {d:.1} km (sweep step {} km; paper: {PAPER_MAX_DISTANCE_KM} km)", args.step),
+            None => println!("no distance in the sweep gives a positive finite key"),
+        }
+    }
+    Ok(())
+}
+
+fn write_outputs(args: &SweepArgs, values: &[f64], reports: &[SimulationReport], analytic: &[(f64, f64, f64, f64)]) -> anyhow::Result<()> {
+    let with_ext = |ext: &str| {
+        let mut p = args.out.clone().into_os_string();
+        p.push(format!(".{ext}"));
+        PathBuf::from(p)
+    };
+    let mut csv = format!(
+        "{},qber_z,qber_x,phase_error_upper,detections_per_s,sifted_bits_per_s,asymptotic_key_rate_bps,secret_key_rate_bps,block_size,blocks,aborted_blocks\n",
+        args.param
+    );
+    for (v, r) in values.iter().zip(reports) {
+        csv.push_str(&format!(
+            "{v},{:.6},{:.6},{:.6},{:.3},{:.3},{:.4},{:.4},{},{},{}\n",
+            r.qber_z, r.qber_x, r.phase_error_upper, r.detections_per_s, r.sifted_bits_per_s, r.asymptotic_key_rate_bps, r.secret_key_rate_bps, r.block_size, r.blocks, r.aborted_blocks
+        ));
+    }
+    std::fs::write(with_ext("csv"), csv)?;
+    let json = serde_json::json!({ "param": args.param, "values": values, "points": reports });
+    std::fs::write(with_ext("json"), serde_json::to_string_pretty(&json)?)?;
+    crate::plot::sweep_svg(&with_ext("svg"), &args.param, values, reports, analytic)?;
+    println!("wrote {}, {} and {}", with_ext("csv").display(), with_ext("json").display(), with_ext("svg").display());
+    Ok(())
+}

@@ -1,0 +1,756 @@
+//! ETSI GS QKD 014 key delivery against two real KMEs: real HTTPS servers with mutual TLS, the
+//! real KME-to-KME gRPC channel, real sled stores, and reqwest as the SAEs' client. Each test
+//! covers points of the standard's conformance checklist (numbered as in
+//! `shared/reference/etsi-gs-qkd-014.md`).
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine;
+use common::etsi::api::{MSG_EXTENSION_MANDATORY_UNSUPPORTED, MSG_KEYS_NOT_FOUND, MSG_SIZE_NOT_MULTIPLE_OF_8};
+use common::etsi::{IdentitySource, KmeConfig, KmeError, KmeSide, SaeEntry};
+use common::store::kme::UNIT_BYTES;
+use common::store::{BlockMeta, KeyStore, KeyUnit, SledStore};
+use common::tls::{CertAuthority, IssuedCert, TlsFiles, TlsMaterial};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use super::*;
+
+/// SAEs attached to KME A.
+const A_SAES: [&str; 2] = ["sae-a1", "sae-a2"];
+/// SAEs attached to KME B (one with characters that need URL encoding).
+const B_SAES: [&str; 3] = ["sae-b1", "sae-b2", "SAE b/3 é+%"];
+
+/// The throw-away PKI of a test: one CA for nodes, KME servers and SAEs, plus a foreign CA.
+struct Pki {
+    dir: TempDir,
+    ca: CertAuthority,
+}
+
+impl Pki {
+    fn new() -> Self {
+        init();
+        let dir = TempDir::new("etsi");
+        let ca = CertAuthority::generate("etsi test ca").expect("ca");
+        common::tls::write_pem(&dir.0.join("ca.crt"), ca.cert_pem(), false).expect("write ca");
+        Self { dir, ca }
+    }
+
+    /// A node certificate (KME-to-KME channel) for `name`, in memory.
+    fn node(&self, name: &str) -> TlsMaterial {
+        let issued = self.ca.issue(name, &[name, "localhost"], true).expect("node cert");
+        TlsMaterial { ca_pem: self.ca.cert_pem().to_owned(), cert_pem: issued.cert_pem, key_pem: issued.key_pem }
+    }
+
+    /// The HTTPS server files of KME `name` (valid for 127.0.0.1).
+    fn https_files(&self, name: &str) -> TlsFiles {
+        let issued = self.ca.issue(name, &["localhost"], true).expect("kme cert");
+        let (cert, key) = common::tls::write_issued(&self.dir.0, name, &issued).expect("write kme cert");
+        TlsFiles { ca_cert: self.dir.0.join("ca.crt"), cert, key }
+    }
+
+    /// A client certificate whose CN is `sae_id`.
+    fn sae(&self, sae_id: &str) -> IssuedCert {
+        self.ca.issue(sae_id, &[], false).expect("sae cert")
+    }
+}
+
+/// A running KME.
+struct Kme {
+    addr: SocketAddr,
+    peer_addr: SocketAddr,
+    store: Arc<SledStore>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), KmeError>>,
+}
+
+impl Kme {
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.expect("kme task panicked").expect("kme failed");
+    }
+}
+
+/// Two KMEs (A on Alice's side, B on Bob's) sharing the same ready units, and the PKI.
+struct Net {
+    pki: Pki,
+    a: Kme,
+    b: Kme,
+    /// The units, in the order given to the stores.
+    units: Vec<KeyUnit>,
+}
+
+/// Options of a test network.
+struct NetOptions {
+    n_units: usize,
+    max_key_per_request: u32,
+}
+
+impl Default for NetOptions {
+    fn default() -> Self {
+        Self { n_units: 64, max_key_per_request: 128 }
+    }
+}
+
+impl Net {
+    async fn start(options: NetOptions) -> Self {
+        let pki = Pki::new();
+        // Units alternate the parity of their last byte: each KME owns exactly half.
+        let units: Vec<KeyUnit> = (0..options.n_units)
+            .map(|i| {
+                let mut id = *Uuid::new_v4().as_bytes();
+                id[15] = (id[15] & 0xfe) | (i % 2) as u8;
+                let key = [Uuid::new_v4().into_bytes(), Uuid::new_v4().into_bytes()].concat();
+                KeyUnit { key_id: Uuid::from_bytes(id), key: key.into() }
+            })
+            .collect();
+        assert_eq!(units[0].key.len(), UNIT_BYTES);
+        let meta = BlockMeta {
+            block_id: Uuid::new_v4(),
+            created_unix_ms: 0,
+            n_sifted_bits: 0,
+            qber_z: 0.0,
+            qber_x: 0.0,
+            phase_error_upper: 0.0,
+            leak_bits: 0,
+            final_bits: 256 * options.n_units as u64,
+        };
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
+        let (https_a, peer_a, https_b, peer_b) = (bind().await, bind().await, bind().await, bind().await);
+        let peer_addr_a = peer_a.local_addr().unwrap();
+        let peer_addr_b = peer_b.local_addr().unwrap();
+        let saes: Vec<SaeEntry> = A_SAES
+            .iter()
+            .map(|s| SaeEntry { sae_id: s.to_string(), kme_id: "KME_A".into() })
+            .chain(B_SAES.iter().map(|s| SaeEntry { sae_id: s.to_string(), kme_id: "KME_B".into() }))
+            .collect();
+        let config = |me: &str, peer: &str, https: &TcpListener, peer_listen: SocketAddr, peer_addr: SocketAddr, peer_name: &str| KmeConfig {
+            listen: https.local_addr().unwrap(),
+            tls: pki.https_files(me),
+            peer_listen,
+            peer_addr: peer_addr.to_string(),
+            peer_name: peer_name.into(),
+            kme_id: me.into(),
+            peer_kme_id: peer.into(),
+            saes: saes.clone(),
+            identity: IdentitySource::Cn,
+            key_size: 256,
+            min_key_size: 64,
+            max_key_size: 1024,
+            max_key_per_request: options.max_key_per_request,
+            max_key_count: 100_000,
+            max_sae_id_count: 0,
+            peer_timeout_ms: 3000,
+            reservation_ttl_s: 0,
+        };
+        let cfg_a = config("KME_A", "KME_B", &https_a, peer_addr_a, peer_addr_b, "bob");
+        let cfg_b = config("KME_B", "KME_A", &https_b, peer_addr_b, peer_addr_a, "alice");
+        let start = |cfg: KmeConfig, side: KmeSide, node: TlsMaterial, https: TcpListener, peer: TcpListener| {
+            let store = Arc::new(SledStore::temporary().expect("store"));
+            store.put_ready(&meta, &units).expect("fill store");
+            let shutdown = CancellationToken::new();
+            let (addr, peer_addr) = (https.local_addr().unwrap(), peer.local_addr().unwrap());
+            let task = tokio::spawn({
+                let (store, shutdown) = (store.clone(), shutdown.clone());
+                async move { common::etsi::run_kme_with_listeners(&cfg, side, &node, store, https, peer, shutdown).await }
+            });
+            Kme { addr, peer_addr, store, shutdown, task }
+        };
+        let a = start(cfg_a, KmeSide::Alice, pki.node("alice"), https_a, peer_a);
+        let b = start(cfg_b, KmeSide::Bob, pki.node("bob"), https_b, peer_b);
+        Self { pki, a, b, units }
+    }
+
+    async fn stop(self) {
+        self.a.stop().await;
+        self.b.stop().await;
+    }
+
+    /// An HTTPS client presenting `sae_id`'s certificate.
+    fn client(&self, sae_id: &str) -> Client {
+        client_with(self.pki.ca.cert_pem(), Some(&self.pki.sae(sae_id)), |b| b)
+    }
+}
+
+/// An SAE's HTTP client and the helpers of the API.
+struct Client(reqwest::Client);
+
+fn client_with(
+    ca_pem: &str,
+    identity: Option<&IssuedCert>,
+    configure: impl FnOnce(reqwest::ClientBuilder) -> reqwest::ClientBuilder,
+) -> Client {
+    let mut builder = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("ca pem")])
+        .timeout(Duration::from_secs(10));
+    if let Some(issued) = identity {
+        let pem = format!("{}\n{}", issued.cert_pem, issued.key_pem.as_str());
+        builder = builder.identity(reqwest::Identity::from_pem(pem.as_bytes()).expect("identity pem"));
+    }
+    Client(configure(builder).build().expect("client"))
+}
+
+/// Percent-encodes every byte outside the URL's unreserved set.
+fn enc(id: &str) -> String {
+    id.bytes()
+        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .collect()
+}
+
+fn url(kme: &Kme, sae_id: &str, endpoint: &str) -> String {
+    format!("https://{}/api/v1/keys/{}/{endpoint}", kme.addr, enc(sae_id))
+}
+
+/// A POST body: none, raw text, or JSON.
+enum Body {
+    None,
+    Raw(&'static str),
+    Json(Value),
+}
+
+impl Client {
+    async fn send(&self, request: reqwest::RequestBuilder) -> (u16, Value) {
+        let response = request.send().await.expect("request");
+        let code = response.status().as_u16();
+        let text = response.text().await.expect("body");
+        let value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("answer {code} is not JSON ({e}): {text:?}"));
+        (code, value)
+    }
+
+    async fn get(&self, url: &str) -> (u16, Value) {
+        self.send(self.0.get(url)).await
+    }
+
+    async fn post(&self, url: &str, body: Body) -> (u16, Value) {
+        let request = self.0.post(url);
+        let request = match body {
+            Body::None => request,
+            Body::Raw(text) => request.header("content-type", "application/json").body(text),
+            Body::Json(value) => request.json(&value),
+        };
+        self.send(request).await
+    }
+
+    /// `stored_key_count` of the pair (caller, slave) at `kme`.
+    async fn stored_key_count(&self, kme: &Kme, slave: &str) -> u64 {
+        let (code, status) = self.get(&url(kme, slave, "status")).await;
+        assert_eq!(code, 200, "{status}");
+        status["stored_key_count"].as_u64().expect("stored_key_count is an unsigned integer")
+    }
+
+    /// Get key with key IDs (POST), expecting 200.
+    async fn dec_keys(&self, kme: &Kme, master: &str, key_ids: &[String]) -> Vec<(String, Vec<u8>)> {
+        let body = json!({ "key_IDs": key_ids.iter().map(|id| json!({ "key_ID": id })).collect::<Vec<_>>() });
+        let (code, container) = self.post(&url(kme, master, "dec_keys"), Body::Json(body)).await;
+        assert_eq!(code, 200, "{container}");
+        keys_of(&container)
+    }
+}
+
+/// The (key_ID, key bytes) of a key container, checking the formats.
+fn keys_of(container: &Value) -> Vec<(String, Vec<u8>)> {
+    container["keys"]
+        .as_array()
+        .expect("keys array")
+        .iter()
+        .map(|key| {
+            let id = key["key_ID"].as_str().expect("key_ID string").to_owned();
+            let parsed = Uuid::parse_str(&id).expect("key_ID is a UUID");
+            assert_eq!(parsed.hyphenated().to_string(), id, "key_ID is a lowercase hyphenated UUID");
+            let bytes = base64::engine::general_purpose::STANDARD.decode(key["key"].as_str().expect("key string")).expect("padded base64");
+            (id, bytes)
+        })
+        .collect()
+}
+
+fn ids(keys: &[(String, Vec<u8>)]) -> Vec<String> {
+    keys.iter().map(|(id, _)| id.clone()).collect()
+}
+
+fn assert_error(answer: &(u16, Value), code: u16, message: Option<&str>) {
+    assert_eq!(answer.0, code, "{}", answer.1);
+    let text = answer.1["message"].as_str().unwrap_or_else(|| panic!("no Error message in {}", answer.1));
+    if let Some(message) = message {
+        assert_eq!(text, message);
+    }
+}
+
+/// Checklist 1: the handshake needs a client certificate from the SAE CA; TLS 1.2 and 1.3 and
+/// HTTP/1.1 and HTTP/2 all work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_requires_an_sae_certificate_and_accepts_tls12_and_tls13() {
+    let net = Net::start(NetOptions::default()).await;
+    let status_url = url(&net.a, "sae-b1", "status");
+
+    let anonymous = client_with(net.pki.ca.cert_pem(), None, |b| b);
+    assert!(anonymous.0.get(&status_url).send().await.is_err(), "a client without certificate was served");
+    let foreign_ca = CertAuthority::generate("foreign ca").unwrap();
+    let foreign = client_with(net.pki.ca.cert_pem(), Some(&foreign_ca.issue("sae-a1", &[], false).unwrap()), |b| b);
+    assert!(foreign.0.get(&status_url).send().await.is_err(), "a certificate of a foreign CA was accepted");
+
+    let sae = net.pki.sae("sae-a1");
+    for (label, client) in [
+        ("TLS 1.2", client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.tls_version_max(reqwest::tls::Version::TLS_1_2))),
+        ("TLS 1.3", client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.tls_version_min(reqwest::tls::Version::TLS_1_3))),
+        ("HTTP/1.1", client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.http1_only())),
+    ] {
+        let (code, status) = client.get(&status_url).await;
+        assert_eq!(code, 200, "{label}: {status}");
+        assert_eq!(status["master_SAE_ID"], "sae-a1", "{label}");
+    }
+    let response = net.client("sae-a1").0.get(&status_url).send().await.unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2, "ALPN offers h2");
+    net.stop().await;
+}
+
+/// Checklist 2 and 11: Get status has the 11 fields with the standard's types; the master is
+/// the caller of the certificate; bad pairs get 400 or 401.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_reports_every_field_with_its_type() {
+    let net = Net::start(NetOptions::default()).await;
+    let client = net.client("sae-a1");
+    let (code, status) = client.get(&url(&net.a, "sae-b1", "status")).await;
+    assert_eq!(code, 200, "{status}");
+    let object = status.as_object().unwrap();
+    for field in ["source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID"] {
+        assert!(object[field].is_string(), "{field}");
+    }
+    for field in ["key_size", "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size", "min_key_size", "max_SAE_ID_count"] {
+        assert!(object[field].is_u64(), "{field} is not a JSON integer: {}", object[field]);
+    }
+    assert_eq!(object.len(), 11, "only the 11 required fields: {status}");
+    assert_eq!(
+        (&status["source_KME_ID"], &status["target_KME_ID"], &status["master_SAE_ID"], &status["slave_SAE_ID"]),
+        (&json!("KME_A"), &json!("KME_B"), &json!("sae-a1"), &json!("sae-b1"))
+    );
+    let n = |f: &str| status[f].as_u64().unwrap();
+    assert!(n("min_key_size") <= n("key_size") && n("key_size") <= n("max_key_size"));
+    assert!(n("stored_key_count") <= n("max_key_count"));
+    assert_eq!((n("key_size"), n("max_SAE_ID_count")), (256, 0));
+    // Half the units belong to A, one unit per 256-bit key.
+    assert_eq!(n("stored_key_count"), net.units.len() as u64 / 2);
+
+    assert_error(&client.get(&url(&net.a, "sae-a1", "status")).await, 400, None);
+    assert_error(&client.get(&url(&net.a, "sae-a2", "status")).await, 400, None);
+    assert_error(&client.get(&url(&net.a, "nobody", "status")).await, 400, None);
+    // Callers not attached to this KME: 401 with an Error body.
+    assert_error(&net.client("sae-b1").get(&url(&net.a, "sae-b2", "status")).await, 401, None);
+    assert_error(&net.client("stranger").get(&url(&net.a, "sae-b1", "status")).await, 401, None);
+    net.stop().await;
+}
+
+/// Checklist 3, 4, 7 and 8: every form of Get key returns the requested keys, the pool shrinks
+/// by what was taken, and the slave gets the very same keys with POST and GET.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_get_key_form_delivers_keys_the_slave_fetches_identically() {
+    let net = Net::start(NetOptions::default()).await;
+    let (master, slave) = (net.client("sae-a1"), net.client("sae-b1"));
+    let enc_keys = url(&net.a, "sae-b1", "enc_keys");
+    let before = master.stored_key_count(&net.a, "sae-b1").await;
+
+    let mut delivered = Vec::new();
+    let mut n_units = 0;
+    for (label, answer, n_keys, n_bytes) in [
+        ("GET without query", master.get(&enc_keys).await, 1, 32),
+        ("POST {}", master.post(&enc_keys, Body::Json(json!({}))).await, 1, 32),
+        ("POST without body", master.post(&enc_keys, Body::None).await, 1, 32),
+        ("POST empty JSON body", master.post(&enc_keys, Body::Raw("")).await, 1, 32),
+        ("GET number and size", master.get(&format!("{enc_keys}?number=3&size=1024")).await, 3, 128),
+        ("POST number and size", master.post(&enc_keys, Body::Json(json!({"number": 2, "size": 64}))).await, 2, 8),
+        (
+            "POST with unknown fields and extension_optional",
+            master
+                .post(&enc_keys, Body::Json(json!({"number": 1, "size": 264, "vendor_field": {"x": 1}, "extension_optional": [{"abc_route_type": "direct"}]})))
+                .await,
+            1,
+            33,
+        ),
+    ] {
+        assert_eq!(answer.0, 200, "{label}: {}", answer.1);
+        let keys = keys_of(&answer.1);
+        assert_eq!(keys.len(), n_keys, "{label}");
+        assert!(keys.iter().all(|(_, k)| k.len() == n_bytes), "{label}: keys of {n_bytes} bytes");
+        n_units += n_keys * n_bytes.div_ceil(32);
+        delivered.extend(keys);
+    }
+    // Checklist 7: the pool shrank by exactly the units used.
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, before - n_units as u64);
+    let unique: HashSet<_> = delivered.iter().map(|(id, _)| id.clone()).collect();
+    assert_eq!(unique.len(), delivered.len(), "a key ID was delivered twice");
+
+    // Checklist 8: the slave gets the same keys, by POST (all but one) and by GET (the last).
+    let (last, rest) = delivered.split_last().unwrap();
+    assert_eq!(slave.dec_keys(&net.b, "sae-a1", &ids(rest)).await, rest);
+    let (code, container) = slave.get(&format!("{}?key_ID={}", url(&net.b, "sae-a1", "dec_keys"), last.0)).await;
+    assert_eq!(code, 200, "{container}");
+    assert_eq!(keys_of(&container), vec![last.clone()]);
+    net.stop().await;
+}
+
+/// Checklist 5, 6, 11 and 12: bad Get key requests get 400 with an Error body (the standard's
+/// verbatim messages where it fixes one), never 500, and consume nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_get_key_requests_get_400_and_consume_nothing() {
+    let net = Net::start(NetOptions::default()).await;
+    let master = net.client("sae-a1");
+    let enc_keys = url(&net.a, "sae-b1", "enc_keys");
+    let before = master.stored_key_count(&net.a, "sae-b1").await;
+    let post = |body: Value| master.post(&enc_keys, Body::Json(body));
+    assert_error(&post(json!({"size": 100})).await, 400, Some(MSG_SIZE_NOT_MULTIPLE_OF_8));
+    assert_error(&master.get(&format!("{enc_keys}?size=257")).await, 400, Some(MSG_SIZE_NOT_MULTIPLE_OF_8));
+    assert_error(&post(json!({"extension_mandatory": [{"abc_route_type": "direct"}]})).await, 400, Some(MSG_EXTENSION_MANDATORY_UNSUPPORTED));
+    for body in [
+        json!({"size": 32}),
+        json!({"size": 2048}),
+        json!({"size": -8}),
+        json!({"number": 0}),
+        json!({"number": -1}),
+        json!({"number": 129}),
+        json!({"number": 1.5}),
+        json!({"number": "2"}),
+        json!({"size": 256.0}),
+        json!({"extension_mandatory": {"abc_route_type": "direct"}}),
+        json!({"extension_optional": {"abc_route_type": "direct"}}),
+        json!({"additional_slave_SAE_IDs": ["sae-b2"]}),
+        json!({"additional_slave_SAE_IDs": "sae-b2"}),
+        json!([1, 2]),
+    ] {
+        assert_error(&post(body).await, 400, None);
+    }
+    assert_error(&master.post(&enc_keys, Body::Raw("{\"number\":")).await, 400, None);
+    for query in ["number=abc", "size=1e3", "number=1&number=2", "number=0"] {
+        assert_error(&master.get(&format!("{enc_keys}?{query}")).await, 400, None);
+    }
+    // Checklist 11: master = slave, and slaves that are no peer SAE.
+    assert_error(&master.get(&url(&net.a, "sae-a1", "enc_keys")).await, 400, None);
+    assert_error(&master.get(&url(&net.a, "sae-a2", "enc_keys")).await, 400, None);
+    assert_error(&master.get(&url(&net.a, "unknown", "enc_keys")).await, 400, None);
+    assert_error(&net.client("sae-b1").get(&url(&net.a, "sae-b2", "enc_keys")).await, 401, None);
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, before);
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 0, "a refused request left a reservation");
+    net.stop().await;
+}
+
+/// Checklist 9: a key goes to its slave once; unknown or delivered IDs are 400 with the
+/// verbatim message; other SAEs get 401; malformed IDs and empty lists get 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dec_keys_hands_each_key_once_to_its_slave_only() {
+    let net = Net::start(NetOptions::default()).await;
+    let (master, slave) = (net.client("sae-a1"), net.client("sae-b1"));
+    let (code, container) = master.get(&format!("{}?number=2", url(&net.a, "sae-b1", "enc_keys"))).await;
+    assert_eq!(code, 200, "{container}");
+    let keys = keys_of(&container);
+    let dec_keys = url(&net.b, "sae-a1", "dec_keys");
+    let body = |ids: &[String]| Body::Json(json!({ "key_IDs": ids.iter().map(|id| json!({ "key_ID": id })).collect::<Vec<_>>() }));
+
+    // Another SAE of the same KME, and an SAE of the other KME: 401, and nothing is consumed.
+    assert_error(&net.client("sae-b2").post(&dec_keys, body(&ids(&keys))).await, 401, None);
+    assert_error(&net.client("sae-a2").post(&dec_keys, body(&ids(&keys))).await, 401, None);
+    // The slave naming another master: not found.
+    assert_error(&slave.post(&url(&net.b, "sae-a2", "dec_keys"), body(&ids(&keys))).await, 400, Some(MSG_KEYS_NOT_FOUND));
+    // An unknown ID with a good one: all or nothing.
+    let with_unknown = [ids(&keys)[0].clone(), Uuid::new_v4().to_string()];
+    assert_error(&slave.post(&dec_keys, body(&with_unknown)).await, 400, Some(MSG_KEYS_NOT_FOUND));
+    assert_error(&slave.get(&format!("{dec_keys}?key_ID={}", Uuid::new_v4())).await, 400, Some(MSG_KEYS_NOT_FOUND));
+    for bad in [
+        Body::Json(json!({"key_IDs": []})),
+        Body::Json(json!({"key_IDs": [{"key_ID": "not-a-uuid"}]})),
+        Body::Json(json!({"key_IDs": [{"key_ID": 42}]})),
+        Body::Json(json!({"key_IDs": {"key_ID": keys[0].0}})),
+        Body::Json(json!({})),
+        Body::None,
+    ] {
+        assert_error(&slave.post(&dec_keys, bad).await, 400, None);
+    }
+    for query in ["", "?key_ID=xyz", "?key_ID="] {
+        assert_error(&slave.get(&format!("{dec_keys}{query}")).await, 400, None);
+    }
+
+    assert_eq!(slave.dec_keys(&net.b, "sae-a1", &ids(&keys)).await, keys);
+    assert_error(&slave.post(&dec_keys, body(&ids(&keys))).await, 400, Some(MSG_KEYS_NOT_FOUND));
+    assert_error(&slave.get(&format!("{dec_keys}?key_ID={}", keys[0].0)).await, 400, Some(MSG_KEYS_NOT_FOUND));
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 0, "delivered keys are erased");
+    net.stop().await;
+}
+
+/// Checklist 10: not enough key answers 503 with an Error body and consumes nothing, at
+/// either KME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn short_store_gives_503_and_nothing_half_delivered() {
+    let net = Net::start(NetOptions { n_units: 6, ..NetOptions::default() }).await;
+    let master = net.client("sae-a1");
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 3);
+    assert_error(&master.get(&format!("{}?number=4", url(&net.a, "sae-b1", "enc_keys"))).await, 503, None);
+    assert_error(&master.post(&url(&net.a, "sae-b1", "enc_keys"), Body::Json(json!({"number": 1, "size": 1024}))).await, 503, None);
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 3);
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
+    assert_eq!(net.b.store.summary().unwrap().n_keys, 6, "the peer's pool is untouched");
+    // Exactly what is left can still be taken, then 503.
+    let (code, container) = master.get(&format!("{}?number=3", url(&net.a, "sae-b1", "enc_keys"))).await;
+    assert_eq!((code, keys_of(&container).len()), (200, 3));
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 0);
+    assert_error(&master.get(&url(&net.a, "sae-b1", "enc_keys")).await, 503, None);
+    // B's own half is still whole.
+    assert_eq!(net.client("sae-b1").stored_key_count(&net.b, "sae-a1").await, 3);
+    net.stop().await;
+}
+
+/// Checklist 11: SAE IDs in the path are URL-decoded, for Get status, Get key and Get key
+/// with key IDs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn url_encoded_sae_ids_are_decoded() {
+    let net = Net::start(NetOptions::default()).await;
+    let odd = B_SAES[2];
+    let master = net.client("sae-a1");
+    let (code, status) = master.get(&url(&net.a, odd, "status")).await;
+    assert_eq!(code, 200, "{status}");
+    assert_eq!(status["slave_SAE_ID"], odd);
+    let (code, container) = master.get(&url(&net.a, odd, "enc_keys")).await;
+    assert_eq!(code, 200, "{container}");
+    let keys = keys_of(&container);
+    assert_eq!(net.client(odd).dec_keys(&net.b, "sae-a1", &ids(&keys)).await, keys);
+    // And the other way round: the odd SAE as master, its ID decoded in the slave's path.
+    let (code, container) = net.client(odd).get(&url(&net.b, "sae-a2", "enc_keys")).await;
+    assert_eq!(code, 200, "{container}");
+    let keys = keys_of(&container);
+    assert_eq!(net.client("sae-a2").dec_keys(&net.a, odd, &ids(&keys)).await, keys);
+    net.stop().await;
+}
+
+/// The peer KME down: Get key answers 503 and no key is lost (the pool is unchanged).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_kme_down_gives_503_and_loses_no_key() {
+    let net = Net::start(NetOptions::default()).await;
+    let master = net.client("sae-a1");
+    // One successful round first, so the peer channel is connected when the peer goes away.
+    let (code, _) = master.get(&url(&net.a, "sae-b1", "enc_keys")).await;
+    assert_eq!(code, 200);
+    let before = master.stored_key_count(&net.a, "sae-b1").await;
+    let Net { pki: _pki, a, b, .. } = net;
+    b.stop().await;
+    let answer = master.get(&format!("{}?number=2", url(&a, "sae-b1", "enc_keys"))).await;
+    assert_error(&answer, 503, None);
+    assert!(answer.1["message"].as_str().unwrap().contains("peer KME"), "{}", answer.1);
+    assert_eq!(master.stored_key_count(&a, "sae-b1").await, before);
+    a.stop().await;
+}
+
+/// The KME-to-KME channel serves only the configured peer node: a node certificate of the
+/// same CA with another name is refused, the real peer is answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_channel_refuses_a_node_with_another_name() {
+    use common::etsi::{GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
+    let net = Net::start(NetOptions::default()).await;
+    let owned_by_alice = net.units.iter().find(|u| KmeSide::Alice.owns(&u.key_id)).unwrap().key_id;
+    let request = ReserveRequest {
+        source_kme_id: common::etsi::KmeId("KME_A".into()),
+        master: common::etsi::SaeId("sae-a1".into()),
+        slaves: vec![common::etsi::SaeId("sae-b1".into())],
+        size_bits: 256,
+        keys: vec![(Uuid::new_v4(), vec![owned_by_alice])],
+    };
+    let mallory = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3)).unwrap();
+    assert!(mallory.ping().await.is_err());
+    assert!(matches!(mallory.reserve(request.clone()).await, Err(ReserveError::Refused(_))));
+    // A reservation naming B's own units, or a foreign KME, is refused even from the real peer.
+    let alice = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3)).unwrap();
+    assert_eq!(alice.ping().await.unwrap().0, "KME_B");
+    let owned_by_bob = net.units.iter().find(|u| KmeSide::Bob.owns(&u.key_id)).unwrap().key_id;
+    let own_unit = ReserveRequest { keys: vec![(Uuid::new_v4(), vec![owned_by_bob])], ..request.clone() };
+    assert!(matches!(alice.reserve(own_unit).await, Err(ReserveError::Refused(_))));
+    let foreign = ReserveRequest { source_kme_id: common::etsi::KmeId("KME_X".into()), ..request.clone() };
+    assert!(matches!(alice.reserve(foreign).await, Err(ReserveError::Refused(_))));
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
+    // The well-formed request from the real peer is recorded.
+    alice.reserve(request).await.unwrap();
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 1);
+    net.stop().await;
+}
+
+/// Many SAEs at both KMEs at once: no key ID goes to two pairs, every key reaches its slave
+/// once with the master's bytes, and `stored_key_count` stays consistent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_clients_at_both_kmes_never_share_a_key() {
+    const N_UNITS: usize = 400;
+    const ROUNDS: usize = 12;
+    let net = Arc::new(Net::start(NetOptions { n_units: N_UNITS, ..NetOptions::default() }).await);
+    // (master, its KME, slave, the slave's KME) — both directions, two pairs each way.
+    let pairs = [("sae-a1", true, "sae-b1"), ("sae-a2", true, "sae-b2"), ("sae-b1", false, "sae-a1"), ("sae-b2", false, "sae-a2")];
+    let mut tasks = Vec::new();
+    for (i, (master, at_a, slave)) in pairs.into_iter().enumerate() {
+        let net = net.clone();
+        tasks.push(tokio::spawn(async move {
+            let client = net.client(master);
+            let kme = if at_a { &net.a } else { &net.b };
+            let mut delivered = Vec::new();
+            for round in 0..ROUNDS {
+                let number = 1 + (i + round) % 4;
+                let (code, container) = if round % 2 == 0 {
+                    client.get(&format!("{}?number={number}", url(kme, slave, "enc_keys"))).await
+                } else {
+                    client.post(&url(kme, slave, "enc_keys"), Body::Json(json!({ "number": number }))).await
+                };
+                assert_eq!(code, 200, "{master}: {container}");
+                delivered.extend(keys_of(&container));
+            }
+            (master, at_a, slave, delivered)
+        }));
+    }
+    // Status pollers at both KMEs meanwhile: counts are integers that never grow.
+    let stop_polling = CancellationToken::new();
+    let mut pollers = Vec::new();
+    for (caller, at_a, slave) in [("sae-a1", true, "sae-b1"), ("sae-b1", false, "sae-a1")] {
+        let (net, stop) = (net.clone(), stop_polling.clone());
+        pollers.push(tokio::spawn(async move {
+            let client = net.client(caller);
+            let kme = if at_a { &net.a } else { &net.b };
+            let mut last = u64::MAX;
+            let mut n_polls = 0;
+            while !stop.is_cancelled() {
+                let count = client.stored_key_count(kme, slave).await;
+                assert!(count <= last, "stored_key_count grew from {last} to {count}");
+                assert!(count <= N_UNITS as u64 / 2);
+                last = count;
+                n_polls += 1;
+            }
+            n_polls
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.push(task.await.expect("client task"));
+    }
+    stop_polling.cancel();
+    for poller in pollers {
+        assert!(poller.await.expect("poller") > 0);
+    }
+
+    let mut seen_ids = HashSet::new();
+    let mut seen_bytes = HashSet::new();
+    let mut taken = HashMap::from([(true, 0u64), (false, 0u64)]);
+    for (_, at_a, _, keys) in &all {
+        for (id, bytes) in keys {
+            assert!(seen_ids.insert(id.clone()), "key ID {id} delivered twice");
+            assert!(seen_bytes.insert(bytes.clone()), "the same key bytes were delivered twice");
+            assert_eq!(bytes.len(), 32);
+        }
+        *taken.get_mut(at_a).unwrap() += keys.len() as u64;
+    }
+    // Every slave fetches its keys (in two batches, concurrently), identical, once.
+    let mut fetches = Vec::new();
+    for (master, at_a, slave, keys) in all {
+        let net = net.clone();
+        fetches.push(tokio::spawn(async move {
+            let client = net.client(slave);
+            let kme = if at_a { &net.b } else { &net.a };
+            let (first, second) = keys.split_at(keys.len() / 2);
+            assert_eq!(client.dec_keys(kme, master, &ids(first)).await, first);
+            assert_eq!(client.dec_keys(kme, master, &ids(second)).await, second);
+            let again = client.post(&url(kme, master, "dec_keys"), Body::Json(json!({"key_IDs": [{"key_ID": keys[0].0}]}))).await;
+            assert_error(&again, 400, Some(MSG_KEYS_NOT_FOUND));
+        }));
+    }
+    for fetch in fetches {
+        fetch.await.expect("slave task");
+    }
+    // The counts are exactly what is left of each half.
+    let half = N_UNITS as u64 / 2;
+    assert_eq!(net.client("sae-a1").stored_key_count(&net.a, "sae-b1").await, half - taken[&true]);
+    assert_eq!(net.client("sae-b1").stored_key_count(&net.b, "sae-a1").await, half - taken[&false]);
+    assert_eq!(net.a.store.summary().unwrap().n_keys, N_UNITS as u64 - taken[&true] - taken[&false]);
+    assert_eq!(net.a.store.summary().unwrap(), net.b.store.summary().unwrap(), "both pools hold the same units");
+    assert_eq!(net.a.store.reserved_key_count().unwrap() + net.b.store.reserved_key_count().unwrap(), 0);
+    let Ok(net) = Arc::try_unwrap(net) else { panic!("net still shared") };
+    net.stop().await;
+}
+
+/// The OpenAPI document lists exactly the routes the router serves, each of which answers on a
+/// live server (not 404 or 405); the server serves the document itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openapi_document_lists_every_route_served() {
+    let documented = openapi_operations(common::etsi::server::OPENAPI_YAML);
+    let served: BTreeSet<(String, String)> =
+        common::etsi::server::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+    assert_eq!(documented, served, "docs/openapi.yaml and the router differ");
+
+    let net = Net::start(NetOptions::default()).await;
+    let client = net.client("sae-a1");
+    for (method, path) in &documented {
+        let path = path.replace("{slave_SAE_ID}", "sae-b1").replace("{master_SAE_ID}", "sae-b1");
+        let url = format!("https://{}{path}", net.a.addr);
+        let request = if method == "get" { client.0.get(&url) } else { client.0.post(&url).json(&json!({})) };
+        let code = request.send().await.unwrap().status().as_u16();
+        assert!(code != 404 && code != 405, "{method} {path} answered {code}");
+    }
+    let response = client.0.get(format!("https://{}/api/v1/openapi.yaml", net.a.addr)).send().await.unwrap();
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(response.text().await.unwrap(), common::etsi::server::OPENAPI_YAML);
+    // Anything else is 404 or 405, still with an Error body.
+    assert_error(&client.get(&format!("https://{}/api/v1/keys/sae-b1/other", net.a.addr)).await, 404, None);
+    let (code, _) = client.send(client.0.delete(url(&net.a, "sae-b1", "enc_keys"))).await;
+    assert_eq!(code, 405);
+    net.stop().await;
+}
+
+/// The (method, path) pairs of an OpenAPI document: path keys are the lines indented by two
+/// spaces under `paths:`, methods the lines indented by four under them.
+fn openapi_operations(yaml: &str) -> BTreeSet<(String, String)> {
+    const METHODS: [&str; 8] = ["get", "put", "post", "delete", "options", "head", "patch", "trace"];
+    let mut out = BTreeSet::new();
+    let mut in_paths = false;
+    let mut path = None;
+    for line in yaml.lines() {
+        let indent = line.len() - line.trim_start().len();
+        let text = line.trim();
+        if text.is_empty() || text.starts_with('#') {
+            continue;
+        }
+        if indent == 0 {
+            in_paths = text == "paths:";
+            continue;
+        }
+        if !in_paths {
+            continue;
+        }
+        if indent == 2 {
+            path = text.strip_suffix(':').map(|p| p.trim_matches('"').to_owned());
+        } else if indent == 4
+            && let (Some(path), Some(method)) = (&path, text.strip_suffix(':'))
+            && METHODS.contains(&method)
+        {
+            out.insert((method.to_owned(), path.clone()));
+        }
+    }
+    out
+}
+
+/// Not a test: a KME pair for `.ci/schemathesis.sh`, which runs it with `--ignored` and
+/// `QKD_ETSI_FUZZ_DIR` set. Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1`
+/// at KME A), `url` (KME A's base URL) and then `ready` into that directory, and serves until a
+/// file `stop` appears there (or an hour has passed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "fuzz target of .ci/schemathesis.sh"]
+async fn fuzz_target() {
+    let Ok(dir) = std::env::var("QKD_ETSI_FUZZ_DIR") else {
+        eprintln!("QKD_ETSI_FUZZ_DIR is not set; nothing to serve");
+        return;
+    };
+    let dir = std::path::PathBuf::from(dir);
+    let net = Net::start(NetOptions { n_units: 40_000, ..NetOptions::default() }).await;
+    let client = net.pki.sae("sae-a1");
+    std::fs::write(dir.join("ca.crt"), net.pki.ca.cert_pem()).unwrap();
+    common::tls::write_pem(&dir.join("client.pem"), &format!("{}{}", client.cert_pem, client.key_pem.as_str()), true).unwrap();
+    std::fs::write(dir.join("url"), format!("https://127.0.0.1:{}", net.a.addr.port())).unwrap();
+    std::fs::write(dir.join("ready"), "").unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(3600);
+    while !dir.join("stop").exists() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let left = net.client("sae-a1").stored_key_count(&net.a, "sae-b1").await;
+    eprintln!("fuzz target stopping; {left} keys of 256 bits left at KME A");
+    net.stop().await;
+}
