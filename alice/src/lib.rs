@@ -76,6 +76,7 @@ pub async fn run(
         node = %cfg.node_id,
         classical = %grpc_listener.local_addr()?,
         fibre = %fibre_listener.local_addr()?,
+        health = ?cfg.health_listen,
         distance_km = link.distance_km,
         block_bits = cfg.protocol.block_bits,
         "alice started"
@@ -103,11 +104,47 @@ pub async fn run(
         .add_service(LinkServer::new(service))
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), server_stop.cancelled_owned());
 
+    let health = common::service::Health::default();
+    let health_server = {
+        let (addr, health, shutdown) = (cfg.health_listen, health.clone(), shutdown.clone());
+        async move {
+            if let Some(addr) = addr {
+                if let Err(e) = common::service::serve_health(addr, health, shutdown).await {
+                    warn!(error = %e, "health endpoint failed");
+                }
+            }
+        }
+    };
+    // The listeners are bound and the key store is open: tell the supervisor.
+    health.set_ready(true);
+    common::service::notify_ready("emitting photons; serving the classical channel", shutdown.clone());
+    let kme = {
+        let (kme_cfg, tls, store, shutdown) = (cfg.kme.clone(), tls.clone(), store.clone(), shutdown.clone());
+        async move {
+            match kme_cfg {
+                Some(kme_cfg) => {
+                    let result = common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Alice, &tls, store, shutdown.clone()).await;
+                    if let Err(e) = &result {
+                        tracing::error!(error = %e, "key management entity failed; stopping");
+                        shutdown.cancel();
+                    }
+                    result.context("key management entity")
+                }
+                None => Ok(()),
+            }
+        }
+    };
     let emitter = emit_frames(fibre_listener, core, link, cfg.protocol.frame_pulses, status.clone(), shutdown.clone());
     let status_writer = common::status::write_periodically(cfg.data_dir.join("status.json"), status, shutdown.clone());
 
-    let (grpc_result, (), (), ()) = tokio::join!(grpc, emitter, status_writer, drainer);
+    let stopping = async {
+        shutdown.cancelled().await;
+        common::service::notify_stopping();
+    };
+    let (grpc_result, kme_result, (), (), (), (), ()) =
+        tokio::join!(grpc, kme, emitter, status_writer, drainer, health_server, stopping);
     grpc_result.context("classical channel server")?;
+    kme_result?;
     store.flush().context("flushing the key store")?;
     info!("alice stopped; key store flushed");
     Ok(())

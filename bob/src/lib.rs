@@ -56,10 +56,31 @@ pub async fn run_from_config(config: &std::path::Path, data_dir: Option<std::pat
 /// fibre) goes away.
 pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
-    let store = SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?;
+    let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let status = Arc::new(Mutex::new(BobStatus::default()));
     let status_writer = tokio::spawn(common::status::write_periodically(cfg.data_dir.join("status.json"), status.clone(), shutdown.clone()));
+    let health = common::service::Health::default();
+    if let Some(addr) = cfg.health_listen {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = common::service::serve_health(addr, health, shutdown).await {
+                warn!(error = %e, "health endpoint failed");
+            }
+        });
+    }
+    common::service::notify_ready("receiving; connecting to Alice", shutdown.clone());
+    let kme = cfg.kme.clone().map(|kme_cfg| {
+        let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let result = common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Bob, &tls, store, shutdown.clone()).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "key management entity failed; stopping");
+                shutdown.cancel();
+            }
+            result
+        })
+    });
     let mut receiver = Receiver::new(&link);
     let mut rng = ChaCha20Rng::from_os_rng();
     info!(node = %cfg.node_id, alice = %cfg.classical.alice_addr, fibre = %cfg.fibre.alice_addr, "bob started");
@@ -68,8 +89,9 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let mut backoff = min_backoff;
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        let result = session(&cfg, &link, &store, &tls, &status, &mut receiver, &mut rng, &shutdown).await;
+        let result = session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut receiver, &mut rng, &shutdown).await;
         status.lock().expect("status lock poisoned").connected = false;
+        health.set_ready(false);
         match result {
             Ok(()) => break,
             Err(e) => {
@@ -86,6 +108,10 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
             }
         }
     }
+    common::service::notify_stopping();
+    if let Some(kme) = kme {
+        kme.await.context("key management entity task")?.context("key management entity")?;
+    }
     store.flush().context("flushing the key store")?;
     let _ = status_writer.await;
     info!("bob stopped; key store flushed");
@@ -101,6 +127,7 @@ async fn session(
     store: &SledStore,
     tls: &TlsMaterial,
     status: &Mutex<BobStatus>,
+    health: &common::service::Health,
     receiver: &mut Receiver,
     rng: &mut ChaCha20Rng,
     shutdown: &CancellationToken,
@@ -127,6 +154,7 @@ async fn session(
         s.sessions += 1;
         s.last_error = None;
     }
+    health.set_ready(true);
 
     // The fibre is read by its own task so that frames keep arriving (and queue) while a block
     // is post-processed.

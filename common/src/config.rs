@@ -81,6 +81,15 @@ pub struct AliceConfig {
     /// Post-processing parameters; must equal Bob's.
     #[serde(default)]
     pub protocol: ProtocolParams,
+    /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
+    /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
+    /// absent.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
+    /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
+    /// KME-to-KME channel. Off when absent.
+    #[serde(default)]
+    pub kme: Option<crate::etsi::KmeConfig>,
 }
 
 /// Alice's classical-channel server.
@@ -121,6 +130,15 @@ pub struct BobConfig {
     /// Post-processing parameters; must equal Alice's.
     #[serde(default)]
     pub protocol: ProtocolParams,
+    /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
+    /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
+    /// absent.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
+    /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
+    /// KME-to-KME channel. Off when absent.
+    #[serde(default)]
+    pub kme: Option<crate::etsi::KmeConfig>,
 }
 
 /// Bob's classical-channel client.
@@ -173,6 +191,7 @@ impl AliceConfig {
     fn rebase(&mut self, base: &Path) {
         rebase_path(&mut self.data_dir, base);
         rebase_tls(&mut self.tls, base);
+        rebase_kme(&mut self.kme, base);
     }
 }
 
@@ -183,6 +202,7 @@ impl BobConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         rebase_path(&mut cfg.data_dir, base);
         rebase_tls(&mut cfg.tls, base);
+        rebase_kme(&mut cfg.kme, base);
         if !(cfg.classical.max_backoff_s > 0.0) {
             return Err(ConfigError::Invalid { file: path.to_owned(), message: "classical.max_backoff_s must be positive".into() });
         }
@@ -200,6 +220,12 @@ fn validate(path: &Path, link: &LinkSection, protocol: &ProtocolParams, base: &P
 fn rebase_path(path: &mut PathBuf, base: &Path) {
     if path.is_relative() {
         *path = base.join(&*path);
+    }
+}
+
+fn rebase_kme(kme: &mut Option<crate::etsi::KmeConfig>, base: &Path) {
+    if let Some(kme) = kme {
+        rebase_tls(&mut kme.tls, base);
     }
 }
 

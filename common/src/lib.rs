@@ -21,6 +21,7 @@ pub mod planner;
 pub mod postproc;
 pub mod sifting;
 pub mod sim;
+pub mod service;
 pub mod status;
 pub mod store;
 pub mod tls;

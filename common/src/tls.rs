@@ -142,21 +142,12 @@ impl CertAuthority {
         Ok(Self { cert_pem: cert.pem(), key_pem, issuer: Issuer::new(params, key) })
     }
 
-    /// Loads a CA from its certificate's parameters and key (PEM). The certificate itself is
-    /// kept as given.
-    pub fn from_pem(cert_pem: &str, key_pem: &str, common_name: &str) -> Result<Self, TlsError> {
+    /// Loads an existing CA (yours or one made by `qkdctl pki init`) from its certificate and
+    /// private key, PEM. Issued certificates name the CA certificate's subject as issuer.
+    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        Ok(Self {
-            cert_pem: cert_pem.to_owned(),
-            key_pem: zeroize::Zeroizing::new(key_pem.to_owned()),
-            issuer: Issuer::new(params, key),
-        })
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
+        Ok(Self { cert_pem: cert_pem.to_owned(), key_pem: zeroize::Zeroizing::new(key_pem.to_owned()), issuer })
     }
 
     /// The CA certificate, PEM.
@@ -182,6 +173,41 @@ impl CertAuthority {
         params.distinguished_name = dn;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: zeroize::Zeroizing::new(key.serialize_pem()) })
+    }
+}
+
+impl CertAuthority {
+    /// Issues a node certificate for `names`: entries that parse as IP addresses become IP SANs,
+    /// the others DNS SANs; the common name is `common_name`.
+    pub fn issue_for(&self, common_name: &str, names: &[String]) -> Result<IssuedCert, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        for name in names {
+            params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
+                Ok(ip) => SanType::IpAddress(ip),
+                Err(_) => SanType::DnsName(name.as_str().try_into()?),
+            });
+        }
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, common_name);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: zeroize::Zeroizing::new(key.serialize_pem()) })
+    }
+
+    /// Issues an application (SAE) client certificate whose subject common name is `sae_id`.
+    pub fn issue_client(&self, sae_id: &str) -> Result<IssuedCert, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, sae_id);
+        params.distinguished_name = dn;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
         let cert = params.signed_by(&key, &self.issuer)?;
         Ok(IssuedCert { cert_pem: cert.pem(), key_pem: zeroize::Zeroizing::new(key.serialize_pem()) })
     }

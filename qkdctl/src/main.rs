@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod lab;
+mod pki;
 mod plot;
 mod simulate;
 mod store;
@@ -40,6 +41,11 @@ enum Command {
     /// and a plot (SVG) of key rate and QBER, with the analytic model and the reference
     /// experiment's published points.
     Sweep(simulate::SweepArgs),
+    /// Create the certificates of a deployment: a CA, the two KMEs, application (SAE) clients.
+    Pki {
+        #[command(subcommand)]
+        command: pki::PkiCommand,
+    },
     /// Inspect a key store.
     Store {
         #[command(subcommand)]
@@ -76,6 +82,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Pki { command } => pki::run(command),
         Command::Simulate(args) => simulate::run_simulate(args),
         Command::Sweep(args) => simulate::run_sweep(args),
         Command::Daemon { role, config } => run_daemon(&role, &config),

@@ -73,6 +73,8 @@ impl Lab {
             tls: self.pki.files("alice"),
             link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
             protocol: self.protocol.clone(),
+            health_listen: None,
+            kme: None,
         }
     }
 
@@ -86,6 +88,8 @@ impl Lab {
             tls: self.pki.files("bob"),
             link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
             protocol: self.protocol.clone(),
+            health_listen: None,
+            kme: None,
         }
     }
 

@@ -6,3 +6,4 @@ use tests::*;
 
 mod link;
 mod etsi;
+mod service;

@@ -103,7 +103,7 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     // A certificate from the lab CA but for another name: refused by the name check.
     let ca_key = std::fs::read_to_string(lab.pki.dir.join("ca.key")).unwrap();
     let ca_pem = std::fs::read_to_string(lab.pki.dir.join("ca.crt")).unwrap();
-    let ca = common::tls::CertAuthority::from_pem(&ca_pem, &ca_key, "QKD lab CA").unwrap();
+    let ca = common::tls::CertAuthority::from_pem(&ca_pem, &ca_key).unwrap();
     let mallory = ca.issue("mallory", &["mallory"], true).unwrap();
     let material = common::tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
     let err = hello(material).await.expect_err("a client with another name was accepted");

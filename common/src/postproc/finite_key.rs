@@ -6,40 +6,59 @@
 //! X-measured clicks, for which Alice reveals her state, counted in [`XCounts`].
 //!
 //! # The estimate, step by step
-//! 1. Phase error by linearity. For a single photon |E><E| + |L><L| = |+><+| + |-><-|, so a
-//!    Z-sent pulse is a 50/50 mixture of |+> and |->, and the yield of the never-sent |-> is
-//!    Y(+|-) = Y(+|E) + Y(+|L) - Y(+|+). With Y(b|s) the probability that Bob measures X, gets b
-//!    and clicks given state s, the phase error rate of Z-sent, X-measured clicks is
-//!    e_ph = [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+)] / [Y(.|E) + Y(.|L)]
-//!    (the Z-state analogue of the phase-error estimate of Tamaki et al., PRA 90, 052314 (2014),
-//!    and Rusca et al., PRA 98, 052336 (2018), for this protocol); 0 for an ideal channel,
-//!    (1 - V)/2 for visibility V. The yields are counts over pulses sent in that state, taking the
-//!    pulse numbers at their expected values N_E = N_L = n_pulses p_Z / 2 and
-//!    N_+ = n_pulses (1 - p_Z) (an approximation: the exact numbers are known to Alice only).
-//! 2. Finite size, counts. Each count in the numerator is replaced by a bound on its expectation:
-//!    an upper bound for the + terms (the sum e_plus + l_plus is one count, as N_E = N_L) and a
-//!    lower bound for plus_plus, with the Chernoff-type bounds of Yin et al., Sci. Rep. 10, 14312
-//!    (2020): from an observed x, with beta = ln(1/eps), E[x] <= x + beta + sqrt(2 beta x +
-//!    beta^2) and E[x] >= x - beta/2 - sqrt(2 beta x + beta^2/4); and from an expectation mu back
-//!    to an observed value, x <= mu + beta/2 + sqrt(2 beta mu + beta^2/4). This gives an upper
-//!    bound on the expected number of phase errors of the n_test Z-sent, X-measured clicks, then
-//!    on the actual number (the expectation-to-observation bound), and so on the test-sample
-//!    rate e_test = errors / n_test. The denominator n_test is observed directly, so it needs no
-//!    bound.
-//! 3. From the test sample to the key sample (random sampling without replacement):
-//!    phi_key <= e_test + gamma(n_key, n_test, e_test, eps_pe), see [`sampling_gamma`].
-//! 4. Multi-photon pulses (GLLP tagging): p_multi <= mu^2 g2 / 2 per pulse, every multi-photon Z
-//!    pulse counted as detected and insecure; the number of multi-photon Z pulses is bounded above
-//!    from its expectation n_pulses p_Z p_multi (step-2 expectation-to-observation bound), giving
-//!    n_Z1 >= n_key - that bound. All phase errors of the key sample may sit on single photons, so
-//!    the single-photon phase error is at most phi_key n_key / n_Z1 (conservative).
+//! Every count below is a sum over the block's pulses of per-pulse indicators; "expected" means
+//! the sum of the per-pulse probabilities. Alice's state choice is random per pulse (|E>, |L>
+//! with probability p_Z / 2 each, |+> with p_X = 1 - p_Z), and the source's photon-number
+//! distribution does not depend on the state.
+//!
+//! 1. Phase error by linearity, for the pulses with at most one photon. For vacuum and single
+//!    photons |E><E| + |L><L| = |+><+| + |-><-|, so a Z-sent pulse is a 50/50 mixture of |+> and
+//!    the never-sent |->, whose yield is Y(+|-) = Y(+|E) + Y(+|L) - Y(+|+). With Y(b|s) the
+//!    probability that Bob measures X, gets b and clicks given state s, the expected number of
+//!    phase errors among the Z-sent, X-measured clicks of pulses with at most one photon is
+//!    N p_Z / 2 [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+)] (the Z-state analogue of the phase-error
+//!    estimate of Tamaki et al., PRA 90, 052314 (2014), and Rusca et al., PRA 98, 052336
+//!    (2018), for this protocol); 0 for an ideal channel, (1 - V)/2 of the test clicks for
+//!    visibility V. In counts: with r = p_Z / (2 p_X) and the per-pulse score
+//!    X_i = r [(+ sent, - seen)] - r [(+ sent, + seen)] + [(E or L sent, + seen)], this is
+//!    E[sum X_i] + N (p_Z / 2) p_multi: the last term is the multi-photon part of the subtracted
+//!    Y(+|+) term (each |+> pulse holds two photons with probability p_multi <= mu^2 g2 / 2 and
+//!    then clicks + with probability at most 1; GLLP, QIC 4, 325 (2004)). The ratio r is the
+//!    ratio of Alice's state probabilities, not of realised pulse numbers, so no pulse count is
+//!    approximated.
+//! 2. Finite size. The observed score S = sum X_i = r (plus_minus - plus_plus) + e_plus + l_plus
+//!    bounds its expectation by Bernstein's inequality for independent variables with
+//!    -X_i <= r (Boucheron, Lugosi & Massart, *Concentration Inequalities*, OUP 2013, Theorem
+//!    2.10 and Corollary 2.11): E[S] <= S + sqrt(2 v beta) + r beta / 3 with beta = ln(1/eps)
+//!    and v >= sum E[X_i^2] = r^2 E[plus_plus + plus_minus] + E[e_plus + l_plus]; the two
+//!    expectations in v are bounded by the Chernoff bound of Yin et al., Sci. Rep. 10, 14312
+//!    (2020): E[x] <= x + beta + sqrt(2 beta x + beta^2). Bounding the weighted sum once, rather
+//!    than each of its three counts separately, avoids adding three worst cases (with p_Z = 0.9
+//!    the |+> counts enter with weight r = 4.5). The expected number of phase errors then gives
+//!    the actual number by the expected-to-observed Chernoff bound x <= mu + beta/2 +
+//!    sqrt(2 beta mu + beta^2/4) (Yin et al. 2020).
+//! 3. Multi-photon tagging (GLLP). The number of multi-photon Z pulses is at most M, the
+//!    expected-to-observed bound on its mean N p_Z p_multi; every one is assumed detected and
+//!    known to Eve. They may sit in the key sample (m_key) or in the test sample (m_test), with
+//!    m_key + m_test <= M, so the single-photon key has n_key - m_key bits and the single-photon
+//!    test sample n_test - m_test clicks.
+//! 4. From the test sample to the key sample (random sampling without replacement, over the
+//!    Z-sent clicks of pulses with at most one photon, split by Bob's passive basis choice):
+//!    phi_1 <= e_test + gamma(n_key - m_key, n_test - m_test, e_test, eps), with
+//!    e_test = errors / (n_test - m_test), see [`sampling_gamma`].
 //! 5. Key length (Rusca et al., APL 112, 171104 (2018), one-decoy bound, with the single-photon
 //!    terms of Lim et al., PRA 89, 022307 (2014)):
 //!    l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - 6 log2(19/eps_sec) - log2(2/eps_cor) ),
-//!    with vacuum contributions dropped (conservative) and leak_EC the bits actually disclosed.
+//!    with vacuum contributions dropped (conservative) and leak_EC the bits actually disclosed,
+//!    minimised over the unknown split of step 3: n_Z1 (1 - h(phi_1)) grows with both
+//!    n_Z1 = n_key - m_key and n_test - m_test, so evaluating every cell of a grid over m_key at
+//!    its worst corner gives a lower bound on the minimum ([`SPLIT_GRID_CELLS`] cells).
 //!
 //! Each of the [`N_PE_BOUNDS`] bounds above fails with probability at most `eps_pe`, so the
 //! estimate adds at most `N_PE_BOUNDS * eps_pe` to the failure probability of the protocol.
+//! Like the Chernoff bounds of Yin et al., Bernstein's inequality is stated for independent
+//! pulses; Freedman's inequality (Ann. Probab. 3, 100 (1975)) gives the same form for
+//! martingales.
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
@@ -47,9 +66,14 @@ use thiserror::Error;
 use super::binary_entropy;
 
 /// Number of statistical bounds in the estimate, each failing with probability at most `eps_pe`:
-/// three count bounds, the expected-to-observed phase-error bound, the random-sampling bound and
-/// the multi-photon bound.
+/// the two Chernoff bounds on the second moment of the score, Bernstein's bound on the score, the
+/// expected-to-observed phase-error bound, the multi-photon bound and the random-sampling bound
+/// (module documentation, steps 2 to 4).
 pub const N_PE_BOUNDS: u32 = 6;
+
+/// Number of cells of the grid over the unknown split of the multi-photon pulses between the key
+/// and the test sample (module documentation, step 5).
+pub const SPLIT_GRID_CELLS: u32 = 64;
 
 /// Phase error (fraction) at or above which the block is aborted: h(phi) reaches 1 there.
 pub const MAX_PHASE_ERROR: f64 = 0.5;
@@ -140,27 +164,41 @@ pub struct BlockStats {
     pub leak_ec_bits: u64,
 }
 
-/// The intermediate bounds of the phase-error estimate (module documentation, steps 1 to 4).
+/// The intermediate bounds of the phase-error estimate (module documentation, steps 1 to 5).
 #[derive(Clone, Debug, PartialEq)]
 pub struct PhaseErrorBounds {
-    /// Upper bound on the expected number of phase errors among the test sample's clicks.
+    /// Weight r = p_Z / (2 p_X) of the |+> counts in the score (dimensionless).
+    pub plus_weight: f64,
+    /// Observed score S = r (plus_minus - plus_plus) + e_plus + l_plus (may be negative).
+    pub score: f64,
+    /// Upper bound on the second moment of the score, r^2 E[plus_plus + plus_minus] +
+    /// E[e_plus + l_plus].
+    pub score_second_moment_upper: f64,
+    /// Bound on the multi-photon part of the subtracted Y(+|+) term, N (p_Z / 2) p_multi, in
+    /// expected phase errors.
+    pub multi_photon_correction: f64,
+    /// Upper bound on the expected number of phase errors among the test sample's clicks from
+    /// pulses with at most one photon.
     pub test_errors_expected_upper: f64,
-    /// Upper bound on the actual number of phase errors in the test sample.
+    /// Upper bound on the actual number of those phase errors.
     pub test_errors_upper: f64,
     /// Test sample size: X-measured clicks from Z-basis states.
     pub n_test: u64,
-    /// Upper bound on the test sample's phase error rate (fraction).
-    pub test_rate_upper: f64,
-    /// Random-sampling correction from the test sample to the key sample (fraction).
-    pub sampling_gamma: f64,
-    /// Upper bound on the phase error rate of all key bits (fraction).
-    pub key_rate_upper: f64,
-    /// Upper bound on the number of multi-photon Z pulses (all counted as detected key bits).
+    /// Upper bound M on the number of multi-photon Z pulses (all counted as detected).
     pub n_multi_photon_upper: f64,
-    /// Lower bound on the number of single-photon key bits.
+    /// Lower bound on the single-photon test clicks at the worst split of the M multi-photon
+    /// pulses.
+    pub n_test_single_photon_lower: f64,
+    /// Upper bound on the single-photon test sample's phase error rate at the worst split
+    /// (fraction).
+    pub test_rate_upper: f64,
+    /// Random-sampling correction from the test sample to the key sample at the worst split
+    /// (fraction).
+    pub sampling_gamma: f64,
+    /// Lower bound on the number of single-photon key bits at the worst split.
     pub n_single_photon_lower: f64,
-    /// Upper bound on the phase error rate of the single-photon key bits (fraction): the value
-    /// that enters the key-length formula.
+    /// Upper bound on the phase error rate of the single-photon key bits at the worst split
+    /// (fraction): the value that enters the key-length formula.
     pub single_photon_rate_upper: f64,
 }
 
@@ -173,8 +211,8 @@ pub struct KeyLength {
     pub phase_error_upper: f64,
     /// Lower bound on the number of single-photon key bits.
     pub n_single_photon_lower: f64,
-    /// Upper bound on the test sample's phase error rate, before sampling and multi-photon
-    /// corrections (fraction).
+    /// Upper bound on the single-photon test sample's phase error rate, before the sampling
+    /// correction (fraction).
     pub phase_error_test_upper: f64,
     /// Upper bound on the number of multi-photon Z pulses.
     pub n_multi_photon_upper: f64,
@@ -255,6 +293,16 @@ pub fn chernoff_observed_upper(expected: f64, beta: f64) -> f64 {
     expected + beta / 2.0 + (2.0 * beta * expected + beta * beta / 4.0).sqrt()
 }
 
+/// Upper bound on the expectation of a sum S of independent variables X_i with -X_i <= `range`
+/// (`range` > 0) and sum E[X_i^2] <= `second_moment`, observed to be `observed`, failing with
+/// probability at most e^(-beta): Bernstein's inequality applied to -X_i (Boucheron, Lugosi &
+/// Massart, *Concentration Inequalities*, OUP 2013, Theorem 2.10 with Corollary 2.11:
+/// P(sum (Y_i - E Y_i) >= sqrt(2 v t) + b t / 3) <= e^(-t) for independent Y_i <= b and
+/// v = sum E[Y_i^2]): S + sqrt(2 beta v) + range beta / 3.
+pub fn bernstein_expected_upper(observed: f64, second_moment: f64, range: f64, beta: f64) -> f64 {
+    observed + (2.0 * beta * second_moment.max(0.0)).sqrt() + range * beta / 3.0
+}
+
 /// Random-sampling correction
 /// gamma(n, k, lambda, eps) = sqrt( (n + k) lambda (1 - lambda) / (n k) ln( (n + k) / (2 pi n k
 /// lambda (1 - lambda) eps^2) ) ), the two factors under the root multiplied: with probability at
@@ -292,8 +340,9 @@ fn validate(params: &SecurityParams) -> Result<(), KeyLengthError> {
     Ok(())
 }
 
-/// All the bounds of the phase-error estimate (module documentation, steps 1 to 4); fails when
-/// the data are missing or the bound reaches [`MAX_PHASE_ERROR`].
+/// All the bounds of the phase-error estimate (module documentation, steps 1 to 5); fails when
+/// the data are missing, when multi-photon pulses may explain every key bit or test click, or
+/// when the bound reaches [`MAX_PHASE_ERROR`].
 pub fn phase_error_bounds(
     stats: &BlockStats,
     params: &SecurityParams,
@@ -317,61 +366,91 @@ pub fn phase_error_bounds(
     }
     let beta = (1.0 / params.eps_pe).ln();
     let n_pulses = stats.n_pulses as f64;
-    // Expected pulse numbers per state: N_E = N_L = n p_Z / 2, N_+ = n (1 - p_Z).
-    let sent_e = n_pulses * params.p_z / 2.0;
-    let sent_plus = n_pulses * (1.0 - params.p_z);
+    let p_multi = params.mu * params.mu * params.g2 / 2.0;
 
-    // Step 1-2: N_E [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+)] with each yield bounded, where
-    // N_E Y(+|E) + N_L Y(+|L) = E[e_plus + l_plus] as N_E = N_L.
-    let z_plus_upper = chernoff_expected_upper((counts.e_plus + counts.l_plus) as f64, beta);
-    let plus_minus_upper = chernoff_expected_upper(counts.plus_minus as f64, beta);
-    let plus_plus_lower = chernoff_expected_lower(counts.plus_plus as f64, beta);
+    // Steps 1-2: the score, Bernstein's bound on its expectation, and the multi-photon part of
+    // the subtracted |+> term.
+    let plus_weight = params.p_z / (2.0 * (1.0 - params.p_z));
+    let z_plus = (counts.e_plus + counts.l_plus) as f64;
+    let score = plus_weight * (counts.plus_minus as f64 - counts.plus_plus as f64) + z_plus;
+    let score_second_moment_upper = plus_weight
+        * plus_weight
+        * chernoff_expected_upper(counts.n_plus_sent() as f64, beta)
+        + chernoff_expected_upper(z_plus, beta);
+    let multi_photon_correction = n_pulses * params.p_z / 2.0 * p_multi;
     let test_errors_expected_upper =
-        (sent_e / sent_plus * (plus_minus_upper - plus_plus_lower) + z_plus_upper).max(0.0);
+        (bernstein_expected_upper(score, score_second_moment_upper, plus_weight, beta)
+            + multi_photon_correction)
+            .max(0.0);
     let test_errors_upper =
         chernoff_observed_upper(test_errors_expected_upper, beta).min(n_test as f64);
-    let test_rate_upper = test_errors_upper / n_test as f64;
-    if test_rate_upper >= MAX_PHASE_ERROR {
-        return Err(KeyLengthError::PhaseErrorTooHigh { upper: test_rate_upper, max: MAX_PHASE_ERROR });
-    }
 
-    // Step 3: from the test sample to the key sample.
-    let n_key = stats.n_key_bits as f64;
-    let gamma = sampling_gamma(n_key, n_test as f64, test_rate_upper, params.eps_pe);
-    let key_rate_upper = test_rate_upper + gamma;
-
-    // Step 4: multi-photon tagging, p_multi <= mu^2 g2 / 2 per pulse.
-    let p_multi = params.mu * params.mu * params.g2 / 2.0;
+    // Step 3: multi-photon Z pulses, all assumed detected.
     let n_multi_photon_upper = if p_multi > 0.0 {
         chernoff_observed_upper(n_pulses * params.p_z * p_multi, beta)
     } else {
         0.0
     };
-    let n_single_photon_lower = n_key - n_multi_photon_upper;
-    if n_single_photon_lower <= 0.0 {
+    let n_key = stats.n_key_bits as f64;
+    if n_key <= n_multi_photon_upper || n_test as f64 <= n_multi_photon_upper {
         return Err(KeyLengthError::NoSinglePhotons {
             n_multi_photon_upper,
             n_key_bits: stats.n_key_bits,
         });
     }
-    let single_photon_rate_upper = key_rate_upper * n_key / n_single_photon_lower;
-    if single_photon_rate_upper >= MAX_PHASE_ERROR {
+    let worst_test_rate = test_errors_upper / (n_test as f64 - n_multi_photon_upper);
+    if worst_test_rate >= MAX_PHASE_ERROR {
         return Err(KeyLengthError::PhaseErrorTooHigh {
-            upper: single_photon_rate_upper,
+            upper: worst_test_rate,
             max: MAX_PHASE_ERROR,
         });
     }
-    Ok(PhaseErrorBounds {
-        test_errors_expected_upper,
-        test_errors_upper,
-        n_test,
-        test_rate_upper,
-        sampling_gamma: gamma,
-        key_rate_upper,
-        n_multi_photon_upper,
-        n_single_photon_lower,
-        single_photon_rate_upper,
-    })
+
+    // Steps 4-5: the worst split of the multi-photon pulses between key and test sample. Each
+    // grid cell [lo, hi] of m_key is evaluated at its worst corner: m_key = hi in the key and
+    // m_test = M - lo in the test sample.
+    let cells = f64::from(SPLIT_GRID_CELLS);
+    let mut worst: Option<(f64, PhaseErrorBounds)> = None;
+    for cell in 0..SPLIT_GRID_CELLS {
+        let m_key = n_multi_photon_upper * (f64::from(cell) + 1.0) / cells;
+        let m_test = n_multi_photon_upper * (1.0 - f64::from(cell) / cells);
+        let n_single_photon_lower = n_key - m_key;
+        let n_test_single_photon_lower = n_test as f64 - m_test;
+        let test_rate_upper = test_errors_upper / n_test_single_photon_lower;
+        let gamma = sampling_gamma(
+            n_single_photon_lower,
+            n_test_single_photon_lower,
+            test_rate_upper,
+            params.eps_pe,
+        );
+        let single_photon_rate_upper = test_rate_upper + gamma;
+        if single_photon_rate_upper >= MAX_PHASE_ERROR {
+            return Err(KeyLengthError::PhaseErrorTooHigh {
+                upper: single_photon_rate_upper,
+                max: MAX_PHASE_ERROR,
+            });
+        }
+        let secret = n_single_photon_lower * (1.0 - binary_entropy(single_photon_rate_upper));
+        if worst.as_ref().is_none_or(|(least, _)| secret < *least) {
+            let bounds = PhaseErrorBounds {
+                plus_weight,
+                score,
+                score_second_moment_upper,
+                multi_photon_correction,
+                test_errors_expected_upper,
+                test_errors_upper,
+                n_test,
+                n_multi_photon_upper,
+                n_test_single_photon_lower,
+                test_rate_upper,
+                sampling_gamma: gamma,
+                n_single_photon_lower,
+                single_photon_rate_upper,
+            };
+            worst = Some((secret, bounds));
+        }
+    }
+    Ok(worst.expect("SPLIT_GRID_CELLS > 0: the grid has a cell").1)
 }
 
 /// Upper bound on the phase error rate (fraction) of the block's single-photon key bits, the
@@ -387,7 +466,8 @@ pub fn security_cost_bits(params: &SecurityParams) -> f64 {
 }
 
 /// Secret key length of a block (module documentation, step 5):
-/// l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - 6 log2(19/eps_sec) - log2(2/eps_cor) ).
+/// l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - 6 log2(19/eps_sec) - log2(2/eps_cor) ), with n_Z1
+/// and phi_1 at the worst split of the multi-photon pulses ([`phase_error_bounds`]).
 /// Every `Err` is an abort with a reason that can be logged as is.
 pub fn secret_key_length(
     stats: &BlockStats,

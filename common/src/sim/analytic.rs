@@ -51,10 +51,16 @@ pub struct Expected {
     /// [Y(.|E) + Y(.|L)], with Y(b|s) the X-basis yields given the state sent
     /// (seed-experiment.md, "Phase error of the single-photon Z key").
     pub e_ph: f64,
+    /// Upper bound on the phase error of the Z key's pulses with at most one photon, as the
+    /// finite-key analysis computes it in the limit of infinite blocks
+    /// ([`crate::postproc::finite_key`], steps 1 and 3), with every multi-photon Z pulse in the
+    /// test sample: [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+) + p_multi] / [Y(.|E) + Y(.|L) - 2 p_multi].
+    pub e_ph_single_upper: f64,
     /// Probability per pulse of a multi-photon pulse, p_multi = mu^2 g2 / 2.
     pub p_multi: f64,
-    /// Fraction D of the Z key detections that may come from multi-photon pulses (all assumed
-    /// detected): q_Z p_multi / P(Z detection | Z sent) (seed-experiment.md, "asymptotic key").
+    /// Fraction D of the Z key detections that may come from multi-photon pulses when every
+    /// multi-photon Z pulse is counted as detected in the key basis (GLLP tagging, as the
+    /// finite-key analysis does): p_multi / P(Z detection | Z sent).
     pub multi_fraction: f64,
     /// Probability per pulse of a sifted key event (Alice Z, Bob Z).
     pub p_sifted: f64,
@@ -102,17 +108,39 @@ impl Expected {
         }
     }
 
-    /// Asymptotic secret key per pulse for error-correction efficiency `f`:
-    /// p_Z P_Z [ (1 - D)(1 - h(e_ph / (1 - D))) - f h(E_Z) ], at least 0
-    /// (seed-experiment.md, "asymptotic key per pulse"; GLLP, QIC 4, 325 (2004)).
+    /// Asymptotic secret key per pulse for error-correction efficiency `f`: the limit of the
+    /// finite-key length of [`crate::postproc::finite_key`] for infinite blocks, at least 0.
+    /// Per Z-sent pulse, with y_key = P(Z click | Z sent), y_test = P(X click | Z sent),
+    /// errors e = [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+) + p_multi] / 2 (linearity with the
+    /// multi-photon |+> term, step 1) and the multi-photon Z pulses split as
+    /// m_key + m_test = p_multi (step 3):
+    /// p_Z min over the split of (y_key - m_key)(1 - h(e / (y_test - m_test))) - p_sifted f h(E_Z)
+    /// (seed-experiment.md, "asymptotic key per pulse", with the tagging of GLLP, QIC 4, 325
+    /// (2004)); the minimum is taken over 65 evenly spaced splits.
     pub fn asymptotic_key_per_pulse_with(&self, f: f64) -> f64 {
-        let d = self.multi_fraction.min(1.0);
-        if d >= 1.0 {
+        let p_z = self.state_probs[0] + self.state_probs[1];
+        if p_z <= 0.0 || self.state_probs[2] <= 0.0 {
             return 0.0;
         }
-        let r = (1.0 - d) * (1.0 - binary_entropy(self.e_ph / (1.0 - d)))
-            - f * binary_entropy(self.qber_z);
-        (self.p_sifted * r).max(0.0)
+        let y_key = self.p_sifted / p_z;
+        let y_test = (self.joint[0][1][0]
+            + self.joint[0][1][1]
+            + self.joint[1][1][0]
+            + self.joint[1][1][1])
+            / p_z;
+        let errors = 0.5 * (self.e_ph * 2.0 * y_test + self.p_multi);
+        let mut secret = f64::INFINITY;
+        for k in 0..=64 {
+            let m_key = self.p_multi * f64::from(k) / 64.0;
+            let (key, test) = (y_key - m_key, y_test - (self.p_multi - m_key));
+            let s = if key <= 0.0 || test <= 0.0 || errors / test >= 0.5 {
+                0.0
+            } else {
+                key * (1.0 - binary_entropy(errors / test))
+            };
+            secret = secret.min(s);
+        }
+        (p_z * secret - self.p_sifted * f * binary_entropy(self.qber_z)).max(0.0)
     }
 }
 
@@ -196,7 +224,8 @@ pub fn expected_with_phase(params: &LinkParams, dphi: f64) -> Expected {
 
     let p_multi = params.p_two_photons();
     let y_zz = ratio(p_sifted, params.p_z);
-    let multi_fraction = ratio(qz * p_multi, y_zz);
+    let multi_fraction = ratio(p_multi, y_zz);
+    let e_ph_single_upper = ratio(e_ph_num + p_multi, e_ph_den - 2.0 * p_multi).max(0.0);
     let mut out = Expected {
         p_click_z,
         qber_z,
@@ -206,6 +235,7 @@ pub fn expected_with_phase(params: &LinkParams, dphi: f64) -> Expected {
         state_probs,
         e_z0: tm.intrinsic_z_error(),
         e_ph,
+        e_ph_single_upper,
         p_multi,
         multi_fraction,
         p_sifted,

@@ -1,0 +1,80 @@
+//! What a long-running daemon owes its supervisor: the systemd notify protocol (READY after the
+//! listeners are up, watchdog pings, STOPPING) and plain-HTTP liveness/readiness endpoints for
+//! container health checks and load balancers (no client certificate, nothing about keys).
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Tells systemd (when started with `Type=notify`; a no-op otherwise) that the daemon is ready,
+/// and starts watchdog pings at half the configured `WatchdogSec` until `shutdown`.
+pub fn notify_ready(status: &str, shutdown: CancellationToken) {
+    let states = [sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)];
+    if let Err(e) = sd_notify::notify(false, &states) {
+        warn!(error = %e, "cannot notify systemd");
+    }
+    let mut usec = 0u64;
+    if sd_notify::watchdog_enabled(false, &mut usec) && usec > 0 {
+        let period = Duration::from_micros(usec / 2);
+        info!(period_ms = period.as_millis() as u64, "systemd watchdog enabled");
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = ticker.tick() => {
+                        let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+                    }
+                }
+            }
+        });
+    }
+}
+
+/// Tells systemd the daemon is stopping.
+pub fn notify_stopping() {
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+}
+
+/// Liveness and readiness, shared between the daemon and its health endpoint.
+#[derive(Clone, Default)]
+pub struct Health {
+    ready: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// Marks the daemon ready (or not) to do its job.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::SeqCst);
+    }
+
+    /// Whether the daemon is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::SeqCst)
+    }
+}
+
+/// Serves `GET /healthz` (200 while the process runs) and `GET /readyz` (200 when ready, 503
+/// otherwise) over plain HTTP on `addr`, until `shutdown`.
+pub async fn serve_health(addr: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let app = axum::Router::new()
+        .route("/healthz", get(|| async { (StatusCode::OK, "live\n") }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    if health.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+                }
+            }),
+        );
+    info!(%addr, "health endpoint listening (GET /healthz, /readyz)");
+    axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
+}
