@@ -7,6 +7,8 @@
 //! DIR/alice.toml  DIR/bob.toml                                      (daemon configs)
 //! DIR/alice/      DIR/bob/        data directories: store/ and status.json
 //! DIR/logs/       alice.log bob.log
+//! DIR/lab.json    for scripts: CA path, each KME's ETSI address and ID, each SAE's ID, KME,
+//!                 certificate and key (SAEs app-a at Alice's KME, app-b at Bob's)
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -43,6 +45,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
     let dir = dir.canonicalize()?;
     let pki = LabPki::open_or_create(&dir.join("pki")).context("creating the lab PKI")?;
+    issue_lab_saes(&pki)?;
     let (alice_cfg, bob_cfg) = (dir.join("alice.toml"), dir.join("bob.toml"));
     if alice_cfg.exists() && bob_cfg.exists() {
         println!("lab: reusing {} (delete it for a fresh lab)", dir.display());
@@ -127,14 +130,30 @@ fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
+/// The lab's two applications: `app-a` at Alice's KME, `app-b` at Bob's.
+const LAB_SAES: [(&str, &str); 2] = [("app-a", "alice-kme"), ("app-b", "bob-kme")];
+
+fn issue_lab_saes(pki: &LabPki) -> anyhow::Result<()> {
+    for (sae, _) in LAB_SAES {
+        if pki.dir.join(format!("{sae}.crt")).exists() {
+            continue;
+        }
+        let read = |f: &str| std::fs::read_to_string(pki.dir.join(f)).with_context(|| format!("reading {f}"));
+        let ca = common::tls::CertAuthority::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
+        common::tls::write_issued(&pki.dir, sae, &ca.issue_client(sae)?)?;
+    }
+    Ok(())
+}
+
 fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()> {
     let (grpc, fibre) = (free_port()?, free_port()?);
+    let (etsi_a, etsi_b, peer_a, peer_b) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let distance = args.distance_km.map_or(String::new(), |d| format!("distance_km = {d}\n"));
     let shared = format!(
         "# The physical link model (a preset from presets/, or `file = \"my-link.toml\"`).\n\
          [link]\npreset = \"{preset}\"\n{distance}\n\
          # Post-processing parameters: must be identical at Alice and Bob.\n\
-         [protocol]\n# Sifted key bits per finite-key block.\nblock_bits = {block_bits}\n",
+         [protocol]\n# Sifted key bits per finite-key block.\nblock_bits = {block_bits}\n\n",
         preset = args.preset,
         block_bits = args.block_bits,
     );
@@ -148,24 +167,62 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()>
             f.key.display()
         )
     };
+    let kme = |node: &str, peer: &str, etsi: u16, peer_listen: u16, peer_port: u16| {
+        let f = pki.files(node);
+        let saes: String = LAB_SAES
+            .iter()
+            .map(|(sae, kme)| format!("[[kme.saes]]\nsae_id = \"{sae}\"\nkme_id = \"{kme}\"\n"))
+            .collect();
+        format!(
+            "# Key delivery to applications (ETSI GS QKD 014) and the KME-to-KME channel.\n\
+             [kme]\nlisten = \"127.0.0.1:{etsi}\"\npeer_listen = \"127.0.0.1:{peer_listen}\"\n\
+             peer_addr = \"127.0.0.1:{peer_port}\"\npeer_name = \"{peer}\"\n\
+             kme_id = \"{node}-kme\"\npeer_kme_id = \"{peer}-kme\"\n\n\
+             # HTTPS server: the CA of the applications' client certificates, and this KME's certificate.\n\
+             [kme.tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             # The applications (SAEs) and the KME each is attached to.\n{saes}",
+            f.ca_cert.display(),
+            f.cert.display(),
+            f.key.display()
+        )
+    };
     let alice = format!(
         "# Alice (transmitter) of the qkdctl lab. Relative paths are relative to this file.\n\
          node_id = \"alice\"\n# Key store and status file.\ndata_dir = \"alice\"\n\n\
          # gRPC server of the classical channel; Bob's certificate must be valid for peer_name.\n\
          [classical]\nlisten = \"127.0.0.1:{grpc}\"\npeer_name = \"bob\"\n\n\
-         # Where Bob's receiver connects to the simulated fibre.\n[fibre]\nlisten = \"127.0.0.1:{fibre}\"\n\n{}{shared}",
-        tls("alice")
+         # Where Bob's receiver connects to the simulated fibre.\n[fibre]\nlisten = \"127.0.0.1:{fibre}\"\n\n{}{shared}{}",
+        tls("alice"),
+        kme("alice", "bob", etsi_a, peer_a, peer_b)
     );
     let bob = format!(
         "# Bob (receiver) of the qkdctl lab. Relative paths are relative to this file.\n\
          node_id = \"bob\"\n# Key store and status file.\ndata_dir = \"bob\"\n\n\
          # Alice's classical-channel server; her certificate must be valid for alice_name.\n\
          [classical]\nalice_addr = \"127.0.0.1:{grpc}\"\nalice_name = \"alice\"\n\n\
-         # Alice's end of the simulated fibre.\n[fibre]\nalice_addr = \"127.0.0.1:{fibre}\"\n\n{}{shared}",
-        tls("bob")
+         # Alice's end of the simulated fibre.\n[fibre]\nalice_addr = \"127.0.0.1:{fibre}\"\n\n{}{shared}{}",
+        tls("bob"),
+        kme("bob", "alice", etsi_b, peer_b, peer_a)
     );
     std::fs::write(dir.join("alice.toml"), alice)?;
     std::fs::write(dir.join("bob.toml"), bob)?;
+    let sae = |name: &str, kme: &str| {
+        serde_json::json!({
+            "sae_id": name,
+            "kme_id": kme,
+            "cert": pki.dir.join(format!("{name}.crt")),
+            "key": pki.dir.join(format!("{name}.key")),
+        })
+    };
+    let lab_json = serde_json::json!({
+        "ca_cert": pki.dir.join("ca.crt"),
+        "kmes": [
+            { "kme_id": "alice-kme", "etsi_addr": format!("127.0.0.1:{etsi_a}") },
+            { "kme_id": "bob-kme", "etsi_addr": format!("127.0.0.1:{etsi_b}") },
+        ],
+        "saes": [sae("app-a", "alice-kme"), sae("app-b", "bob-kme")],
+    });
+    std::fs::write(dir.join("lab.json"), serde_json::to_string_pretty(&lab_json)?)?;
     Ok(())
 }
 

@@ -730,7 +730,8 @@ fn openapi_operations(yaml: &str) -> BTreeSet<(String, String)> {
 
 /// Not a test: a KME pair for `.ci/schemathesis.sh`, which runs it with `--ignored` and
 /// `QKD_ETSI_FUZZ_DIR` set. Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1`
-/// at KME A), `url` (KME A's base URL) and then `ready` into that directory, and serves until a
+/// at KME A), `slave.pem` (SAE `sae-b1` at KME B), `url` and `peer_url` (the base URLs of KMEs
+/// A and B) and then `ready` into that directory, and serves until a
 /// file `stop` appears there (or an hour has passed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fuzz target of .ci/schemathesis.sh"]
@@ -744,7 +745,10 @@ async fn fuzz_target() {
     let client = net.pki.sae("sae-a1");
     std::fs::write(dir.join("ca.crt"), net.pki.ca.cert_pem()).unwrap();
     common::tls::write_pem(&dir.join("client.pem"), &format!("{}{}", client.cert_pem, client.key_pem.as_str()), true).unwrap();
+    let slave = net.pki.sae("sae-b1");
+    common::tls::write_pem(&dir.join("slave.pem"), &format!("{}{}", slave.cert_pem, slave.key_pem.as_str()), true).unwrap();
     std::fs::write(dir.join("url"), format!("https://127.0.0.1:{}", net.a.addr.port())).unwrap();
+    std::fs::write(dir.join("peer_url"), format!("https://127.0.0.1:{}", net.b.addr.port())).unwrap();
     std::fs::write(dir.join("ready"), "").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(3600);
     while !dir.join("stop").exists() && std::time::Instant::now() < deadline {

@@ -163,7 +163,6 @@ fn intercept_resend_raises_qber_z_to_a_quarter() {
     let c = run_counts(&p, 20, 1 << 22, eve, 0.0, seed);
     let q = qber_z(&c);
     let e_z0 = p.intrinsic_z_error();
-    assert!((q - 0.25).abs() < 0.02, "seed {seed}: QBER Z under attack {q}");
     assert!((q - (0.25 + e_z0 / 2.0)).abs() < 0.005, "seed {seed}: QBER Z {q}, e_Z0 {e_z0}");
     // X basis: Eve in Z randomises |+> half of the time.
     let qx = qber_x(&c);
@@ -340,4 +339,34 @@ fn frame_cost_scales_with_photons_not_pulses() {
         "{huge:?} per 2^40-pulse frame"
     );
     println!("2^22-pulse frame at 120 km: {per_frame:?}; 2^40-pulse frame: {huge:?}");
+}
+
+#[test]
+#[ignore]
+fn tune_feedback_loop() {
+    let base = LinkParams::preset("wang2026-120km").unwrap();
+    let floor = expected(&base).qber_x;
+    for dither in [0.05, 0.07, 0.1] {
+        for events in [300u64, 600, 1200] {
+            for kp in [0.05, 0.1, 0.2] {
+                for ki in [0.0, 0.003, 0.01] {
+                    let mut means = Vec::new();
+                    let mut worst_block: f64 = 0.0;
+                    for seed in [1u64, 2] {
+                        let mut p = base.clone();
+                        p.feedback_dither_rad = dither;
+                        p.feedback_events_per_half_cycle = events;
+                        p.feedback_proportional_gain = kp;
+                        p.feedback_integral_gain = ki;
+                        let mut rx = Receiver::new(&p);
+                        let (blocks, _) = drift_run(&p, &mut rx, 6.0 * 3600.0, 1 << 26, 1800.0, seed);
+                        means.push(blocks.iter().sum::<f64>() / blocks.len() as f64);
+                        worst_block = blocks.iter().copied().fold(worst_block, f64::max);
+                    }
+                    let mean = means.iter().sum::<f64>() / means.len() as f64;
+                    println!("dither {dither} events {events} kp {kp} ki {ki}: excess {:.2} points, worst block {:.2}", 100.0 * (mean - floor), 100.0 * (worst_block - floor));
+                }
+            }
+        }
+    }
 }

@@ -254,7 +254,7 @@ fn more_leak_or_more_phase_error_means_less_key() {
     let noisier_len = secret_key_length(&noisier, &params).unwrap();
     assert!(noisier_len.final_bits < base, "{noisier_len:?}");
     // Brighter multi-photon emission costs key too.
-    let brighter = SecurityParams { mu: 0.1, ..params.clone() };
+    let brighter = SecurityParams { mu: 0.03, ..params.clone() };
     assert!(secret_key_length(&worked_example(), &brighter).unwrap().final_bits < base);
     // And so does a smaller test sample.
     let mut fewer_tests = worked_example();
