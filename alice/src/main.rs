@@ -24,8 +24,18 @@ struct Args {
     data_dir: Option<PathBuf>,
 }
 
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     common::tls::install_crypto_provider();
     common::logging::init();
     let args = Args::parse();

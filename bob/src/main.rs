@@ -24,14 +24,32 @@ struct Args {
     data_dir: Option<PathBuf>,
 }
 
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn run() -> anyhow::Result<()> {
     common::tls::install_crypto_provider();
     common::logging::init();
     let args = Args::parse();
     if let Some(path) = args.check_config {
         let (cfg, link) = BobConfig::load(&path)?;
-        println!("{}: ok (node {}, {} km, block {} bits)", path.display(), cfg.node_id, link.distance_km, cfg.protocol.block_bits);
+        println!(
+            "{}: ok (node {}, alice {} / fibre {}, {} km, block {} bits)",
+            path.display(),
+            cfg.node_id,
+            cfg.classical.alice_addr,
+            cfg.fibre.alice_addr,
+            link.distance_km,
+            cfg.protocol.block_bits
+        );
         return Ok(());
     }
     let path = args.config.context("--config is required")?;

@@ -12,12 +12,12 @@ use crate::tls::TlsFiles;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     /// The file or environment does not parse into the expected structure.
-    #[error("{file}: {source}")]
+    #[error("{file}: {message}")]
     Parse {
         /// The file.
         file: PathBuf,
         /// What is wrong (names the key).
-        source: config::ConfigError,
+        message: String,
     },
     /// A value is out of range.
     #[error("{file}: {message}")]
@@ -169,7 +169,7 @@ pub struct BobFibre {
 /// Loads a configuration file with environment overrides (`PREFIX__SECTION__KEY=value`),
 /// resolving relative paths against the file's directory.
 pub fn load<T: serde::de::DeserializeOwned>(path: &Path, env_prefix: &str) -> Result<T, ConfigError> {
-    let parse = |source| ConfigError::Parse { file: path.to_owned(), source };
+    let parse = |e: config::ConfigError| ConfigError::Parse { file: path.to_owned(), message: e.to_string() };
     let settings = config::Config::builder()
         .add_source(config::File::from(path).format(config::FileFormat::Toml))
         .add_source(config::Environment::with_prefix(env_prefix).prefix_separator("__").separator("__"))

@@ -81,3 +81,42 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(input: &mut R) -> Result<Option
     input.read_exact(&mut bytes).await?;
     Ok(Some(proto::fibre::Frame::decode(bytes.as_slice())?))
 }
+
+/// An intercept-resend eavesdropper on the fibre: accepts the receiver's connection on
+/// `listener`, connects to the source at `source_addr`, and measures and resends `fraction` of
+/// the photons of every frame (see [`crate::sim::InterceptResend`]), until `stop`.
+pub async fn intercept_resend_tap(
+    listener: tokio::net::TcpListener,
+    source_addr: String,
+    fraction: f64,
+    seed: u64,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use rand::SeedableRng;
+    let eve = crate::sim::InterceptResend { fraction };
+    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
+    loop {
+        let accepted = tokio::select! {
+            () = stop.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let Ok((mut to_bob, bob_addr)) = accepted else { continue };
+        let Ok(mut from_alice) = tokio::net::TcpStream::connect(&source_addr).await else {
+            tracing::warn!(source = %source_addr, "eve: cannot reach the source");
+            continue;
+        };
+        tracing::info!(receiver = %bob_addr, source = %source_addr, fraction, "eve: on the fibre");
+        loop {
+            let frame = tokio::select! {
+                () = stop.cancelled() => return,
+                f = read_frame(&mut from_alice) => f,
+            };
+            let Ok(Some(frame)) = frame else { break };
+            let Ok(mut photons) = decode_frame(&frame) else { break };
+            eve.attack(&mut photons, &mut rng);
+            if write_frame(&mut to_bob, &encode_frame(frame.frame_idx, frame.n_pulses, &photons)).await.is_err() {
+                break;
+            }
+        }
+    }
+}

@@ -2,6 +2,11 @@
 //! Alice's core and Bob's driver, both stores) in one process, in simulated time, as fast as
 //! the CPU allows. The same code as the daemons: only the transport (in memory) and the clock
 //! (frames counted, never read from the OS) differ.
+//!
+//! Frames follow each other in simulated time: frame k covers pulses k 2^22 to (k + 1) 2^22 - 1
+//! (with the default frame length), Bob feeds each frame's test counts back to his phase loop
+//! right after sifting it, and a block is post-processed as soon as Bob holds `block_bits`
+//! sifted bits, stamped with the simulated time at the end of its last frame.
 
 use std::sync::Arc;
 
@@ -12,57 +17,109 @@ use crate::link::alice::AliceCore;
 use crate::link::bob::{BlockReport, BobLink};
 use crate::link::memory::MemoryAlice;
 use crate::link::{LinkError, ProtocolParams};
-use crate::sim::{analytic, FrameSecret, InterceptResend, LinkParams, Receiver, Source};
+use crate::postproc::finite_key::{BlockStats, XCounts, phase_error_bounds};
+use crate::sim::{
+    Detection, FrameSecret, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting,
+    Receiver, Source, State, alice_state, analytic,
+};
 use crate::store::{KeyStore, SledStore};
+
+/// An eavesdropper on the fibre (see [`crate::sim::eve`]).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub enum Eavesdropper {
+    /// No attack.
+    #[default]
+    None,
+    /// Intercept-resend on a fraction of the photons.
+    InterceptResend(InterceptResend),
+    /// Photon-number splitting of every two-photon pulse, hidden in the fibre loss.
+    PhotonNumberSplitting,
+}
 
 /// What to simulate.
 #[derive(Clone, Debug)]
 pub struct Scenario {
     /// Physical parameters.
     pub link: LinkParams,
-    /// Post-processing parameters.
+    /// Post-processing parameters (block size, epsilons, frame length).
     pub protocol: ProtocolParams,
-    /// Simulated duration, seconds.
+    /// Simulated duration, in s (rounded up to whole frames).
     pub duration_s: f64,
-    /// Fraction of photons an intercept-resend eavesdropper measures (0 = none).
-    pub intercept_fraction: f64,
+    /// The attack on the fibre, if any.
+    pub eavesdropper: Eavesdropper,
     /// Seed of every random choice (Alice's secrets, the physics, the eavesdropper).
     pub seed: u64,
+}
+
+/// What the finite-key analysis charged for one block, next to what an eavesdropper actually
+/// learned (zero without one). No key material.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize)]
+pub struct BlockSecurity {
+    /// Sifted key bits in the block.
+    pub n_key_bits: u64,
+    /// Upper bound M on the multi-photon Z pulses that the analysis tags as insecure (0 when the
+    /// phase-error estimate itself failed).
+    pub n_multi_photon_upper: f64,
+    /// Lower bound on the single-photon key bits that the key length is computed from (0 when
+    /// the estimate failed).
+    pub n_single_photon_lower: f64,
+    /// Final key bits stored (0 when aborted).
+    pub final_bits: u64,
+    /// Bits disclosed by error correction and verification.
+    pub leak_bits: u64,
+    /// Z-state pulses of the block's frames whose second photon a photon-number-splitting Eve
+    /// holds (whether Bob detected them or not).
+    pub eve_split_z_pulses: u64,
+    /// Key bits of the block whose value Eve knows: Z-sent, Z-measured pulses she split.
+    pub eve_known_key_bits: u64,
 }
 
 /// The outcome of a simulated run. Rates are per simulated second.
 #[derive(Clone, Debug, serde::Serialize)]
 pub struct SimulationReport {
-    /// Fibre length, km.
+    /// Fibre length, in km.
     pub distance_km: f64,
-    /// Simulated seconds.
+    /// Simulated time, in s (whole frames).
     pub duration_s: f64,
-    /// Key-basis QBER over all blocks that reached error correction (corrected bits / bits).
+    /// Key-basis QBER (fraction) over all blocks that reached error correction (corrected bits /
+    /// bits).
     pub qber_z: f64,
-    /// Test-basis QBER (Alice sent |+>, Bob measured X) over all blocks.
+    /// Test-basis QBER (fraction: Alice sent |+>, Bob measured X) over all blocks.
     pub qber_x: f64,
-    /// Largest finite-size phase-error bound among the committed blocks.
+    /// Largest finite-size phase-error bound (fraction) among the committed blocks.
     pub phase_error_upper: f64,
-    /// Detections per second.
+    /// Bob's detections per second.
     pub detections_per_s: f64,
     /// Sifted key bits per second.
     pub sifted_bits_per_s: f64,
-    /// Asymptotic key rate of the analytic model (f = 1.0 and no finite-size effects), bit/s.
+    /// Asymptotic key rate of the analytic model (the finite-key analysis's limit for infinite
+    /// blocks, error correction at the Shannon limit f = 1), in bit/s.
     pub asymptotic_key_rate_bps: f64,
-    /// Finite-key secret key rate: final key bits stored / simulated seconds.
+    /// Finite-key secret key rate, in bit/s: final key bits stored divided by the simulated time
+    /// the processed blocks took (`blocks_span_s`), i.e. the steady-state rate; sifted bits left
+    /// over at the end of the run, too few for a block, are not counted. 0 when no block
+    /// closed.
     pub secret_key_rate_bps: f64,
-    /// Finite-key block size, sifted bits.
+    /// Finite-key block size, in sifted bits.
     pub block_size: u64,
     /// Blocks post-processed.
     pub blocks: u64,
     /// Blocks aborted (no key).
     pub aborted_blocks: u64,
+    /// Simulated time from the start to the close of the last block, in s (0 when no block
+    /// closed).
+    pub blocks_span_s: f64,
     /// Secret key bits stored (identical at both ends).
     pub secret_bits: u64,
     /// Mean reconciliation efficiency f = leak / (n h(QBER)) over committed blocks (0 if none).
     pub reconciliation_efficiency: f64,
+    /// Key bits known to a photon-number-splitting eavesdropper, over all blocks (0 without
+    /// one).
+    pub eve_known_key_bits: u64,
     /// Each block's report.
     pub block_reports: Vec<BlockReport>,
+    /// Each block's finite-key charges and the eavesdropper's actual knowledge, in block order.
+    pub block_security: Vec<BlockSecurity>,
 }
 
 /// Errors of a simulation.
@@ -80,27 +137,86 @@ pub enum PlannerError {
 }
 
 /// Runs a scenario; `progress(done_fraction)` is called about a hundred times.
-pub fn simulate(scenario: &Scenario, mut progress: impl FnMut(f64)) -> Result<SimulationReport, PlannerError> {
-    let runtime = tokio::runtime::Builder::new_current_thread().build().map_err(|e| LinkError::Transport(e.to_string()))?;
+pub fn simulate(
+    scenario: &Scenario,
+    mut progress: impl FnMut(f64),
+) -> Result<SimulationReport, PlannerError> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .build()
+        .map_err(|e| LinkError::Transport(e.to_string()))?;
     runtime.block_on(simulate_async(scenario, &mut progress))
 }
 
-async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> Result<SimulationReport, PlannerError> {
-    let Scenario { link, protocol, duration_s, intercept_fraction, seed } = scenario;
+/// The photons of one frame and, under photon-number splitting, the pulses Eve split.
+fn fibre_frame(
+    scenario: &Scenario,
+    source: &Source,
+    pns: Option<&PhotonNumberSplitting>,
+    secret: &FrameSecret,
+    rng: &mut ChaCha20Rng,
+) -> (Vec<crate::sim::Photon>, Vec<u64>) {
+    let n_pulses = scenario.protocol.frame_pulses;
+    if let Some(pns) = pns {
+        let frame = pns.emit_frame(secret, n_pulses, rng);
+        return (frame.photons, frame.split_pulses);
+    }
+    let mut photons = source.emit_frame(secret, n_pulses, rng);
+    if let Eavesdropper::InterceptResend(attack) = &scenario.eavesdropper
+        && attack.fraction > 0.0
+    {
+        attack.attack(&mut photons, rng);
+    }
+    (photons, Vec::new())
+}
+
+/// Under photon-number splitting: the split pulses Alice sent in Z, and the key bits (Z sent, Z
+/// measured) among them.
+fn eve_knowledge(
+    secret: &FrameSecret,
+    p_z: f64,
+    split: &[u64],
+    detections: &[Detection],
+) -> (u64, u64) {
+    let is_z = |idx: u64| matches!(alice_state(secret, idx, p_z), State::Early | State::Late);
+    let split_z = split.iter().filter(|&&idx| is_z(idx)).count() as u64;
+    let known = detections
+        .iter()
+        .filter(|d| matches!(d.measurement, Measurement::Z { .. }))
+        .filter(|d| split.binary_search(&d.pulse_idx).is_ok() && is_z(d.pulse_idx))
+        .count() as u64;
+    (split_z, known)
+}
+
+async fn simulate_async(
+    scenario: &Scenario,
+    progress: &mut dyn FnMut(f64),
+) -> Result<SimulationReport, PlannerError> {
+    let Scenario { link, protocol, duration_s, seed, .. } = scenario;
     let alice_store = Arc::new(SledStore::temporary()?);
     let bob_store = SledStore::temporary()?;
-    let core = AliceCore::new("alice".into(), protocol.clone(), link.clone(), ChaCha20Rng::seed_from_u64(*seed));
+    let core = AliceCore::new(
+        "alice".into(),
+        protocol.clone(),
+        link.clone(),
+        ChaCha20Rng::seed_from_u64(*seed),
+    );
     let alice = MemoryAlice::new(core, alice_store.clone());
-    let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), link.clone(), &bob_store).await?;
+    let (mut bob, _) =
+        BobLink::open(alice.clone(), "bob", protocol.clone(), link.clone(), &bob_store).await?;
     let source = Source::new(link);
+    let pns = matches!(scenario.eavesdropper, Eavesdropper::PhotonNumberSplitting)
+        .then(|| PhotonNumberSplitting::new(link));
     let mut receiver = Receiver::new(link);
-    let eve = InterceptResend { fraction: *intercept_fraction };
     let mut rng = ChaCha20Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
+    let security = protocol.security(link);
 
     let frame_pulses = protocol.frame_pulses;
     let frame_s = frame_pulses as f64 / link.clock_hz;
     let n_frames = (duration_s / frame_s).ceil().max(1.0) as u64;
     let mut reports = Vec::new();
+    let mut block_security = Vec::new();
+    let (mut block_counts, mut block_split_z, mut block_known) = (XCounts::default(), 0u64, 0u64);
+    let mut blocks_span_s = 0.0;
     let mut next_progress = 0u64;
     for frame_idx in 0..n_frames {
         if frame_idx >= next_progress {
@@ -108,18 +224,40 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
             next_progress += (n_frames / 100).max(1);
         }
         let secret = FrameSecret::random(&mut rng);
-        let mut photons = source.emit_frame(&secret, frame_pulses, &mut rng);
-        alice.lock().core.register_frame(frame_idx, secret, frame_pulses);
-        if eve.fraction > 0.0 {
-            eve.attack(&mut photons, &mut rng);
-        }
+        let (photons, split) = fibre_frame(scenario, &source, pns.as_ref(), &secret, &mut rng);
         let detections = receiver.detect_frame(&photons, frame_pulses, &mut rng);
+        if !split.is_empty() {
+            let (split_z, known) = eve_knowledge(&secret, link.p_z, &split, &detections);
+            block_split_z += split_z;
+            block_known += known;
+        }
+        alice.lock().core.register_frame(frame_idx, secret, frame_pulses);
         let x_counts = bob.sift_frame(frame_idx, frame_pulses, &detections).await?;
-        receiver.feedback(x_counts.plus_plus + x_counts.plus_minus, x_counts.plus_minus);
+        block_counts.add(&x_counts);
+        receiver.feedback(x_counts.n_plus_sent(), x_counts.plus_minus);
         if bob.block_ready() {
-            let now_ms = ((frame_idx + 1) as f64 * frame_s * 1000.0) as u64;
+            let now_s = (frame_idx + 1) as f64 * frame_s;
+            let now_ms = (now_s * 1000.0) as u64;
             alice.lock().now_unix_ms = now_ms;
-            reports.push(bob.process_block(&bob_store, now_ms).await?);
+            let report = bob.process_block(&bob_store, now_ms).await?;
+            let stats = BlockStats {
+                n_key_bits: report.n_bits,
+                n_pulses: report.n_pulses,
+                x_counts: std::mem::take(&mut block_counts),
+                leak_ec_bits: report.leak_bits,
+            };
+            let bounds = phase_error_bounds(&stats, &security).ok();
+            block_security.push(BlockSecurity {
+                n_key_bits: report.n_bits,
+                n_multi_photon_upper: bounds.as_ref().map_or(0.0, |b| b.n_multi_photon_upper),
+                n_single_photon_lower: bounds.as_ref().map_or(0.0, |b| b.n_single_photon_lower),
+                final_bits: report.final_bits,
+                leak_bits: report.leak_bits,
+                eve_split_z_pulses: std::mem::take(&mut block_split_z),
+                eve_known_key_bits: std::mem::take(&mut block_known),
+            });
+            blocks_span_s = now_s;
+            reports.push(report);
         }
     }
     progress(1.0);
@@ -128,21 +266,45 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
     if a != b {
         return Err(PlannerError::StoresDiffer);
     }
-    Ok(report(scenario, simulated_s, &bob.counters, reports, b.n_key_bits))
+    let run = RunTotals {
+        simulated_s,
+        blocks_span_s,
+        detections: bob.counters.detections,
+        sifted_bits: bob.counters.sifted_bits,
+        secret_bits: b.n_key_bits,
+    };
+    Ok(report(scenario, run, reports, block_security))
+}
+
+/// Totals of a run that the report is computed from.
+struct RunTotals {
+    simulated_s: f64,
+    blocks_span_s: f64,
+    detections: u64,
+    sifted_bits: u64,
+    secret_bits: u64,
 }
 
 fn report(
     scenario: &Scenario,
-    simulated_s: f64,
-    counters: &crate::link::bob::LinkCounters,
+    run: RunTotals,
     reports: Vec<BlockReport>,
-    secret_bits: u64,
+    block_security: Vec<BlockSecurity>,
 ) -> SimulationReport {
-    let corrected: Vec<&BlockReport> = reports.iter().filter(|r| r.qber_z > 0.0 || r.abort_reason.is_none()).collect();
+    let corrected: Vec<&BlockReport> =
+        reports.iter().filter(|r| r.qber_z > 0.0 || r.abort_reason.is_none()).collect();
     let z_bits: u64 = corrected.iter().map(|r| r.n_bits).sum();
-    let qber_z = if z_bits > 0 { corrected.iter().map(|r| r.qber_z * r.n_bits as f64).sum::<f64>() / z_bits as f64 } else { 0.0 };
+    let qber_z = if z_bits > 0 {
+        corrected.iter().map(|r| r.qber_z * r.n_bits as f64).sum::<f64>() / z_bits as f64
+    } else {
+        0.0
+    };
     let all_bits: u64 = reports.iter().map(|r| r.n_bits).sum();
-    let qber_x = if all_bits > 0 { reports.iter().map(|r| r.qber_x * r.n_bits as f64).sum::<f64>() / all_bits as f64 } else { 0.0 };
+    let qber_x = if all_bits > 0 {
+        reports.iter().map(|r| r.qber_x * r.n_bits as f64).sum::<f64>() / all_bits as f64
+    } else {
+        0.0
+    };
     let committed: Vec<&BlockReport> = reports.iter().filter(|r| r.abort_reason.is_none()).collect();
     let efficiency = if committed.is_empty() {
         0.0
@@ -151,7 +313,11 @@ fn report(
             .iter()
             .map(|r| {
                 let h = crate::postproc::binary_entropy(r.qber_z);
-                if h > 0.0 { (r.leak_bits - crate::link::alice::TAG_BITS) as f64 / (r.n_bits as f64 * h) } else { 0.0 }
+                if h > 0.0 {
+                    (r.leak_bits - crate::link::alice::TAG_BITS) as f64 / (r.n_bits as f64 * h)
+                } else {
+                    0.0
+                }
             })
             .sum::<f64>()
             / committed.len() as f64
@@ -159,19 +325,26 @@ fn report(
     let expected = analytic::expected(&scenario.link);
     SimulationReport {
         distance_km: scenario.link.distance_km,
-        duration_s: simulated_s,
+        duration_s: run.simulated_s,
         qber_z,
         qber_x,
         phase_error_upper: committed.iter().map(|r| r.phase_error_upper).fold(0.0, f64::max),
-        detections_per_s: counters.detections as f64 / simulated_s,
-        sifted_bits_per_s: counters.sifted_bits as f64 / simulated_s,
+        detections_per_s: run.detections as f64 / run.simulated_s,
+        sifted_bits_per_s: run.sifted_bits as f64 / run.simulated_s,
         asymptotic_key_rate_bps: expected.asymptotic_key_per_pulse * scenario.link.clock_hz,
-        secret_key_rate_bps: secret_bits as f64 / simulated_s,
+        secret_key_rate_bps: if run.blocks_span_s > 0.0 {
+            run.secret_bits as f64 / run.blocks_span_s
+        } else {
+            0.0
+        },
         block_size: scenario.protocol.block_bits,
         blocks: reports.len() as u64,
         aborted_blocks: reports.iter().filter(|r| r.abort_reason.is_some()).count() as u64,
-        secret_bits,
+        blocks_span_s: run.blocks_span_s,
+        secret_bits: run.secret_bits,
         reconciliation_efficiency: efficiency,
+        eve_known_key_bits: block_security.iter().map(|b| b.eve_known_key_bits).sum(),
         block_reports: reports,
+        block_security,
     }
 }

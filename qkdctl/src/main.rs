@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod demo;
 mod lab;
 mod pki;
 mod plot;
@@ -46,6 +47,26 @@ enum Command {
         #[command(subcommand)]
         command: pki::PkiCommand,
     },
+    /// A demonstration application (ETSI GS QKD 014 client) for labs: a master and a slave at
+    /// the two KMEs fetch the same keys and check that they match.
+    DemoApp(demo::DemoArgs),
+    /// An intercept-resend eavesdropper on the simulated fibre (for labs: no key must survive).
+    Eve {
+        /// Address Bob's receiver connects to.
+        #[arg(long, default_value = "0.0.0.0:7001")]
+        listen: String,
+        /// Alice's fibre address.
+        #[arg(long)]
+        alice: String,
+        /// Fraction of photons measured and resent.
+        #[arg(long, default_value_t = 1.0)]
+        fraction: f64,
+    },
+    /// Exit 0 when an HTTP URL answers 200 (container health checks: `/readyz`).
+    Probe {
+        /// URL, e.g. http://127.0.0.1:9000/readyz.
+        url: String,
+    },
     /// Inspect a key store.
     Store {
         #[command(subcommand)]
@@ -76,6 +97,26 @@ fn run_daemon(role: &str, config: &std::path::Path) -> anyhow::Result<()> {
     }
 }
 
+fn run_eve(listen: &str, alice: String, fraction: f64) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    runtime.block_on(async {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        let stop = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(common::shutdown_on_signal(stop.clone()));
+        common::fibre::intercept_resend_tap(listener, alice, fraction, rand::random(), stop).await;
+        Ok(())
+    })
+}
+
+fn probe(url: &str) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    runtime.block_on(async {
+        let response = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?.get(url).send().await?;
+        anyhow::ensure!(response.status().is_success(), "{url}: {}", response.status());
+        Ok(())
+    })
+}
+
 fn main() -> std::process::ExitCode {
     common::tls::install_crypto_provider();
     common::logging::init();
@@ -83,6 +124,9 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
         Command::Pki { command } => pki::run(command),
+        Command::DemoApp(args) => demo::run(args),
+        Command::Eve { listen, alice, fraction } => run_eve(&listen, alice, fraction),
+        Command::Probe { url } => probe(&url),
         Command::Simulate(args) => simulate::run_simulate(args),
         Command::Sweep(args) => simulate::run_sweep(args),
         Command::Daemon { role, config } => run_daemon(&role, &config),

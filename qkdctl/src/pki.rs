@@ -28,6 +28,12 @@ pub enum PkiCommand {
         /// Common name of the CA.
         #[arg(long, default_value = "QKD link CA")]
         ca_name: String,
+        /// Also issue an application (SAE) certificate with this ID (repeatable).
+        #[arg(long = "sae", value_name = "SAE_ID")]
+        saes: Vec<String>,
+        /// Do nothing when DIR already holds a CA (for one-shot init containers).
+        #[arg(long)]
+        keep_existing: bool,
     },
     /// Issue an application (SAE) client certificate with common name NAME (the SAE ID) from
     /// the CA in DIR: writes DIR/NAME.crt and DIR/NAME.key.
@@ -43,7 +49,14 @@ pub enum PkiCommand {
 /// Runs a `qkdctl pki` subcommand.
 pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
     match cmd {
-        PkiCommand::Init { dir, alice_names, bob_names, ca_name } => init(&dir, &alice_names, &bob_names, &ca_name),
+        PkiCommand::Init { dir, alice_names, bob_names, ca_name, saes, keep_existing } => {
+            if keep_existing && dir.join("ca.crt").exists() {
+                println!("{} already holds a CA; keeping it", dir.display());
+                return Ok(());
+            }
+            init(&dir, &alice_names, &bob_names, &ca_name)?;
+            saes.iter().try_for_each(|sae| issue_sae(&dir, sae))
+        }
         PkiCommand::IssueSae { name, dir } => issue_sae(&dir, &name),
     }
 }
@@ -62,12 +75,13 @@ fn init(dir: &Path, alice_names: &[String], bob_names: &[String], ca_name: &str)
     let files: Vec<PathBuf> = ["ca.crt", "ca.key", "alice.crt", "alice.key", "bob.crt", "bob.key"].iter().map(|f| dir.join(f)).collect();
     refuse_existing(&files)?;
     let ca = CertAuthority::generate(ca_name)?;
-    write_pem(&dir.join("ca.key"), ca.key_pem(), true)?;
-    write_pem(&dir.join("ca.crt"), ca.cert_pem(), false)?;
     for (node, names) in [("alice", alice_names), ("bob", bob_names)] {
         let issued = ca.issue_for(node, names)?;
         write_issued(dir, node, &issued)?;
     }
+    // The CA certificate last: its presence means the directory is complete.
+    write_pem(&dir.join("ca.key"), ca.key_pem(), true)?;
+    write_pem(&dir.join("ca.crt"), ca.cert_pem(), false)?;
     println!("wrote {}/{{ca,alice,bob}}.{{crt,key}} (keys mode 0600)", dir.display());
     println!("alice's certificate names: {}", alice_names.join(", "));
     println!("bob's certificate names:   {}", bob_names.join(", "));

@@ -159,33 +159,9 @@ pub fn counter(status: &serde_json::Value, pointer: &str) -> u64 {
     status.pointer(pointer).and_then(|v| v.as_u64()).unwrap_or(0)
 }
 
-/// An intercept-resend eavesdropper on the fibre: accepts Bob's connection on `listener`,
-/// connects to Alice's fibre at `alice`, and measures and resends `fraction` of the photons.
+/// An intercept-resend eavesdropper on the fibre between Bob and Alice's source at `alice`.
 pub async fn run_eve(listener: TcpListener, alice: std::net::SocketAddr, fraction: f64, stop: CancellationToken) {
-    use common::fibre::{decode_frame, encode_frame, read_frame, write_frame};
-    use rand::SeedableRng;
-    let eve = common::sim::InterceptResend { fraction };
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(0xE7E);
-    loop {
-        let accepted = tokio::select! {
-            () = stop.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let Ok((mut to_bob, _)) = accepted else { continue };
-        let Ok(mut from_alice) = tokio::net::TcpStream::connect(alice).await else { continue };
-        loop {
-            let frame = tokio::select! {
-                () = stop.cancelled() => return,
-                f = read_frame(&mut from_alice) => f,
-            };
-            let Ok(Some(frame)) = frame else { break };
-            let Ok(mut photons) = decode_frame(&frame) else { break };
-            eve.attack(&mut photons, &mut rng);
-            if write_frame(&mut to_bob, &encode_frame(frame.frame_idx, frame.n_pulses, &photons)).await.is_err() {
-                break;
-            }
-        }
-    }
+    common::fibre::intercept_resend_tap(listener, alice.to_string(), fraction, 0xE7E, stop).await;
 }
 
 /// Path of a workspace binary, built first if needed (`cargo build --bin NAME`).

@@ -7,3 +7,4 @@ use tests::*;
 mod link;
 mod etsi;
 mod service;
+mod deploy;

@@ -198,9 +198,11 @@ async fn serve_connection(
     }
 }
 
-type Caller_ = Result<Extension<Caller>, ExtensionRejection>;
+/// The [`Caller`] extension as handlers receive it (missing only if the router is served
+/// without [`serve_etsi`], e.g. in a test: then the caller has no identity).
+type CallerExtension = Result<Extension<Caller>, ExtensionRejection>;
 
-fn caller_id(caller: &Caller_) -> Option<&SaeId> {
+fn caller_id(caller: &CallerExtension) -> Option<&SaeId> {
     caller.as_ref().ok().and_then(|Extension(c)| c.0.as_ref())
 }
 
@@ -222,7 +224,7 @@ fn body_bytes(body: Result<Bytes, BytesRejection>) -> Result<Bytes, EtsiError> {
 
 async fn status(
     State(state): State<KmeState>,
-    caller: Caller_,
+    caller: CallerExtension,
     slave: Result<Path<String>, PathRejection>,
 ) -> Result<Json<api::StatusBody>, EtsiError> {
     let slave = path_id(slave)?;
@@ -231,7 +233,7 @@ async fn status(
 
 async fn enc_keys_get(
     State(state): State<KmeState>,
-    caller: Caller_,
+    caller: CallerExtension,
     slave: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<api::KeyContainer>, EtsiError> {
@@ -242,7 +244,7 @@ async fn enc_keys_get(
 
 async fn enc_keys_post(
     State(state): State<KmeState>,
-    caller: Caller_,
+    caller: CallerExtension,
     slave: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<api::KeyContainer>, EtsiError> {
@@ -253,7 +255,7 @@ async fn enc_keys_post(
 
 async fn dec_keys_get(
     State(state): State<KmeState>,
-    caller: Caller_,
+    caller: CallerExtension,
     master: Result<Path<String>, PathRejection>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
 ) -> Result<Json<api::KeyContainer>, EtsiError> {
@@ -264,7 +266,7 @@ async fn dec_keys_get(
 
 async fn dec_keys_post(
     State(state): State<KmeState>,
-    caller: Caller_,
+    caller: CallerExtension,
     master: Result<Path<String>, PathRejection>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<api::KeyContainer>, EtsiError> {

@@ -1,10 +1,17 @@
 //! Eavesdroppers on the fibre connection. An attack sees exactly what a physical Eve could
-//! measure: each arriving pulse, one photon at a time.
+//! measure: each pulse, one photon at a time.
+//!
+//! * [`InterceptResend`] measures photons at the end of the fibre and resends what she found; the
+//!   errors it causes are what the link's error rates catch.
+//! * [`PhotonNumberSplitting`] sits at the exit of Alice's lab, replaces the lossy fibre by a
+//!   lossless one and keeps one photon of every two-photon pulse, causing no error at all; only
+//!   the finite-key analysis's multi-photon tagging (g2(0)) bounds what she learns.
 
 use rand::Rng;
 
-use super::math::uniform;
-use super::source::{Photon, State};
+use super::math::{successes, uniform};
+use super::params::LinkParams;
+use super::source::{FrameSecret, Photon, State, alice_state};
 
 /// Intercept-resend: Eve measures a fraction of the photons in a random basis and resends the
 /// state she found.
@@ -54,6 +61,91 @@ impl InterceptResend {
     }
 }
 
+/// Photon-number splitting (Brassard, Lütkenhaus, Mor & Sanders, PRL 85, 1330 (2000)) against
+/// the quantum-dot source: Eve measures the photon number of every pulse at the exit of Alice's
+/// lab without disturbing its state, keeps one photon of each two-photon pulse in a quantum
+/// memory and sends the other to Bob over a lossless fibre, and lets through just enough
+/// single-photon pulses (blocking the rest) that Bob sees the arrival rate of the real fibre. No
+/// state is changed, so the error rates stay exactly those of the honest link; after sifting Eve
+/// learns the basis of each pulse and measures her photon in it, so she knows the bit of every
+/// split Z pulse that ends up in the key.
+///
+/// Of the honest link's per-pulse arrival probability p_arr = p_1 T + p_2 (1 - (1 - T)^2)
+/// (see [`Source::new`](super::Source::new)), Eve fills p_2 with her split pulses and the rest
+/// with single photons passed with probability (p_arr - p_2) / p_1. If p_2 alone exceeds p_arr
+/// (long fibres) she forwards only a fraction p_arr / p_2 of the split pulses and no single
+/// photon.
+#[derive(Clone, Debug)]
+pub struct PhotonNumberSplitting {
+    /// Per-pulse probability that Eve forwards a pulse (split or single photon).
+    p_forward: f64,
+    /// Probability that a forwarded pulse is a split two-photon pulse.
+    p_split_given_forward: f64,
+    /// Alice's probability of sending a Z state.
+    p_z: f64,
+}
+
+/// One frame as Eve delivers it: the photons Bob receives and the pulses whose second photon Eve
+/// holds.
+#[derive(Clone, Debug, Default)]
+pub struct PnsFrame {
+    /// The photons that reach Bob, ascending by `pulse_idx`, one photon each.
+    pub photons: Vec<Photon>,
+    /// Pulse indices (ascending) of the forwarded two-photon pulses whose other photon Eve keeps.
+    pub split_pulses: Vec<u64>,
+}
+
+impl PhotonNumberSplitting {
+    /// The attack against the source and fibre described by `params`.
+    pub fn new(params: &LinkParams) -> Self {
+        let t = params.fibre_transmission();
+        let (p1, p2) = (params.p_one_photon(), params.p_two_photons());
+        let p_arrive = p1 * t + p2 * (1.0 - (1.0 - t) * (1.0 - t));
+        let (p_split, p_single) = if p2 >= p_arrive {
+            (p_arrive, 0.0)
+        } else {
+            (p2, p_arrive - p2)
+        };
+        let p_forward = p_split + p_single;
+        Self {
+            p_forward,
+            p_split_given_forward: if p_forward > 0.0 { p_split / p_forward } else { 0.0 },
+            p_z: params.p_z,
+        }
+    }
+
+    /// Per-pulse probability that a photon reaches Bob; equal to the honest link's
+    /// [`Source::arrival_probability`](super::Source::arrival_probability), so the attack does not
+    /// show in Bob's count rate.
+    pub fn arrival_probability(&self) -> f64 {
+        self.p_forward
+    }
+
+    /// Alice's emission of one frame of `n_pulses` pulses under the attack, replacing
+    /// [`Source::emit_frame`](super::Source::emit_frame): forwarded pulses are placed by geometric
+    /// skipping, so the work is proportional to the photons Bob receives.
+    pub fn emit_frame(
+        &self,
+        secret: &FrameSecret,
+        n_pulses: u64,
+        rng: &mut impl Rng,
+    ) -> PnsFrame {
+        let indices: Vec<u64> = successes(rng, n_pulses, self.p_forward).collect();
+        let mut frame = PnsFrame { photons: Vec::with_capacity(indices.len()), split_pulses: Vec::new() };
+        for pulse_idx in indices {
+            if uniform(rng) < self.p_split_given_forward {
+                frame.split_pulses.push(pulse_idx);
+            }
+            frame.photons.push(Photon {
+                pulse_idx,
+                state: alice_state(secret, pulse_idx, self.p_z),
+                two_photons: false,
+            });
+        }
+        frame
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,5 +172,44 @@ mod tests {
             .collect();
         InterceptResend { fraction: 0.0 }.attack(&mut none, &mut rng);
         assert!(none.iter().all(|p| p.state == State::Plus && p.two_photons));
+    }
+
+    #[test]
+    fn pns_hides_in_the_arrival_rate_and_splits_every_two_photon_pulse() {
+        let seed = 22;
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        let mut p = LinkParams::preset("wang2026-120km").unwrap();
+        // A bright, poor source so that the counts are large.
+        p.mu = 0.05;
+        p.g2 = 0.5;
+        let eve = PhotonNumberSplitting::new(&p);
+        let honest = super::super::Source::new(&p);
+        assert!((eve.arrival_probability() / honest.arrival_probability() - 1.0).abs() < 1e-12);
+        let secret = FrameSecret::random(&mut rng);
+        let n = 1u64 << 26;
+        let frame = eve.emit_frame(&secret, n, &mut rng);
+        let mean = n as f64 * honest.arrival_probability();
+        let got = frame.photons.len() as f64;
+        assert!((got - mean).abs() < 4.0 * mean.sqrt(), "seed {seed}: {got} photons vs {mean}");
+        // Every two-photon pulse Alice emits is split (p_2 < p_arr here).
+        let split_mean = n as f64 * p.p_two_photons();
+        let split = frame.split_pulses.len() as f64;
+        assert!(
+            (split - split_mean).abs() < 4.0 * split_mean.sqrt(),
+            "seed {seed}: {split} split vs {split_mean}"
+        );
+        assert!(frame.split_pulses.windows(2).all(|w| w[0] < w[1]));
+        assert!(frame.photons.iter().all(|ph| !ph.two_photons
+            && ph.state == alice_state(&secret, ph.pulse_idx, p.p_z)));
+        // Beyond the distance where two-photon pulses alone exceed the honest arrivals, Eve can
+        // only forward split pulses.
+        p.distance_km = 400.0;
+        let far = PhotonNumberSplitting::new(&p);
+        assert!((far.p_split_given_forward - 1.0).abs() < 1e-12);
+        assert!(
+            (far.arrival_probability() / super::super::Source::new(&p).arrival_probability() - 1.0)
+                .abs()
+                < 1e-12
+        );
     }
 }

@@ -12,7 +12,8 @@
 //!   pulse index) and the photons that survive the fibre ([`Source::emit_frame`]).
 //! * [`receiver`]: Bob's detections ([`Receiver::detect_frame`]), phase drift and the
 //!   phase-stabilisation loop ([`Receiver::feedback`]).
-//! * [`eve`]: attacks on the photons in the fibre ([`InterceptResend`]).
+//! * [`eve`]: attacks on the photons in the fibre ([`InterceptResend`],
+//!   [`PhotonNumberSplitting`]).
 //! * [`analytic`]: closed-form expectations ([`expected`]).
 //!
 //! Work is proportional to photons and clicks, never to pulses: photons and dark counts are placed
@@ -40,7 +41,7 @@ pub mod source;
 mod tests;
 
 pub use analytic::{Expected, expected, expected_with_phase};
-pub use eve::InterceptResend;
+pub use eve::{InterceptResend, PhotonNumberSplitting, PnsFrame};
 pub use math::binary_entropy;
 pub use params::{LinkParams, ParamsError, TimingModel};
 pub use receiver::{Detection, Measurement, Receiver};

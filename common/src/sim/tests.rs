@@ -340,33 +340,3 @@ fn frame_cost_scales_with_photons_not_pulses() {
     );
     println!("2^22-pulse frame at 120 km: {per_frame:?}; 2^40-pulse frame: {huge:?}");
 }
-
-#[test]
-#[ignore]
-fn tune_feedback_loop() {
-    let base = LinkParams::preset("wang2026-120km").unwrap();
-    let floor = expected(&base).qber_x;
-    for dither in [0.05, 0.07, 0.1] {
-        for events in [300u64, 600, 1200] {
-            for kp in [0.05, 0.1, 0.2] {
-                for ki in [0.0, 0.003, 0.01] {
-                    let mut means = Vec::new();
-                    let mut worst_block: f64 = 0.0;
-                    for seed in [1u64, 2] {
-                        let mut p = base.clone();
-                        p.feedback_dither_rad = dither;
-                        p.feedback_events_per_half_cycle = events;
-                        p.feedback_proportional_gain = kp;
-                        p.feedback_integral_gain = ki;
-                        let mut rx = Receiver::new(&p);
-                        let (blocks, _) = drift_run(&p, &mut rx, 6.0 * 3600.0, 1 << 26, 1800.0, seed);
-                        means.push(blocks.iter().sum::<f64>() / blocks.len() as f64);
-                        worst_block = blocks.iter().copied().fold(worst_block, f64::max);
-                    }
-                    let mean = means.iter().sum::<f64>() / means.len() as f64;
-                    println!("dither {dither} events {events} kp {kp} ki {ki}: excess {:.2} points, worst block {:.2}", 100.0 * (mean - floor), 100.0 * (worst_block - floor));
-                }
-            }
-        }
-    }
-}

@@ -1,0 +1,17 @@
+# Builds alice, bob and qkdctl, then a small runtime image.
+FROM rust:1-bookworm AS build
+WORKDIR /src
+COPY . .
+RUN cargo build --release --bins -p alice -p bob -p qkdctl \
+ && mkdir /out && cp target/release/alice target/release/bob target/release/qkdctl /out/ \
+ && strip /out/*
+
+FROM debian:bookworm-slim
+RUN useradd --system --uid 10001 --home-dir /var/lib/qkd qkd \
+ && mkdir -p /var/lib/qkd /pki /etc/qkd && chown qkd:qkd /var/lib/qkd /pki
+COPY --from=build /out/ /usr/local/bin/
+COPY presets /usr/local/share/qkd/presets
+COPY deploy /usr/local/share/qkd/deploy
+USER qkd
+WORKDIR /var/lib/qkd
+CMD ["qkdctl", "--help"]
