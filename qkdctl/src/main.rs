@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 
 mod demo;
+mod keys;
 mod lab;
 mod pki;
 mod plot;
@@ -42,6 +43,12 @@ enum Command {
     /// and a plot (SVG) of key rate and QBER, with the analytic model and the reference
     /// experiment's published points.
     Sweep(simulate::SweepArgs),
+    /// ETSI GS QKD 014 client: key status, Get key, Get key with key IDs against any KME
+    /// (this one or another vendor's), with client-certificate options; and a load benchmark.
+    Keys {
+        #[command(subcommand)]
+        command: keys::KeysCommand,
+    },
     /// Create the certificates of a deployment: a CA, the two KMEs, application (SAE) clients.
     Pki {
         #[command(subcommand)]
@@ -124,6 +131,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
         Command::Pki { command } => pki::run(command),
+        Command::Keys { command } => keys::run(command),
         Command::DemoApp(args) => demo::run(args),
         Command::Eve { listen, alice, fraction } => run_eve(&listen, alice, fraction),
         Command::Probe { url } => probe(&url),

@@ -119,7 +119,8 @@ impl ModelArgs {
 pub struct SimulateArgs {
     #[command(flatten)]
     model: ModelArgs,
-    /// Simulated duration, seconds (default: long enough for three blocks). Progress goes to
+    /// Simulated duration, seconds (default: long enough for three blocks, from the analytic
+    /// sifted-bit rate). Progress goes to
     /// stderr when it is a terminal.
     #[arg(long)]
     duration_s: Option<f64>,
@@ -133,7 +134,9 @@ pub struct SimulateArgs {
 
 fn default_duration(link: &LinkParams, protocol: &ProtocolParams) -> f64 {
     let sifted_per_s = analytic::expected(link).p_sifted * link.clock_hz;
-    if sifted_per_s > 0.0 { 3.0 * protocol.block_bits as f64 / sifted_per_s } else { 3600.0 }
+    // A quarter block more than three, so that sifting fluctuations do not leave the third
+    // block unfinished.
+    if sifted_per_s > 0.0 { 3.25 * protocol.block_bits as f64 / sifted_per_s } else { 3600.0 }
 }
 
 /// Runs `qkdctl simulate`.

@@ -575,13 +575,14 @@ async fn peer_channel_refuses_a_node_with_another_name() {
 /// once with the master's bytes, and `stored_key_count` stays consistent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_clients_at_both_kmes_never_share_a_key() {
-    const N_UNITS: usize = 400;
-    const ROUNDS: usize = 12;
+    const N_UNITS: usize = 800;
+    const ROUNDS: usize = 10;
+    const CLIENTS_PER_PAIR: usize = 3;
     let net = Arc::new(Net::start(NetOptions { n_units: N_UNITS, ..NetOptions::default() }).await);
-    // (master, its KME, slave, the slave's KME) — both directions, two pairs each way.
+    // (master, at KME A?, slave): both directions, two pairs each way, several clients per pair.
     let pairs = [("sae-a1", true, "sae-b1"), ("sae-a2", true, "sae-b2"), ("sae-b1", false, "sae-a1"), ("sae-b2", false, "sae-a2")];
     let mut tasks = Vec::new();
-    for (i, (master, at_a, slave)) in pairs.into_iter().enumerate() {
+    for (i, (master, at_a, slave)) in pairs.into_iter().cycle().take(pairs.len() * CLIENTS_PER_PAIR).enumerate() {
         let net = net.clone();
         tasks.push(tokio::spawn(async move {
             let client = net.client(master);

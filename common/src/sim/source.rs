@@ -1,8 +1,7 @@
 //! Alice's side: her per-frame secret, the state of each pulse, and the photons that leave her lab
 //! and survive the fibre.
 
-use rand::{Rng, RngCore, SeedableRng};
-use rand_chacha::ChaCha20Rng;
+use rand::Rng;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::math::{successes, uniform};
@@ -98,12 +97,76 @@ impl FrameSecret {
 /// Pulse i uses the 64-bit word at ChaCha20 word position 2i: its top 53 bits, as a uniform number
 /// u in [0, 1), choose Z when u < `p_z`; its lowest bit then chooses |E> (0) or |L> (1). The X basis
 /// always gives |+> (three-state protocol, seed-experiment.md "The protocol"): never |->.
+///
+/// The word is the one `rand_chacha::ChaCha20Rng` (seeded with the secret, stream 0) returns after
+/// `set_word_pos(2 i)`; it is computed here from the single 64-byte block that holds it
+/// ([`chacha20_block`]) because the generator would compute four blocks per call, and this
+/// function runs for every photon and every detection.
 pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
-    let mut rng = ChaCha20Rng::from_seed(secret.0);
-    rng.set_word_pos(2 * u128::from(pulse_idx));
-    let word = rng.next_u64();
+    // Word position 2 i lies in block 2 i / 16 = i / 8, at word 2 (i mod 8) of it.
+    let block = chacha20_block(&secret.0, pulse_idx / 8);
+    let k = 2 * (pulse_idx % 8) as usize;
+    let word = u64::from(block[k]) | (u64::from(block[k + 1]) << 32);
     let u = (word >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
     if u < p_z { if word & 1 == 0 { State::Early } else { State::Late } } else { State::Plus }
+}
+
+/// The ChaCha20 block function (D. J. Bernstein, "ChaCha, a variant of Salsa20", 2008; the 20-round
+/// block function of RFC 8439, section 2.3, with the original layout: a 64-bit block counter in
+/// words 12-13 and a 64-bit nonce, here 0, in words 14-15, as rand_chacha uses it): the 16 output
+/// words of block `counter` under `key`.
+fn chacha20_block(key: &[u8; 32], counter: u64) -> [u32; 16] {
+    let k = |i: usize| u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
+    let input: [u32; 16] = [
+        0x6170_7865,
+        0x3320_646e,
+        0x7962_2d32,
+        0x6b20_6574,
+        k(0),
+        k(1),
+        k(2),
+        k(3),
+        k(4),
+        k(5),
+        k(6),
+        k(7),
+        counter as u32,
+        (counter >> 32) as u32,
+        0,
+        0,
+    ];
+    let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] =
+        [input[0], input[1], input[2], input[3], input[4], input[5], input[6], input[7]];
+    let [mut x8, mut x9, mut x10, mut x11, mut x12, mut x13, mut x14, mut x15] =
+        [input[8], input[9], input[10], input[11], input[12], input[13], input[14], input[15]];
+    // The quarter round on words a, b, c, d (RFC 8439, section 2.1).
+    macro_rules! quarter_round {
+        ($a:ident, $b:ident, $c:ident, $d:ident) => {
+            $a = $a.wrapping_add($b);
+            $d = ($d ^ $a).rotate_left(16);
+            $c = $c.wrapping_add($d);
+            $b = ($b ^ $c).rotate_left(12);
+            $a = $a.wrapping_add($b);
+            $d = ($d ^ $a).rotate_left(8);
+            $c = $c.wrapping_add($d);
+            $b = ($b ^ $c).rotate_left(7);
+        };
+    }
+    for _ in 0..10 {
+        quarter_round!(x0, x4, x8, x12);
+        quarter_round!(x1, x5, x9, x13);
+        quarter_round!(x2, x6, x10, x14);
+        quarter_round!(x3, x7, x11, x15);
+        quarter_round!(x0, x5, x10, x15);
+        quarter_round!(x1, x6, x11, x12);
+        quarter_round!(x2, x7, x8, x13);
+        quarter_round!(x3, x4, x9, x14);
+    }
+    let mut out = [x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15];
+    for (word, inp) in out.iter_mut().zip(input) {
+        *word = word.wrapping_add(inp);
+    }
+    out
 }
 
 /// A pulse that reached the end of the fibre with at least one photon in it.
@@ -183,9 +246,40 @@ impl Source {
 mod tests {
     use super::*;
     use rand::SeedableRng;
+    use rand_chacha::ChaCha20Rng;
 
     fn secret(seed: u64) -> FrameSecret {
         FrameSecret::random(&mut ChaCha20Rng::seed_from_u64(seed))
+    }
+
+    /// The reference definition: rand_chacha's generator positioned at word 2 i.
+    fn reference_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
+        use rand::RngCore;
+        let mut rng = ChaCha20Rng::from_seed(*secret.expose_bytes());
+        rng.set_word_pos(2 * u128::from(pulse_idx));
+        let word = rng.next_u64();
+        let u = (word >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
+        if u < p_z { if word & 1 == 0 { State::Early } else { State::Late } } else { State::Plus }
+    }
+
+    #[test]
+    fn single_block_chacha_matches_rand_chacha() {
+        let seed = 14;
+        let mut rng = ChaCha20Rng::seed_from_u64(seed);
+        for _ in 0..20 {
+            let s = FrameSecret::random(&mut rng);
+            let far = [u64::MAX / 3, (1 << 40) + 5, (1 << 32) * 8 + 7, u64::MAX / 8 * 8 - 1];
+            for i in (0..200).chain(far) {
+                for p_z in [0.5, 0.8, 0.9] {
+                    assert_eq!(alice_state(&s, i, p_z), reference_state(&s, i, p_z), "seed {seed}, pulse {i}");
+                }
+            }
+        }
+        // RFC 8439, appendix A.1, test vectors 1 and 2 (all-zero key and nonce, block counters 0
+        // and 1): the key streams start 76 b8 e0 ad a0 f1 3d 90 and 9f 07 e7 be 55 51 38 7a.
+        let zero = [0u8; 32];
+        assert_eq!(chacha20_block(&zero, 0)[..2], [0xade0_b876, 0x903d_f1a0]);
+        assert_eq!(chacha20_block(&zero, 1)[..2], [0xbee7_079f, 0x7a38_5155]);
     }
 
     #[test]

@@ -105,3 +105,39 @@ fn hash_is_linear_in_the_input() {
         assert_eq!(column.get(i), toeplitz_seed.get(i + n - 1 - j), "seed {seed}: i={i} j={j}");
     }
 }
+
+#[test]
+fn fft_matches_reference_on_random_inputs() {
+    // The ternary FFT forced on small sizes (where it would not be chosen), against the
+    // bit-by-bit reference: every plan shape down to K = 9 points.
+    let seed = 24;
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    for &(n, m) in &[(1usize, 1usize), (2, 3), (64, 64), (65, 1), (100, 37), (513, 100), (1000, 999), (2000, 3000), (4097, 1500)] {
+        let input = random_bits(&mut rng, n);
+        let toeplitz_seed = random_bits(&mut rng, n + m - 1);
+        let fft = toeplitz_hash_fft(&input, &toeplitz_seed, m);
+        let slow = toeplitz_hash_reference(&input, &toeplitz_seed, m);
+        assert_eq!(fft.len(), m);
+        assert!(fft == slow, "seed {seed}: n={n} m={m} differ");
+    }
+}
+
+#[test]
+fn automatic_fft_path_matches_karatsuba_and_reference_bits() {
+    // Above the threshold toeplitz_hash takes the FFT path: it must agree with Karatsuba (itself
+    // checked against the reference above) on the whole output, and with the reference formula on
+    // a sample of output bits (each O(n) to compute).
+    let seed = 25;
+    let mut rng = ChaCha20Rng::seed_from_u64(seed);
+    for &(n, m) in &[(FFT_THRESHOLD_BITS + 1, 1000), (100_003, 70_001), (250_000, 31)] {
+        let input = random_bits(&mut rng, n);
+        let toeplitz_seed = random_bits(&mut rng, n + m - 1);
+        let auto = toeplitz_hash(&input, &toeplitz_seed, m);
+        let karatsuba = toeplitz_hash_karatsuba(&input, &toeplitz_seed, m);
+        assert!(auto == karatsuba, "seed {seed}: n={n} m={m}: fft and karatsuba differ");
+        for i in (0..m).step_by((m / 7).max(1)).chain([m - 1]) {
+            let bit = (0..n).fold(false, |acc, j| acc ^ (toeplitz_seed.get(i + n - 1 - j) & input.get(j)));
+            assert_eq!(auto.get(i), bit, "seed {seed}: n={n} m={m} bit {i}");
+        }
+    }
+}
