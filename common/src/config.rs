@@ -69,6 +69,11 @@ pub struct AliceConfig {
     pub node_id: String,
     /// Directory of the key store and the status file; created if missing.
     pub data_dir: PathBuf,
+    /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
+    /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
+    /// absent.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// The classical channel's gRPC server.
     pub classical: AliceClassical,
     /// The simulated fibre's transmitter.
@@ -81,11 +86,6 @@ pub struct AliceConfig {
     /// Post-processing parameters; must equal Bob's.
     #[serde(default)]
     pub protocol: ProtocolParams,
-    /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
-    /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
-    /// absent.
-    #[serde(default)]
-    pub health_listen: Option<SocketAddr>,
     /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
     /// KME-to-KME channel. Off when absent.
     #[serde(default)]
@@ -118,6 +118,11 @@ pub struct BobConfig {
     pub node_id: String,
     /// Directory of the key store and the status file; created if missing.
     pub data_dir: PathBuf,
+    /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
+    /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
+    /// absent.
+    #[serde(default)]
+    pub health_listen: Option<SocketAddr>,
     /// The classical channel's gRPC client.
     pub classical: BobClassical,
     /// The simulated fibre's receiving end.
@@ -130,11 +135,6 @@ pub struct BobConfig {
     /// Post-processing parameters; must equal Alice's.
     #[serde(default)]
     pub protocol: ProtocolParams,
-    /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
-    /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
-    /// absent.
-    #[serde(default)]
-    pub health_listen: Option<SocketAddr>,
     /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
     /// KME-to-KME channel. Off when absent.
     #[serde(default)]

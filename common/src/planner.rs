@@ -17,7 +17,9 @@ use crate::link::alice::AliceCore;
 use crate::link::bob::{BlockReport, BobLink};
 use crate::link::memory::MemoryAlice;
 use crate::link::{LinkError, ProtocolParams};
-use crate::postproc::finite_key::{BlockStats, XCounts, phase_error_bounds};
+use crate::postproc::finite_key::{
+    BlockStats, XCounts, phase_error_bounds, phase_error_bounds_at_split, security_cost_bits,
+};
 use crate::sim::{
     Detection, FrameSecret, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting,
     Receiver, Source, State, alice_state, analytic,
@@ -70,8 +72,18 @@ pub struct BlockSecurity {
     /// Z-state pulses of the block's frames whose second photon a photon-number-splitting Eve
     /// holds (whether Bob detected them or not).
     pub eve_split_z_pulses: u64,
-    /// Key bits of the block whose value Eve knows: Z-sent, Z-measured pulses she split.
+    /// Key bits of the block whose value Eve knows: Z-sent, Z-measured pulses she split (the
+    /// multi-photon pulses actually in the key sample).
     pub eve_known_key_bits: u64,
+    /// Test clicks (Z sent, X measured) of pulses Eve split: the multi-photon pulses actually in
+    /// the test sample.
+    pub eve_split_test_clicks: u64,
+    /// Under photon-number splitting, the key length (bits, before rounding to key units) that the
+    /// finite-key formula gives at the split of multi-photon pulses Eve actually realised
+    /// (`eve_known_key_bits` in the key, `eve_split_test_clicks` in the test sample), which the
+    /// length at the worst split must never exceed; `None` without that attack or when the
+    /// estimate failed.
+    pub key_length_at_actual_split: Option<f64>,
 }
 
 /// The outcome of a simulated run. Rates are per simulated second.
@@ -169,22 +181,39 @@ fn fibre_frame(
     (photons, Vec::new())
 }
 
-/// Under photon-number splitting: the split pulses Alice sent in Z, and the key bits (Z sent, Z
-/// measured) among them.
-fn eve_knowledge(
-    secret: &FrameSecret,
-    p_z: f64,
-    split: &[u64],
-    detections: &[Detection],
-) -> (u64, u64) {
-    let is_z = |idx: u64| matches!(alice_state(secret, idx, p_z), State::Early | State::Late);
-    let split_z = split.iter().filter(|&&idx| is_z(idx)).count() as u64;
-    let known = detections
-        .iter()
-        .filter(|d| matches!(d.measurement, Measurement::Z { .. }))
-        .filter(|d| split.binary_search(&d.pulse_idx).is_ok() && is_z(d.pulse_idx))
-        .count() as u64;
-    (split_z, known)
+/// What a photon-number-splitting Eve holds after one frame, counted per block.
+#[derive(Clone, Copy, Debug, Default)]
+struct EveTally {
+    /// Split pulses Alice sent in Z.
+    split_z: u64,
+    /// Key bits (Z sent, Z measured) among them.
+    known_key_bits: u64,
+    /// Test clicks (Z sent, X measured) among them.
+    test_clicks: u64,
+}
+
+impl EveTally {
+    /// The frame's split pulses (`split`, ascending) against Alice's states and Bob's detections.
+    fn of_frame(secret: &FrameSecret, p_z: f64, split: &[u64], detections: &[Detection]) -> Self {
+        let is_z = |idx: u64| matches!(alice_state(secret, idx, p_z), State::Early | State::Late);
+        let mut tally =
+            Self { split_z: split.iter().filter(|&&idx| is_z(idx)).count() as u64, ..Self::default() };
+        for d in detections {
+            if split.binary_search(&d.pulse_idx).is_ok() && is_z(d.pulse_idx) {
+                match d.measurement {
+                    Measurement::Z { .. } => tally.known_key_bits += 1,
+                    Measurement::X { .. } => tally.test_clicks += 1,
+                }
+            }
+        }
+        tally
+    }
+
+    fn add(&mut self, other: Self) {
+        self.split_z += other.split_z;
+        self.known_key_bits += other.known_key_bits;
+        self.test_clicks += other.test_clicks;
+    }
 }
 
 async fn simulate_async(
@@ -215,7 +244,7 @@ async fn simulate_async(
     let n_frames = (duration_s / frame_s).ceil().max(1.0) as u64;
     let mut reports = Vec::new();
     let mut block_security = Vec::new();
-    let (mut block_counts, mut block_split_z, mut block_known) = (XCounts::default(), 0u64, 0u64);
+    let (mut block_counts, mut block_eve) = (XCounts::default(), EveTally::default());
     let mut blocks_span_s = 0.0;
     let mut next_progress = 0u64;
     for frame_idx in 0..n_frames {
@@ -227,9 +256,7 @@ async fn simulate_async(
         let (photons, split) = fibre_frame(scenario, &source, pns.as_ref(), &secret, &mut rng);
         let detections = receiver.detect_frame(&photons, frame_pulses, &mut rng);
         if !split.is_empty() {
-            let (split_z, known) = eve_knowledge(&secret, link.p_z, &split, &detections);
-            block_split_z += split_z;
-            block_known += known;
+            block_eve.add(EveTally::of_frame(&secret, link.p_z, &split, &detections));
         }
         alice.lock().core.register_frame(frame_idx, secret, frame_pulses);
         let x_counts = bob.sift_frame(frame_idx, frame_pulses, &detections).await?;
@@ -247,14 +274,29 @@ async fn simulate_async(
                 leak_ec_bits: report.leak_bits,
             };
             let bounds = phase_error_bounds(&stats, &security).ok();
+            let eve = std::mem::take(&mut block_eve);
+            let key_length_at_actual_split = pns
+                .as_ref()
+                .and_then(|_| {
+                    let (m_key, m_test) = (eve.known_key_bits as f64, eve.test_clicks as f64);
+                    phase_error_bounds_at_split(&stats, &security, m_key, m_test).ok()
+                })
+                .map(|b| {
+                    b.n_single_photon_lower
+                        * (1.0 - crate::postproc::binary_entropy(b.single_photon_rate_upper))
+                        - stats.leak_ec_bits as f64
+                        - security_cost_bits(&security)
+                });
             block_security.push(BlockSecurity {
                 n_key_bits: report.n_bits,
                 n_multi_photon_upper: bounds.as_ref().map_or(0.0, |b| b.n_multi_photon_upper),
                 n_single_photon_lower: bounds.as_ref().map_or(0.0, |b| b.n_single_photon_lower),
                 final_bits: report.final_bits,
                 leak_bits: report.leak_bits,
-                eve_split_z_pulses: std::mem::take(&mut block_split_z),
-                eve_known_key_bits: std::mem::take(&mut block_known),
+                eve_split_z_pulses: eve.split_z,
+                eve_known_key_bits: eve.known_key_bits,
+                eve_split_test_clicks: eve.test_clicks,
+                key_length_at_actual_split,
             });
             blocks_span_s = now_s;
             reports.push(report);

@@ -571,6 +571,42 @@ async fn peer_channel_refuses_a_node_with_another_name() {
     net.stop().await;
 }
 
+/// Cancel over the KME-to-KME channel: only the configured peer node, naming its own KME ID,
+/// may cancel; a recorded reservation is erased (never fetched), an unknown key ID is refused
+/// when its reservation arrives late, and asking again gives the same answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn peer_channel_cancels_reservations_for_the_peer_only() {
+    use common::etsi::{CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
+    let net = Net::start(NetOptions::default()).await;
+    let mut owned_by_alice = net.units.iter().filter(|u| KmeSide::Alice.owns(&u.key_id)).map(|u| u.key_id);
+    let reserve = |unit: Uuid| ReserveRequest {
+        source_kme_id: common::etsi::KmeId("KME_A".into()),
+        master: common::etsi::SaeId("sae-a1".into()),
+        slaves: vec![common::etsi::SaeId("sae-b1".into())],
+        size_bits: 256,
+        keys: vec![(Uuid::new_v4(), vec![unit])],
+    };
+    let (recorded, late) = (reserve(owned_by_alice.next().unwrap()), reserve(owned_by_alice.next().unwrap()));
+    let alice = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3)).unwrap();
+    alice.reserve(recorded.clone()).await.unwrap();
+    let cancel = CancelRequest { source_kme_id: common::etsi::KmeId("KME_A".into()), key_ids: vec![recorded.keys[0].0, late.keys[0].0] };
+    let mallory = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3)).unwrap();
+    assert!(matches!(mallory.cancel(cancel.clone()).await, Err(CancelError::Refused(_))));
+    let foreign = CancelRequest { source_kme_id: common::etsi::KmeId("KME_X".into()), ..cancel.clone() };
+    assert!(matches!(alice.cancel(foreign).await, Err(CancelError::Refused(_))));
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 1);
+    let summary_b = net.b.store.summary().unwrap();
+    assert_eq!(alice.cancel(cancel.clone()).await.unwrap(), vec![CancelOutcome::Cancelled, CancelOutcome::Unknown]);
+    assert_eq!(alice.cancel(cancel).await.unwrap(), vec![CancelOutcome::Cancelled, CancelOutcome::Unknown]);
+    assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
+    // The cancelled key cannot be fetched; the late reservation is refused and takes nothing.
+    let answer = net.client("sae-b1").get(&format!("{}?key_ID={}", url(&net.b, "sae-a1", "dec_keys"), recorded.keys[0].0)).await;
+    assert_error(&answer, 400, Some(MSG_KEYS_NOT_FOUND));
+    assert!(matches!(alice.reserve(late).await, Err(ReserveError::Refused(_))));
+    assert_eq!(net.b.store.summary().unwrap(), summary_b);
+    net.stop().await;
+}
+
 /// Many SAEs at both KMEs at once: no key ID goes to two pairs, every key reaches its slave
 /// once with the master's bytes, and `stored_key_count` stays consistent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

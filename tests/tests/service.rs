@@ -23,17 +23,23 @@ async fn daemon_speaks_the_systemd_notify_protocol() {
     let socket_path = lab.dir.0.join("notify.sock");
     let socket = UnixDatagram::bind(&socket_path).unwrap();
     socket.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
-    let mut alice = Command::new(alice_bin)
-        .arg("--config")
+    let log_path = lab.dir.0.join("alice.log");
+    // As systemd does, WATCHDOG_PID names the daemon's own PID: the shell's, kept by exec.
+    let mut alice = Command::new("sh")
+        .arg("-c")
+        .arg("WATCHDOG_PID=$$ exec \"$0\" --config \"$1\"")
+        .arg(&alice_bin)
         .arg(&cfg_path)
         .env("NOTIFY_SOCKET", &socket_path)
         .env("WATCHDOG_USEC", "200000")
-        .stderr(Stdio::null())
+        .stderr(Stdio::from(std::fs::File::create(&log_path).unwrap()))
         .spawn()
         .unwrap();
     let recv = || {
         let mut buf = [0u8; 1024];
-        let n = socket.recv(&mut buf).expect("no notification within 60 s");
+        let n = socket.recv(&mut buf).unwrap_or_else(|e| {
+            panic!("no notification within 60 s ({e}); alice's log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default())
+        });
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };
     let first = recv();

@@ -3,7 +3,8 @@
 //! * [`api`]: the standard's JSON formats, request parsing, errors as HTTP answers.
 //! * [`server`]: the HTTPS server (mutual TLS, HTTP/1.1 and HTTP/2) and its axum router.
 //! * [`pool`]: the key life cycle ([`KmeState`]): split ownership of units, reservation at the
-//!   peer KME before delivery, delivery of reserved keys to slaves, each once.
+//!   peer KME before delivery (cancelled in the background when its answer is lost), delivery
+//!   of reserved keys to slaves, each once.
 //! * [`peer`]: the KME-to-KME gRPC channel (`proto/kme.proto`).
 //! * [`identity`]: SAE IDs from client certificates, unit ownership.
 //! * [`config`]: the `[kme]` configuration section.
@@ -27,7 +28,7 @@ use tracing::{info, warn};
 
 pub use config::{KmeConfig, KmeConfigError, KmeSettings, SaeEntry};
 pub use identity::{IdentitySource, KmeId, KmeSide, SaeId};
-pub use peer::{GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
+pub use peer::{CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
 pub use pool::KmeState;
 pub use server::serve_etsi;
 
@@ -81,7 +82,8 @@ pub async fn run_kme(
 /// (TLS files of `cfg.tls`), the peer's gRPC server on `peer_listener` (the node's TLS material
 /// `node_tls`, callers checked against `cfg.peer_name`), the client of the peer KME, and the
 /// periodic purge of expired reservations. `side` says which units this KME owns (the daemon's
-/// role). Returns once both servers have stopped.
+/// role). Returns once both servers have stopped and the settling of reservations in doubt
+/// ([`KmeState::shutdown`]) has ended.
 pub async fn run_kme_with_listeners(
     cfg: &KmeConfig,
     side: KmeSide,
@@ -111,8 +113,10 @@ pub async fn run_kme_with_listeners(
             shutdown.clone().cancelled_owned(),
         );
     let https = serve_etsi(https_listener, state.clone(), https_tls, shutdown.clone());
-    let purge = purge_periodically(state, shutdown);
+    let purge = purge_periodically(state.clone(), shutdown);
     let (peer_result, https_result, ()) = tokio::join!(peer_server, https, purge);
+    // Reservations still in doubt are logged, not settled: the process goes away.
+    state.shutdown().await;
     peer_result?;
     https_result?;
     info!("KME stopped");

@@ -1,5 +1,6 @@
 //! The KME-to-KME channel (`proto/kme.proto`, gRPC with mutual TLS on node certificates): the
-//! reservation a KME asks of its peer before handing keys to a master SAE.
+//! reservation a KME asks of its peer before handing keys to a master SAE, and the cancellation
+//! of reservations whose answer was lost.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,7 +8,10 @@ use std::time::Duration;
 
 use proto::kme::kme_peer_client::KmePeerClient;
 use proto::kme::kme_peer_server::{KmePeer, KmePeerServer};
-use proto::kme::{PingRequest, PingResponse, ReserveRequest as ReserveMessage, ReserveResponse, ReservedKey};
+use proto::kme::{
+    CancelRequest as CancelMessage, CancelResponse, Cancellation, PingRequest, PingResponse, ReserveRequest as ReserveMessage,
+    ReserveResponse, ReservedKey,
+};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 use tracing::warn;
@@ -32,15 +36,54 @@ pub struct ReserveRequest {
     pub keys: Vec<(Uuid, Vec<Uuid>)>,
 }
 
-/// Why a reservation did not happen (in every case the peer changed nothing).
+/// Why a reservation did not happen, or may not have.
 #[derive(Clone, Debug, PartialEq, thiserror::Error)]
 pub enum ReserveError {
-    /// The peer does not hold these units (any more); they can never be served.
+    /// The peer does not hold these units (any more); they can never be served. The peer
+    /// changed nothing.
     #[error("the peer KME does not hold {} of the units", .0.len())]
     Missing(Vec<Uuid>),
     /// The peer refused the request (it is inconsistent with its configuration, or its store
-    /// failed).
+    /// failed). The peer changed nothing.
     #[error("the peer KME refused: {0}")]
+    Refused(String),
+    /// The request never left this KME (no connection to the peer could be made), so the peer
+    /// changed nothing.
+    #[error("the peer KME is unreachable: {0}")]
+    NotSent(String),
+    /// The peer could not be reached or did not answer in time, after the request may have been
+    /// sent: the peer may or may not have recorded the reservation (settle it with
+    /// [`ReservePeer::cancel`]).
+    #[error("the peer KME is unreachable: {0}")]
+    Unreachable(String),
+}
+
+/// A cancellation asked of the peer KME: the key IDs of one reservation request whose answer
+/// never came.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CancelRequest {
+    /// The asking KME.
+    pub source_kme_id: KmeId,
+    /// The ETSI key IDs of that request.
+    pub key_ids: Vec<Uuid>,
+}
+
+/// What became of one key ID of a [`CancelRequest`] at the peer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The peer had recorded the reservation and has now erased it; its units are gone from the
+    /// peer's pool, so the asking KME must discard them.
+    Cancelled,
+    /// The peer had no such reservation and will refuse it from now on; its units stay at the
+    /// peer if it never took them, so the asking KME may offer them again.
+    Unknown,
+}
+
+/// Why a cancellation did not get an answer (it may be asked again: it is idempotent).
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum CancelError {
+    /// The peer refused the request, or its answer is malformed.
+    #[error("the peer KME refused the cancellation: {0}")]
     Refused(String),
     /// The peer could not be reached or did not answer in time.
     #[error("the peer KME is unreachable: {0}")]
@@ -54,6 +97,9 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 pub trait ReservePeer: Send + Sync + 'static {
     /// Asks the peer to reserve the keys of `request`, all or nothing.
     fn reserve(&self, request: ReserveRequest) -> BoxFuture<'_, Result<(), ReserveError>>;
+    /// Asks the peer to cancel the reservations of `request`'s key IDs; one outcome per key ID,
+    /// in order.
+    fn cancel(&self, request: CancelRequest) -> BoxFuture<'_, Result<Vec<CancelOutcome>, CancelError>>;
 }
 
 /// The gRPC client of the peer KME. The channel connects lazily and reconnects by itself.
@@ -99,11 +145,14 @@ impl ReservePeer for GrpcPeer {
                     })
                     .collect(),
             };
-            let response = client.reserve(message).await.map_err(|status| match status.code() {
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::Cancelled | tonic::Code::Unknown => {
+            let response = client.reserve(message).await.map_err(|status| {
+                if never_sent(&status) {
+                    ReserveError::NotSent(status.message().to_owned())
+                } else if answered_by_peer(&status) {
+                    ReserveError::Refused(status.message().to_owned())
+                } else {
                     ReserveError::Unreachable(status.message().to_owned())
                 }
-                _ => ReserveError::Refused(status.message().to_owned()),
             })?;
             let missing = response.into_inner().missing_unit_ids;
             if missing.is_empty() {
@@ -117,10 +166,67 @@ impl ReservePeer for GrpcPeer {
             Err(ReserveError::Missing(missing))
         })
     }
+
+    fn cancel(&self, request: CancelRequest) -> BoxFuture<'_, Result<Vec<CancelOutcome>, CancelError>> {
+        let mut client = self.client.clone();
+        Box::pin(async move {
+            let n_keys = request.key_ids.len();
+            let message = CancelMessage {
+                source_kme_id: request.source_kme_id.0,
+                key_ids: request.key_ids.iter().map(|k| k.as_bytes().to_vec()).collect(),
+            };
+            let response = client.cancel(message).await.map_err(|status| {
+                if answered_by_peer(&status) {
+                    CancelError::Refused(status.message().to_owned())
+                } else {
+                    CancelError::Unreachable(status.message().to_owned())
+                }
+            })?;
+            let outcomes = response.into_inner().outcomes;
+            if outcomes.len() != n_keys {
+                return Err(CancelError::Refused(format!("the peer answered {} outcomes for {n_keys} keys", outcomes.len())));
+            }
+            outcomes
+                .into_iter()
+                .map(|outcome| match Cancellation::try_from(outcome) {
+                    Ok(Cancellation::Cancelled) => Ok(CancelOutcome::Cancelled),
+                    Ok(Cancellation::Unknown) => Ok(CancelOutcome::Unknown),
+                    _ => Err(CancelError::Refused(format!("malformed outcome {outcome} in the peer's answer"))),
+                })
+                .collect()
+        })
+    }
+}
+
+/// Whether the call failed while connecting (TCP or TLS), before any byte of the request was
+/// sent. tonic marks these errors with [`tonic::ConnectError`] in the status's source chain.
+pub(super) fn never_sent(status: &Status) -> bool {
+    let mut source = std::error::Error::source(status);
+    while let Some(error) = source {
+        if error.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = error.source();
+    }
+    false
+}
+
+/// Whether the status is one the peer's service answers itself after changing nothing (bad
+/// caller, malformed or refused request, unknown method). Every other status (transport errors,
+/// timeouts, resets, internal errors) leaves the outcome in doubt.
+pub(super) fn answered_by_peer(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::FailedPrecondition
+            | tonic::Code::InvalidArgument
+            | tonic::Code::PermissionDenied
+            | tonic::Code::Unauthenticated
+            | tonic::Code::Unimplemented
+    )
 }
 
 /// The gRPC service a KME offers its peer: checks that the caller's (CA-verified) node
-/// certificate is valid for the configured peer name, then reserves.
+/// certificate is valid for the configured peer name, then reserves or cancels.
 pub struct PeerService {
     state: KmeState,
     peer_name: String,
@@ -176,7 +282,27 @@ impl KmePeer for PeerService {
                 Ok(Response::new(ReserveResponse { missing_unit_ids: missing.iter().map(|u| u.as_bytes().to_vec()).collect() }))
             }
             Err(ReserveError::Refused(message)) => Err(Status::failed_precondition(message)),
-            Err(ReserveError::Unreachable(message)) => Err(Status::internal(message)),
+            Err(ReserveError::NotSent(message) | ReserveError::Unreachable(message)) => Err(Status::internal(message)),
+        }
+    }
+
+    async fn cancel(&self, request: Request<CancelMessage>) -> Result<Response<CancelResponse>, Status> {
+        self.authorize(&request)?;
+        let message = request.into_inner();
+        let key_ids = message.key_ids.iter().map(|k| uuid_field(k, "key_id")).collect::<Result<Vec<_>, _>>()?;
+        let request = CancelRequest { source_kme_id: KmeId(message.source_kme_id), key_ids };
+        match self.state.cancel_for_peer(request).await {
+            Ok(outcomes) => Ok(Response::new(CancelResponse {
+                outcomes: outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        CancelOutcome::Cancelled => Cancellation::Cancelled as i32,
+                        CancelOutcome::Unknown => Cancellation::Unknown as i32,
+                    })
+                    .collect(),
+            })),
+            Err(CancelError::Refused(message)) => Err(Status::failed_precondition(message)),
+            Err(CancelError::Unreachable(message)) => Err(Status::internal(message)),
         }
     }
 }

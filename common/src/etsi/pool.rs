@@ -8,21 +8,38 @@
 //!    records the ETSI keys for (m, s), in one transaction, durably, or changes nothing.
 //! 3. Only then A removes the units from its own pool (one transaction, durably) and answers.
 //!
-//! If B is unreachable or refuses, A's units go back to its pool and the master gets a 503.
-//! If B no longer holds some units (A crashed after step 2 once), A discards them and tries
-//! again with others: no unit is ever part of two delivered keys.
+//! If B refuses, or cannot be reached before anything was sent (connection refused), A's units
+//! go back to its pool and the master gets a 503.
+//!
+//! If the call fails after the request may have reached B (timeout, connection lost), B may
+//! have recorded the reservation or not: the master gets a 503, the units stay in flight (not
+//! offered, not counted in `stored_key_count`) and a background task settles the doubt with
+//! [`ReservePeer::cancel`], retrying with back-off until B answers or the KME shuts down. For
+//! each key, B either erases the reservation it recorded (`Cancelled`: its units are gone at B,
+//! A discards them durably) or records that the key ID is cancelled, so that the Reserve, should
+//! it arrive late, is refused (`Unknown`: B still holds the units if it never took them, A offers
+//! them again). Either way both pools hold the same units afterwards.
+//!
+//! If A stops (or dies) before B answered, the in-flight marks vanish and the units are offered
+//! again; if B had reserved them, the next Reserve naming them reports them missing and A
+//! discards them then. Likewise, if B no longer holds some units for any other reason, A
+//! discards them and tries again with others: no unit is ever part of two delivered keys.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::api::{self, EtsiError, Key, KeyContainer, KeyRequest, StatusBody};
 use super::config::{Attachment, KmeSettings, MAX_SUPPORTED_KEYS_PER_REQUEST, MAX_SUPPORTED_KEY_SIZE};
 use super::identity::{KmeSide, SaeId};
-use super::peer::{ReserveError, ReservePeer, ReserveRequest};
+use super::peer::{CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
 use crate::store::kme::{combine_units, KeyReservation, KmeStoreError, UNIT_BYTES};
 use crate::store::{KeyUnit, SledStore, StoreError};
 
@@ -31,6 +48,16 @@ const UNIT_BITS: u32 = 8 * UNIT_BYTES as u32;
 
 /// Reservation attempts of one Get key when the peer reports units it no longer holds.
 const MAX_RESERVE_ATTEMPTS: usize = 4;
+
+/// First delay between two attempts to cancel a reservation in doubt; it doubles up to
+/// [`CANCEL_MAX_DELAY`].
+const CANCEL_FIRST_DELAY: Duration = Duration::from_millis(100);
+
+/// Longest delay between two attempts to cancel a reservation in doubt.
+const CANCEL_MAX_DELAY: Duration = Duration::from_secs(5);
+
+/// A failed cancellation is logged at warn on the first attempt and then every this many.
+const CANCEL_WARN_EVERY: u32 = 12;
 
 /// One KME: its settings, its key store and its link to the peer KME. Cheap to clone.
 #[derive(Clone)]
@@ -43,8 +70,14 @@ struct Inner {
     side: KmeSide,
     store: Arc<SledStore>,
     peer: Arc<dyn ReservePeer>,
-    /// Units picked by a Get key in progress (never picked twice).
+    /// Units picked by a Get key in progress or in doubt (never picked twice).
     in_flight: Mutex<HashSet<Uuid>>,
+    /// How many of the in-flight units wait for the peer's answer to a cancellation.
+    in_doubt: AtomicUsize,
+    /// The tasks settling reservations in doubt.
+    tasks: TaskTracker,
+    /// Stops those tasks ([`KmeState::shutdown`]).
+    shutdown: CancellationToken,
 }
 
 /// A Get key that passed every check: who, how many, how big.
@@ -58,7 +91,32 @@ struct ValidKeyRequest {
 impl KmeState {
     /// A KME serving from `store` as `side`, reserving through `peer`.
     pub fn new(settings: KmeSettings, side: KmeSide, store: Arc<SledStore>, peer: Arc<dyn ReservePeer>) -> Self {
-        Self { inner: Arc::new(Inner { settings, side, store, peer, in_flight: Mutex::new(HashSet::new()) }) }
+        Self {
+            inner: Arc::new(Inner {
+                settings,
+                side,
+                store,
+                peer,
+                in_flight: Mutex::new(HashSet::new()),
+                in_doubt: AtomicUsize::new(0),
+                tasks: TaskTracker::new(),
+                shutdown: CancellationToken::new(),
+            }),
+        }
+    }
+
+    /// Units held back because a reservation of them at the peer is in doubt (the Reserve call
+    /// failed after it may have been sent), until the peer answers the cancellation.
+    pub fn in_doubt_units(&self) -> usize {
+        self.inner.in_doubt.load(Ordering::SeqCst)
+    }
+
+    /// Stops the tasks settling reservations in doubt and waits for them; each logs, at warn,
+    /// what it leaves unresolved. Get key requests after this settle nothing either.
+    pub async fn shutdown(&self) {
+        self.inner.shutdown.cancel();
+        self.inner.tasks.close();
+        self.inner.tasks.wait().await;
     }
 
     /// The validated settings.
@@ -165,6 +223,38 @@ impl KmeState {
             Err(e) => {
                 error!(error = %e, "reservation failed");
                 Err(ReserveError::Refused(format!("reservation failed: {e}")))
+            }
+        }
+    }
+
+    /// The peer KME's cancellation of reservations whose answer it never got: for each key ID,
+    /// whether this KME had recorded (and now erased) the reservation, or not (and now refuses it).
+    pub async fn cancel_for_peer(&self, request: CancelRequest) -> Result<Vec<CancelOutcome>, CancelError> {
+        let refuse = |m: String| Err(CancelError::Refused(m));
+        if request.source_kme_id != self.settings().peer_kme_id {
+            return refuse(format!("KME {} is not this KME's peer", request.source_kme_id));
+        }
+        if request.key_ids.len() > MAX_SUPPORTED_KEYS_PER_REQUEST as usize {
+            return refuse(format!("unsupported number of keys {}", request.key_ids.len()));
+        }
+        let mut seen = HashSet::new();
+        if let Some(key_id) = request.key_ids.iter().find(|k| !seen.insert(**k)) {
+            return refuse(format!("key {key_id} is named twice"));
+        }
+        let store = self.inner.store.clone();
+        let key_ids = request.key_ids;
+        let result = tokio::task::spawn_blocking(move || store.cancel_reservations(&key_ids, now_unix_ms()))
+            .await
+            .map_err(|_| CancelError::Refused("internal error of the peer KME".into()))?;
+        match result {
+            Ok(cancelled) => {
+                let n_cancelled = cancelled.iter().filter(|c| **c).count();
+                info!(n_cancelled, n_unknown = cancelled.len() - n_cancelled, "reservations cancelled for the peer KME");
+                Ok(cancelled.into_iter().map(|c| if c { CancelOutcome::Cancelled } else { CancelOutcome::Unknown }).collect())
+            }
+            Err(e) => {
+                error!(error = %e, "cancellation failed");
+                Err(CancelError::Refused(format!("cancellation failed: {e}")))
             }
         }
     }
@@ -282,12 +372,14 @@ impl KmeState {
                 }
             };
             let keys: Vec<(Uuid, &[KeyUnit])> = picked.units.chunks(units_per_key).map(|units| (Uuid::new_v4(), units)).collect();
+            let key_units: Vec<(Uuid, Vec<Uuid>)> =
+                keys.iter().map(|(key_id, units)| (*key_id, units.iter().map(|u| u.key_id).collect())).collect();
             let reserve = ReserveRequest {
                 source_kme_id: self.settings().kme_id.clone(),
                 master: request.master.clone(),
                 slaves: request.slaves.clone(),
                 size_bits: request.size_bits,
-                keys: keys.iter().map(|(key_id, units)| (*key_id, units.iter().map(|u| u.key_id).collect())).collect(),
+                keys: key_units.clone(),
             };
             let outcome = match tokio::time::timeout(self.settings().peer_timeout, self.inner.peer.reserve(reserve)).await {
                 Ok(outcome) => outcome,
@@ -342,13 +434,113 @@ impl KmeState {
                     warn!(%message, "the peer KME refused a reservation");
                     return Err(EtsiError::Unavailable(format!("the peer KME refused the reservation: {message}")));
                 }
-                Err(ReserveError::Unreachable(message)) => {
+                Err(ReserveError::NotSent(message)) => {
+                    // Nothing reached the peer: the units go back to the pool (`picked` dropped).
                     warn!(%message, "the peer KME is unreachable");
+                    return Err(EtsiError::Unavailable(format!("the peer KME is unreachable: {message}")));
+                }
+                Err(ReserveError::Unreachable(message)) => {
+                    warn!(%message, n_keys = key_units.len(), "the peer KME is unreachable; settling its reservation in the background");
+                    drop(keys);
+                    self.settle_in_doubt(picked.into_marks(), key_units);
                     return Err(EtsiError::Unavailable(format!("the peer KME is unreachable: {message}")));
                 }
             }
         }
         Err(EtsiError::Unavailable("the peer KME lacks key units this KME holds; try again".into()))
+    }
+
+    /// Keeps the units of a reservation in doubt in flight and settles it in a background task:
+    /// asks the peer to cancel `keys` (key ID, unit IDs), with back-off, until it answers or the
+    /// KME shuts down; then discards the units of cancelled keys and offers the others again.
+    fn settle_in_doubt(&self, mut marks: InFlightMarks, keys: Vec<(Uuid, Vec<Uuid>)>) {
+        marks.set_in_doubt();
+        let state = self.clone();
+        self.inner.tasks.spawn(async move { state.settle(marks, keys).await });
+    }
+
+    async fn settle(&self, mut marks: InFlightMarks, keys: Vec<(Uuid, Vec<Uuid>)>) {
+        let shutdown = self.inner.shutdown.clone();
+        let key_ids: Vec<Uuid> = keys.iter().map(|(key_id, _)| *key_id).collect();
+        let request = CancelRequest { source_kme_id: self.settings().kme_id.clone(), key_ids: key_ids.clone() };
+        let mut delay = CANCEL_FIRST_DELAY;
+        let mut attempt: u32 = 0;
+        let outcomes = loop {
+            attempt += 1;
+            let result = tokio::select! {
+                biased;
+                () = shutdown.cancelled() => None,
+                result = tokio::time::timeout(self.settings().peer_timeout, self.inner.peer.cancel(request.clone())) => Some(result),
+            };
+            let error = match result {
+                None => {
+                    warn!(
+                        n_keys = key_ids.len(),
+                        n_units = marks.len(),
+                        ?key_ids,
+                        "shutting down with a reservation at the peer KME in doubt: its units stay in this KME's pool; \
+                         if the peer reserved them, the next reservation naming them finds them missing and discards them"
+                    );
+                    return;
+                }
+                Some(Ok(Ok(outcomes))) if outcomes.len() == keys.len() => break outcomes,
+                Some(Ok(Ok(outcomes))) => CancelError::Refused(format!("{} outcomes for {} keys", outcomes.len(), keys.len())),
+                Some(Ok(Err(e))) => e,
+                Some(Err(_)) => CancelError::Unreachable("no answer in time".into()),
+            };
+            if attempt == 1 || attempt.is_multiple_of(CANCEL_WARN_EVERY) {
+                warn!(%error, attempt, n_keys = key_ids.len(), "cancelling a reservation in doubt at the peer KME failed; retrying");
+            }
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {}
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(CANCEL_MAX_DELAY);
+        };
+        let mut discard = Vec::new();
+        let mut release = HashSet::new();
+        for ((_, units), outcome) in keys.iter().zip(&outcomes) {
+            match outcome {
+                CancelOutcome::Cancelled => discard.extend(units.iter().copied()),
+                CancelOutcome::Unknown => release.extend(units.iter().copied()),
+            }
+        }
+        marks.release(&release);
+        info!(
+            n_keys_cancelled = outcomes.iter().filter(|o| **o == CancelOutcome::Cancelled).count(),
+            n_units_discarded = discard.len(),
+            n_units_released = release.len(),
+            "reservation in doubt settled with the peer KME"
+        );
+        if discard.is_empty() {
+            return;
+        }
+        let mut delay = CANCEL_FIRST_DELAY;
+        loop {
+            let store = self.inner.store.clone();
+            let units = discard.clone();
+            let error = match tokio::task::spawn_blocking(move || store.discard_ready_units(&units)).await {
+                Ok(Ok(_)) => return,
+                Ok(Err(e)) => e.to_string(),
+                Err(e) => format!("discard task failed: {e}"),
+            };
+            error!(%error, n_units = discard.len(), "discarding units of a cancelled reservation failed; retrying");
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => {
+                    warn!(
+                        n_units = discard.len(),
+                        "shutting down before discarding units whose reservation the peer KME cancelled: they stay in this \
+                         KME's pool until a reservation naming them finds them missing and discards them"
+                    );
+                    return;
+                }
+                () = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(CANCEL_MAX_DELAY);
+        }
+        // The marks of the discarded units go when `marks` is dropped, after the discard.
     }
 
     /// Picks `n_units` owned ready units not in flight and marks them in flight; `Err(n)` with
@@ -365,7 +557,8 @@ impl KmeState {
             }
             in_flight.extend(units.iter().map(|u| u.key_id));
             drop(in_flight);
-            Ok(Ok(InFlight { inner: inner.clone(), units }))
+            let marks = InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
+            Ok(Ok(InFlight { marks, units }))
         })
         .await
         .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?
@@ -451,16 +644,68 @@ impl KmeState {
 /// Units picked for a Get key; they leave the in-flight set when this is dropped (after they
 /// were removed from the store, or given back).
 struct InFlight {
-    inner: Arc<Inner>,
+    marks: InFlightMarks,
     units: Vec<KeyUnit>,
 }
 
-impl Drop for InFlight {
+impl InFlight {
+    /// Only the marks, the key bytes wiped.
+    fn into_marks(self) -> InFlightMarks {
+        self.marks
+    }
+}
+
+/// In-flight marks of units; removed when this is dropped (or earlier, by
+/// [`InFlightMarks::release`]).
+struct InFlightMarks {
+    inner: Arc<Inner>,
+    ids: Vec<Uuid>,
+    /// Whether these units are counted in [`Inner::in_doubt`].
+    in_doubt: bool,
+}
+
+impl InFlightMarks {
+    fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// Counts these units as in doubt until they are released.
+    fn set_in_doubt(&mut self) {
+        if !self.in_doubt {
+            self.inner.in_doubt.fetch_add(self.ids.len(), Ordering::SeqCst);
+            self.in_doubt = true;
+        }
+    }
+
+    /// Removes the marks of the units in `ids` now: they can be picked again.
+    fn release(&mut self, ids: &HashSet<Uuid>) {
+        // Invariant: no code panics while holding this lock, so it is never poisoned.
+        let mut in_flight = self.inner.in_flight.lock().expect("in-flight lock poisoned");
+        let before = self.ids.len();
+        self.ids.retain(|id| {
+            let released = ids.contains(id);
+            if released {
+                in_flight.remove(id);
+            }
+            !released
+        });
+        drop(in_flight);
+        if self.in_doubt {
+            self.inner.in_doubt.fetch_sub(before - self.ids.len(), Ordering::SeqCst);
+        }
+    }
+}
+
+impl Drop for InFlightMarks {
     fn drop(&mut self) {
         // Invariant: no code panics while holding this lock, so it is never poisoned.
         let mut in_flight = self.inner.in_flight.lock().expect("in-flight lock poisoned");
-        for unit in &self.units {
-            in_flight.remove(&unit.key_id);
+        for id in &self.ids {
+            in_flight.remove(id);
+        }
+        drop(in_flight);
+        if self.in_doubt {
+            self.inner.in_doubt.fetch_sub(self.ids.len(), Ordering::SeqCst);
         }
     }
 }

@@ -1,4 +1,6 @@
-use std::sync::{Arc, OnceLock};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -6,7 +8,7 @@ use zeroize::Zeroizing;
 use super::api::{self, EtsiError, KeyRequest};
 use super::config::{KmeConfig, SaeEntry};
 use super::identity::{sae_id_from_certificate, IdentitySource, KmeSide, SaeId};
-use super::peer::{BoxFuture, ReserveError, ReservePeer, ReserveRequest};
+use super::peer::{BoxFuture, CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
 use super::pool::KmeState;
 use crate::store::kme::UNIT_BYTES;
 use crate::store::{BlockMeta, KeyStore, KeyUnit, SledStore};
@@ -130,7 +132,8 @@ fn config_section_parses_with_defaults_and_rejects_nonsense() {
     }
 }
 
-/// An in-process peer: calls the other KME's reservation directly (no TLS, no gRPC).
+/// An in-process peer: calls the other KME's reservation directly (no TLS, no gRPC). Without a
+/// peer, calls fail as a refused connection does: nothing was sent.
 struct LocalPeer(OnceLock<KmeState>);
 
 impl ReservePeer for LocalPeer {
@@ -138,8 +141,76 @@ impl ReservePeer for LocalPeer {
         Box::pin(async move {
             match self.0.get() {
                 Some(peer) => peer.reserve_for_peer(request).await,
-                None => Err(ReserveError::Unreachable("no peer".into())),
+                None => Err(ReserveError::NotSent("no peer".into())),
             }
+        })
+    }
+
+    fn cancel(&self, request: CancelRequest) -> BoxFuture<'_, Result<Vec<CancelOutcome>, CancelError>> {
+        Box::pin(async move {
+            match self.0.get() {
+                Some(peer) => peer.cancel_for_peer(request).await,
+                None => Err(CancelError::Unreachable("no peer".into())),
+            }
+        })
+    }
+}
+
+/// How a [`LossyPeer`] fails the first Reserve call (later ones go through).
+#[derive(Clone, Copy, PartialEq)]
+enum Loss {
+    /// The peer records the reservation, the answer is lost: `Unreachable`.
+    Answer,
+    /// The request is lost on the way: the peer never sees it, `Unreachable`.
+    Request,
+}
+
+/// An in-process peer that loses the first Reserve call as `loss` says, records the requests,
+/// and fails the first `cancel_failures` Cancel calls as unreachable.
+struct LossyPeer {
+    peer: OnceLock<KmeState>,
+    loss: Loss,
+    cancel_failures: usize,
+    reserves: Mutex<Vec<ReserveRequest>>,
+    cancels: AtomicUsize,
+}
+
+impl LossyPeer {
+    fn new(loss: Loss, cancel_failures: usize) -> Self {
+        Self { peer: OnceLock::new(), loss, cancel_failures, reserves: Mutex::new(Vec::new()), cancels: AtomicUsize::new(0) }
+    }
+
+    fn first_reserve(&self) -> ReserveRequest {
+        self.reserves.lock().unwrap()[0].clone()
+    }
+}
+
+impl ReservePeer for LossyPeer {
+    fn reserve(&self, request: ReserveRequest) -> BoxFuture<'_, Result<(), ReserveError>> {
+        Box::pin(async move {
+            let peer = self.peer.get().expect("peer set");
+            let first = {
+                let mut reserves = self.reserves.lock().unwrap();
+                reserves.push(request.clone());
+                reserves.len() == 1
+            };
+            match (first, self.loss) {
+                (true, Loss::Answer) => {
+                    peer.reserve_for_peer(request).await.expect("the peer reserves");
+                    Err(ReserveError::Unreachable("connection lost".into()))
+                }
+                (true, Loss::Request) => Err(ReserveError::Unreachable("no answer in time".into())),
+                (false, _) => peer.reserve_for_peer(request).await,
+            }
+        })
+    }
+
+    fn cancel(&self, request: CancelRequest) -> BoxFuture<'_, Result<Vec<CancelOutcome>, CancelError>> {
+        Box::pin(async move {
+            if self.cancels.fetch_add(1, Ordering::SeqCst) < self.cancel_failures {
+                return Err(CancelError::Unreachable("connection refused".into()));
+            }
+            self.peer.get().expect("peer set").cancel_for_peer(request).await
         })
     }
 }
@@ -159,6 +230,27 @@ fn settings(kme: &str, peer: &str, max_sae_id_count: u32) -> super::KmeSettings 
 
 /// Two KMEs over in-process peers, sharing `n_units` random ready units (same IDs, same bytes).
 fn pair(n_units: usize, max_sae_id_count: u32) -> (KmeState, KmeState) {
+    let (store_a, store_b) = stores(n_units);
+    let (peer_of_a, peer_of_b) = (Arc::new(LocalPeer(OnceLock::new())), Arc::new(LocalPeer(OnceLock::new())));
+    let a = KmeState::new(settings("KME_A", "KME_B", max_sae_id_count), KmeSide::Alice, store_a, peer_of_a.clone());
+    let b = KmeState::new(settings("KME_B", "KME_A", max_sae_id_count), KmeSide::Bob, store_b, peer_of_b.clone());
+    let _ = peer_of_a.0.set(b.clone());
+    let _ = peer_of_b.0.set(a.clone());
+    (a, b)
+}
+
+/// As [`pair`], A reaching B through `peer` (B does not call A).
+fn lossy_pair(n_units: usize, peer: LossyPeer) -> (KmeState, KmeState, Arc<LossyPeer>) {
+    let (store_a, store_b) = stores(n_units);
+    let peer = Arc::new(peer);
+    let a = KmeState::new(settings("KME_A", "KME_B", 0), KmeSide::Alice, store_a, peer.clone());
+    let b = KmeState::new(settings("KME_B", "KME_A", 0), KmeSide::Bob, store_b, Arc::new(LocalPeer(OnceLock::new())));
+    let _ = peer.peer.set(b.clone());
+    (a, b, peer)
+}
+
+/// Two stores holding the same `n_units` random ready units.
+fn stores(n_units: usize) -> (Arc<SledStore>, Arc<SledStore>) {
     // Alternate the last byte's parity so that each KME owns exactly half of the units.
     let units: Vec<KeyUnit> = (0..n_units)
         .map(|i| {
@@ -180,12 +272,7 @@ fn pair(n_units: usize, max_sae_id_count: u32) -> (KmeState, KmeState) {
     let (store_a, store_b) = (Arc::new(SledStore::temporary().unwrap()), Arc::new(SledStore::temporary().unwrap()));
     store_a.put_ready(&meta, &units).unwrap();
     store_b.put_ready(&meta, &units).unwrap();
-    let (peer_of_a, peer_of_b) = (Arc::new(LocalPeer(OnceLock::new())), Arc::new(LocalPeer(OnceLock::new())));
-    let a = KmeState::new(settings("KME_A", "KME_B", max_sae_id_count), KmeSide::Alice, store_a, peer_of_a.clone());
-    let b = KmeState::new(settings("KME_B", "KME_A", max_sae_id_count), KmeSide::Bob, store_b, peer_of_b.clone());
-    let _ = peer_of_a.0.set(b.clone());
-    let _ = peer_of_b.0.set(a.clone());
-    (a, b)
+    (store_a, store_b)
 }
 
 fn sae(id: &str) -> SaeId {
@@ -276,5 +363,114 @@ async fn unreachable_peer_gives_503_and_keeps_the_units() {
     let before = lonely.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
     assert!(before > 0);
     assert_eq!(message(lonely.get_key(Some(&sae("m")), &sae("s"), KeyRequest::default()).await).0, 503);
+    // Nothing was sent, so nothing is in doubt: the units are offered again at once.
+    assert_eq!(lonely.in_doubt_units(), 0);
     assert_eq!(lonely.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count, before);
+}
+
+/// Only a failed connection (TCP or TLS) proves a call was never sent; only statuses the peer's
+/// service answers itself prove it changed nothing. Anything else leaves the outcome in doubt.
+#[test]
+fn grpc_failures_are_classified_conservatively() {
+    use super::peer::{answered_by_peer, never_sent};
+    use tonic::{Code, ConnectError, Status};
+    let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused");
+    let connect = Status::from_error(Box::new(ConnectError(Box::new(refused))));
+    assert_eq!(connect.code(), Code::Unavailable);
+    assert!(never_sent(&connect));
+    let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
+    for status in [Status::unavailable("connection lost"), Status::from_error(Box::new(reset)), Status::deadline_exceeded("late")] {
+        assert!(!never_sent(&status) && !answered_by_peer(&status), "{status:?}");
+    }
+    for code in [Code::Internal, Code::Unknown, Code::Cancelled, Code::ResourceExhausted, Code::Aborted] {
+        assert!(!answered_by_peer(&Status::new(code, "x")), "{code:?}");
+    }
+    for code in [Code::FailedPrecondition, Code::InvalidArgument, Code::PermissionDenied, Code::Unauthenticated] {
+        assert!(answered_by_peer(&Status::new(code, "x")), "{code:?}");
+    }
+}
+
+async fn stored_key_count(kme: &KmeState) -> u64 {
+    kme.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count
+}
+
+/// Waits until `kme` has no reservation in doubt.
+async fn settled(kme: &KmeState) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while kme.in_doubt_units() > 0 {
+        assert!(Instant::now() < deadline, "the reservation in doubt was never settled");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// B records the reservation, A never hears back: A holds the units back (503, not counted),
+/// cancels at B (retrying while B is unreachable), then discards them. Both pools end equal, and
+/// the cancelled key can never be fetched nor reserved again.
+#[tokio::test]
+async fn a_reservation_whose_answer_was_lost_is_cancelled_at_both_ends() {
+    let (a, b, peer) = lossy_pair(40, LossyPeer::new(Loss::Answer, 2));
+    let before = stored_key_count(&a).await;
+    let request = KeyRequest { number: Some(2), size: Some(512), ..KeyRequest::default() };
+    assert_eq!(message(a.get_key(Some(&sae("m")), &sae("s"), request).await).0, 503);
+    // Two keys of 512 bits: four units, held back while in doubt.
+    assert_eq!(stored_key_count(&a).await, before - 4);
+    settled(&a).await;
+    assert_eq!(peer.cancels.load(Ordering::SeqCst), 3, "two failed cancellations, then one answered");
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+    assert_eq!(stored_key_count(&a).await, before - 4);
+    assert_eq!(b.store().reserved_key_count().unwrap(), 0);
+    let lost = peer.first_reserve();
+    let ids: Vec<Uuid> = lost.keys.iter().map(|(key_id, _)| *key_id).collect();
+    assert_eq!(
+        message(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await),
+        (400, api::MSG_KEYS_NOT_FOUND.to_string())
+    );
+    // A replay of the lost request is refused.
+    assert!(matches!(b.reserve_for_peer(lost).await, Err(ReserveError::Refused(_))));
+    // Key delivery goes on, the pools still agree.
+    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest::default()).await.unwrap();
+    let ids = container.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await.unwrap().keys, container.keys);
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+    assert_eq!(stored_key_count(&a).await, before - 5);
+}
+
+/// The Reserve never reached B: the cancellation finds nothing there, A offers the units again,
+/// and the request, should it arrive late, is refused without taking them at B.
+#[tokio::test]
+async fn a_reservation_that_never_reached_the_peer_gives_the_units_back() {
+    let (a, b, peer) = lossy_pair(40, LossyPeer::new(Loss::Request, 0));
+    let before = stored_key_count(&a).await;
+    let request = KeyRequest { number: Some(3), ..KeyRequest::default() };
+    assert_eq!(message(a.get_key(Some(&sae("m")), &sae("s"), request).await).0, 503);
+    settled(&a).await;
+    assert_eq!(stored_key_count(&a).await, before);
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+    let summary_b = b.store().summary().unwrap();
+    assert!(matches!(b.reserve_for_peer(peer.first_reserve()).await, Err(ReserveError::Refused(_))));
+    assert_eq!(b.store().summary().unwrap(), summary_b);
+    assert_eq!(b.store().reserved_key_count().unwrap(), 0);
+    // The units given back are served normally (all of A's 20 units, those three included).
+    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(16), ..KeyRequest::default() }).await.unwrap();
+    assert_eq!(container.keys.len(), 16);
+    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
+    let ids = container.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await.unwrap().keys, container.keys);
+    assert_eq!(stored_key_count(&a).await, 0);
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+}
+
+/// A KME shutting down stops settling: the task ends (after logging what it leaves), its marks
+/// go, and the units are offered again (a later Reserve would discard them if B had them).
+#[tokio::test]
+async fn shutdown_stops_settling_a_reservation_in_doubt() {
+    let (a, _b, peer) = lossy_pair(10, LossyPeer::new(Loss::Request, usize::MAX));
+    let before = stored_key_count(&a).await;
+    assert_eq!(message(a.get_key(Some(&sae("m")), &sae("s"), KeyRequest::default()).await).0, 503);
+    assert_eq!(a.in_doubt_units(), 1);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    tokio::time::timeout(Duration::from_secs(5), a.shutdown()).await.expect("shutdown waits for no peer");
+    assert!(peer.cancels.load(Ordering::SeqCst) >= 1);
+    assert_eq!(a.in_doubt_units(), 0);
+    assert_eq!(stored_key_count(&a).await, before);
 }

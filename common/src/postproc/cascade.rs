@@ -15,12 +15,15 @@
 //! block size is clamped to [1, n]. Q is Bob's QBER estimate, floored at [`QBER_FLOOR`] (and capped
 //! at 0.5) so that a zero, negative or NaN estimate still gives a sane schedule.
 //!
-//! Two changes, both measured with the simulation of the benchmark (`bench` module):
+//! Two changes, both measured with the simulation of the benchmark ([`crate::postproc::bench`]):
 //! * k2 = 2^floor((alpha + 12) / 2), rounded down instead of up: half the published value for
 //!   odd alpha (Q around 1, 3 and 10 %), the published one for even alpha. With the weighted
 //!   splits below, pass-2 searches are cheaper and, for odd alpha, the smaller k2 leaks as little
 //!   or less (f = 1.044 instead of 1.048 at Q = 1 %, equal within 0.001 at 3 and 11 %, n = 2^14)
-//!   and halves the round trips (from 19 000 to 4 500 at Q = 11 %, n = 10^6).
+//!   and halves the round trips (from 19 000 to 4 500 at Q = 11 %, n = 10^6). For alpha = 4
+//!   (Q from 4.4 to 8.8 %) the published k2 = 256 is best up to about 6 %, and 128 from 7 %
+//!   (f 1.0507 instead of 1.0519 at 8 %, round trips 740 instead of 1300 at n = 2^14, 3 000
+//!   instead of 18 000 at n = 10^6), so k2 is halved there from Q = 7 %.
 //! * The published schedule was tuned for n = 2^14; for longer keys passes 4 and 5 use
 //!   intermediate blocks of 2^14 and 2^16 bits before the n/2 passes, because residual errors
 //!   found in a block of n/2 bits cost log2(n/2) parities each and are found one at a time.
@@ -42,6 +45,7 @@
 //!   their shuffles were most of Cascade's work), and their binary searches split the halves
 //!   into runs of original indices, which the random shuffles of the earlier passes make as good
 //!   as random subsets.
+//!
 //! [`CascadeShuffles`] computes each pass's permutation once and can be shared by many frames
 //! (see [`MultiCascadeBob`]): the error patterns of different frames are independent, so each
 //! frame still sees a uniformly random shuffle.
@@ -67,7 +71,13 @@
 //! pairs, and are about three times denser at high QBER than those of a block that was odd and
 //! had its error fixed). New tree nodes are split at the weighted median of these probabilities
 //! (ranges up to [`WEIGHTED_SPLIT_MAX_BITS`] bits; longer ranges mix the classes evenly and are
-//! halved). This lowers the leak by one to three percent at high QBER.
+//! halved, and pass-1 blocks without corrections are uniform). At n = 2^14 this lowered f from
+//! 1.045 to 1.040 at Q = 3 % and from 1.066 to 1.056 at Q = 11 %.
+//!
+//! # Frame errors
+//! With 14 passes a frame keeps residual errors with probability of the order of 10^-3 at high
+//! QBER (the passes after the third find an error pair left by the earlier ones with probability
+//! 1/2 each): such frames are caught by verification, like any Cascade failure.
 //!
 //! # Cascade effect and batching
 //! Correcting a bit flips the parity of the block holding it in every pass started so far; each
@@ -100,7 +110,7 @@ const K3_BITS: usize = 4096;
 const LONG_KEY_BITS: usize = 1 << 16;
 
 /// Longest range (bits) whose split point is chosen by weight rather than halved.
-pub const WEIGHTED_SPLIT_MAX_BITS: u32 = 512;
+pub const WEIGHTED_SPLIT_MAX_BITS: u32 = 256;
 
 /// Smallest error probability of the density table (positive: 0 marks corrected bits).
 const MIN_DENSITY: f32 = 1e-12;
@@ -204,7 +214,11 @@ pub fn block_sizes(qber_estimate: f64, n_bits: usize) -> Vec<usize> {
     // documentation), k3 = 4096, then n/2.
     let alpha = ((1.0 / q).log2() - 0.5).ceil().max(1.0) as u32;
     let k1 = 1usize << alpha;
-    let k2 = 1usize << ((alpha + 12) / 2);
+    let mut k2_log = (alpha + 12) / 2;
+    if alpha == 4 && q >= 0.07 {
+        k2_log -= 1;
+    }
+    let k2 = 1usize << k2_log;
     let long = n_bits > LONG_KEY_BITS;
     let max_size = n_bits.max(1);
     (0..N_PASSES)
@@ -301,17 +315,24 @@ impl ShuffleRng {
     }
 }
 
-/// `key` reordered by `perm`: bit i of the result is bit `perm[i]` of `key`.
+/// `key` reordered by `perm`: bit i of the result is bit `perm[i]` of `key`. The key is first
+/// unpacked to one byte per bit, so that the gather is a byte load per bit.
 fn permute_bits(key: &BitVec, perm: &[u32]) -> BitVec {
-    let source = key.words();
+    let mut unpacked = vec![0u8; key.words().len() * 64];
+    for (chunk, &word) in unpacked.chunks_exact_mut(64).zip(key.words()) {
+        for (k, byte) in chunk.iter_mut().enumerate() {
+            *byte = ((word >> k) & 1) as u8;
+        }
+    }
     let mut words = vec![0u64; perm.len().div_ceil(64)];
     for (chunk, word) in perm.chunks(64).zip(words.iter_mut()) {
         let mut acc = 0u64;
         for (k, &src) in chunk.iter().enumerate() {
-            acc |= ((source[src as usize / 64] >> (src % 64)) & 1) << k;
+            acc |= u64::from(unpacked[src as usize]) << k;
         }
         *word = acc;
     }
+    unpacked.fill(0);
     BitVec::from_words(words, perm.len())
 }
 
@@ -392,10 +413,8 @@ impl SplitOrder {
     fn new(rng: &mut ShuffleRng, n_bits: u32) -> Self {
         let n_words = (n_bits as usize).div_ceil(64);
         let mut mask: Vec<u64> = (0..n_words).map(|_| rng.next_u64()).collect();
-        if n_bits % 64 != 0 {
-            if let Some(last) = mask.last_mut() {
-                *last &= (1u64 << (n_bits % 64)) - 1;
-            }
+        if let Some(last) = mask.last_mut().filter(|_| !n_bits.is_multiple_of(64)) {
+            *last &= (1u64 << (n_bits % 64)) - 1;
         }
         let mut ones_before = Vec::with_capacity(n_words + 1);
         let mut count = 0u32;
@@ -476,7 +495,7 @@ impl SplitOrder {
     fn masked_parity(&self, key: &[u64], first: u32, last: u32, selected: bool) -> bool {
         let (w0, w1) = (first as usize / 64, last as usize / 64);
         let mut acc = 0u64;
-        for w in w0..=w1 {
+        for (w, &key_word) in key.iter().enumerate().take(w1 + 1).skip(w0) {
             let mut m = self.word(w, selected);
             if w == w0 {
                 m &= u64::MAX << (first % 64);
@@ -484,7 +503,7 @@ impl SplitOrder {
             if w == w1 && last % 64 != 63 {
                 m &= (1u64 << (last % 64 + 1)) - 1;
             }
-            acc ^= key[w] & m;
+            acc ^= key_word & m;
         }
         acc.count_ones() % 2 == 1
     }

@@ -340,10 +340,9 @@ fn validate(params: &SecurityParams) -> Result<(), KeyLengthError> {
     Ok(())
 }
 
-/// All the bounds of the phase-error estimate (module documentation, steps 1 to 5); fails when
-/// the data are missing, when multi-photon pulses may explain every key bit or test click, or
-/// when the bound reaches [`MAX_PHASE_ERROR`].
-pub fn phase_error_bounds(
+/// The bounds of steps 1 to 3, shared by every split of the multi-photon pulses; the fields of
+/// steps 4 and 5 are left at 0.
+fn shared_bounds(
     stats: &BlockStats,
     params: &SecurityParams,
 ) -> Result<PhaseErrorBounds, KeyLengthError> {
@@ -405,52 +404,101 @@ pub fn phase_error_bounds(
             max: MAX_PHASE_ERROR,
         });
     }
+    Ok(PhaseErrorBounds {
+        plus_weight,
+        score,
+        score_second_moment_upper,
+        multi_photon_correction,
+        test_errors_expected_upper,
+        test_errors_upper,
+        n_test,
+        n_multi_photon_upper,
+        n_test_single_photon_lower: 0.0,
+        test_rate_upper: 0.0,
+        sampling_gamma: 0.0,
+        n_single_photon_lower: 0.0,
+        single_photon_rate_upper: 0.0,
+    })
+}
 
+/// Steps 4 and 5 for `m_key` multi-photon pulses in the key sample and `m_test` in the test
+/// sample, from the shared bounds and the block's `n_key` sifted bits.
+fn bounds_at_split(
+    shared: &PhaseErrorBounds,
+    n_key: f64,
+    m_key: f64,
+    m_test: f64,
+    eps_pe: f64,
+) -> Result<PhaseErrorBounds, KeyLengthError> {
+    let n_single_photon_lower = n_key - m_key;
+    let n_test_single_photon_lower = shared.n_test as f64 - m_test;
+    if n_single_photon_lower <= 0.0 || n_test_single_photon_lower <= 0.0 {
+        return Err(KeyLengthError::NoSinglePhotons {
+            n_multi_photon_upper: shared.n_multi_photon_upper,
+            n_key_bits: n_key as u64,
+        });
+    }
+    let test_rate_upper = shared.test_errors_upper / n_test_single_photon_lower;
+    let gamma =
+        sampling_gamma(n_single_photon_lower, n_test_single_photon_lower, test_rate_upper, eps_pe);
+    let single_photon_rate_upper = test_rate_upper + gamma;
+    if single_photon_rate_upper >= MAX_PHASE_ERROR {
+        return Err(KeyLengthError::PhaseErrorTooHigh {
+            upper: single_photon_rate_upper,
+            max: MAX_PHASE_ERROR,
+        });
+    }
+    Ok(PhaseErrorBounds {
+        n_test_single_photon_lower,
+        test_rate_upper,
+        sampling_gamma: gamma,
+        n_single_photon_lower,
+        single_photon_rate_upper,
+        ..shared.clone()
+    })
+}
+
+/// All the bounds of the phase-error estimate (module documentation, steps 1 to 5) at the split of
+/// the multi-photon pulses that leaves the least secret key; fails when the data are missing,
+/// when multi-photon pulses may explain every key bit or test click, or when the bound reaches
+/// [`MAX_PHASE_ERROR`].
+pub fn phase_error_bounds(
+    stats: &BlockStats,
+    params: &SecurityParams,
+) -> Result<PhaseErrorBounds, KeyLengthError> {
+    let shared = shared_bounds(stats, params)?;
+    let (n_key, m) = (stats.n_key_bits as f64, shared.n_multi_photon_upper);
     // Steps 4-5: the worst split of the multi-photon pulses between key and test sample. Each
     // grid cell [lo, hi] of m_key is evaluated at its worst corner: m_key = hi in the key and
     // m_test = M - lo in the test sample.
     let cells = f64::from(SPLIT_GRID_CELLS);
     let mut worst: Option<(f64, PhaseErrorBounds)> = None;
     for cell in 0..SPLIT_GRID_CELLS {
-        let m_key = n_multi_photon_upper * (f64::from(cell) + 1.0) / cells;
-        let m_test = n_multi_photon_upper * (1.0 - f64::from(cell) / cells);
-        let n_single_photon_lower = n_key - m_key;
-        let n_test_single_photon_lower = n_test as f64 - m_test;
-        let test_rate_upper = test_errors_upper / n_test_single_photon_lower;
-        let gamma = sampling_gamma(
-            n_single_photon_lower,
-            n_test_single_photon_lower,
-            test_rate_upper,
-            params.eps_pe,
-        );
-        let single_photon_rate_upper = test_rate_upper + gamma;
-        if single_photon_rate_upper >= MAX_PHASE_ERROR {
-            return Err(KeyLengthError::PhaseErrorTooHigh {
-                upper: single_photon_rate_upper,
-                max: MAX_PHASE_ERROR,
-            });
-        }
-        let secret = n_single_photon_lower * (1.0 - binary_entropy(single_photon_rate_upper));
+        let m_key = m * (f64::from(cell) + 1.0) / cells;
+        let m_test = m * (1.0 - f64::from(cell) / cells);
+        let bounds = bounds_at_split(&shared, n_key, m_key, m_test, params.eps_pe)?;
+        let secret =
+            bounds.n_single_photon_lower * (1.0 - binary_entropy(bounds.single_photon_rate_upper));
         if worst.as_ref().is_none_or(|(least, _)| secret < *least) {
-            let bounds = PhaseErrorBounds {
-                plus_weight,
-                score,
-                score_second_moment_upper,
-                multi_photon_correction,
-                test_errors_expected_upper,
-                test_errors_upper,
-                n_test,
-                n_multi_photon_upper,
-                n_test_single_photon_lower,
-                test_rate_upper,
-                sampling_gamma: gamma,
-                n_single_photon_lower,
-                single_photon_rate_upper,
-            };
             worst = Some((secret, bounds));
         }
     }
     Ok(worst.expect("SPLIT_GRID_CELLS > 0: the grid has a cell").1)
+}
+
+/// The bounds of steps 1 to 5 for a given split: `m_key` multi-photon Z pulses in the key sample
+/// and `m_test` in the test sample. [`phase_error_bounds`] takes the worst split allowed by the
+/// multi-photon bound M; this one lets a simulation that knows the actual split (an eavesdropper
+/// who split those pulses) check that the key length at the worst split never exceeds the one at
+/// the actual split.
+pub fn phase_error_bounds_at_split(
+    stats: &BlockStats,
+    params: &SecurityParams,
+    m_key: f64,
+    m_test: f64,
+) -> Result<PhaseErrorBounds, KeyLengthError> {
+    let shared = shared_bounds(stats, params)?;
+    bounds_at_split(&shared, stats.n_key_bits as f64, m_key, m_test, params.eps_pe)
 }
 
 /// Upper bound on the phase error rate (fraction) of the block's single-photon key bits, the

@@ -1,27 +1,38 @@
 //! Post-processing stages of the QKD link: pure maths, no IO, no clock, randomness injected.
 //!
 //! * [`cascade`]: interactive error correction (optimized Cascade); Bob drives, Alice answers
-//!   parity queries.
+//!   parity queries; [`MultiCascadeBob`] merges many frames into one exchange.
+//! * [`ldpc`]: one-way alternative, blind rate-adaptive reconciliation with quasi-cyclic LDPC
+//!   codes (syndrome from Alice, layered min-sum at Bob, punctured bits revealed on demand).
 //! * [`verify`]: the verification check, a polynomial universal hash over GF(2^64) of the
 //!   corrected block, which gives the `eps_cor` of the key-length formula.
 //! * [`toeplitz`]: privacy amplification by Toeplitz hashing, computed as a slice of a GF(2)
-//!   polynomial product (Karatsuba).
+//!   polynomial product (Karatsuba, or Schönhage's ternary FFT for long blocks).
+//! * [`bench`]: the measurements behind `qkdctl bench-postproc` and `cargo bench`; the clock is
+//!   an argument, like every time in this module.
 //! * [`finite_key`]: parameter estimation (phase error with finite-size bounds) and the secret key
 //!   length of the three-state time-bin protocol.
 
+pub mod bench;
 pub mod cascade;
 pub mod finite_key;
+pub mod ldpc;
 pub mod toeplitz;
 pub mod verify;
 
 pub use cascade::{
-    CascadeAlice, CascadeBob, CascadeError, CascadeOutcome, ParityQuery, reconcile_in_memory,
+    CascadeAlice, CascadeBob, CascadeError, CascadeOutcome, CascadeShuffles, FrameParityQuery,
+    MultiCascadeAlice, MultiCascadeBob, ParityQuery, reconcile_in_memory,
 };
 pub use finite_key::{
     BlockStats, KeyLength, KeyLengthError, SecurityParams, XCounts, phase_error_upper,
     secret_key_length,
 };
-pub use toeplitz::{toeplitz_hash, toeplitz_hash_reference};
+pub use ldpc::{LdpcAlice, LdpcBob, LdpcCode, LdpcError, LdpcFamily, LdpcOutcome, LdpcStep};
+pub use toeplitz::{
+    FFT_THRESHOLD_BITS, toeplitz_hash, toeplitz_hash_fft, toeplitz_hash_karatsuba,
+    toeplitz_hash_reference,
+};
 pub use verify::{eps_cor_for, poly_hash_tag, tags_match};
 
 /// Binary (Shannon) entropy h(p) = -p log2 p - (1-p) log2(1-p), in bits.

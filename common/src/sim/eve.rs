@@ -179,9 +179,11 @@ mod tests {
         let seed = 22;
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut p = LinkParams::preset("wang2026-120km").unwrap();
-        // A bright, poor source so that the counts are large.
+        // A bright, poor source so that the counts are large, over 50 km so that the honest
+        // arrivals (p_1 T = 5e-3) exceed the two-photon pulses (p_2 = 6e-4).
         p.mu = 0.05;
         p.g2 = 0.5;
+        p.distance_km = 50.0;
         let eve = PhotonNumberSplitting::new(&p);
         let honest = super::super::Source::new(&p);
         assert!((eve.arrival_probability() / honest.arrival_probability() - 1.0).abs() < 1e-12);

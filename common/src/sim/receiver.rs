@@ -42,9 +42,9 @@
 //! proportional-integral update. The X error of |+> is e(dphi) = a + b (1 - cos dphi), even in
 //! dphi, so its value alone cannot give the sign of the phase error; the loop therefore sets the
 //! shifter alternately to c + delta and c - delta, each for `feedback_events_per_half_cycle` test
-//! events (so the integration time adapts to the count rate: about a minute at 120 km, well under
-//! a second at 10 km), and from the two error rates p+ and p- estimates
-//! sin(phi - c) = (p- - p+) / (2 b sin delta) (module docs, eq. F1). It then moves
+//! events (so the integration time adapts to the count rate: with the reference preset about 17 s
+//! per correction step at 120 km, a fifth of a second at 10 km), and from the two error rates p+
+//! and p- estimates sin(phi - c) = (p- - p+) / (2 b sin delta) (module docs, eq. F1). It then moves
 //! c by `kp` times that estimate plus an integral term that accumulates `ki` times it, so a steady
 //! drift is followed without lag. The fringe slope b = V/2 x (signal fraction of the |+> X clicks)
 //! is Bob's calibration, computed from the expected rates at construction. The cost of dithering

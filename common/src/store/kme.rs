@@ -6,9 +6,16 @@
 //!   record per ETSI key in the `kme_reservations` tree (key ID -> master, slaves, size, key
 //!   bytes), which the slave SAEs later fetch, each once ([`SledStore::deliver_reserved_keys`]).
 //!
+//! When the KME that asked for a reservation never got the answer, it asks the peer to cancel
+//! it ([`SledStore::cancel_reservations`]): the record is erased (its units are not given back to
+//! the pool) and a *tombstone* in the `kme_cancelled` tree (key ID -> outcome, time) makes any
+//! later reservation of that key ID fail, and a repeated cancellation give the same answer.
+//! Tombstones expire with the reservations ([`SledStore::purge_reservations`]).
+//!
 //! Block records keep listing the IDs of units that were served; only the `ready` tree says
 //! which units are still available.
 
+use tracing::error;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -16,6 +23,9 @@ use super::{decode_key, KeyUnit, SledStore, StoreError};
 
 /// Name of the sled tree holding the reservations.
 const RESERVATIONS_TREE: &str = "kme_reservations";
+
+/// Name of the sled tree holding the tombstones of cancelled reservation key IDs.
+const CANCELLED_TREE: &str = "kme_cancelled";
 
 /// Bytes in one key unit (256 bits), the granularity of the ETSI key pool.
 pub const UNIT_BYTES: usize = 32;
@@ -40,6 +50,10 @@ pub enum KmeStoreError {
     /// A reservation with this key ID exists already; nothing changed.
     #[error("key {0} is already reserved")]
     DuplicateReservation(Uuid),
+    /// This key ID was cancelled ([`SledStore::cancel_reservations`]); it can no longer be
+    /// reserved. Nothing changed.
+    #[error("key {0} was cancelled and cannot be reserved")]
+    Cancelled(Uuid),
     /// The request names a key that is not reserved for this master (or was already delivered
     /// to this slave); nothing changed.
     #[error("key {0} is not reserved for this master and slave")]
@@ -151,15 +165,20 @@ impl SledStore {
 
     /// Turns ready units into reservations, durably and all at once: removes every unit of
     /// every reservation from the ready pool and records each ETSI key. If any unit is missing
-    /// ([`KmeStoreError::MissingUnits`], listing all of them), a unit is malformed or a key ID
-    /// is already reserved, nothing changes.
+    /// ([`KmeStoreError::MissingUnits`], listing all of them), a unit is malformed, a key ID is
+    /// already reserved or a key ID was cancelled ([`KmeStoreError::Cancelled`]), nothing
+    /// changes.
     pub fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
         use sled::Transactional;
         let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
-        let result = (&self.ready, &tree).transaction(|(ready, reserved)| {
+        let tombstones = self.db.open_tree(CANCELLED_TREE).map_err(StoreError::Db)?;
+        let result = (&self.ready, &tree, &tombstones).transaction(|(ready, reserved, cancelled)| {
             let mut missing = Vec::new();
             let mut records = Vec::with_capacity(reservations.len());
             for reservation in reservations {
+                if cancelled.get(reservation.key_id.as_bytes())?.is_some() {
+                    return sled::transaction::abort(KmeStoreError::Cancelled(reservation.key_id));
+                }
                 if reserved.get(reservation.key_id.as_bytes())?.is_some() {
                     return sled::transaction::abort(KmeStoreError::DuplicateReservation(reservation.key_id));
                 }
@@ -262,13 +281,74 @@ impl SledStore {
         Ok(keys)
     }
 
+    /// Cancels the reservations of `key_ids` (the key IDs of one reservation request whose
+    /// answer the asking KME never got), durably and all at once. For each key ID, in order:
+    /// * a reservation not yet delivered to any slave is erased: `true` (cancelled). Its units
+    ///   are not given back to the ready pool (the record keeps only the combined key), so the
+    ///   asking KME must discard them too;
+    /// * no reservation: `false` (unknown), and the key ID can never be reserved afterwards
+    ///   ([`KmeStoreError::Cancelled`]), so a late request cannot take the units any more;
+    /// * a reservation already delivered to a slave cannot be cancelled: `false`, logged as an
+    ///   error (never happens: the asking KME never handed the key ID to its master).
+    ///
+    /// Each key ID gets a tombstone dated `now_unix_ms`, so that asking again gives the same
+    /// answer (until [`SledStore::purge_reservations`] erases it).
+    pub fn cancel_reservations(&self, key_ids: &[Uuid], now_unix_ms: u64) -> Result<Vec<bool>, KmeStoreError> {
+        use sled::Transactional;
+        let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
+        let tombstones = self.db.open_tree(CANCELLED_TREE).map_err(StoreError::Db)?;
+        let result = (&tree, &tombstones).transaction(|(reserved, cancelled)| {
+            let mut outcomes = Vec::with_capacity(key_ids.len());
+            let mut delivered = Vec::new();
+            for key_id in key_ids {
+                let id = key_id.as_bytes();
+                if let Some(tombstone) = cancelled.get(id)? {
+                    match decode_tombstone(&tombstone) {
+                        Ok((was_cancelled, _)) => outcomes.push(was_cancelled),
+                        Err(e) => return sled::transaction::abort(KmeStoreError::Store(e)),
+                    }
+                    continue;
+                }
+                let outcome = match reserved.get(id)? {
+                    None => false,
+                    Some(value) => match decode_reservation(&value) {
+                        Ok(record) if record.slaves.iter().any(|(_, fetched)| *fetched) => {
+                            delivered.push(*key_id);
+                            outcomes.push(false);
+                            continue;
+                        }
+                        Ok(_) => {
+                            reserved.remove(id)?;
+                            true
+                        }
+                        Err(e) => return sled::transaction::abort(KmeStoreError::Store(e)),
+                    },
+                };
+                cancelled.insert(id, encode_tombstone(outcome, now_unix_ms).as_slice())?;
+                outcomes.push(outcome);
+            }
+            Ok((outcomes, delivered))
+        });
+        let (outcomes, delivered) = match result {
+            Ok(out) => out,
+            Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(StoreError::Db(e).into()),
+        };
+        for key_id in delivered {
+            error!(%key_id, "asked to cancel a reservation already delivered to a slave; kept");
+        }
+        self.flush()?;
+        Ok(outcomes)
+    }
+
     /// Number of reservations not yet fetched by all their slaves.
     pub fn reserved_key_count(&self) -> Result<usize, StoreError> {
         Ok(self.db.open_tree(RESERVATIONS_TREE)?.len())
     }
 
     /// Erases, durably, the reservations made before `created_before_unix_ms` (keys whose
-    /// slaves never came). Returns how many were erased.
+    /// slaves never came), and the tombstones of cancellations made before then. Returns how
+    /// many reservations were erased.
     pub fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
         let tree = self.db.open_tree(RESERVATIONS_TREE)?;
         let mut n = 0;
@@ -280,7 +360,16 @@ impl SledStore {
                 n += 1;
             }
         }
-        if n > 0 {
+        let tombstones = self.db.open_tree(CANCELLED_TREE)?;
+        let mut n_tombstones = 0;
+        for item in tombstones.iter() {
+            let (key, value) = item?;
+            let (_, created) = decode_tombstone(&value)?;
+            if created < created_before_unix_ms && tombstones.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok() {
+                n_tombstones += 1;
+            }
+        }
+        if n + n_tombstones > 0 {
             self.flush()?;
         }
         Ok(n)
@@ -377,6 +466,26 @@ fn decode_reservation(value: &[u8]) -> Result<Reservation, StoreError> {
     }
     let key = Zeroizing::new(value[reader.pos..].to_vec());
     Ok(Reservation { created_unix_ms, size_bits, master, slaves, key })
+}
+
+/// Tombstone: outcome byte (1: a reservation was cancelled, 0: none was recorded), then the
+/// cancellation time (u64 LE, Unix milliseconds).
+fn encode_tombstone(cancelled: bool, created_unix_ms: u64) -> [u8; 9] {
+    let mut out = [0u8; 9];
+    out[0] = u8::from(cancelled);
+    out[1..].copy_from_slice(&created_unix_ms.to_le_bytes());
+    out
+}
+
+fn decode_tombstone(value: &[u8]) -> Result<(bool, u64), StoreError> {
+    match value {
+        [outcome @ (0 | 1), time @ ..] if time.len() == 8 => {
+            let mut bytes = [0u8; 8];
+            bytes.copy_from_slice(time);
+            Ok((*outcome == 1, u64::from_le_bytes(bytes)))
+        }
+        _ => Err(StoreError::Corrupt("malformed cancellation tombstone".into())),
+    }
 }
 
 struct Reader<'a> {

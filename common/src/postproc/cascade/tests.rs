@@ -140,14 +140,20 @@ fn tiny_and_empty_keys() {
 
 #[test]
 fn schedule_follows_the_optimized_cascade() {
-    // Q = 3 %: alpha = ceil(log2(33.3) - 0.5) = ceil(4.56) = 5, k1 = 32, k2 = 2^ceil(17/2) = 512.
+    // Q = 3 %: alpha = ceil(log2(33.3) - 0.5) = ceil(4.56) = 5, k1 = 32, k2 = 2^floor(17/2) = 256
+    // (the published 2^ceil(17/2) = 512, rounded down: see the module documentation).
     let sizes = block_sizes(0.03, 16_384);
-    assert_eq!(&sizes[..4], &[32, 512, 4096, 8192]);
+    assert_eq!(&sizes[..4], &[32, 256, 4096, 8192]);
     assert_eq!(sizes.len(), N_PASSES as usize);
-    // Q = 10 %: alpha = ceil(3.32 - 0.5) = 3, k1 = 8, k2 = 2^ceil(7.5) = 256.
-    assert_eq!(&block_sizes(0.10, 100_000)[..4], &[8, 256, 4096, 50_000]);
-    // Q = 1 %: alpha = ceil(6.64 - 0.5) = 7, k1 = 128, k2 = 2^ceil(9.5) = 1024.
-    assert_eq!(&block_sizes(0.01, 100_000)[..2], &[128, 1024]);
+    // Q = 5 %: alpha = ceil(4.32 - 0.5) = 4, k1 = 16, k2 = 2^(16/2) = 256 (as published); from
+    // Q = 7 % (same alpha) k2 = 128.
+    assert_eq!(&block_sizes(0.05, 16_384)[..2], &[16, 256]);
+    assert_eq!(&block_sizes(0.08, 16_384)[..2], &[16, 128]);
+    // Q = 10 %: alpha = ceil(3.32 - 0.5) = 3, k1 = 8, k2 = 2^floor(7.5) = 128; a key over 2^16
+    // bits gets the intermediate passes of 2^14 and 2^16 bits before the n/2 passes.
+    assert_eq!(&block_sizes(0.10, 100_000)[..6], &[8, 128, 4096, 16_384, 65_536, 50_000]);
+    // Q = 1 %: alpha = ceil(6.64 - 0.5) = 7, k1 = 128, k2 = 2^floor(9.5) = 512.
+    assert_eq!(&block_sizes(0.01, 100_000)[..2], &[128, 512]);
     // Degenerate estimates fall back to the floor; sizes are clamped to the key length.
     assert_eq!(block_sizes(-1.0, 100_000), block_sizes(QBER_FLOOR, 100_000));
     assert_eq!(block_sizes(f64::NAN, 100_000), block_sizes(QBER_FLOOR, 100_000));
@@ -158,15 +164,26 @@ fn schedule_follows_the_optimized_cascade() {
 fn permutations_are_deterministic_bijections() {
     let seed = seed_bytes(35);
     for n in [1000usize, 100_003] {
-        for pass in [0, 1, 13] {
+        for pass in [0, 1, 2, 3, 5, 13] {
             let perm = pass_permutation(&seed, pass, n);
             assert_eq!(perm, pass_permutation(&seed, pass, n));
             let mut sorted = perm.clone();
             sorted.sort_unstable();
             assert_eq!(sorted, (0..n as u32).collect::<Vec<u32>>());
-            // Not the identity, and no long runs of consecutive indices.
-            let runs = perm.windows(2).filter(|w| w[1] == w[0] + 1).count();
-            assert!(runs < n / 100, "n={n} pass={pass}: {runs} consecutive pairs");
+            let half = &perm[..n / 2];
+            if pass < first_split_pass(n) {
+                // Fisher-Yates: no long runs of consecutive indices.
+                let runs = perm.windows(2).filter(|w| w[1] == w[0] + 1).count();
+                assert!(runs < n / 100, "n={n} pass={pass}: {runs} consecutive pairs");
+            } else {
+                // Random split: selected then unselected bits, each in increasing index order (so
+                // at most one descent in the whole order), the first half a random half (about a
+                // quarter of the key lies in both it and the key's first half).
+                let descents = perm.windows(2).filter(|w| w[0] > w[1]).count();
+                assert!(descents <= 1, "n={n} pass={pass}: {descents} descents");
+                let low = half.iter().filter(|&&i| (i as usize) < n / 2).count();
+                assert!(low.abs_diff(n / 4) < n / 20, "n={n} pass={pass}: {low} low indices");
+            }
         }
     }
     assert_ne!(pass_permutation(&seed, 0, 1000), pass_permutation(&seed, 1, 1000));
@@ -219,4 +236,107 @@ fn alice_parities_follow_the_pass_shuffle() {
     let (start, end) = (17u32, 230u32);
     let expect = (start..end).fold(false, |acc, i| acc ^ key.get(perm[i as usize] as usize));
     assert_eq!(alice.answer(&[ParityQuery { pass: 3, start, end }]).unwrap(), vec![expect]);
+}
+
+#[test]
+fn split_orders_agree_with_their_permutation() {
+    // Position/original maps and range parities of a split pass, against the materialised
+    // permutation, on key lengths around word boundaries.
+    let seed_u64 = 38;
+    let seed = seed_bytes(seed_u64);
+    let mut rng = ChaCha20Rng::seed_from_u64(seed_u64);
+    for n in [1usize, 63, 64, 65, 1000, 4097] {
+        let pass = first_split_pass(n);
+        let shuffles = CascadeShuffles::new(seed, n);
+        let order = shuffles.order(pass);
+        let perm = pass_permutation(&seed, pass, n);
+        for (position, &original) in perm.iter().enumerate() {
+            assert_eq!(order.original(position as u32), original, "n={n}");
+            assert_eq!(order.position(original), position as u32, "n={n}");
+        }
+        let key = random_key(&mut rng, n);
+        for _ in 0..50 {
+            let a = rng.random_range(0..n as u32);
+            let b = rng.random_range(0..n as u32);
+            let (start, end) = (a.min(b), a.max(b) + 1);
+            let expect = (start..end).fold(false, |acc, i| acc ^ key.get(perm[i as usize] as usize));
+            assert_eq!(shuffles.parity(&key, None, pass, start, end), expect, "seed {seed_u64}: n={n} {start}..{end}");
+        }
+    }
+}
+
+#[test]
+fn residual_density_is_a_probability_and_falls_with_corrections() {
+    for (q, k) in [(0.01, 128), (0.03, 32), (0.11, 8), (0.001, 1024)] {
+        let table = residual_error_density(q, k);
+        assert_eq!(table.len(), MAX_TABLE_CORRECTIONS + 1);
+        assert!(table.iter().all(|&p| p > 0.0 && p < 0.5), "q={q} k={k}: {table:?}");
+        // A block that was even from the start holds its remaining errors in pairs: denser than
+        // after one correction (at these block sizes, about one error per block).
+        assert!(table[0] > table[1], "q={q} k={k}: {table:?}");
+    }
+}
+
+/// Runs a multi-frame exchange, checking that both ends count the same disclosed bits per frame.
+fn run_multi(alice_keys: &[BitVec], bob_keys: Vec<BitVec>, qber: f64, seed: [u8; 32]) -> (Vec<CascadeOutcome>, u32, MultiCascadeAlice) {
+    let mut alice = MultiCascadeAlice::new(alice_keys, seed);
+    let mut bob = MultiCascadeBob::new(bob_keys, qber, seed);
+    let mut batches = 0;
+    while let Some(queries) = bob.next_queries() {
+        assert_eq!(bob.next_queries().as_deref(), Some(&queries[..]), "a repeated call returns the batch");
+        let parities = alice.answer(&queries).unwrap();
+        bob.receive(&parities).unwrap();
+        assert_eq!(bob.leak_bits(), alice.leak_bits());
+        batches += 1;
+    }
+    assert_eq!(bob.round_trips(), batches);
+    (bob.finish(), batches, alice)
+}
+
+#[test]
+fn multi_frame_exchange_matches_single_frames() {
+    let seed_u64 = 39;
+    let seed = seed_bytes(seed_u64);
+    let mut rng = ChaCha20Rng::seed_from_u64(seed_u64);
+    // Frames of different lengths and error counts, one of them error-free and one empty.
+    let lengths = [4000usize, 4000, 2500, 0, 7000];
+    let alice_keys: Vec<BitVec> = lengths.iter().map(|&n| random_key(&mut rng, n)).collect();
+    let bob_keys: Vec<BitVec> = alice_keys
+        .iter()
+        .enumerate()
+        .map(|(i, key)| if i == 1 { key.clone() } else { with_errors(&mut rng, key, key.len() / 25) })
+        .collect();
+    let (outcomes, batches, alice) = run_multi(&alice_keys, bob_keys.clone(), 0.04, seed);
+    assert_eq!(outcomes.len(), lengths.len());
+    for (frame, outcome) in outcomes.iter().enumerate() {
+        assert!(outcome.key == alice_keys[frame], "seed {seed_u64}: frame {frame} not corrected");
+        assert_eq!(Some(outcome.leak_bits), alice.frame_leak_bits(frame), "frame {frame}");
+        // The same frame alone, with the same seed, asks exactly the same questions.
+        let single = reconcile_in_memory(&alice_keys[frame], bob_keys[frame].clone(), 0.04, seed);
+        assert_eq!(single.leak_bits, outcome.leak_bits, "frame {frame}");
+        assert_eq!(single.round_trips, outcome.round_trips, "frame {frame}");
+    }
+    let max_round_trips = outcomes.iter().map(|o| o.round_trips).max().unwrap();
+    assert_eq!(batches, max_round_trips, "one exchange round serves every frame");
+    assert_eq!(alice.frame_leak_bits(lengths.len()), None);
+}
+
+#[test]
+fn multi_frame_alice_refuses_bad_queries_without_leaking() {
+    let keys = vec![BitVec::zeros(100), BitVec::zeros(50)];
+    let mut alice = MultiCascadeAlice::new(&keys, [3; 32]);
+    let good = FrameParityQuery { frame: 1, pass: 0, start: 0, end: 50 };
+    let bad_frame = FrameParityQuery { frame: 2, pass: 0, start: 0, end: 10 };
+    let bad_range = FrameParityQuery { frame: 1, pass: 0, start: 0, end: 51 };
+    assert_eq!(alice.answer(&[good, bad_frame]), Err(CascadeError::FrameOutOfRange { frame: 2, n_frames: 2 }));
+    assert_eq!(alice.answer(&[good, bad_range]), Err(CascadeError::BadRange { start: 0, end: 51, n_bits: 50 }));
+    assert_eq!(alice.leak_bits(), 0);
+    assert_eq!(alice.answer(&[good]).unwrap(), vec![false]);
+    assert_eq!(alice.frame_leak_bits(1), Some(1));
+    assert_eq!(alice.frame_leak_bits(0), Some(0));
+    let mut bob = MultiCascadeBob::new(keys.clone(), 0.05, [3; 32]);
+    assert_eq!(bob.receive(&[true]), Err(CascadeError::NoOutstandingQueries));
+    let batch = bob.next_queries().unwrap();
+    assert_eq!(bob.receive(&[]), Err(CascadeError::AnswerCountMismatch { expected: batch.len(), got: 0 }));
+    assert_eq!(bob.next_queries().unwrap(), batch);
 }

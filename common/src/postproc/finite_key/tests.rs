@@ -259,12 +259,12 @@ fn more_leak_or_more_phase_error_means_less_key() {
     // And so does a smaller test sample.
     let mut fewer_tests = worked_example();
     fewer_tests.x_counts = XCounts {
-        e_plus: 5_000,
-        e_minus: 5_000,
-        l_plus: 5_000,
-        l_minus: 5_000,
-        plus_plus: 19_000,
-        plus_minus: 1_000,
+        e_plus: 12_500,
+        e_minus: 12_500,
+        l_plus: 12_500,
+        l_minus: 12_500,
+        plus_plus: 47_500,
+        plus_minus: 2_500,
     };
     assert!(secret_key_length(&fewer_tests, &params).unwrap().final_bits < base);
 }

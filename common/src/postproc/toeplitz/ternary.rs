@@ -312,10 +312,8 @@ impl Ring {
             // e0 = lo(T0) + hi(T1); e1 = hi(T0) + lo(T1) + hi(T1), hi(T) = T >> L.
             let (e0, e1) = ea.split_at_mut(lw);
             shr_bits(&p2, self.half, &mut hi);
-            for w in 0..lw {
-                e0[w] = p2[w];
-                e1[w] = hi[w];
-            }
+            e0.copy_from_slice(&p2[..lw]);
+            e1.copy_from_slice(&hi[..lw]);
             shr_bits(&p1, self.half, &mut hi);
             for w in 0..lw {
                 e0[w] ^= hi[w];
@@ -358,7 +356,7 @@ pub(crate) fn extract_bits(words: &[u64], start: usize, len: usize, out: &mut [u
         let hi = if shift == 0 { 0 } else { words.get(first + k + 1).copied().unwrap_or(0) << (64 - shift) };
         *o = lo | hi;
     }
-    if len % 64 != 0 {
+    if !len.is_multiple_of(64) {
         out[n_out - 1] &= (1u64 << (len % 64)) - 1;
     }
 }

@@ -141,6 +141,87 @@ fn old_reservations_are_purged() {
 }
 
 #[test]
+fn cancelling_a_recorded_reservation_erases_it_and_gives_no_unit_back() {
+    let (store, units) = store_with_units(4);
+    let r = reservation(&[&units[0], &units[1]], 512, &["s"]);
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    assert_eq!(store.cancel_reservations(&[r.key_id], 2000).unwrap(), vec![true]);
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    // The units are lost here as at the asking KME, which discards them.
+    assert_eq!(ready_count(&store), 2);
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "s"), Err(KmeStoreError::NotFound(_))));
+    // Asking again (the first answer was lost) gives the same answer.
+    assert_eq!(store.cancel_reservations(&[r.key_id], 3000).unwrap(), vec![true]);
+    // The key ID can never be reserved again, even with units that are ready.
+    let mut again = reservation(&[&units[2]], 256, &["s"]);
+    again.key_id = r.key_id;
+    assert!(matches!(store.reserve_keys(&[again]), Err(KmeStoreError::Cancelled(id)) if id == r.key_id));
+    assert_eq!(ready_count(&store), 2);
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+}
+
+#[test]
+fn cancelling_an_unknown_key_refuses_its_late_reservation() {
+    let (store, units) = store_with_units(3);
+    let late = reservation(&[&units[0]], 256, &["s"]);
+    let recorded = reservation(&[&units[1]], 256, &["s"]);
+    store.reserve_keys(std::slice::from_ref(&recorded)).unwrap();
+    assert_eq!(store.cancel_reservations(&[late.key_id, recorded.key_id], 2000).unwrap(), vec![false, true]);
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    // The request that was cancelled before it arrived is refused as a whole: nothing changes.
+    let other = reservation(&[&units[2]], 256, &["s"]);
+    assert!(matches!(store.reserve_keys(&[other.clone(), late.clone()]), Err(KmeStoreError::Cancelled(id)) if id == late.key_id));
+    assert_eq!(ready_count(&store), 2);
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    assert_eq!(store.cancel_reservations(&[late.key_id], 3000).unwrap(), vec![false]);
+    // Other key IDs are unaffected.
+    store.reserve_keys(&[other]).unwrap();
+    assert_eq!(ready_count(&store), 1);
+}
+
+#[test]
+fn a_reservation_already_delivered_is_not_cancelled() {
+    let (store, units) = store_with_units(1);
+    let r = reservation(&[&units[0]], 256, &["s1", "s2"]);
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    let first = store.deliver_reserved_keys(&[r.key_id], "m", "s1").unwrap();
+    assert_eq!(store.cancel_reservations(&[r.key_id], 2000).unwrap(), vec![false]);
+    assert_eq!(store.reserved_key_count().unwrap(), 1);
+    let second = store.deliver_reserved_keys(&[r.key_id], "m", "s2").unwrap();
+    assert_eq!(first[0].key.as_slice(), second[0].key.as_slice());
+}
+
+#[test]
+fn cancellation_tombstones_expire_with_reservations() {
+    let (store, units) = store_with_units(2);
+    let (old, new) = (reservation(&[&units[0]], 256, &["s"]), reservation(&[&units[1]], 256, &["s"]));
+    assert_eq!(store.cancel_reservations(&[old.key_id], 1000).unwrap(), vec![false]);
+    assert_eq!(store.cancel_reservations(&[new.key_id], 5000).unwrap(), vec![false]);
+    assert_eq!(store.purge_reservations(2000).unwrap(), 0);
+    assert!(matches!(store.reserve_keys(std::slice::from_ref(&new)), Err(KmeStoreError::Cancelled(_))));
+    store.reserve_keys(std::slice::from_ref(&old)).unwrap();
+    assert_eq!(store.reserved_key_count().unwrap(), 1);
+}
+
+#[test]
+fn cancellation_tombstones_survive_a_reopen() {
+    let dir = std::env::temp_dir().join(format!("qkd-kme-store-test-{}", Uuid::new_v4()));
+    let unit = KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9u8; UNIT_BYTES]) };
+    let r = reservation(&[&unit], 256, &["s"]);
+    {
+        let store = SledStore::open(&dir).unwrap();
+        store.put_ready(&meta(), std::slice::from_ref(&unit)).unwrap();
+        assert_eq!(store.cancel_reservations(&[r.key_id], 2000).unwrap(), vec![false]);
+    }
+    {
+        let store = SledStore::open(&dir).unwrap();
+        assert!(matches!(store.reserve_keys(std::slice::from_ref(&r)), Err(KmeStoreError::Cancelled(_))));
+        assert_eq!(ready_count(&store), 1);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn reservations_survive_a_reopen() {
     let dir = std::env::temp_dir().join(format!("qkd-kme-store-test-{}", Uuid::new_v4()));
     let unit = KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9u8; UNIT_BYTES]) };
