@@ -56,7 +56,7 @@ log "2. Bob cut off the classical network, then reconnected"
 before=$(count app-b "key pair matched")
 docker network disconnect qkdci_classical qkdci_bob_1
 wait_count bob "link down" 1 60
-docker network connect --alias bob qkdci_classical qkdci_bob_1
+docker network connect --alias bob --alias bob-classical qkdci_classical qkdci_bob_1
 wait_count app-b "key pair matched" $((before + 5)) 180
 
 log "3. docker-compose restart bob"

@@ -196,8 +196,10 @@ impl EveTally {
     /// The frame's split pulses (`split`, ascending) against Alice's states and Bob's detections.
     fn of_frame(secret: &FrameSecret, p_z: f64, split: &[u64], detections: &[Detection]) -> Self {
         let is_z = |idx: u64| matches!(alice_state(secret, idx, p_z), State::Early | State::Late);
-        let mut tally =
-            Self { split_z: split.iter().filter(|&&idx| is_z(idx)).count() as u64, ..Self::default() };
+        let mut tally = Self {
+            split_z: split.iter().filter(|&&idx| is_z(idx)).count() as u64,
+            ..Self::default()
+        };
         for d in detections {
             if split.binary_search(&d.pulse_idx).is_ok() && is_z(d.pulse_idx) {
                 match d.measurement {
@@ -347,7 +349,8 @@ fn report(
     } else {
         0.0
     };
-    let committed: Vec<&BlockReport> = reports.iter().filter(|r| r.abort_reason.is_none()).collect();
+    let committed: Vec<&BlockReport> =
+        reports.iter().filter(|r| r.abort_reason.is_none()).collect();
     let efficiency = if committed.is_empty() {
         0.0
     } else {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod bench_postproc;
 mod demo;
 mod keys;
 mod lab;
@@ -36,6 +37,10 @@ enum Command {
         #[arg(long)]
         config: PathBuf,
     },
+    /// Benchmark the post-processing stages: reconciliation efficiency, frame error rate, round
+    /// trips and throughput per core for Cascade, LDPC, verification and Toeplitz hashing, beside
+    /// the published Cascade curve.
+    BenchPostproc(bench_postproc::BenchArgs),
     /// Simulate one link configuration for a given duration in simulated time, with the full
     /// post-processing, and print QBER, rates and the finite-key secret key rate.
     Simulate(simulate::SimulateArgs),
@@ -135,6 +140,7 @@ fn main() -> std::process::ExitCode {
         Command::DemoApp(args) => demo::run(args),
         Command::Eve { listen, alice, fraction } => run_eve(&listen, alice, fraction),
         Command::Probe { url } => probe(&url),
+        Command::BenchPostproc(args) => bench_postproc::run(args),
         Command::Simulate(args) => simulate::run_simulate(args),
         Command::Sweep(args) => simulate::run_sweep(args),
         Command::Daemon { role, config } => run_daemon(&role, &config),

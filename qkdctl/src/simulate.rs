@@ -6,10 +6,10 @@ use std::path::PathBuf;
 
 use std::io::IsTerminal;
 
-use anyhow::{bail, Context};
+use anyhow::{Context, bail};
 use common::link::ProtocolParams;
-use common::planner::{simulate, Eavesdropper, Scenario, SimulationReport};
-use common::sim::{analytic, InterceptResend, LinkParams};
+use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
+use common::sim::{InterceptResend, LinkParams, analytic};
 
 /// The reference experiment's published points (seed-experiment.md): (distance km, secret key
 /// rate bit/s) at 120 km, and the maximum distance with positive key.
@@ -57,21 +57,30 @@ pub struct ModelArgs {
 impl ModelArgs {
     fn link(&self) -> anyhow::Result<LinkParams> {
         let mut link = match &self.preset_file {
-            Some(path) => LinkParams::from_toml_str(&std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?)
-                .with_context(|| format!("parsing {}", path.display()))?,
+            Some(path) => LinkParams::from_toml_str(
+                &std::fs::read_to_string(path)
+                    .with_context(|| format!("reading {}", path.display()))?,
+            )
+            .with_context(|| format!("parsing {}", path.display()))?,
             None => LinkParams::preset(&self.preset)?,
         };
         if !self.overrides.is_empty() {
             let mut table = toml::Table::try_from(&link)?;
             for kv in &self.overrides {
-                let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+                let (key, value) = kv
+                    .split_once('=')
+                    .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
                 let value: toml::Value = format!("v = {value}")
                     .parse::<toml::Table>()
                     .ok()
                     .and_then(|mut t| t.remove("v"))
                     .unwrap_or_else(|| toml::Value::String(value.to_owned()));
                 if !table.contains_key(key.trim()) {
-                    bail!("--set {kv}: unknown parameter {:?}; known: {}", key.trim(), table.keys().cloned().collect::<Vec<_>>().join(", "));
+                    bail!(
+                        "--set {kv}: unknown parameter {:?}; known: {}",
+                        key.trim(),
+                        table.keys().cloned().collect::<Vec<_>>().join(", ")
+                    );
                 }
                 table.insert(key.trim().to_owned(), value);
             }
@@ -85,7 +94,10 @@ impl ModelArgs {
     }
 
     fn protocol(&self) -> anyhow::Result<ProtocolParams> {
-        let protocol = ProtocolParams { block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS), ..ProtocolParams::default() };
+        let protocol = ProtocolParams {
+            block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS),
+            ..ProtocolParams::default()
+        };
         protocol.validate().map_err(|e| anyhow::anyhow!("--block-bits: {e}"))?;
         Ok(protocol)
     }
@@ -110,7 +122,13 @@ impl ModelArgs {
         if !(duration_s > 0.0 && duration_s.is_finite()) {
             bail!("--duration-s {duration_s} is not a positive number of seconds");
         }
-        Ok(Scenario { link, protocol, duration_s, eavesdropper: self.eavesdropper()?, seed: self.seed })
+        Ok(Scenario {
+            link,
+            protocol,
+            duration_s,
+            eavesdropper: self.eavesdropper()?,
+            seed: self.seed,
+        })
     }
 }
 
@@ -180,8 +198,14 @@ fn print_report(r: &SimulationReport) {
     println!("QBER Z / X               {:.2} % / {:.2} %", 100.0 * r.qber_z, 100.0 * r.qber_x);
     println!("phase error upper bound  {:.2} %", 100.0 * r.phase_error_upper);
     println!("reconciliation f         {:.3}", r.reconciliation_efficiency);
-    println!("blocks                   {} of {} bits ({} aborted) in {:.0} s", r.blocks, r.block_size, r.aborted_blocks, r.blocks_span_s);
-    println!("secret key rate          {:.2} bit/s finite-key ({:.2} bit/s asymptotic, f = 1)", r.secret_key_rate_bps, r.asymptotic_key_rate_bps);
+    println!(
+        "blocks                   {} of {} bits ({} aborted) in {:.0} s",
+        r.blocks, r.block_size, r.aborted_blocks, r.blocks_span_s
+    );
+    println!(
+        "secret key rate          {:.2} bit/s finite-key ({:.2} bit/s asymptotic, f = 1)",
+        r.secret_key_rate_bps, r.asymptotic_key_rate_bps
+    );
     if !r.block_security.is_empty() || r.eve_known_key_bits > 0 {
         println!("key bits known to Eve    {}", r.eve_known_key_bits);
     }
@@ -238,12 +262,17 @@ fn run_points(scenarios: &[Scenario]) -> anyhow::Result<Vec<SimulationReport>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(total.max(1));
     let mut reports: Vec<Option<SimulationReport>> = (0..total).map(|_| None).collect();
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let chunks: Vec<Vec<usize>> = (0..threads).map(|t| (t..total).step_by(threads).collect()).collect();
+        let chunks: Vec<Vec<usize>> =
+            (0..threads).map(|t| (t..total).step_by(threads).collect()).collect();
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|idx| {
                 let run_one = &run_one;
-                scope.spawn(move || idx.into_iter().map(|i| run_one(&scenarios[i]).map(|r| (i, r))).collect::<anyhow::Result<Vec<_>>>())
+                scope.spawn(move || {
+                    idx.into_iter()
+                        .map(|i| run_one(&scenarios[i]).map(|r| (i, r)))
+                        .collect::<anyhow::Result<Vec<_>>>()
+                })
             })
             .collect();
         for h in handles {
@@ -259,13 +288,15 @@ fn run_points(scenarios: &[Scenario]) -> anyhow::Result<Vec<SimulationReport>> {
 
 /// The largest swept value with a positive finite key, if any.
 fn last_positive(values: &[f64], reports: &[SimulationReport]) -> Option<f64> {
-    values.iter().zip(reports).filter(|(_, r)| r.secret_key_rate_bps > 0.0).map(|(v, _)| *v).last()
+    values.iter().zip(reports).rev().find(|(_, r)| r.secret_key_rate_bps > 0.0).map(|(v, _)| *v)
 }
 
 /// Runs `qkdctl sweep`.
 pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
-    if !(args.step > 0.0) || args.to < args.from || args.refine_step < 0.0 {
-        bail!("--from must not exceed --to, --step must be positive and --refine-step not negative");
+    if args.step.is_nan() || args.step <= 0.0 || args.to < args.from || args.refine_step < 0.0 {
+        bail!(
+            "--from must not exceed --to, --step must be positive and --refine-step not negative"
+        );
     }
     let mut values = Vec::new();
     let mut k = 0u32;
@@ -287,7 +318,9 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         let mut scenario = model.scenario(Some(args.duration_s))?;
         if args.blocks_per_point > 0 {
             let sifted_per_s = analytic::expected(&scenario.link).p_sifted * scenario.link.clock_hz;
-            let enough = (f64::from(args.blocks_per_point) + 0.25) * scenario.protocol.block_bits as f64 / sifted_per_s;
+            let enough = (f64::from(args.blocks_per_point) + 0.25)
+                * scenario.protocol.block_bits as f64
+                / sifted_per_s;
             if enough.is_finite() && enough > 0.0 {
                 scenario.duration_s = scenario.duration_s.min(enough);
             }
@@ -315,9 +348,11 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
             .collect();
         if !extra.is_empty() {
             eprintln!("refining between {last} and {next}: {} more points", extra.len());
-            let scenarios = extra.iter().map(|&v| scenario_at(v)).collect::<anyhow::Result<Vec<_>>>()?;
+            let scenarios =
+                extra.iter().map(|&v| scenario_at(v)).collect::<anyhow::Result<Vec<_>>>()?;
             let more = run_points(&scenarios)?;
-            let mut merged: Vec<(f64, SimulationReport)> = values.into_iter().zip(reports).chain(extra.into_iter().zip(more)).collect();
+            let mut merged: Vec<(f64, SimulationReport)> =
+                values.into_iter().zip(reports).chain(extra.into_iter().zip(more)).collect();
             merged.sort_by(|a, b| a.0.total_cmp(&b.0));
             (values, reports) = merged.into_iter().unzip();
         }
@@ -330,13 +365,20 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         let value = args.from + (args.to - args.from) * k as f64 / n_fine as f64;
         let link = scenario_at(value)?.link;
         let e = analytic::expected(&link);
-        analytic_points.push((value, e.asymptotic_key_per_pulse * link.clock_hz, e.qber_z, e.qber_x));
+        analytic_points.push((
+            value,
+            e.asymptotic_key_per_pulse * link.clock_hz,
+            e.qber_z,
+            e.qber_x,
+        ));
     }
 
     write_outputs(&args, &values, &reports, &analytic_points)?;
     match last_positive(&values, &reports) {
         Some(v) if args.param == "distance_km" => {
-            println!("largest distance with positive finite key: {v:.1} km (paper: {PAPER_MAX_DISTANCE_KM} km)")
+            println!(
+                "largest distance with positive finite key: {v:.1} km (paper: {PAPER_MAX_DISTANCE_KM} km)"
+            )
         }
         Some(v) => println!("largest {} with positive finite key: {v}", args.param),
         None => println!("no value in the sweep gives a positive finite key"),
@@ -344,7 +386,12 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_outputs(args: &SweepArgs, values: &[f64], reports: &[SimulationReport], analytic: &[(f64, f64, f64, f64)]) -> anyhow::Result<()> {
+fn write_outputs(
+    args: &SweepArgs,
+    values: &[f64],
+    reports: &[SimulationReport],
+    analytic: &[(f64, f64, f64, f64)],
+) -> anyhow::Result<()> {
     let with_ext = |ext: &str| {
         let mut p = args.out.clone().into_os_string();
         p.push(format!(".{ext}"));
@@ -387,6 +434,11 @@ fn write_outputs(args: &SweepArgs, values: &[f64], reports: &[SimulationReport],
     });
     std::fs::write(with_ext("json"), serde_json::to_string_pretty(&json)?)?;
     crate::plot::sweep_svg(&with_ext("svg"), &args.param, values, reports, analytic)?;
-    println!("wrote {}, {} and {}", with_ext("csv").display(), with_ext("json").display(), with_ext("svg").display());
+    println!(
+        "wrote {}, {} and {}",
+        with_ext("csv").display(),
+        with_ext("json").display(),
+        with_ext("svg").display()
+    );
     Ok(())
 }

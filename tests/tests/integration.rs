@@ -8,4 +8,4 @@ mod link;
 mod etsi;
 mod service;
 mod deploy;
-mod sim; // TEMP-SIM-HELPER
+mod sim;

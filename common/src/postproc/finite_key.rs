@@ -246,7 +246,9 @@ pub enum KeyLengthError {
         max: f64,
     },
     /// Multi-photon pulses may account for every key bit.
-    #[error("up to {n_multi_photon_upper:.0} multi-photon pulses may explain all {n_key_bits} key bits")]
+    #[error(
+        "up to {n_multi_photon_upper:.0} multi-photon pulses may explain all {n_key_bits} key bits"
+    )]
     NoSinglePhotons {
         /// Upper bound on the number of multi-photon Z pulses.
         n_multi_photon_upper: f64,
@@ -372,10 +374,9 @@ fn shared_bounds(
     let plus_weight = params.p_z / (2.0 * (1.0 - params.p_z));
     let z_plus = (counts.e_plus + counts.l_plus) as f64;
     let score = plus_weight * (counts.plus_minus as f64 - counts.plus_plus as f64) + z_plus;
-    let score_second_moment_upper = plus_weight
-        * plus_weight
-        * chernoff_expected_upper(counts.n_plus_sent() as f64, beta)
-        + chernoff_expected_upper(z_plus, beta);
+    let score_second_moment_upper =
+        plus_weight * plus_weight * chernoff_expected_upper(counts.n_plus_sent() as f64, beta)
+            + chernoff_expected_upper(z_plus, beta);
     let multi_photon_correction = n_pulses * params.p_z / 2.0 * p_multi;
     let test_errors_expected_upper =
         (bernstein_expected_upper(score, score_second_moment_upper, plus_weight, beta)
@@ -503,7 +504,10 @@ pub fn phase_error_bounds_at_split(
 
 /// Upper bound on the phase error rate (fraction) of the block's single-photon key bits, the
 /// value that enters h() in the key-length formula (see [`phase_error_bounds`] for the steps).
-pub fn phase_error_upper(stats: &BlockStats, params: &SecurityParams) -> Result<f64, KeyLengthError> {
+pub fn phase_error_upper(
+    stats: &BlockStats,
+    params: &SecurityParams,
+) -> Result<f64, KeyLengthError> {
     phase_error_bounds(stats, params).map(|bounds| bounds.single_photon_rate_upper)
 }
 

@@ -123,11 +123,9 @@ impl Expected {
             return 0.0;
         }
         let y_key = self.p_sifted / p_z;
-        let y_test = (self.joint[0][1][0]
-            + self.joint[0][1][1]
-            + self.joint[1][1][0]
-            + self.joint[1][1][1])
-            / p_z;
+        let y_test =
+            (self.joint[0][1][0] + self.joint[0][1][1] + self.joint[1][1][0] + self.joint[1][1][1])
+                / p_z;
         let errors = 0.5 * (self.e_ph * 2.0 * y_test + self.p_multi);
         let mut secret = f64::INFINITY;
         for k in 0..=64 {

@@ -101,11 +101,8 @@ impl PhotonNumberSplitting {
         let t = params.fibre_transmission();
         let (p1, p2) = (params.p_one_photon(), params.p_two_photons());
         let p_arrive = p1 * t + p2 * (1.0 - (1.0 - t) * (1.0 - t));
-        let (p_split, p_single) = if p2 >= p_arrive {
-            (p_arrive, 0.0)
-        } else {
-            (p2, p_arrive - p2)
-        };
+        let (p_split, p_single) =
+            if p2 >= p_arrive { (p_arrive, 0.0) } else { (p2, p_arrive - p2) };
         let p_forward = p_split + p_single;
         Self {
             p_forward,
@@ -124,14 +121,10 @@ impl PhotonNumberSplitting {
     /// Alice's emission of one frame of `n_pulses` pulses under the attack, replacing
     /// [`Source::emit_frame`](super::Source::emit_frame): forwarded pulses are placed by geometric
     /// skipping, so the work is proportional to the photons Bob receives.
-    pub fn emit_frame(
-        &self,
-        secret: &FrameSecret,
-        n_pulses: u64,
-        rng: &mut impl Rng,
-    ) -> PnsFrame {
+    pub fn emit_frame(&self, secret: &FrameSecret, n_pulses: u64, rng: &mut impl Rng) -> PnsFrame {
         let indices: Vec<u64> = successes(rng, n_pulses, self.p_forward).collect();
-        let mut frame = PnsFrame { photons: Vec::with_capacity(indices.len()), split_pulses: Vec::new() };
+        let mut frame =
+            PnsFrame { photons: Vec::with_capacity(indices.len()), split_pulses: Vec::new() };
         for pulse_idx in indices {
             if uniform(rng) < self.p_split_given_forward {
                 frame.split_pulses.push(pulse_idx);
@@ -201,8 +194,12 @@ mod tests {
             "seed {seed}: {split} split vs {split_mean}"
         );
         assert!(frame.split_pulses.windows(2).all(|w| w[0] < w[1]));
-        assert!(frame.photons.iter().all(|ph| !ph.two_photons
-            && ph.state == alice_state(&secret, ph.pulse_idx, p.p_z)));
+        assert!(
+            frame
+                .photons
+                .iter()
+                .all(|ph| !ph.two_photons && ph.state == alice_state(&secret, ph.pulse_idx, p.p_z))
+        );
         // Beyond the distance where two-photon pulses alone exceed the honest arrivals, Eve can
         // only forward split pulses.
         p.distance_km = 400.0;

@@ -116,7 +116,8 @@ pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
 /// words 12-13 and a 64-bit nonce, here 0, in words 14-15, as rand_chacha uses it): the 16 output
 /// words of block `counter` under `key`.
 fn chacha20_block(key: &[u8; 32], counter: u64) -> [u32; 16] {
-    let k = |i: usize| u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
+    let k =
+        |i: usize| u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
     let input: [u32; 16] = [
         0x6170_7865,
         0x3320_646e,
@@ -271,7 +272,11 @@ mod tests {
             let far = [u64::MAX / 3, (1 << 40) + 5, (1 << 32) * 8 + 7, u64::MAX / 8 * 8 - 1];
             for i in (0..200).chain(far) {
                 for p_z in [0.5, 0.8, 0.9] {
-                    assert_eq!(alice_state(&s, i, p_z), reference_state(&s, i, p_z), "seed {seed}, pulse {i}");
+                    assert_eq!(
+                        alice_state(&s, i, p_z),
+                        reference_state(&s, i, p_z),
+                        "seed {seed}, pulse {i}"
+                    );
                 }
             }
         }

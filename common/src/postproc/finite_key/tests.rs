@@ -36,9 +36,15 @@ fn ideal_channel_phase_error_vanishes_with_statistics() {
     let params = SecurityParams { g2: 0.0, ..SecurityParams::default() };
     let mut previous = f64::INFINITY;
     for clicks in [10_000u64, 1_000_000, 100_000_000, 10_000_000_000] {
-        let bounds = phase_error_bounds(&stats(10 * clicks, counts_with_visibility(clicks, 1.0), 0), &params)
-            .unwrap();
-        assert!(bounds.test_rate_upper > 0.0 && bounds.test_rate_upper < previous, "{clicks}: {bounds:?}");
+        let bounds = phase_error_bounds(
+            &stats(10 * clicks, counts_with_visibility(clicks, 1.0), 0),
+            &params,
+        )
+        .unwrap();
+        assert!(
+            bounds.test_rate_upper > 0.0 && bounds.test_rate_upper < previous,
+            "{clicks}: {bounds:?}"
+        );
         previous = bounds.test_rate_upper;
     }
     // At 1e10 clicks the bound is a few 1e-5 (it falls as 1/sqrt(clicks)).
@@ -50,9 +56,11 @@ fn phase_error_tends_to_half_one_minus_visibility() {
     let params = SecurityParams { g2: 0.0, ..SecurityParams::default() };
     for v in [0.8, 0.9, 0.97] {
         let target = (1.0 - v) / 2.0;
-        let bounds =
-            phase_error_bounds(&stats(1_000_000_000_000, counts_with_visibility(10_000_000_000, v), 0), &params)
-                .unwrap();
+        let bounds = phase_error_bounds(
+            &stats(1_000_000_000_000, counts_with_visibility(10_000_000_000, v), 0),
+            &params,
+        )
+        .unwrap();
         assert!(bounds.test_rate_upper >= target, "v={v}: {bounds:?}");
         assert!(bounds.test_rate_upper - target < 2e-4, "v={v}: {bounds:?}");
     }
@@ -164,7 +172,8 @@ fn bernstein_bound_covers_the_mean_at_a_loose_epsilon() {
     let (n, p_click, p_x, e_x) = (20_000u32, 0.2, 0.1, 0.1);
     let r = (1.0 - p_x) / (2.0 * p_x);
     // Per pulse: + sent and - seen (score r), + sent and + seen (-r), Z sent and + seen (1).
-    let (p_pm, p_pp, p_zp) = (p_x * p_click * e_x, p_x * p_click * (1.0 - e_x), (1.0 - p_x) * p_click * 0.5);
+    let (p_pm, p_pp, p_zp) =
+        (p_x * p_click * e_x, p_x * p_click * (1.0 - e_x), (1.0 - p_x) * p_click * 0.5);
     let mean = f64::from(n) * (r * p_pm - r * p_pp + p_zp);
     let beta = (1.0f64 / 0.05).ln();
     let trials = 2000;
@@ -281,7 +290,10 @@ fn abort_reasons() {
     let mut no_plus = worked_example();
     no_plus.x_counts.plus_plus = 0;
     no_plus.x_counts.plus_minus = 0;
-    assert!(matches!(secret_key_length(&no_plus, &params), Err(KeyLengthError::NotEnoughTestData { .. })));
+    assert!(matches!(
+        secret_key_length(&no_plus, &params),
+        Err(KeyLengthError::NotEnoughTestData { .. })
+    ));
     // Visibility 0: e_ph = 1/2.
     let mut random_phase = worked_example();
     random_phase.x_counts.plus_plus = 100_000;
@@ -299,13 +311,17 @@ fn abort_reasons() {
         Err(KeyLengthError::NoSinglePhotons { .. })
     ));
     let bad = SecurityParams { p_z: 1.0, ..params };
-    assert!(matches!(secret_key_length(&worked_example(), &bad), Err(KeyLengthError::InvalidParams { .. })));
+    assert!(matches!(
+        secret_key_length(&worked_example(), &bad),
+        Err(KeyLengthError::InvalidParams { .. })
+    ));
 }
 
 #[test]
 fn x_counts_accumulate() {
     let mut total = XCounts::default();
-    let frame = XCounts { e_plus: 1, e_minus: 2, l_plus: 3, l_minus: 4, plus_plus: 90, plus_minus: 10 };
+    let frame =
+        XCounts { e_plus: 1, e_minus: 2, l_plus: 3, l_minus: 4, plus_plus: 90, plus_minus: 10 };
     total.add(&frame);
     total.add(&frame);
     assert_eq!(total.n_z_sent(), 20);
