@@ -8,8 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use common::config::AliceConfig;
 use common::fibre::{encode_frame, write_frame};
-use common::link::alice::{AliceCore, AliceEvent};
 use common::link::LinkError;
+use common::link::alice::{AliceCore, AliceEvent};
 use common::sim::{FrameSecret, LinkParams, Source};
 use common::store::SledStore;
 use proto::link::link_server::{Link, LinkServer};
@@ -52,7 +52,9 @@ pub async fn run_from_config(config: &std::path::Path, data_dir: Option<std::pat
     let grpc = TcpListener::bind(cfg.classical.listen)
         .await
         .with_context(|| format!("binding classical.listen {}", cfg.classical.listen))?;
-    let fibre = TcpListener::bind(cfg.fibre.listen).await.with_context(|| format!("binding fibre.listen {}", cfg.fibre.listen))?;
+    let fibre = TcpListener::bind(cfg.fibre.listen)
+        .await
+        .with_context(|| format!("binding fibre.listen {}", cfg.fibre.listen))?;
     let shutdown = CancellationToken::new();
     tokio::spawn(common::shutdown_on_signal(shutdown.clone()));
     run(cfg, link, grpc, fibre, shutdown).await
@@ -91,18 +93,28 @@ pub async fn run(
             shutdown.cancelled().await;
             core.lock().expect("alice core lock poisoned").drain();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while core.lock().expect("alice core lock poisoned").blocks_in_progress() > 0 && tokio::time::Instant::now() < deadline {
+            while core.lock().expect("alice core lock poisoned").blocks_in_progress() > 0
+                && tokio::time::Instant::now() < deadline
+            {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server_stop.cancel();
         }
     };
-    let service = LinkService { core: core.clone(), store: store.clone(), peer_name: cfg.classical.peer_name.clone(), status: status.clone() };
+    let service = LinkService {
+        core: core.clone(),
+        store: store.clone(),
+        peer_name: cfg.classical.peer_name.clone(),
+        status: status.clone(),
+    };
     let grpc = tonic::transport::Server::builder()
         .tls_config(tls.tonic_server())
         .context("TLS configuration of the classical channel")?
         .add_service(LinkServer::new(service))
-        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(grpc_listener), server_stop.cancelled_owned());
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc_listener),
+            server_stop.cancelled_owned(),
+        );
 
     let health = common::service::Health::default();
     let health_server = {
@@ -123,7 +135,9 @@ pub async fn run(
         async move {
             match kme_cfg {
                 Some(kme_cfg) => {
-                    let result = common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Alice, &tls, store, shutdown.clone()).await;
+                    let result =
+                        common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Alice, &tls, store, shutdown.clone())
+                            .await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "key management entity failed; stopping");
                         shutdown.cancel();

@@ -41,7 +41,13 @@ async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     if let Some(path) = args.check_config {
         let (cfg, link) = AliceConfig::load(&path)?;
-        println!("{}: ok (node {}, {} km, block {} bits)", path.display(), cfg.node_id, link.distance_km, cfg.protocol.block_bits);
+        println!(
+            "{}: ok (node {}, {} km, block {} bits)",
+            path.display(),
+            cfg.node_id,
+            link.distance_km,
+            cfg.protocol.block_bits
+        );
         return Ok(());
     }
     let path = args.config.context("--config is required")?;

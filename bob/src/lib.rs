@@ -4,11 +4,11 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::{anyhow, Context};
+use anyhow::{Context, anyhow};
 use common::config::BobConfig;
 use common::fibre::{decode_frame, read_frame};
-use common::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
 use common::link::LinkError;
+use common::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
 use common::sim::{LinkParams, Receiver};
 use common::store::SledStore;
 use common::tls::TlsMaterial;
@@ -59,7 +59,11 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let status = Arc::new(Mutex::new(BobStatus::default()));
-    let status_writer = tokio::spawn(common::status::write_periodically(cfg.data_dir.join("status.json"), status.clone(), shutdown.clone()));
+    let status_writer = tokio::spawn(common::status::write_periodically(
+        cfg.data_dir.join("status.json"),
+        status.clone(),
+        shutdown.clone(),
+    ));
     let health = common::service::Health::default();
     if let Some(addr) = cfg.health_listen {
         let (health, shutdown) = (health.clone(), shutdown.clone());
@@ -73,7 +77,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let kme = cfg.kme.clone().map(|kme_cfg| {
         let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let result = common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Bob, &tls, store, shutdown.clone()).await;
+            let result =
+                common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Bob, &tls, store, shutdown.clone()).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "key management entity failed; stopping");
                 shutdown.cancel();
@@ -89,7 +94,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let mut backoff = min_backoff;
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        let result = session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut receiver, &mut rng, &shutdown).await;
+        let result =
+            session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut receiver, &mut rng, &shutdown).await;
         status.lock().expect("status lock poisoned").connected = false;
         health.set_ready(false);
         match result {
@@ -140,13 +146,15 @@ async fn session(
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel = endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
+    let channel =
+        endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
     let fibre = tokio::net::TcpStream::connect(&cfg.fibre.alice_addr)
         .await
         .with_context(|| format!("connecting the fibre to {}", cfg.fibre.alice_addr))?;
     let _ = fibre.set_nodelay(true);
     let peer = GrpcPeer { client: LinkClient::new(channel) };
-    let (mut bob, (ready, dropped)) = BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), link.clone(), store).await?;
+    let (mut bob, (ready, dropped)) =
+        BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), link.clone(), store).await?;
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
     {
         let mut s = status.lock().expect("status lock poisoned");

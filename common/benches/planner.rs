@@ -20,8 +20,7 @@ use common::sim::LinkParams;
 const POINTS: [(f64, f64); 3] = [(0.0, 30.0), (60.0, 900.0), (120.0, 7200.0)];
 
 fn main() {
-    let scale: f64 =
-        std::env::var("QKD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
+    let scale: f64 = std::env::var("QKD_BENCH_SCALE").ok().and_then(|s| s.parse().ok()).unwrap_or(1.0);
     println!(
         "{:>8} {:>12} {:>9} {:>16} {:>13} {:>7}",
         "km", "simulated s", "wall s", "simulated s / s", "detections/s", "blocks"

@@ -156,11 +156,7 @@ impl BitVec {
         let first = start / 64;
         for (k, w) in words.iter_mut().enumerate() {
             let lo = self.words.get(first + k).copied().unwrap_or(0) >> shift;
-            let hi = if shift == 0 {
-                0
-            } else {
-                self.words.get(first + k + 1).copied().unwrap_or(0) << (64 - shift)
-            };
+            let hi = if shift == 0 { 0 } else { self.words.get(first + k + 1).copied().unwrap_or(0) << (64 - shift) };
             *w = lo | hi;
         }
         BitVec::from_words(words, n)

@@ -204,14 +204,22 @@ impl BobConfig {
         rebase_tls(&mut cfg.tls, base);
         rebase_kme(&mut cfg.kme, base);
         if !(cfg.classical.max_backoff_s > 0.0) {
-            return Err(ConfigError::Invalid { file: path.to_owned(), message: "classical.max_backoff_s must be positive".into() });
+            return Err(ConfigError::Invalid {
+                file: path.to_owned(),
+                message: "classical.max_backoff_s must be positive".into(),
+            });
         }
         let link = validate(path, &cfg.link, &cfg.protocol, base)?;
         Ok((cfg, link))
     }
 }
 
-fn validate(path: &Path, link: &LinkSection, protocol: &ProtocolParams, base: &Path) -> Result<LinkParams, ConfigError> {
+fn validate(
+    path: &Path,
+    link: &LinkSection,
+    protocol: &ProtocolParams,
+    base: &Path,
+) -> Result<LinkParams, ConfigError> {
     let invalid = |message| ConfigError::Invalid { file: path.to_owned(), message };
     protocol.validate().map_err(|m| invalid(format!("protocol.{m}")))?;
     link.resolve(base).map_err(invalid)

@@ -8,7 +8,7 @@ use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::sim::{Photon, State};
-use crate::wire::{decode_deltas, encode_deltas, WireError};
+use crate::wire::{WireError, decode_deltas, encode_deltas};
 
 /// Largest frame accepted from the fibre, in bytes (a 2^22-pulse frame at 0 km is about 10 MB).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;

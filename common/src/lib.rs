@@ -19,9 +19,9 @@ pub mod link;
 pub mod logging;
 pub mod planner;
 pub mod postproc;
+pub mod service;
 pub mod sifting;
 pub mod sim;
-pub mod service;
 pub mod status;
 pub mod store;
 pub mod tls;
@@ -31,7 +31,7 @@ pub mod wire;
 pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {
     #[cfg(unix)]
     {
-        use tokio::signal::unix::{signal, SignalKind};
+        use tokio::signal::unix::{SignalKind, signal};
         let (Ok(mut int), Ok(mut term)) = (signal(SignalKind::interrupt()), signal(SignalKind::terminate())) else {
             tracing::warn!("cannot install signal handlers");
             return;

@@ -21,8 +21,8 @@ use crate::postproc::finite_key::{
     BlockStats, XCounts, phase_error_bounds, phase_error_bounds_at_split, security_cost_bits,
 };
 use crate::sim::{
-    Detection, FrameSecret, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting,
-    Receiver, Source, State, alice_state, analytic,
+    Detection, FrameSecret, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting, Receiver, Source, State,
+    alice_state, analytic,
 };
 use crate::store::{KeyStore, SledStore};
 
@@ -149,13 +149,9 @@ pub enum PlannerError {
 }
 
 /// Runs a scenario; `progress(done_fraction)` is called about a hundred times.
-pub fn simulate(
-    scenario: &Scenario,
-    mut progress: impl FnMut(f64),
-) -> Result<SimulationReport, PlannerError> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .build()
-        .map_err(|e| LinkError::Transport(e.to_string()))?;
+pub fn simulate(scenario: &Scenario, mut progress: impl FnMut(f64)) -> Result<SimulationReport, PlannerError> {
+    let runtime =
+        tokio::runtime::Builder::new_current_thread().build().map_err(|e| LinkError::Transport(e.to_string()))?;
     runtime.block_on(simulate_async(scenario, &mut progress))
 }
 
@@ -196,10 +192,7 @@ impl EveTally {
     /// The frame's split pulses (`split`, ascending) against Alice's states and Bob's detections.
     fn of_frame(secret: &FrameSecret, p_z: f64, split: &[u64], detections: &[Detection]) -> Self {
         let is_z = |idx: u64| matches!(alice_state(secret, idx, p_z), State::Early | State::Late);
-        let mut tally = Self {
-            split_z: split.iter().filter(|&&idx| is_z(idx)).count() as u64,
-            ..Self::default()
-        };
+        let mut tally = Self { split_z: split.iter().filter(|&&idx| is_z(idx)).count() as u64, ..Self::default() };
         for d in detections {
             if split.binary_search(&d.pulse_idx).is_ok() && is_z(d.pulse_idx) {
                 match d.measurement {
@@ -218,25 +211,16 @@ impl EveTally {
     }
 }
 
-async fn simulate_async(
-    scenario: &Scenario,
-    progress: &mut dyn FnMut(f64),
-) -> Result<SimulationReport, PlannerError> {
+async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> Result<SimulationReport, PlannerError> {
     let Scenario { link, protocol, duration_s, seed, .. } = scenario;
     let alice_store = Arc::new(SledStore::temporary()?);
     let bob_store = SledStore::temporary()?;
-    let core = AliceCore::new(
-        "alice".into(),
-        protocol.clone(),
-        link.clone(),
-        ChaCha20Rng::seed_from_u64(*seed),
-    );
+    let core = AliceCore::new("alice".into(), protocol.clone(), link.clone(), ChaCha20Rng::seed_from_u64(*seed));
     let alice = MemoryAlice::new(core, alice_store.clone());
-    let (mut bob, _) =
-        BobLink::open(alice.clone(), "bob", protocol.clone(), link.clone(), &bob_store).await?;
+    let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), link.clone(), &bob_store).await?;
     let source = Source::new(link);
-    let pns = matches!(scenario.eavesdropper, Eavesdropper::PhotonNumberSplitting)
-        .then(|| PhotonNumberSplitting::new(link));
+    let pns =
+        matches!(scenario.eavesdropper, Eavesdropper::PhotonNumberSplitting).then(|| PhotonNumberSplitting::new(link));
     let mut receiver = Receiver::new(link);
     let mut rng = ChaCha20Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
     let security = protocol.security(link);
@@ -284,8 +268,7 @@ async fn simulate_async(
                     phase_error_bounds_at_split(&stats, &security, m_key, m_test).ok()
                 })
                 .map(|b| {
-                    b.n_single_photon_lower
-                        * (1.0 - crate::postproc::binary_entropy(b.single_photon_rate_upper))
+                    b.n_single_photon_lower * (1.0 - crate::postproc::binary_entropy(b.single_photon_rate_upper))
                         - stats.leak_ec_bits as f64
                         - security_cost_bits(&security)
                 });
@@ -335,8 +318,7 @@ fn report(
     reports: Vec<BlockReport>,
     block_security: Vec<BlockSecurity>,
 ) -> SimulationReport {
-    let corrected: Vec<&BlockReport> =
-        reports.iter().filter(|r| r.qber_z > 0.0 || r.abort_reason.is_none()).collect();
+    let corrected: Vec<&BlockReport> = reports.iter().filter(|r| r.qber_z > 0.0 || r.abort_reason.is_none()).collect();
     let z_bits: u64 = corrected.iter().map(|r| r.n_bits).sum();
     let qber_z = if z_bits > 0 {
         corrected.iter().map(|r| r.qber_z * r.n_bits as f64).sum::<f64>() / z_bits as f64
@@ -349,8 +331,7 @@ fn report(
     } else {
         0.0
     };
-    let committed: Vec<&BlockReport> =
-        reports.iter().filter(|r| r.abort_reason.is_none()).collect();
+    let committed: Vec<&BlockReport> = reports.iter().filter(|r| r.abort_reason.is_none()).collect();
     let efficiency = if committed.is_empty() {
         0.0
     } else {
@@ -358,11 +339,7 @@ fn report(
             .iter()
             .map(|r| {
                 let h = crate::postproc::binary_entropy(r.qber_z);
-                if h > 0.0 {
-                    (r.leak_bits - crate::link::alice::TAG_BITS) as f64 / (r.n_bits as f64 * h)
-                } else {
-                    0.0
-                }
+                if h > 0.0 { (r.leak_bits - crate::link::alice::TAG_BITS) as f64 / (r.n_bits as f64 * h) } else { 0.0 }
             })
             .sum::<f64>()
             / committed.len() as f64
@@ -377,11 +354,7 @@ fn report(
         detections_per_s: run.detections as f64 / run.simulated_s,
         sifted_bits_per_s: run.sifted_bits as f64 / run.simulated_s,
         asymptotic_key_rate_bps: expected.asymptotic_key_per_pulse * scenario.link.clock_hz,
-        secret_key_rate_bps: if run.blocks_span_s > 0.0 {
-            run.secret_bits as f64 / run.blocks_span_s
-        } else {
-            0.0
-        },
+        secret_key_rate_bps: if run.blocks_span_s > 0.0 { run.secret_bits as f64 / run.blocks_span_s } else { 0.0 },
         block_size: scenario.protocol.block_bits,
         blocks: reports.len() as u64,
         aborted_blocks: reports.iter().filter(|r| r.abort_reason.is_some()).count() as u64,

@@ -3,8 +3,8 @@
 //! container health checks and load balancers (no client certificate, nothing about keys).
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -64,17 +64,19 @@ pub async fn serve_health(addr: SocketAddr, health: Health, shutdown: Cancellati
     use axum::http::StatusCode;
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = axum::Router::new()
-        .route("/healthz", get(|| async { (StatusCode::OK, "live\n") }))
-        .route(
-            "/readyz",
-            get(move || {
-                let health = health.clone();
-                async move {
-                    if health.is_ready() { (StatusCode::OK, "ready\n") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready\n") }
+    let app = axum::Router::new().route("/healthz", get(|| async { (StatusCode::OK, "live\n") })).route(
+        "/readyz",
+        get(move || {
+            let health = health.clone();
+            async move {
+                if health.is_ready() {
+                    (StatusCode::OK, "ready\n")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
                 }
-            }),
-        );
+            }
+        }),
+    );
     info!(%addr, "health endpoint listening (GET /healthz, /readyz)");
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

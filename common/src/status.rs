@@ -9,7 +9,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 /// Writes the status file atomically (temporary file, then rename) every second.
-pub async fn write_periodically<T: serde::Serialize>(path: std::path::PathBuf, status: Arc<Mutex<T>>, shutdown: CancellationToken) {
+pub async fn write_periodically<T: serde::Serialize>(
+    path: std::path::PathBuf,
+    status: Arc<Mutex<T>>,
+    shutdown: CancellationToken,
+) {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     loop {
         let stop = tokio::select! {

@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
-use serde_json::{json, Value};
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
 
 /// The `keys` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -367,10 +367,13 @@ mod tests {
             command: KeysCommand,
         }
         let common = ["--kme", "kme:8443", "--cert", "c", "--key", "k", "--ca", "ca"];
-        let cli = Cli::try_parse_from(["keys", "get", "--slave", "s", "--number", "3"].into_iter().chain(common)).unwrap();
+        let cli =
+            Cli::try_parse_from(["keys", "get", "--slave", "s", "--number", "3"].into_iter().chain(common)).unwrap();
         assert!(matches!(cli.command, KeysCommand::Get { number: Some(3), .. }));
-        let cli = Cli::try_parse_from(["keys", "get-by-id", "--master", "m", "--key-id", "x", "--key-id", "y"].into_iter().chain(common))
-            .unwrap();
+        let cli = Cli::try_parse_from(
+            ["keys", "get-by-id", "--master", "m", "--key-id", "x", "--key-id", "y"].into_iter().chain(common),
+        )
+        .unwrap();
         assert!(matches!(cli.command, KeysCommand::GetById { ref key_ids, .. } if key_ids.len() == 2));
         assert!(Cli::try_parse_from(["keys", "get-by-id", "--master", "m"].into_iter().chain(common)).is_err());
     }

@@ -57,7 +57,12 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     let alice = spawn("alice", &alice_cfg, &dir.join("logs/alice.log"))?;
     let bob = spawn("bob", &bob_cfg, &dir.join("logs/bob.log"))?;
     let mut children = Children(vec![alice, bob]);
-    println!("lab: alice pid {}, bob pid {}; logs in {}/logs; Ctrl-C to stop", children.0[0].id(), children.0[1].id(), dir.display());
+    println!(
+        "lab: alice pid {}, bob pid {}; logs in {}/logs; Ctrl-C to stop",
+        children.0[0].id(),
+        children.0[1].id(),
+        dir.display()
+    );
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     {
@@ -69,7 +74,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     let mut last_detections = 0u64;
     let result = loop {
         std::thread::sleep(Duration::from_millis(200));
-        if stop.load(std::sync::atomic::Ordering::SeqCst) || args.duration_s.is_some_and(|d| start.elapsed().as_secs_f64() >= d) {
+        if stop.load(std::sync::atomic::Ordering::SeqCst)
+            || args.duration_s.is_some_and(|d| start.elapsed().as_secs_f64() >= d)
+        {
             break Ok(());
         }
         if let Some(name) = children.exited() {

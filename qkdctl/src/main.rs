@@ -123,7 +123,8 @@ fn run_eve(listen: &str, alice: String, fraction: f64) -> anyhow::Result<()> {
 fn probe(url: &str) -> anyhow::Result<()> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
     runtime.block_on(async {
-        let response = reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?.get(url).send().await?;
+        let response =
+            reqwest::Client::builder().timeout(std::time::Duration::from_secs(3)).build()?.get(url).send().await?;
         anyhow::ensure!(response.status().is_success(), "{url}: {}", response.status());
         Ok(())
     })

@@ -6,8 +6,8 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context};
-use common::tls::{write_issued, write_pem, CertAuthority};
+use anyhow::{Context, bail};
+use common::tls::{CertAuthority, write_issued, write_pem};
 
 /// `qkdctl pki` subcommands.
 #[derive(clap::Subcommand, Debug)]
@@ -72,7 +72,8 @@ fn refuse_existing(paths: &[PathBuf]) -> anyhow::Result<()> {
 
 fn init(dir: &Path, alice_names: &[String], bob_names: &[String], ca_name: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let files: Vec<PathBuf> = ["ca.crt", "ca.key", "alice.crt", "alice.key", "bob.crt", "bob.key"].iter().map(|f| dir.join(f)).collect();
+    let files: Vec<PathBuf> =
+        ["ca.crt", "ca.key", "alice.crt", "alice.key", "bob.crt", "bob.key"].iter().map(|f| dir.join(f)).collect();
     refuse_existing(&files)?;
     let ca = CertAuthority::generate(ca_name)?;
     for (node, names) in [("alice", alice_names), ("bob", bob_names)] {
@@ -93,7 +94,8 @@ fn issue_sae(dir: &Path, name: &str) -> anyhow::Result<()> {
         bail!("SAE ID {name:?} is not usable as a file name");
     }
     refuse_existing(&[dir.join(format!("{name}.crt")), dir.join(format!("{name}.key"))])?;
-    let read = |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
+    let read =
+        |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
     let ca = CertAuthority::from_pem(&read("ca.crt")?, &read("ca.key")?).context("loading the CA")?;
     let issued = ca.issue_client(name)?;
     let (cert, key) = write_issued(dir, name, &issued)?;

@@ -25,12 +25,7 @@ pub fn sweep_svg(
     root.fill(&WHITE)?;
     let (top, bottom) = root.split_vertically(480);
     let x_min = values.first().copied().unwrap_or(0.0).min(analytic.first().map_or(0.0, |a| a.0));
-    let x_max = values
-        .last()
-        .copied()
-        .unwrap_or(1.0)
-        .max(analytic.last().map_or(1.0, |a| a.0))
-        .max(x_min + 1e-9);
+    let x_max = values.last().copied().unwrap_or(1.0).max(analytic.last().map_or(1.0, |a| a.0)).max(x_min + 1e-9);
     let is_distance = param == "distance_km";
     let x_desc = if is_distance { "fibre length (km)" } else { param };
     let block_bits = reports.first().map_or(0, |r| r.block_size);
@@ -73,9 +68,7 @@ pub fn sweep_svg(
                 .filter(|(_, r)| r.secret_key_rate_bps > y_min)
                 .map(|(v, r)| Circle::new((*v, r.secret_key_rate_bps), 5, RED.filled())),
         )?
-        .label(format!(
-            "simulated: finite key, full post-processing, blocks of {block_bits:e} bits"
-        ))
+        .label(format!("simulated: finite key, full post-processing, blocks of {block_bits:e} bits"))
         .legend(|(x, y)| Circle::new((x + 10, y), 5, RED.filled()));
     if values.iter().zip(reports).any(|(_, r)| r.secret_key_rate_bps <= y_min) {
         chart
@@ -91,11 +84,7 @@ pub fn sweep_svg(
     }
     if is_distance {
         chart
-            .draw_series(
-                PAPER_RATE_POINTS
-                    .iter()
-                    .map(|&(d, r)| TriangleMarker::new((d, r), 8, BLACK.filled())),
-            )?
+            .draw_series(PAPER_RATE_POINTS.iter().map(|&(d, r)| TriangleMarker::new((d, r), 8, BLACK.filled())))?
             .label("Wang et al. 2026: about 15 bit/s at 120 km (finite key)")
             .legend(|(x, y)| TriangleMarker::new((x + 10, y), 8, BLACK.filled()));
         if (x_min..=x_max).contains(&PAPER_MAX_DISTANCE_KM) {
@@ -105,9 +94,7 @@ pub fn sweep_svg(
                     BLACK.stroke_width(1),
                 ))?
                 .label("Wang et al. 2026: maximum distance 127 km")
-                .legend(|(x, y)| {
-                    PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1))
-                });
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK.stroke_width(1)));
         }
     }
     chart
@@ -140,17 +127,11 @@ pub fn sweep_svg(
         .y_label_formatter(&|v| format!("{v:.0}"))
         .draw()?;
     chart
-        .draw_series(LineSeries::new(
-            analytic.iter().map(|a| (a.0, 100.0 * a.2)),
-            BLUE.stroke_width(2),
-        ))?
+        .draw_series(LineSeries::new(analytic.iter().map(|a| (a.0, 100.0 * a.2)), BLUE.stroke_width(2)))?
         .label("analytic Z")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     chart
-        .draw_series(LineSeries::new(
-            analytic.iter().map(|a| (a.0, 100.0 * a.3)),
-            GREEN.stroke_width(2),
-        ))?
+        .draw_series(LineSeries::new(analytic.iter().map(|a| (a.0, 100.0 * a.3)), GREEN.stroke_width(2)))?
         .label("analytic X (interferometer aligned)")
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], GREEN.stroke_width(2)));
     chart

@@ -58,8 +58,7 @@ impl ModelArgs {
     fn link(&self) -> anyhow::Result<LinkParams> {
         let mut link = match &self.preset_file {
             Some(path) => LinkParams::from_toml_str(
-                &std::fs::read_to_string(path)
-                    .with_context(|| format!("reading {}", path.display()))?,
+                &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
             )
             .with_context(|| format!("parsing {}", path.display()))?,
             None => LinkParams::preset(&self.preset)?,
@@ -67,9 +66,7 @@ impl ModelArgs {
         if !self.overrides.is_empty() {
             let mut table = toml::Table::try_from(&link)?;
             for kv in &self.overrides {
-                let (key, value) = kv
-                    .split_once('=')
-                    .with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
+                let (key, value) = kv.split_once('=').with_context(|| format!("--set {kv}: expected KEY=VALUE"))?;
                 let value: toml::Value = format!("v = {value}")
                     .parse::<toml::Table>()
                     .ok()
@@ -94,10 +91,8 @@ impl ModelArgs {
     }
 
     fn protocol(&self) -> anyhow::Result<ProtocolParams> {
-        let protocol = ProtocolParams {
-            block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS),
-            ..ProtocolParams::default()
-        };
+        let protocol =
+            ProtocolParams { block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS), ..ProtocolParams::default() };
         protocol.validate().map_err(|e| anyhow::anyhow!("--block-bits: {e}"))?;
         Ok(protocol)
     }
@@ -122,13 +117,7 @@ impl ModelArgs {
         if !(duration_s > 0.0 && duration_s.is_finite()) {
             bail!("--duration-s {duration_s} is not a positive number of seconds");
         }
-        Ok(Scenario {
-            link,
-            protocol,
-            duration_s,
-            eavesdropper: self.eavesdropper()?,
-            seed: self.seed,
-        })
+        Ok(Scenario { link, protocol, duration_s, eavesdropper: self.eavesdropper()?, seed: self.seed })
     }
 }
 
@@ -138,14 +127,14 @@ pub struct SimulateArgs {
     #[command(flatten)]
     model: ModelArgs,
     /// Simulated duration, seconds (default: long enough for three blocks, from the analytic
-    /// sifted-bit rate). Progress goes to
-    /// stderr when it is a terminal.
+    /// sifted-bit rate). Progress goes to stderr when it is a terminal.
     #[arg(long)]
     duration_s: Option<f64>,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
-    /// Include every block's report in the JSON output.
+    /// Include every block's report and finite-key charges (`block_reports`, `block_security`) in
+    /// the JSON output.
     #[arg(long)]
     blocks: bool,
 }
@@ -176,7 +165,7 @@ pub fn run_simulate(args: SimulateArgs) -> anyhow::Result<()> {
         }
     })?;
     if show {
-        eprintln!(" ({:.1} s of CPU time)", started.elapsed().as_secs_f64());
+        eprintln!(" ({:.1} s wall time)", started.elapsed().as_secs_f64());
     }
     if !args.blocks {
         report.block_reports.clear();
@@ -185,12 +174,12 @@ pub fn run_simulate(args: SimulateArgs) -> anyhow::Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print_report(&report);
+        print_report(&report, scenario.eavesdropper == Eavesdropper::PhotonNumberSplitting);
     }
     Ok(())
 }
 
-fn print_report(r: &SimulationReport) {
+fn print_report(r: &SimulationReport, pns: bool) {
     println!("distance                 {:.1} km", r.distance_km);
     println!("simulated time           {:.0} s", r.duration_s);
     println!("detections               {:.1} /s", r.detections_per_s);
@@ -206,8 +195,8 @@ fn print_report(r: &SimulationReport) {
         "secret key rate          {:.2} bit/s finite-key ({:.2} bit/s asymptotic, f = 1)",
         r.secret_key_rate_bps, r.asymptotic_key_rate_bps
     );
-    if !r.block_security.is_empty() || r.eve_known_key_bits > 0 {
-        println!("key bits known to Eve    {}", r.eve_known_key_bits);
+    if pns {
+        println!("key bits known to Eve    {} (photon-number splitting)", r.eve_known_key_bits);
     }
 }
 
@@ -262,16 +251,13 @@ fn run_points(scenarios: &[Scenario]) -> anyhow::Result<Vec<SimulationReport>> {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get()).min(total.max(1));
     let mut reports: Vec<Option<SimulationReport>> = (0..total).map(|_| None).collect();
     std::thread::scope(|scope| -> anyhow::Result<()> {
-        let chunks: Vec<Vec<usize>> =
-            (0..threads).map(|t| (t..total).step_by(threads).collect()).collect();
+        let chunks: Vec<Vec<usize>> = (0..threads).map(|t| (t..total).step_by(threads).collect()).collect();
         let handles: Vec<_> = chunks
             .into_iter()
             .map(|idx| {
                 let run_one = &run_one;
                 scope.spawn(move || {
-                    idx.into_iter()
-                        .map(|i| run_one(&scenarios[i]).map(|r| (i, r)))
-                        .collect::<anyhow::Result<Vec<_>>>()
+                    idx.into_iter().map(|i| run_one(&scenarios[i]).map(|r| (i, r))).collect::<anyhow::Result<Vec<_>>>()
                 })
             })
             .collect();
@@ -294,9 +280,7 @@ fn last_positive(values: &[f64], reports: &[SimulationReport]) -> Option<f64> {
 /// Runs `qkdctl sweep`.
 pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
     if args.step.is_nan() || args.step <= 0.0 || args.to < args.from || args.refine_step < 0.0 {
-        bail!(
-            "--from must not exceed --to, --step must be positive and --refine-step not negative"
-        );
+        bail!("--from must not exceed --to, --step must be positive and --refine-step not negative");
     }
     let mut values = Vec::new();
     let mut k = 0u32;
@@ -318,9 +302,7 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         let mut scenario = model.scenario(Some(args.duration_s))?;
         if args.blocks_per_point > 0 {
             let sifted_per_s = analytic::expected(&scenario.link).p_sifted * scenario.link.clock_hz;
-            let enough = (f64::from(args.blocks_per_point) + 0.25)
-                * scenario.protocol.block_bits as f64
-                / sifted_per_s;
+            let enough = (f64::from(args.blocks_per_point) + 0.25) * scenario.protocol.block_bits as f64 / sifted_per_s;
             if enough.is_finite() && enough > 0.0 {
                 scenario.duration_s = scenario.duration_s.min(enough);
             }
@@ -342,14 +324,11 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         && let Some(last) = last_positive(&values, &reports)
         && let Some(&next) = values.iter().find(|&&v| v > last)
     {
-        let extra: Vec<f64> = (1..)
-            .map(|k| last + f64::from(k) * args.refine_step)
-            .take_while(|&v| v < next - 1e-9)
-            .collect();
+        let extra: Vec<f64> =
+            (1..).map(|k| last + f64::from(k) * args.refine_step).take_while(|&v| v < next - 1e-9).collect();
         if !extra.is_empty() {
             eprintln!("refining between {last} and {next}: {} more points", extra.len());
-            let scenarios =
-                extra.iter().map(|&v| scenario_at(v)).collect::<anyhow::Result<Vec<_>>>()?;
+            let scenarios = extra.iter().map(|&v| scenario_at(v)).collect::<anyhow::Result<Vec<_>>>()?;
             let more = run_points(&scenarios)?;
             let mut merged: Vec<(f64, SimulationReport)> =
                 values.into_iter().zip(reports).chain(extra.into_iter().zip(more)).collect();
@@ -365,20 +344,13 @@ pub fn run_sweep(args: SweepArgs) -> anyhow::Result<()> {
         let value = args.from + (args.to - args.from) * k as f64 / n_fine as f64;
         let link = scenario_at(value)?.link;
         let e = analytic::expected(&link);
-        analytic_points.push((
-            value,
-            e.asymptotic_key_per_pulse * link.clock_hz,
-            e.qber_z,
-            e.qber_x,
-        ));
+        analytic_points.push((value, e.asymptotic_key_per_pulse * link.clock_hz, e.qber_z, e.qber_x));
     }
 
     write_outputs(&args, &values, &reports, &analytic_points)?;
     match last_positive(&values, &reports) {
         Some(v) if args.param == "distance_km" => {
-            println!(
-                "largest distance with positive finite key: {v:.1} km (paper: {PAPER_MAX_DISTANCE_KM} km)"
-            )
+            println!("largest distance with positive finite key: {v:.1} km (paper: {PAPER_MAX_DISTANCE_KM} km)")
         }
         Some(v) => println!("largest {} with positive finite key: {v}", args.param),
         None => println!("no value in the sweep gives a positive finite key"),
@@ -434,11 +406,6 @@ fn write_outputs(
     });
     std::fs::write(with_ext("json"), serde_json::to_string_pretty(&json)?)?;
     crate::plot::sweep_svg(&with_ext("svg"), &args.param, values, reports, analytic)?;
-    println!(
-        "wrote {}, {} and {}",
-        with_ext("csv").display(),
-        with_ext("json").display(),
-        with_ext("svg").display()
-    );
+    println!("wrote {}, {} and {}", with_ext("csv").display(), with_ext("json").display(), with_ext("svg").display());
     Ok(())
 }

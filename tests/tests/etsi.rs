@@ -13,7 +13,7 @@ use common::etsi::{IdentitySource, KmeConfig, KmeError, KmeSide, SaeEntry};
 use common::store::kme::UNIT_BYTES;
 use common::store::{BlockMeta, KeyStore, KeyUnit, SledStore};
 use common::tls::{CertAuthority, IssuedCert, TlsFiles, TlsMaterial};
-use serde_json::{json, Value};
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
@@ -128,7 +128,12 @@ impl Net {
             .map(|s| SaeEntry { sae_id: s.to_string(), kme_id: "KME_A".into() })
             .chain(B_SAES.iter().map(|s| SaeEntry { sae_id: s.to_string(), kme_id: "KME_B".into() }))
             .collect();
-        let config = |me: &str, peer: &str, https: &TcpListener, peer_listen: SocketAddr, peer_addr: SocketAddr, peer_name: &str| KmeConfig {
+        let config = |me: &str,
+                      peer: &str,
+                      https: &TcpListener,
+                      peer_listen: SocketAddr,
+                      peer_addr: SocketAddr,
+                      peer_name: &str| KmeConfig {
             listen: https.local_addr().unwrap(),
             tls: pki.https_files(me),
             peer_listen,
@@ -197,7 +202,13 @@ fn client_with(
 /// Percent-encodes every byte outside the URL's unreserved set.
 fn enc(id: &str) -> String {
     id.bytes()
-        .map(|b| if b.is_ascii_alphanumeric() || b"-._~".contains(&b) { (b as char).to_string() } else { format!("%{b:02X}") })
+        .map(|b| {
+            if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+                (b as char).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
         .collect()
 }
 
@@ -261,7 +272,9 @@ fn keys_of(container: &Value) -> Vec<(String, Vec<u8>)> {
             let id = key["key_ID"].as_str().expect("key_ID string").to_owned();
             let parsed = Uuid::parse_str(&id).expect("key_ID is a UUID");
             assert_eq!(parsed.hyphenated().to_string(), id, "key_ID is a lowercase hyphenated UUID");
-            let bytes = base64::engine::general_purpose::STANDARD.decode(key["key"].as_str().expect("key string")).expect("padded base64");
+            let bytes = base64::engine::general_purpose::STANDARD
+                .decode(key["key"].as_str().expect("key string"))
+                .expect("padded base64");
             (id, bytes)
         })
         .collect()
@@ -294,8 +307,14 @@ async fn tls_requires_an_sae_certificate_and_accepts_tls12_and_tls13() {
 
     let sae = net.pki.sae("sae-a1");
     for (label, client) in [
-        ("TLS 1.2", client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.tls_version_max(reqwest::tls::Version::TLS_1_2))),
-        ("TLS 1.3", client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.tls_version_min(reqwest::tls::Version::TLS_1_3))),
+        (
+            "TLS 1.2",
+            client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.tls_version_max(reqwest::tls::Version::TLS_1_2)),
+        ),
+        (
+            "TLS 1.3",
+            client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.tls_version_min(reqwest::tls::Version::TLS_1_3)),
+        ),
         ("HTTP/1.1", client_with(net.pki.ca.cert_pem(), Some(&sae), |b| b.http1_only())),
     ] {
         let (code, status) = client.get(&status_url).await;
@@ -319,7 +338,15 @@ async fn status_reports_every_field_with_its_type() {
     for field in ["source_KME_ID", "target_KME_ID", "master_SAE_ID", "slave_SAE_ID"] {
         assert!(object[field].is_string(), "{field}");
     }
-    for field in ["key_size", "stored_key_count", "max_key_count", "max_key_per_request", "max_key_size", "min_key_size", "max_SAE_ID_count"] {
+    for field in [
+        "key_size",
+        "stored_key_count",
+        "max_key_count",
+        "max_key_per_request",
+        "max_key_size",
+        "min_key_size",
+        "max_SAE_ID_count",
+    ] {
         assert!(object[field].is_u64(), "{field} is not a JSON integer: {}", object[field]);
     }
     assert_eq!(object.len(), 11, "only the 11 required fields: {status}");
@@ -402,7 +429,11 @@ async fn bad_get_key_requests_get_400_and_consume_nothing() {
     let post = |body: Value| master.post(&enc_keys, Body::Json(body));
     assert_error(&post(json!({"size": 100})).await, 400, Some(MSG_SIZE_NOT_MULTIPLE_OF_8));
     assert_error(&master.get(&format!("{enc_keys}?size=257")).await, 400, Some(MSG_SIZE_NOT_MULTIPLE_OF_8));
-    assert_error(&post(json!({"extension_mandatory": [{"abc_route_type": "direct"}]})).await, 400, Some(MSG_EXTENSION_MANDATORY_UNSUPPORTED));
+    assert_error(
+        &post(json!({"extension_mandatory": [{"abc_route_type": "direct"}]})).await,
+        400,
+        Some(MSG_EXTENSION_MANDATORY_UNSUPPORTED),
+    );
     for body in [
         json!({"size": 32}),
         json!({"size": 2048}),
@@ -445,13 +476,19 @@ async fn dec_keys_hands_each_key_once_to_its_slave_only() {
     assert_eq!(code, 200, "{container}");
     let keys = keys_of(&container);
     let dec_keys = url(&net.b, "sae-a1", "dec_keys");
-    let body = |ids: &[String]| Body::Json(json!({ "key_IDs": ids.iter().map(|id| json!({ "key_ID": id })).collect::<Vec<_>>() }));
+    let body = |ids: &[String]| {
+        Body::Json(json!({ "key_IDs": ids.iter().map(|id| json!({ "key_ID": id })).collect::<Vec<_>>() }))
+    };
 
     // Another SAE of the same KME, and an SAE of the other KME: 401, and nothing is consumed.
     assert_error(&net.client("sae-b2").post(&dec_keys, body(&ids(&keys))).await, 401, None);
     assert_error(&net.client("sae-a2").post(&dec_keys, body(&ids(&keys))).await, 401, None);
     // The slave naming another master: not found.
-    assert_error(&slave.post(&url(&net.b, "sae-a2", "dec_keys"), body(&ids(&keys))).await, 400, Some(MSG_KEYS_NOT_FOUND));
+    assert_error(
+        &slave.post(&url(&net.b, "sae-a2", "dec_keys"), body(&ids(&keys))).await,
+        400,
+        Some(MSG_KEYS_NOT_FOUND),
+    );
     // An unknown ID with a good one: all or nothing.
     let with_unknown = [ids(&keys)[0].clone(), Uuid::new_v4().to_string()];
     assert_error(&slave.post(&dec_keys, body(&with_unknown)).await, 400, Some(MSG_KEYS_NOT_FOUND));
@@ -485,7 +522,11 @@ async fn short_store_gives_503_and_nothing_half_delivered() {
     let master = net.client("sae-a1");
     assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 3);
     assert_error(&master.get(&format!("{}?number=4", url(&net.a, "sae-b1", "enc_keys"))).await, 503, None);
-    assert_error(&master.post(&url(&net.a, "sae-b1", "enc_keys"), Body::Json(json!({"number": 1, "size": 1024}))).await, 503, None);
+    assert_error(
+        &master.post(&url(&net.a, "sae-b1", "enc_keys"), Body::Json(json!({"number": 1, "size": 1024}))).await,
+        503,
+        None,
+    );
     assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 3);
     assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
     assert_eq!(net.b.store.summary().unwrap().n_keys, 6, "the peer's pool is untouched");
@@ -553,11 +594,15 @@ async fn peer_channel_refuses_a_node_with_another_name() {
         size_bits: 256,
         keys: vec![(Uuid::new_v4(), vec![owned_by_alice])],
     };
-    let mallory = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3)).unwrap();
+    let mallory =
+        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3))
+            .unwrap();
     assert!(mallory.ping().await.is_err());
     assert!(matches!(mallory.reserve(request.clone()).await, Err(ReserveError::Refused(_))));
     // A reservation naming B's own units, or a foreign KME, is refused even from the real peer.
-    let alice = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3)).unwrap();
+    let alice =
+        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3))
+            .unwrap();
     assert_eq!(alice.ping().await.unwrap().0, "KME_B");
     let owned_by_bob = net.units.iter().find(|u| KmeSide::Bob.owns(&u.key_id)).unwrap().key_id;
     let own_unit = ReserveRequest { keys: vec![(Uuid::new_v4(), vec![owned_by_bob])], ..request.clone() };
@@ -576,7 +621,9 @@ async fn peer_channel_refuses_a_node_with_another_name() {
 /// when its reservation arrives late, and asking again gives the same answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_channel_cancels_reservations_for_the_peer_only() {
-    use common::etsi::{CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
+    use common::etsi::{
+        CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest,
+    };
     let net = Net::start(NetOptions::default()).await;
     let mut owned_by_alice = net.units.iter().filter(|u| KmeSide::Alice.owns(&u.key_id)).map(|u| u.key_id);
     let reserve = |unit: Uuid| ReserveRequest {
@@ -587,10 +634,17 @@ async fn peer_channel_cancels_reservations_for_the_peer_only() {
         keys: vec![(Uuid::new_v4(), vec![unit])],
     };
     let (recorded, late) = (reserve(owned_by_alice.next().unwrap()), reserve(owned_by_alice.next().unwrap()));
-    let alice = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3)).unwrap();
+    let alice =
+        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3))
+            .unwrap();
     alice.reserve(recorded.clone()).await.unwrap();
-    let cancel = CancelRequest { source_kme_id: common::etsi::KmeId("KME_A".into()), key_ids: vec![recorded.keys[0].0, late.keys[0].0] };
-    let mallory = GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3)).unwrap();
+    let cancel = CancelRequest {
+        source_kme_id: common::etsi::KmeId("KME_A".into()),
+        key_ids: vec![recorded.keys[0].0, late.keys[0].0],
+    };
+    let mallory =
+        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3))
+            .unwrap();
     assert!(matches!(mallory.cancel(cancel.clone()).await, Err(CancelError::Refused(_))));
     let foreign = CancelRequest { source_kme_id: common::etsi::KmeId("KME_X".into()), ..cancel.clone() };
     assert!(matches!(alice.cancel(foreign).await, Err(CancelError::Refused(_))));
@@ -600,7 +654,8 @@ async fn peer_channel_cancels_reservations_for_the_peer_only() {
     assert_eq!(alice.cancel(cancel).await.unwrap(), vec![CancelOutcome::Cancelled, CancelOutcome::Unknown]);
     assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
     // The cancelled key cannot be fetched; the late reservation is refused and takes nothing.
-    let answer = net.client("sae-b1").get(&format!("{}?key_ID={}", url(&net.b, "sae-a1", "dec_keys"), recorded.keys[0].0)).await;
+    let answer =
+        net.client("sae-b1").get(&format!("{}?key_ID={}", url(&net.b, "sae-a1", "dec_keys"), recorded.keys[0].0)).await;
     assert_error(&answer, 400, Some(MSG_KEYS_NOT_FOUND));
     assert!(matches!(alice.reserve(late).await, Err(ReserveError::Refused(_))));
     assert_eq!(net.b.store.summary().unwrap(), summary_b);
@@ -616,7 +671,12 @@ async fn concurrent_clients_at_both_kmes_never_share_a_key() {
     const CLIENTS_PER_PAIR: usize = 3;
     let net = Arc::new(Net::start(NetOptions { n_units: N_UNITS, ..NetOptions::default() }).await);
     // (master, at KME A?, slave): both directions, two pairs each way, several clients per pair.
-    let pairs = [("sae-a1", true, "sae-b1"), ("sae-a2", true, "sae-b2"), ("sae-b1", false, "sae-a1"), ("sae-b2", false, "sae-a2")];
+    let pairs = [
+        ("sae-a1", true, "sae-b1"),
+        ("sae-a2", true, "sae-b2"),
+        ("sae-b1", false, "sae-a1"),
+        ("sae-b2", false, "sae-a2"),
+    ];
     let mut tasks = Vec::new();
     for (i, (master, at_a, slave)) in pairs.into_iter().cycle().take(pairs.len() * CLIENTS_PER_PAIR).enumerate() {
         let net = net.clone();
@@ -687,7 +747,9 @@ async fn concurrent_clients_at_both_kmes_never_share_a_key() {
             let (first, second) = keys.split_at(keys.len() / 2);
             assert_eq!(client.dec_keys(kme, master, &ids(first)).await, first);
             assert_eq!(client.dec_keys(kme, master, &ids(second)).await, second);
-            let again = client.post(&url(kme, master, "dec_keys"), Body::Json(json!({"key_IDs": [{"key_ID": keys[0].0}]}))).await;
+            let again = client
+                .post(&url(kme, master, "dec_keys"), Body::Json(json!({"key_IDs": [{"key_ID": keys[0].0}]})))
+                .await;
             assert_error(&again, 400, Some(MSG_KEYS_NOT_FOUND));
         }));
     }
@@ -781,9 +843,11 @@ async fn fuzz_target() {
     let net = Net::start(NetOptions { n_units: 40_000, ..NetOptions::default() }).await;
     let client = net.pki.sae("sae-a1");
     std::fs::write(dir.join("ca.crt"), net.pki.ca.cert_pem()).unwrap();
-    common::tls::write_pem(&dir.join("client.pem"), &format!("{}{}", client.cert_pem, client.key_pem.as_str()), true).unwrap();
+    common::tls::write_pem(&dir.join("client.pem"), &format!("{}{}", client.cert_pem, client.key_pem.as_str()), true)
+        .unwrap();
     let slave = net.pki.sae("sae-b1");
-    common::tls::write_pem(&dir.join("slave.pem"), &format!("{}{}", slave.cert_pem, slave.key_pem.as_str()), true).unwrap();
+    common::tls::write_pem(&dir.join("slave.pem"), &format!("{}{}", slave.cert_pem, slave.key_pem.as_str()), true)
+        .unwrap();
     std::fs::write(dir.join("url"), format!("https://127.0.0.1:{}", net.a.addr.port())).unwrap();
     std::fs::write(dir.join("peer_url"), format!("https://127.0.0.1:{}", net.b.addr.port())).unwrap();
     std::fs::write(dir.join("ready"), "").unwrap();

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use tests::*;
 
-mod link;
-mod etsi;
-mod service;
 mod deploy;
+mod etsi;
+mod link;
+mod service;
 mod sim;

@@ -105,7 +105,8 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     let ca_pem = std::fs::read_to_string(lab.pki.dir.join("ca.crt")).unwrap();
     let ca = common::tls::CertAuthority::from_pem(&ca_pem, &ca_key).unwrap();
     let mallory = ca.issue("mallory", &["mallory"], true).unwrap();
-    let material = common::tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
+    let material =
+        common::tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
     let err = hello(material).await.expect_err("a client with another name was accepted");
     assert!(err.contains("PermissionDenied"), "unexpected refusal: {err}");
 
@@ -155,7 +156,10 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
             }
             false
         });
-        let saw = tokio::time::timeout(Duration::from_secs(120), saw_pending).await.expect("no block reached the commit").unwrap();
+        let saw = tokio::time::timeout(Duration::from_secs(120), saw_pending)
+            .await
+            .expect("no block reached the commit")
+            .unwrap();
         assert!(saw, "bob exited before committing a block (round {round})");
         bob.kill().unwrap();
         bob.wait().unwrap();

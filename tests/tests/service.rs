@@ -38,7 +38,10 @@ async fn daemon_speaks_the_systemd_notify_protocol() {
     let recv = || {
         let mut buf = [0u8; 1024];
         let n = socket.recv(&mut buf).unwrap_or_else(|e| {
-            panic!("no notification within 60 s ({e}); alice's log:\n{}", std::fs::read_to_string(&log_path).unwrap_or_default())
+            panic!(
+                "no notification within 60 s ({e}); alice's log:\n{}",
+                std::fs::read_to_string(&log_path).unwrap_or_default()
+            )
         });
         String::from_utf8_lossy(&buf[..n]).into_owned()
     };

@@ -21,13 +21,7 @@ fn reference_link(distance_km: f64, feedback: bool) -> LinkParams {
     link
 }
 
-fn run(
-    link: LinkParams,
-    block_bits: u64,
-    duration_s: f64,
-    eavesdropper: Eavesdropper,
-    seed: u64,
-) -> SimulationReport {
+fn run(link: LinkParams, block_bits: u64, duration_s: f64, eavesdropper: Eavesdropper, seed: u64) -> SimulationReport {
     let protocol = ProtocolParams { block_bits, ..ProtocolParams::default() };
     let scenario = Scenario { link, protocol, duration_s, eavesdropper, seed };
     simulate(&scenario, |_| {}).expect("simulation runs")
@@ -51,10 +45,7 @@ fn six_hours_at_120_km_reproduce_the_paper_and_every_block_yields_key() {
     assert!(r.blocks >= 4, "blocks in six hours, {summary}");
     assert_eq!(r.aborted_blocks, 0, "{summary}");
     for b in &blocks {
-        assert!(
-            b.final_bits > 0 && b.abort_reason.is_none(),
-            "seed {seed}: block without key: {b:?}"
-        );
+        assert!(b.final_bits > 0 && b.abort_reason.is_none(), "seed {seed}: block without key: {b:?}");
         assert!(b.qber_x < floor + 0.015, "seed {seed}: floor {floor:.4}, block {b:?}");
     }
     assert!(r.qber_x < floor + 0.01, "floor {floor:.4}, {summary}");
@@ -69,30 +60,15 @@ fn without_feedback_the_x_error_walks_past_the_abort_threshold() {
     let seed = 202;
     let duration_s = 3.0 * 3600.0;
     let floor = expected(&reference_link(120.0, false)).qber_x;
-    let off = run(
-        reference_link(120.0, false),
-        PLANNING_BLOCK_BITS,
-        duration_s,
-        Eavesdropper::None,
-        seed,
-    );
+    let off = run(reference_link(120.0, false), PLANNING_BLOCK_BITS, duration_s, Eavesdropper::None, seed);
     let x_errors: Vec<f64> = off.block_reports.iter().map(|b| b.qber_x).collect();
-    let aborted: Vec<&str> =
-        off.block_reports.iter().filter_map(|b| b.abort_reason.as_deref()).collect();
-    let summary = format!(
-        "seed {seed}: floor {floor:.4}, X error per block {x_errors:.4?}, aborts {aborted:?}"
-    );
+    let aborted: Vec<&str> = off.block_reports.iter().filter_map(|b| b.abort_reason.as_deref()).collect();
+    let summary = format!("seed {seed}: floor {floor:.4}, X error per block {x_errors:.4?}, aborts {aborted:?}");
     assert!(off.blocks >= 2, "{summary}");
-    assert!(
-        x_errors.windows(2).all(|w| w[1] > w[0]),
-        "the X error should grow block by block: {summary}"
-    );
+    assert!(x_errors.windows(2).all(|w| w[1] > w[0]), "the X error should grow block by block: {summary}");
     let last = off.block_reports.last().expect("blocks");
     assert!(last.qber_x > floor + 0.05, "{summary}");
-    assert!(
-        last.abort_reason.is_some() && last.final_bits == 0,
-        "the last block should abort: {summary}"
-    );
+    assert!(last.abort_reason.is_some() && last.final_bits == 0, "the last block should abort: {summary}");
     assert!(
         aborted.iter().all(|reason| ["phase error", "no key left", "below one key unit"]
             .iter()
@@ -153,10 +129,7 @@ fn photon_number_splitting_is_bounded_by_the_g2_tagging() {
         // over the mean N p_Z mu^2 g2 / 2, so the simulator's two-photon emission and the
         // analysis's p_multi must agree for this to hold...
         assert!(b.eve_split_z_pulses as f64 <= b.n_multi_photon_upper, "{summary}");
-        assert!(
-            b.eve_known_key_bits + b.eve_split_test_clicks <= b.eve_split_z_pulses,
-            "{summary}"
-        );
+        assert!(b.eve_known_key_bits + b.eve_split_test_clicks <= b.eve_split_z_pulses, "{summary}");
         // ...the worst split the analysis assumes leaves no more key than the actual one...
         let at_actual = b.key_length_at_actual_split.expect("estimate succeeded");
         assert!(b.final_bits as f64 <= at_actual, "{summary}");

@@ -220,7 +220,9 @@ impl KeyRequest {
                     };
                     for item in items {
                         let Value::String(id) = item else {
-                            return Err(EtsiError::bad_request("additional_slave_SAE_IDs shall be an array of strings"));
+                            return Err(EtsiError::bad_request(
+                                "additional_slave_SAE_IDs shall be an array of strings",
+                            ));
                         };
                         request.additional_slave_sae_ids.push(SaeId(id));
                     }

@@ -190,7 +190,11 @@ impl KmeConfig {
             max_key_count: self.max_key_count,
             max_sae_id_count: self.max_sae_id_count,
         };
-        for (name, value) in [("key_size", limits.key_size), ("min_key_size", limits.min_key_size), ("max_key_size", limits.max_key_size)] {
+        for (name, value) in [
+            ("key_size", limits.key_size),
+            ("min_key_size", limits.min_key_size),
+            ("max_key_size", limits.max_key_size),
+        ] {
             if value == 0 || value % 8 != 0 {
                 return err(format!("{name} must be a positive multiple of 8 bits, not {value}"));
             }

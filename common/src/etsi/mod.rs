@@ -72,7 +72,9 @@ pub async fn run_kme(
     store: Arc<SledStore>,
     shutdown: CancellationToken,
 ) -> Result<(), KmeError> {
-    let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| KmeError::Bind { addr, source }) };
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr).await.map_err(|source| KmeError::Bind { addr, source })
+    };
     let https = bind(cfg.listen).await?;
     let peer = bind(cfg.peer_listen).await?;
     run_kme_with_listeners(cfg, side, node_tls, store, https, peer, shutdown).await

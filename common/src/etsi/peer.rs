@@ -9,8 +9,8 @@ use std::time::Duration;
 use proto::kme::kme_peer_client::KmePeerClient;
 use proto::kme::kme_peer_server::{KmePeer, KmePeerServer};
 use proto::kme::{
-    CancelRequest as CancelMessage, CancelResponse, Cancellation, PingRequest, PingResponse, ReserveRequest as ReserveMessage,
-    ReserveResponse, ReservedKey,
+    CancelRequest as CancelMessage, CancelResponse, Cancellation, PingRequest, PingResponse,
+    ReserveRequest as ReserveMessage, ReserveResponse, ReservedKey,
 };
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
@@ -111,7 +111,12 @@ pub struct GrpcPeer {
 impl GrpcPeer {
     /// A client of the peer KME at `addr` (`host:port`), whose node certificate must be valid
     /// for `peer_name`; every call is limited to `timeout` (connection included).
-    pub fn connect_lazy(addr: &str, peer_name: &str, node_tls: &TlsMaterial, timeout: Duration) -> Result<Self, tonic::transport::Error> {
+    pub fn connect_lazy(
+        addr: &str,
+        peer_name: &str,
+        node_tls: &TlsMaterial,
+        timeout: Duration,
+    ) -> Result<Self, tonic::transport::Error> {
         let channel = Endpoint::from_shared(format!("https://{addr}"))?
             .tls_config(node_tls.tonic_client(peer_name))?
             .connect_timeout(timeout)
@@ -184,7 +189,10 @@ impl ReservePeer for GrpcPeer {
             })?;
             let outcomes = response.into_inner().outcomes;
             if outcomes.len() != n_keys {
-                return Err(CancelError::Refused(format!("the peer answered {} outcomes for {n_keys} keys", outcomes.len())));
+                return Err(CancelError::Refused(format!(
+                    "the peer answered {} outcomes for {n_keys} keys",
+                    outcomes.len()
+                )));
             }
             outcomes
                 .into_iter()
@@ -278,9 +286,9 @@ impl KmePeer for PeerService {
         };
         match self.state.reserve_for_peer(request).await {
             Ok(()) => Ok(Response::new(ReserveResponse { missing_unit_ids: Vec::new() })),
-            Err(ReserveError::Missing(missing)) => {
-                Ok(Response::new(ReserveResponse { missing_unit_ids: missing.iter().map(|u| u.as_bytes().to_vec()).collect() }))
-            }
+            Err(ReserveError::Missing(missing)) => Ok(Response::new(ReserveResponse {
+                missing_unit_ids: missing.iter().map(|u| u.as_bytes().to_vec()).collect(),
+            })),
             Err(ReserveError::Refused(message)) => Err(Status::failed_precondition(message)),
             Err(ReserveError::NotSent(message) | ReserveError::Unreachable(message)) => Err(Status::internal(message)),
         }

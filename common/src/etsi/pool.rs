@@ -37,10 +37,10 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::api::{self, EtsiError, Key, KeyContainer, KeyRequest, StatusBody};
-use super::config::{Attachment, KmeSettings, MAX_SUPPORTED_KEYS_PER_REQUEST, MAX_SUPPORTED_KEY_SIZE};
+use super::config::{Attachment, KmeSettings, MAX_SUPPORTED_KEY_SIZE, MAX_SUPPORTED_KEYS_PER_REQUEST};
 use super::identity::{KmeSide, SaeId};
 use super::peer::{CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
-use crate::store::kme::{combine_units, KeyReservation, KmeStoreError, UNIT_BYTES};
+use crate::store::kme::{KeyReservation, KmeStoreError, UNIT_BYTES, combine_units};
 use crate::store::{KeyUnit, SledStore, StoreError};
 
 /// Bits in one key unit.
@@ -157,17 +157,20 @@ impl KmeState {
     }
 
     /// Get key: `number` new keys of `size` bits for the caller (master) and `slave`.
-    pub async fn get_key(&self, caller: Option<&SaeId>, slave: &SaeId, request: KeyRequest) -> Result<KeyContainer, EtsiError> {
+    pub async fn get_key(
+        &self,
+        caller: Option<&SaeId>,
+        slave: &SaeId,
+        request: KeyRequest,
+    ) -> Result<KeyContainer, EtsiError> {
         let valid = self.validate_key_request(caller, slave, request)?;
         // The life cycle runs in its own task: a client that hangs up cannot stop it between
         // the peer's reservation and the local removal.
         let state = self.clone();
-        tokio::spawn(async move { state.deliver_new_keys(valid).await })
-            .await
-            .map_err(|e| {
-                error!(error = %e, "get key task failed");
-                EtsiError::Unavailable("internal error of the KME".into())
-            })?
+        tokio::spawn(async move { state.deliver_new_keys(valid).await }).await.map_err(|e| {
+            error!(error = %e, "get key task failed");
+            EtsiError::Unavailable("internal error of the KME".into())
+        })?
     }
 
     /// Get key with key IDs: hands the reserved keys `key_ids` of `master` to the caller (a
@@ -186,9 +189,10 @@ impl KmeState {
         let master_id = master.0.clone();
         let n_keys = key_ids.len();
         let caller_id = slave.0.clone();
-        let delivered = tokio::task::spawn_blocking(move || store.deliver_reserved_keys(&key_ids, &master_id, &caller_id))
-            .await
-            .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?;
+        let delivered =
+            tokio::task::spawn_blocking(move || store.deliver_reserved_keys(&key_ids, &master_id, &caller_id))
+                .await
+                .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?;
         match delivered {
             Ok(keys) => {
                 info!(master = %master, slave = %slave, n_keys, "keys delivered to slave");
@@ -249,8 +253,15 @@ impl KmeState {
         match result {
             Ok(cancelled) => {
                 let n_cancelled = cancelled.iter().filter(|c| **c).count();
-                info!(n_cancelled, n_unknown = cancelled.len() - n_cancelled, "reservations cancelled for the peer KME");
-                Ok(cancelled.into_iter().map(|c| if c { CancelOutcome::Cancelled } else { CancelOutcome::Unknown }).collect())
+                info!(
+                    n_cancelled,
+                    n_unknown = cancelled.len() - n_cancelled,
+                    "reservations cancelled for the peer KME"
+                );
+                Ok(cancelled
+                    .into_iter()
+                    .map(|c| if c { CancelOutcome::Cancelled } else { CancelOutcome::Unknown })
+                    .collect())
             }
             Err(e) => {
                 error!(error = %e, "cancellation failed");
@@ -299,7 +310,12 @@ impl KmeState {
         }
     }
 
-    fn validate_key_request(&self, caller: Option<&SaeId>, slave: &SaeId, request: KeyRequest) -> Result<ValidKeyRequest, EtsiError> {
+    fn validate_key_request(
+        &self,
+        caller: Option<&SaeId>,
+        slave: &SaeId,
+        request: KeyRequest,
+    ) -> Result<ValidKeyRequest, EtsiError> {
         let master = self.authorize_caller(caller)?;
         self.check_slave(master, slave)?;
         let limits = self.settings().limits;
@@ -371,7 +387,8 @@ impl KmeState {
                     )));
                 }
             };
-            let keys: Vec<(Uuid, &[KeyUnit])> = picked.units.chunks(units_per_key).map(|units| (Uuid::new_v4(), units)).collect();
+            let keys: Vec<(Uuid, &[KeyUnit])> =
+                picked.units.chunks(units_per_key).map(|units| (Uuid::new_v4(), units)).collect();
             let key_units: Vec<(Uuid, Vec<Uuid>)> =
                 keys.iter().map(|(key_id, units)| (*key_id, units.iter().map(|u| u.key_id).collect())).collect();
             let reserve = ReserveRequest {
@@ -381,10 +398,11 @@ impl KmeState {
                 size_bits: request.size_bits,
                 keys: key_units.clone(),
             };
-            let outcome = match tokio::time::timeout(self.settings().peer_timeout, self.inner.peer.reserve(reserve)).await {
-                Ok(outcome) => outcome,
-                Err(_) => Err(ReserveError::Unreachable("no answer in time".into())),
-            };
+            let outcome =
+                match tokio::time::timeout(self.settings().peer_timeout, self.inner.peer.reserve(reserve)).await {
+                    Ok(outcome) => outcome,
+                    Err(_) => Err(ReserveError::Unreachable("no answer in time".into())),
+                };
             match outcome {
                 Ok(()) => {
                     let unit_ids: Vec<Uuid> = picked.units.iter().map(|u| u.key_id).collect();
@@ -402,7 +420,10 @@ impl KmeState {
                         keys: keys
                             .iter()
                             .map(|(key_id, units)| {
-                                Key::new(*key_id, &combine_units(units.iter().map(|u| u.key.as_slice()), request.size_bits))
+                                Key::new(
+                                    *key_id,
+                                    &combine_units(units.iter().map(|u| u.key.as_slice()), request.size_bits),
+                                )
                             })
                             .collect(),
                         key_container_extension: None,
@@ -484,7 +505,9 @@ impl KmeState {
                     return;
                 }
                 Some(Ok(Ok(outcomes))) if outcomes.len() == keys.len() => break outcomes,
-                Some(Ok(Ok(outcomes))) => CancelError::Refused(format!("{} outcomes for {} keys", outcomes.len(), keys.len())),
+                Some(Ok(Ok(outcomes))) => {
+                    CancelError::Refused(format!("{} outcomes for {} keys", outcomes.len(), keys.len()))
+                }
                 Some(Ok(Err(e))) => e,
                 Some(Err(_)) => CancelError::Unreachable("no answer in time".into()),
             };
@@ -557,7 +580,8 @@ impl KmeState {
             }
             in_flight.extend(units.iter().map(|u| u.key_id));
             drop(in_flight);
-            let marks = InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
+            let marks =
+                InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
             Ok(Ok(InFlight { marks, units }))
         })
         .await

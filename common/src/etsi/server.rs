@@ -10,7 +10,7 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, ExtensionRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
@@ -23,10 +23,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{debug, info, warn};
 
-use super::api::{self, EtsiError, KeyRequest};
-use super::identity::{sae_id_from_certificate, IdentitySource, SaeId};
-use super::pool::KmeState;
 use super::KmeError;
+use super::api::{self, EtsiError, KeyRequest};
+use super::identity::{IdentitySource, SaeId, sae_id_from_certificate};
+use super::pool::KmeState;
 use crate::tls::TlsMaterial;
 
 /// The OpenAPI 3 document of this API, served at `GET /api/v1/openapi.yaml`.
@@ -114,7 +114,12 @@ pub fn router(state: KmeState) -> Router {
 
 /// Serves the API on `listener` until `shutdown`, then lets open connections finish (up to
 /// 10 s).
-pub async fn serve_etsi(listener: TcpListener, state: KmeState, tls: Arc<rustls::ServerConfig>, shutdown: CancellationToken) -> Result<(), KmeError> {
+pub async fn serve_etsi(
+    listener: TcpListener,
+    state: KmeState,
+    tls: Arc<rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> Result<(), KmeError> {
     let acceptor = TlsAcceptor::from(tls);
     let identity = state.settings().identity;
     let router = router(state);
@@ -127,7 +132,14 @@ pub async fn serve_etsi(listener: TcpListener, state: KmeState, tls: Arc<rustls:
         };
         match accepted {
             Ok((tcp, remote)) => {
-                connections.spawn(serve_connection(tcp, remote, acceptor.clone(), identity, router.clone(), shutdown.clone()));
+                connections.spawn(serve_connection(
+                    tcp,
+                    remote,
+                    acceptor.clone(),
+                    identity,
+                    router.clone(),
+                    shutdown.clone(),
+                ));
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -214,7 +226,9 @@ fn path_id(path: Result<Path<String>, PathRejection>) -> Result<SaeId, EtsiError
     }
 }
 
-fn query_pairs(query: Result<Query<Vec<(String, String)>>, QueryRejection>) -> Result<Vec<(String, String)>, EtsiError> {
+fn query_pairs(
+    query: Result<Query<Vec<(String, String)>>, QueryRejection>,
+) -> Result<Vec<(String, String)>, EtsiError> {
     query.map(|Query(pairs)| pairs).map_err(|e| EtsiError::bad_request(format!("malformed query: {}", e.body_text())))
 }
 
@@ -284,6 +298,9 @@ async fn not_found() -> Response {
 }
 
 async fn method_not_allowed() -> Response {
-    (StatusCode::METHOD_NOT_ALLOWED, Json(api::ErrorBody { message: "method not allowed on this resource".into(), details: None }))
+    (
+        StatusCode::METHOD_NOT_ALLOWED,
+        Json(api::ErrorBody { message: "method not allowed on this resource".into(), details: None }),
+    )
         .into_response()
 }

@@ -7,7 +7,7 @@ use zeroize::Zeroizing;
 
 use super::api::{self, EtsiError, KeyRequest};
 use super::config::{KmeConfig, SaeEntry};
-use super::identity::{sae_id_from_certificate, IdentitySource, KmeSide, SaeId};
+use super::identity::{IdentitySource, KmeSide, SaeId, sae_id_from_certificate};
 use super::peer::{BoxFuture, CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
 use super::pool::KmeState;
 use crate::store::kme::UNIT_BYTES;
@@ -30,7 +30,8 @@ fn key_request_parses_every_documented_form() {
     let r = KeyRequest::from_json(br#"{"number":null,"additional_slave_SAE_IDs":["a","b"]}"#).unwrap();
     assert_eq!(r.number, None);
     assert_eq!(r.additional_slave_sae_ids, vec![SaeId("a".into()), SaeId("b".into())]);
-    let pairs = vec![("number".to_string(), "2".to_string()), ("size".into(), "128".into()), ("other".into(), "x".into())];
+    let pairs =
+        vec![("number".to_string(), "2".to_string()), ("size".into(), "128".into()), ("other".into(), "x".into())];
     let r = KeyRequest::from_query(&pairs).unwrap();
     assert_eq!((r.number, r.size), (Some(2), Some(128)));
 }
@@ -46,7 +47,12 @@ fn malformed_key_requests_are_400_with_a_clear_message() {
         (br#"{"additional_slave_SAE_IDs":"s"}"#, "additional_slave_SAE_IDs shall be an array of strings"),
         (br#"[]"#, "request body shall be a JSON object"),
     ] {
-        assert_eq!(message(KeyRequest::from_json(body)), (400, expected.to_string()), "{}", String::from_utf8_lossy(body));
+        assert_eq!(
+            message(KeyRequest::from_json(body)),
+            (400, expected.to_string()),
+            "{}",
+            String::from_utf8_lossy(body)
+        );
     }
     let (code, text) = message(KeyRequest::from_json(b"{"));
     assert_eq!(code, 400);
@@ -118,7 +124,10 @@ fn config_section_parses_with_defaults_and_rejects_nonsense() {
     let cfg: KmeConfig = toml::from_str(SECTION).unwrap();
     let settings = cfg.settings().unwrap();
     assert_eq!(settings.identity, IdentitySource::UriSan);
-    assert_eq!((settings.limits.key_size, settings.limits.max_key_per_request, settings.limits.max_sae_id_count), (256, 16, 0));
+    assert_eq!(
+        (settings.limits.key_size, settings.limits.max_key_per_request, settings.limits.max_sae_id_count),
+        (256, 16, 0)
+    );
     assert!(toml::from_str::<KmeConfig>(&format!("{SECTION}\nunknown = 1")).is_err());
     for bad in [
         KmeConfig { key_size: 100, ..cfg.clone() },
@@ -177,7 +186,13 @@ struct LossyPeer {
 
 impl LossyPeer {
     fn new(loss: Loss, cancel_failures: usize) -> Self {
-        Self { peer: OnceLock::new(), loss, cancel_failures, reserves: Mutex::new(Vec::new()), cancels: AtomicUsize::new(0) }
+        Self {
+            peer: OnceLock::new(),
+            loss,
+            cancel_failures,
+            reserves: Mutex::new(Vec::new()),
+            cancels: AtomicUsize::new(0),
+        }
     }
 
     fn first_reserve(&self) -> ReserveRequest {
@@ -256,7 +271,10 @@ fn stores(n_units: usize) -> (Arc<SledStore>, Arc<SledStore>) {
         .map(|i| {
             let mut id = *Uuid::new_v4().as_bytes();
             id[15] = (id[15] & 0xfe) | (i % 2) as u8;
-            KeyUnit { key_id: Uuid::from_bytes(id), key: Zeroizing::new(Uuid::new_v4().as_bytes().repeat(UNIT_BYTES / 16)) }
+            KeyUnit {
+                key_id: Uuid::from_bytes(id),
+                key: Zeroizing::new(Uuid::new_v4().as_bytes().repeat(UNIT_BYTES / 16)),
+            }
         })
         .collect();
     let meta = BlockMeta {
@@ -303,10 +321,12 @@ async fn a_key_reserved_at_the_peer_reaches_the_slave_once() {
 async fn missing_units_at_the_peer_are_discarded_and_replaced() {
     let (a, b) = pair(40, 0);
     // Simulate a crash of A after B reserved: B no longer holds some of A's units.
-    let owned: Vec<Uuid> = a.store().select_ready_units(3, |id| KmeSide::Alice.owns(id)).unwrap().iter().map(|u| u.key_id).collect();
+    let owned: Vec<Uuid> =
+        a.store().select_ready_units(3, |id| KmeSide::Alice.owns(id)).unwrap().iter().map(|u| u.key_id).collect();
     b.store().take_ready_units(&owned).unwrap();
     let before = a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
-    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
+    let container =
+        a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
     assert_eq!(container.keys.len(), 4);
     assert_eq!(a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count, before - 4 - 3);
     let ids = container.keys.iter().map(|k| k.key_id).collect();
@@ -379,7 +399,9 @@ fn grpc_failures_are_classified_conservatively() {
     assert_eq!(connect.code(), Code::Unavailable);
     assert!(never_sent(&connect));
     let reset = std::io::Error::new(std::io::ErrorKind::ConnectionReset, "connection reset");
-    for status in [Status::unavailable("connection lost"), Status::from_error(Box::new(reset)), Status::deadline_exceeded("late")] {
+    for status in
+        [Status::unavailable("connection lost"), Status::from_error(Box::new(reset)), Status::deadline_exceeded("late")]
+    {
         assert!(!never_sent(&status) && !answered_by_peer(&status), "{status:?}");
     }
     for code in [Code::Internal, Code::Unknown, Code::Cancelled, Code::ResourceExhausted, Code::Aborted] {
@@ -451,9 +473,11 @@ async fn a_reservation_that_never_reached_the_peer_gives_the_units_back() {
     assert_eq!(b.store().summary().unwrap(), summary_b);
     assert_eq!(b.store().reserved_key_count().unwrap(), 0);
     // The units given back are served normally (all of A's 20 units, those three included).
-    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(16), ..KeyRequest::default() }).await.unwrap();
+    let container =
+        a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(16), ..KeyRequest::default() }).await.unwrap();
     assert_eq!(container.keys.len(), 16);
-    let container = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
+    let container =
+        a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
     let ids = container.keys.iter().map(|k| k.key_id).collect();
     assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await.unwrap().keys, container.keys);
     assert_eq!(stored_key_count(&a).await, 0);

@@ -9,10 +9,10 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::transcript::Transcript;
-use super::{parse_uuid, LinkError, ProtocolParams};
+use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
 use crate::postproc::cascade::{CascadeAlice, ParityQuery};
-use crate::postproc::finite_key::{phase_error_upper, secret_key_length, BlockStats, XCounts};
+use crate::postproc::finite_key::{BlockStats, XCounts, phase_error_upper, secret_key_length};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::poly_hash_tag;
 use crate::sifting::alice_sift;
@@ -152,7 +152,10 @@ impl AliceCore {
     }
 
     /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
-    pub fn start_block(&mut self, req: &StartBlockRequest) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
+    pub fn start_block(
+        &mut self,
+        req: &StartBlockRequest,
+    ) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
         if self.draining {
             return Err(LinkError::State("alice is shutting down; no new block".into()));
         }
@@ -180,10 +183,18 @@ impl AliceCore {
         session.acc_frames = 0;
         if let Err(e) = phase_error_upper(&stats, &security) {
             let reason = format!("parameter estimation: {e}");
-            let response = StartBlockResponse { block_id: block_id.to_string(), cascade_seed: vec![], abort_reason: reason.clone() };
+            let response = StartBlockResponse {
+                block_id: block_id.to_string(),
+                cascade_seed: vec![],
+                abort_reason: reason.clone(),
+            };
             return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
         }
-        let response = StartBlockResponse { block_id: block_id.to_string(), cascade_seed: cascade_seed.to_vec(), abort_reason: String::new() };
+        let response = StartBlockResponse {
+            block_id: block_id.to_string(),
+            cascade_seed: cascade_seed.to_vec(),
+            abort_reason: String::new(),
+        };
         let mut transcript = Transcript::default();
         transcript.absorb("StartBlock", req, &response);
         let cascade = CascadeAlice::new(&key, cascade_seed);
@@ -225,13 +236,18 @@ impl AliceCore {
     }
 
     /// Computes the final key length and the Toeplitz seed, and prepares the block's key units.
-    pub fn amplify(&mut self, req: &AmplifyRequest, now_unix_ms: u64) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
+    pub fn amplify(
+        &mut self,
+        req: &AmplifyRequest,
+        now_unix_ms: u64,
+    ) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
         let security = self.params.security(&self.link);
         let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
         let Self { session, rng, .. } = self;
         let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block = session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+        let block =
+            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
         let Some(n_corrected) = block.n_corrected else {
             return Err(LinkError::State("block not verified yet".into()));
         };
@@ -277,7 +293,10 @@ impl AliceCore {
         for chunk in key_bytes.chunks_exact((unit_bits / 8) as usize) {
             let mut id = [0u8; 16];
             rng.fill_bytes(&mut id);
-            keys.push(KeyUnit { key_id: uuid::Builder::from_random_bytes(id).into_uuid(), key: Zeroizing::new(chunk.to_vec()) });
+            keys.push(KeyUnit {
+                key_id: uuid::Builder::from_random_bytes(id).into_uuid(),
+                key: Zeroizing::new(chunk.to_vec()),
+            });
         }
         let meta = BlockMeta {
             block_id,
@@ -302,10 +321,15 @@ impl AliceCore {
     }
 
     /// Bob holds the block as pending: store it as ready (durably) and confirm.
-    pub fn commit(&mut self, req: &CommitRequest, store: &dyn KeyStore) -> Result<(CommitResponse, AliceEvent), LinkError> {
+    pub fn commit(
+        &mut self,
+        req: &CommitRequest,
+        store: &dyn KeyStore,
+    ) -> Result<(CommitResponse, AliceEvent), LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
         let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block = session.blocks.remove(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+        let block =
+            session.blocks.remove(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
         let Some((meta, keys)) = block.amplified.as_ref().filter(|_| block.verified_tag) else {
             return Err(LinkError::State("block not amplified".into()));
         };

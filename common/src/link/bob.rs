@@ -7,10 +7,10 @@ use zeroize::Zeroizing;
 
 use super::alice::TAG_BITS;
 use super::transcript::Transcript;
-use super::{parse_uuid, LinkError, ProtocolParams};
+use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
 use crate::postproc::cascade::CascadeBob;
-use crate::postproc::finite_key::{secret_key_length, BlockStats, XCounts};
+use crate::postproc::finite_key::{BlockStats, XCounts, secret_key_length};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::{poly_hash_tag, tags_match};
 use crate::sifting::{announce, bob_sift};
@@ -153,7 +153,12 @@ impl<P: LinkPeer> BobLink<P> {
 
     /// Sifts one frame of detections with Alice; returns the frame's test counts (for the
     /// phase-stabilisation feedback).
-    pub async fn sift_frame(&mut self, frame_idx: u64, n_pulses: u64, detections: &[Detection]) -> Result<XCounts, LinkError> {
+    pub async fn sift_frame(
+        &mut self,
+        frame_idx: u64,
+        n_pulses: u64,
+        detections: &[Detection],
+    ) -> Result<XCounts, LinkError> {
         let (click_deltas, bob_measurements) = announce(detections);
         let response = self
             .peer
@@ -190,7 +195,11 @@ impl<P: LinkPeer> BobLink<P> {
             x_counts: std::mem::take(&mut self.acc_counts),
             leak_ec_bits: 0,
         };
-        let start = StartBlockRequest { session_id: self.session_id.clone(), n_bits: stats.n_key_bits, n_frames: self.acc_frames };
+        let start = StartBlockRequest {
+            session_id: self.session_id.clone(),
+            n_bits: stats.n_key_bits,
+            n_frames: self.acc_frames,
+        };
         self.acc_frames = 0;
         let started = self.peer.start_block(start.clone()).await?;
         let block_id = parse_uuid(&started.block_id, "block id")?;
@@ -225,7 +234,10 @@ impl<P: LinkPeer> BobLink<P> {
         while let Some(queries) = cascade.next_queries() {
             let req = ParityRequest {
                 block_id: started.block_id.clone(),
-                queries: queries.iter().map(|q| proto::link::ParityQuery { pass: q.pass, start: q.start, end: q.end }).collect(),
+                queries: queries
+                    .iter()
+                    .map(|q| proto::link::ParityQuery { pass: q.pass, start: q.start, end: q.end })
+                    .collect(),
             };
             let resp = self.peer.parities(req.clone()).await?;
             let bits = BitVec::from_bytes(&resp.parities, queries.len());
@@ -261,7 +273,8 @@ impl<P: LinkPeer> BobLink<P> {
         let security = self.params.security(&self.link);
         let unit_bits = u64::from(self.params.key_unit_bits);
         let own = BlockStats { leak_ec_bits: report.leak_bits, ..stats };
-        let expected = secret_key_length(&own, &security).map_err(|e| LinkError::Refused(format!("finite-key analysis: {e}")))?;
+        let expected =
+            secret_key_length(&own, &security).map_err(|e| LinkError::Refused(format!("finite-key analysis: {e}")))?;
         report.phase_error_upper = expected.phase_error_upper;
         let expected_bits = expected.final_bits / unit_bits * unit_bits;
         if amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_bits / unit_bits {
@@ -299,7 +312,10 @@ impl<P: LinkPeer> BobLink<P> {
         tracing::debug!(block = %block_id, keys = keys.len(), "block stored as pending; asking Alice to commit");
         let commit = self
             .peer
-            .commit(CommitRequest { block_id: started.block_id.clone(), transcript_digest: transcript.digest().to_vec() })
+            .commit(CommitRequest {
+                block_id: started.block_id.clone(),
+                transcript_digest: transcript.digest().to_vec(),
+            })
             .await?;
         if !commit.ready {
             store.drop_pending(block_id)?;

@@ -4,9 +4,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 
 use proto::link::*;
 
+use super::LinkError;
 use super::alice::{AliceCore, AliceEvent};
 use super::bob::LinkPeer;
-use super::LinkError;
 use crate::store::KeyStore;
 
 /// Alice's state when she runs in Bob's process.

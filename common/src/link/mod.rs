@@ -47,7 +47,9 @@ impl From<LinkError> for tonic::Status {
         match e {
             LinkError::State(m) => tonic::Status::failed_precondition(m),
             LinkError::Malformed(m) => tonic::Status::invalid_argument(m),
-            LinkError::ParamsMismatch(m) => tonic::Status::failed_precondition(format!("protocol parameters differ: {m}")),
+            LinkError::ParamsMismatch(m) => {
+                tonic::Status::failed_precondition(format!("protocol parameters differ: {m}"))
+            }
             LinkError::Store(e) => tonic::Status::unavailable(e.to_string()),
             LinkError::Transport(m) | LinkError::Refused(m) => tonic::Status::unavailable(m),
         }
@@ -57,9 +59,10 @@ impl From<LinkError> for tonic::Status {
 impl From<tonic::Status> for LinkError {
     fn from(status: tonic::Status) -> Self {
         match status.code() {
-            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled | tonic::Code::DeadlineExceeded => {
-                LinkError::Transport(status.message().to_owned())
-            }
+            tonic::Code::Unavailable
+            | tonic::Code::Unknown
+            | tonic::Code::Cancelled
+            | tonic::Code::DeadlineExceeded => LinkError::Transport(status.message().to_owned()),
             _ => LinkError::Refused(format!("{:?}: {}", status.code(), status.message())),
         }
     }

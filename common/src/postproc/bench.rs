@@ -17,11 +17,11 @@ use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 
 use crate::bits::BitVec;
+use crate::postproc::binary_entropy;
 use crate::postproc::cascade::{CascadeOutcome, FrameParityQuery, MultiCascadeAlice, MultiCascadeBob};
 use crate::postproc::ldpc::{self, LdpcFamily, default_start_efficiency};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::{poly_hash_tag, tags_match};
-use crate::postproc::binary_entropy;
 use crate::sifting::{alice_sift, announce, bob_sift};
 use crate::sim::{Detection, FrameSecret, Measurement, State, alice_state};
 
@@ -481,13 +481,20 @@ fn time_repeated(clock: &dyn Fn() -> Duration, min_seconds: f64, work: &mut dyn 
 pub fn bench_toeplitz(n_bits: usize, clock: &dyn Fn() -> Duration) -> BenchRow {
     let mut rng = ChaCha20Rng::seed_from_u64(n_bits as u64);
     let out_bits = n_bits / 2;
-    let random = |rng: &mut ChaCha20Rng, n: usize| BitVec::from_words((0..n.div_ceil(64)).map(|_| rng.next_u64()).collect(), n);
+    let random =
+        |rng: &mut ChaCha20Rng, n: usize| BitVec::from_words((0..n.div_ceil(64)).map(|_| rng.next_u64()).collect(), n);
     let input = random(&mut rng, n_bits);
     let seed = random(&mut rng, n_bits + out_bits - 1);
     let (reps, per_rep) = time_repeated(clock, 0.3, &mut || {
         std::hint::black_box(toeplitz_hash(&input, &seed, out_bits));
     });
-    BenchRow::throughput("toeplitz", n_bits, reps, n_bits as f64 / per_rep / 1e6, format!("m = n/2 = {out_bits} output bits"))
+    BenchRow::throughput(
+        "toeplitz",
+        n_bits,
+        reps,
+        n_bits as f64 / per_rep / 1e6,
+        format!("m = n/2 = {out_bits} output bits"),
+    )
 }
 
 /// The verification tag of an `n_bits`-bit block.
@@ -553,7 +560,21 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         );
         out.push_str(&format!(
             "{:<8} {:>8} {:>5} {:>6} {:>7} {:>6} {:>7} {:>7} {:>5} {:>7} {:>8} {:>7} {:>7} {:>9} {:>8}\n",
-            "stage", "n", "QBER", "frames", "f mean", "f std", "f max", "FER", "undet", "RT", "Mbit/s", "Bob", "Alice", "published", "bound"
+            "stage",
+            "n",
+            "QBER",
+            "frames",
+            "f mean",
+            "f std",
+            "f max",
+            "FER",
+            "undet",
+            "RT",
+            "Mbit/s",
+            "Bob",
+            "Alice",
+            "published",
+            "bound"
         ));
         for r in reconciliation {
             let e = r.efficiency.expect("filtered");
@@ -587,8 +608,14 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         out.push_str("\nThroughput per core (best of three rounds):\n");
         for r in throughput {
             match r.mdetections_per_s {
-                Some(md) => out.push_str(&format!("{:<13} {:>10}  {:>8.2} M detections/s   ({})\n", r.stage, r.frame_bits, md, r.note)),
-                None => out.push_str(&format!("{:<13} {:>10}  {:>8.1} Mbit/s            ({})\n", r.stage, r.frame_bits, r.mbit_per_s, r.note)),
+                Some(md) => out.push_str(&format!(
+                    "{:<13} {:>10}  {:>8.2} M detections/s   ({})\n",
+                    r.stage, r.frame_bits, md, r.note
+                )),
+                None => out.push_str(&format!(
+                    "{:<13} {:>10}  {:>8.1} Mbit/s            ({})\n",
+                    r.stage, r.frame_bits, r.mbit_per_s, r.note
+                )),
             }
         }
     }

@@ -1042,12 +1042,7 @@ impl CascadeBob {
     /// trips on long keys but costs 0.3 to 0.5 % of leak: their searches then hunt errors that
     /// the cascade effect would have handed to a cheaper, earlier pass.
     fn start_searches(&mut self) {
-        let limit = self
-            .searches
-            .iter()
-            .map(|s| s.pass as usize)
-            .min()
-            .unwrap_or(self.passes.len().saturating_sub(1));
+        let limit = self.searches.iter().map(|s| s.pass as usize).min().unwrap_or(self.passes.len().saturating_sub(1));
         for pass in 0..self.passes.len().min(limit + 1) {
             let state = &mut self.passes[pass];
             let mut started = false;
@@ -1199,12 +1194,7 @@ impl CascadeBob {
 
 /// Runs both ends in memory (for tests, simulation and benches) and returns Bob's outcome; its
 /// `leak_bits` equals what Alice counted.
-pub fn reconcile_in_memory(
-    alice_key: &BitVec,
-    bob_key: BitVec,
-    qber_estimate: f64,
-    seed: [u8; 32],
-) -> CascadeOutcome {
+pub fn reconcile_in_memory(alice_key: &BitVec, bob_key: BitVec, qber_estimate: f64, seed: [u8; 32]) -> CascadeOutcome {
     let mut alice = CascadeAlice::new(alice_key, seed);
     let mut bob = CascadeBob::new(bob_key, qber_estimate, seed);
     while let Some(queries) = bob.next_queries() {
@@ -1241,10 +1231,8 @@ impl MultiCascadeBob {
             .into_iter()
             .map(|key| {
                 let n_bits = key.len();
-                let shared = shuffles
-                    .entry(n_bits)
-                    .or_insert_with(|| Arc::new(CascadeShuffles::new(seed, n_bits)))
-                    .clone();
+                let shared =
+                    shuffles.entry(n_bits).or_insert_with(|| Arc::new(CascadeShuffles::new(seed, n_bits))).clone();
                 CascadeBob::with_shuffles(key, qber_estimate, shared)
             })
             .collect();
@@ -1332,10 +1320,8 @@ impl MultiCascadeAlice {
             .iter()
             .map(|key| {
                 let n_bits = key.len();
-                let shared = shuffles
-                    .entry(n_bits)
-                    .or_insert_with(|| Arc::new(CascadeShuffles::new(seed, n_bits)))
-                    .clone();
+                let shared =
+                    shuffles.entry(n_bits).or_insert_with(|| Arc::new(CascadeShuffles::new(seed, n_bits))).clone();
                 CascadeAlice::with_shuffles(key, shared)
             })
             .collect();

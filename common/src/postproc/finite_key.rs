@@ -21,18 +21,19 @@
 //!    (2018), for this protocol); 0 for an ideal channel, (1 - V)/2 of the test clicks for
 //!    visibility V. In counts: with r = p_Z / (2 p_X) and the per-pulse score
 //!    X_i = r [(+ sent, - seen)] - r [(+ sent, + seen)] + [(E or L sent, + seen)], this is
-//!    E[sum X_i] + N (p_Z / 2) p_multi: the last term is the multi-photon part of the subtracted
+//!    E(sum X_i) + N (p_Z / 2) p_multi: the last term is the multi-photon part of the subtracted
 //!    Y(+|+) term (each |+> pulse holds two photons with probability p_multi <= mu^2 g2 / 2 and
 //!    then clicks + with probability at most 1; GLLP, QIC 4, 325 (2004)). The ratio r is the
 //!    ratio of Alice's state probabilities, not of realised pulse numbers, so no pulse count is
 //!    approximated.
-//! 2. Finite size. The observed score S = sum X_i = r (plus_minus - plus_plus) + e_plus + l_plus
-//!    bounds its expectation by Bernstein's inequality for independent variables with
-//!    -X_i <= r (Boucheron, Lugosi & Massart, *Concentration Inequalities*, OUP 2013, Theorem
-//!    2.10 and Corollary 2.11): E[S] <= S + sqrt(2 v beta) + r beta / 3 with beta = ln(1/eps)
-//!    and v >= sum E[X_i^2] = r^2 E[plus_plus + plus_minus] + E[e_plus + l_plus]; the two
+//! 2. Finite size. Bernstein's inequality for independent variables with -X_i <= r
+//!    (Boucheron, Lugosi & Massart, *Concentration Inequalities*, OUP 2013, Theorem 2.10 and
+//!    Corollary 2.11) bounds the expectation of the observed score
+//!    S = sum X_i = r (plus_minus - plus_plus) + e_plus + l_plus:
+//!    E(S) <= S + sqrt(2 v beta) + r beta / 3 with beta = ln(1/eps)
+//!    and v >= sum E(X_i^2) = r^2 E(plus_plus + plus_minus) + E(e_plus + l_plus); the two
 //!    expectations in v are bounded by the Chernoff bound of Yin et al., Sci. Rep. 10, 14312
-//!    (2020): E[x] <= x + beta + sqrt(2 beta x + beta^2). Bounding the weighted sum once, rather
+//!    (2020): E(x) <= x + beta + sqrt(2 beta x + beta^2). Bounding the weighted sum once, rather
 //!    than each of its three counts separately, avoids adding three worst cases (with p_Z = 0.9
 //!    the |+> counts enter with weight r = 4.5). The expected number of phase errors then gives
 //!    the actual number by the expected-to-observed Chernoff bound x <= mu + beta/2 +
@@ -246,9 +247,7 @@ pub enum KeyLengthError {
         max: f64,
     },
     /// Multi-photon pulses may account for every key bit.
-    #[error(
-        "up to {n_multi_photon_upper:.0} multi-photon pulses may explain all {n_key_bits} key bits"
-    )]
+    #[error("up to {n_multi_photon_upper:.0} multi-photon pulses may explain all {n_key_bits} key bits")]
     NoSinglePhotons {
         /// Upper bound on the number of multi-photon Z pulses.
         n_multi_photon_upper: f64,
@@ -344,10 +343,7 @@ fn validate(params: &SecurityParams) -> Result<(), KeyLengthError> {
 
 /// The bounds of steps 1 to 3, shared by every split of the multi-photon pulses; the fields of
 /// steps 4 and 5 are left at 0.
-fn shared_bounds(
-    stats: &BlockStats,
-    params: &SecurityParams,
-) -> Result<PhaseErrorBounds, KeyLengthError> {
+fn shared_bounds(stats: &BlockStats, params: &SecurityParams) -> Result<PhaseErrorBounds, KeyLengthError> {
     validate(params)?;
     let counts = &stats.x_counts;
     if stats.n_key_bits == 0 {
@@ -358,9 +354,7 @@ fn shared_bounds(
     }
     let n_test = counts.n_z_sent();
     if n_test == 0 {
-        return Err(KeyLengthError::NotEnoughTestData {
-            reason: "no x-basis clicks from z-basis states",
-        });
+        return Err(KeyLengthError::NotEnoughTestData { reason: "no x-basis clicks from z-basis states" });
     }
     if counts.n_plus_sent() == 0 {
         return Err(KeyLengthError::NotEnoughTestData { reason: "no x-basis clicks from |+>" });
@@ -378,32 +372,21 @@ fn shared_bounds(
         plus_weight * plus_weight * chernoff_expected_upper(counts.n_plus_sent() as f64, beta)
             + chernoff_expected_upper(z_plus, beta);
     let multi_photon_correction = n_pulses * params.p_z / 2.0 * p_multi;
-    let test_errors_expected_upper =
-        (bernstein_expected_upper(score, score_second_moment_upper, plus_weight, beta)
-            + multi_photon_correction)
-            .max(0.0);
-    let test_errors_upper =
-        chernoff_observed_upper(test_errors_expected_upper, beta).min(n_test as f64);
+    let test_errors_expected_upper = (bernstein_expected_upper(score, score_second_moment_upper, plus_weight, beta)
+        + multi_photon_correction)
+        .max(0.0);
+    let test_errors_upper = chernoff_observed_upper(test_errors_expected_upper, beta).min(n_test as f64);
 
     // Step 3: multi-photon Z pulses, all assumed detected.
-    let n_multi_photon_upper = if p_multi > 0.0 {
-        chernoff_observed_upper(n_pulses * params.p_z * p_multi, beta)
-    } else {
-        0.0
-    };
+    let n_multi_photon_upper =
+        if p_multi > 0.0 { chernoff_observed_upper(n_pulses * params.p_z * p_multi, beta) } else { 0.0 };
     let n_key = stats.n_key_bits as f64;
     if n_key <= n_multi_photon_upper || n_test as f64 <= n_multi_photon_upper {
-        return Err(KeyLengthError::NoSinglePhotons {
-            n_multi_photon_upper,
-            n_key_bits: stats.n_key_bits,
-        });
+        return Err(KeyLengthError::NoSinglePhotons { n_multi_photon_upper, n_key_bits: stats.n_key_bits });
     }
     let worst_test_rate = test_errors_upper / (n_test as f64 - n_multi_photon_upper);
     if worst_test_rate >= MAX_PHASE_ERROR {
-        return Err(KeyLengthError::PhaseErrorTooHigh {
-            upper: worst_test_rate,
-            max: MAX_PHASE_ERROR,
-        });
+        return Err(KeyLengthError::PhaseErrorTooHigh { upper: worst_test_rate, max: MAX_PHASE_ERROR });
     }
     Ok(PhaseErrorBounds {
         plus_weight,
@@ -440,14 +423,10 @@ fn bounds_at_split(
         });
     }
     let test_rate_upper = shared.test_errors_upper / n_test_single_photon_lower;
-    let gamma =
-        sampling_gamma(n_single_photon_lower, n_test_single_photon_lower, test_rate_upper, eps_pe);
+    let gamma = sampling_gamma(n_single_photon_lower, n_test_single_photon_lower, test_rate_upper, eps_pe);
     let single_photon_rate_upper = test_rate_upper + gamma;
     if single_photon_rate_upper >= MAX_PHASE_ERROR {
-        return Err(KeyLengthError::PhaseErrorTooHigh {
-            upper: single_photon_rate_upper,
-            max: MAX_PHASE_ERROR,
-        });
+        return Err(KeyLengthError::PhaseErrorTooHigh { upper: single_photon_rate_upper, max: MAX_PHASE_ERROR });
     }
     Ok(PhaseErrorBounds {
         n_test_single_photon_lower,
@@ -463,10 +442,7 @@ fn bounds_at_split(
 /// the multi-photon pulses that leaves the least secret key; fails when the data are missing,
 /// when multi-photon pulses may explain every key bit or test click, or when the bound reaches
 /// [`MAX_PHASE_ERROR`].
-pub fn phase_error_bounds(
-    stats: &BlockStats,
-    params: &SecurityParams,
-) -> Result<PhaseErrorBounds, KeyLengthError> {
+pub fn phase_error_bounds(stats: &BlockStats, params: &SecurityParams) -> Result<PhaseErrorBounds, KeyLengthError> {
     let shared = shared_bounds(stats, params)?;
     let (n_key, m) = (stats.n_key_bits as f64, shared.n_multi_photon_upper);
     // Steps 4-5: the worst split of the multi-photon pulses between key and test sample. Each
@@ -478,8 +454,7 @@ pub fn phase_error_bounds(
         let m_key = m * (f64::from(cell) + 1.0) / cells;
         let m_test = m * (1.0 - f64::from(cell) / cells);
         let bounds = bounds_at_split(&shared, n_key, m_key, m_test, params.eps_pe)?;
-        let secret =
-            bounds.n_single_photon_lower * (1.0 - binary_entropy(bounds.single_photon_rate_upper));
+        let secret = bounds.n_single_photon_lower * (1.0 - binary_entropy(bounds.single_photon_rate_upper));
         if worst.as_ref().is_none_or(|(least, _)| secret < *least) {
             worst = Some((secret, bounds));
         }
@@ -504,10 +479,7 @@ pub fn phase_error_bounds_at_split(
 
 /// Upper bound on the phase error rate (fraction) of the block's single-photon key bits, the
 /// value that enters h() in the key-length formula (see [`phase_error_bounds`] for the steps).
-pub fn phase_error_upper(
-    stats: &BlockStats,
-    params: &SecurityParams,
-) -> Result<f64, KeyLengthError> {
+pub fn phase_error_upper(stats: &BlockStats, params: &SecurityParams) -> Result<f64, KeyLengthError> {
     phase_error_bounds(stats, params).map(|bounds| bounds.single_photon_rate_upper)
 }
 
@@ -521,15 +493,11 @@ pub fn security_cost_bits(params: &SecurityParams) -> f64 {
 /// l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - 6 log2(19/eps_sec) - log2(2/eps_cor) ), with n_Z1
 /// and phi_1 at the worst split of the multi-photon pulses ([`phase_error_bounds`]).
 /// Every `Err` is an abort with a reason that can be logged as is.
-pub fn secret_key_length(
-    stats: &BlockStats,
-    params: &SecurityParams,
-) -> Result<KeyLength, KeyLengthError> {
+pub fn secret_key_length(stats: &BlockStats, params: &SecurityParams) -> Result<KeyLength, KeyLengthError> {
     let bounds = phase_error_bounds(stats, params)?;
     let security_cost = security_cost_bits(params);
     // Rusca et al. 2018 (one-decoy), single-photon terms as in Lim et al. 2014, vacuum dropped.
-    let length = bounds.n_single_photon_lower
-        * (1.0 - binary_entropy(bounds.single_photon_rate_upper))
+    let length = bounds.n_single_photon_lower * (1.0 - binary_entropy(bounds.single_photon_rate_upper))
         - stats.leak_ec_bits as f64
         - security_cost;
     if length < 1.0 {

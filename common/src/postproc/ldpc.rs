@@ -199,8 +199,7 @@ impl LdpcCode {
         }
         let n_key_cols = nb - adapt_cols.len();
         let z = key_bits.div_ceil(n_key_cols);
-        let key_cols: Vec<u32> =
-            (0..nb as u32).filter(|c| !adapt_cols.contains(c)).collect();
+        let key_cols: Vec<u32> = (0..nb as u32).filter(|c| !adapt_cols.contains(c)).collect();
         let shifts = lift(&columns, n_rows_base, z, &mut rng);
         let mut rows = vec![Vec::new(); n_rows_base];
         for (c, col_rows) in columns.iter().enumerate() {
@@ -473,7 +472,8 @@ impl LdpcFamily {
 /// 1.3 at 2 %, 1.25 at 3 %, 1.2 at 5 %, 1.15 at 8 to 11 %), so that most frames need one or two
 /// reveals and few pay for more than they need.
 pub fn default_start_efficiency(qber: f64) -> f64 {
-    const POINTS: [(f64, f64); 6] = [(0.01, 1.30), (0.02, 1.22), (0.03, 1.17), (0.05, 1.12), (0.08, 1.08), (0.11, 1.06)];
+    const POINTS: [(f64, f64); 6] =
+        [(0.01, 1.30), (0.02, 1.22), (0.03, 1.17), (0.05, 1.12), (0.08, 1.08), (0.11, 1.06)];
     let q = qber.clamp(POINTS[0].0, POINTS[POINTS.len() - 1].0);
     for w in POINTS.windows(2) {
         let ((q0, f0), (q1, f1)) = (w[0], w[1]);
@@ -845,9 +845,18 @@ impl Decoder {
 /// equal-length slices so that the loop vectorizes.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn min_pass(t: &mut [f32], message: &[f32], min1: &mut [f32], min2: &mut [f32], argmin: &mut [f32], parity: &mut [f32], k: f32) {
+fn min_pass(
+    t: &mut [f32],
+    message: &[f32],
+    min1: &mut [f32],
+    min2: &mut [f32],
+    argmin: &mut [f32],
+    parity: &mut [f32],
+    k: f32,
+) {
     let n = t.len();
-    let (message, min1, min2, argmin, parity) = (&message[..n], &mut min1[..n], &mut min2[..n], &mut argmin[..n], &mut parity[..n]);
+    let (message, min1, min2, argmin, parity) =
+        (&message[..n], &mut min1[..n], &mut min2[..n], &mut argmin[..n], &mut parity[..n]);
     for i in 0..n {
         let v = t[i] - message[i];
         t[i] = v;
@@ -872,7 +881,16 @@ fn min_pass(t: &mut [f32], message: &[f32], min1: &mut [f32], min2: &mut [f32], 
 /// LLRs in `t`.
 #[inline]
 #[allow(clippy::too_many_arguments)]
-fn update_pass(t: &mut [f32], message: &mut [f32], min1: &[f32], min2: &[f32], argmin: &[f32], parity: &[f32], k: f32, scale: f32) {
+fn update_pass(
+    t: &mut [f32],
+    message: &mut [f32],
+    min1: &[f32],
+    min2: &[f32],
+    argmin: &[f32],
+    parity: &[f32],
+    k: f32,
+    scale: f32,
+) {
     let n = t.len();
     let (message, min1, min2, argmin, parity) = (&mut message[..n], &min1[..n], &min2[..n], &argmin[..n], &parity[..n]);
     for i in 0..n {
@@ -886,7 +904,13 @@ fn update_pass(t: &mut [f32], message: &mut [f32], min1: &[f32], min2: &[f32], a
         // Written out rather than `clamp`, whose NaN handling keeps the loop from vectorizing.
         let sum = t[i] + value;
         #[allow(clippy::manual_clamp)]
-        let bounded = if sum > LLR_CAP { LLR_CAP } else if sum < -LLR_CAP { -LLR_CAP } else { sum };
+        let bounded = if sum > LLR_CAP {
+            LLR_CAP
+        } else if sum < -LLR_CAP {
+            -LLR_CAP
+        } else {
+            sum
+        };
         t[i] = bounded;
     }
 }
@@ -919,14 +943,8 @@ pub fn reconcile_in_memory(
     rng: &mut impl Rng,
 ) -> Result<LdpcOutcome, LdpcError> {
     let mut alice = LdpcAlice::new(code, alice_key, n_punctured, rng)?;
-    let mut bob = LdpcBob::new(
-        code,
-        bob_key,
-        qber_estimate,
-        alice.syndrome().clone(),
-        alice.n_punctured(),
-        n_reveal_steps,
-    )?;
+    let mut bob =
+        LdpcBob::new(code, bob_key, qber_estimate, alice.syndrome().clone(), alice.n_punctured(), n_reveal_steps)?;
     loop {
         match bob.decode() {
             LdpcStep::Decoded | LdpcStep::Failed => break,

@@ -21,17 +21,15 @@ pub mod toeplitz;
 pub mod verify;
 
 pub use cascade::{
-    CascadeAlice, CascadeBob, CascadeError, CascadeOutcome, CascadeShuffles, FrameParityQuery,
-    MultiCascadeAlice, MultiCascadeBob, ParityQuery, reconcile_in_memory,
+    CascadeAlice, CascadeBob, CascadeError, CascadeOutcome, CascadeShuffles, FrameParityQuery, MultiCascadeAlice,
+    MultiCascadeBob, ParityQuery, reconcile_in_memory,
 };
 pub use finite_key::{
-    BlockStats, KeyLength, KeyLengthError, SecurityParams, XCounts, phase_error_upper,
-    secret_key_length,
+    BlockStats, KeyLength, KeyLengthError, SecurityParams, XCounts, phase_error_upper, secret_key_length,
 };
 pub use ldpc::{LdpcAlice, LdpcBob, LdpcCode, LdpcError, LdpcFamily, LdpcOutcome, LdpcStep};
 pub use toeplitz::{
-    FFT_THRESHOLD_BITS, toeplitz_hash, toeplitz_hash_fft, toeplitz_hash_karatsuba,
-    toeplitz_hash_reference,
+    FFT_THRESHOLD_BITS, toeplitz_hash, toeplitz_hash_fft, toeplitz_hash_karatsuba, toeplitz_hash_reference,
 };
 pub use verify::{eps_cor_for, poly_hash_tag, tags_match};
 

@@ -11,8 +11,8 @@
 
 use crate::bits::BitVec;
 use crate::postproc::finite_key::XCounts;
-use crate::sim::{alice_state, Detection, FrameSecret, Measurement, State};
-use crate::wire::{decode_deltas, encode_deltas, WireError};
+use crate::sim::{Detection, FrameSecret, Measurement, State, alice_state};
+use crate::wire::{WireError, decode_deltas, encode_deltas};
 
 /// Bob's announcement code: measured in Z (outcome kept secret).
 const BOB_Z: u8 = 0;

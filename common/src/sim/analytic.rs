@@ -123,9 +123,7 @@ impl Expected {
             return 0.0;
         }
         let y_key = self.p_sifted / p_z;
-        let y_test =
-            (self.joint[0][1][0] + self.joint[0][1][1] + self.joint[1][1][0] + self.joint[1][1][1])
-                / p_z;
+        let y_test = (self.joint[0][1][0] + self.joint[0][1][1] + self.joint[1][1][0] + self.joint[1][1][1]) / p_z;
         let errors = 0.5 * (self.e_ph * 2.0 * y_test + self.p_multi);
         let mut secret = f64::INFINITY;
         for k in 0..=64 {
@@ -150,10 +148,7 @@ pub fn expected(params: &LinkParams) -> Expected {
 /// Expected statistics of `params` with an interferometer phase error of `dphi` rad (eqs. A1, A2 of
 /// the module docs).
 pub fn expected_with_phase(params: &LinkParams, dphi: f64) -> Expected {
-    let k = params.mu
-        * params.fibre_transmission()
-        * params.bob_transmission()
-        * params.detector_efficiency;
+    let k = params.mu * params.fibre_transmission() * params.bob_transmission() * params.detector_efficiency;
     let (qz, qx) = (params.q_z, 1.0 - params.q_z);
     let tm = params.timing();
     let (own, el, le) = (tm.p_own, tm.p_e_to_l, tm.p_l_to_e);
@@ -192,12 +187,7 @@ pub fn expected_with_phase(params: &LinkParams, dphi: f64) -> Expected {
     let accepted: Vec<f64> = (0..3).map(|d| live[d] * raw[d] / (1.0 - p_ap)).collect();
     // After-pulse rate into each window (eq. A2): the Z detector spreads its after-pulses over its
     // two windows.
-    let after = [
-        p_ap * accepted[0] / 2.0,
-        p_ap * accepted[0] / 2.0,
-        p_ap * accepted[1],
-        p_ap * accepted[2],
-    ];
+    let after = [p_ap * accepted[0] / 2.0, p_ap * accepted[0] / 2.0, p_ap * accepted[1], p_ap * accepted[2]];
     let det_of_window = [0usize, 0, 1, 2];
 
     let mut joint = [[[0.0; 2]; 2]; 3];
@@ -288,21 +278,14 @@ mod tests {
         p.dead_time_ns = 0.0;
         p.afterpulse_probability = 0.0;
         let e = expected(&p);
-        let s = p.mu
-            * p.fibre_transmission()
-            * p.bob_transmission()
-            * p.detector_efficiency
-            * p.timing().p_own;
+        let s = p.mu * p.fibre_transmission() * p.bob_transmission() * p.detector_efficiency * p.timing().p_own;
         let pdc = p.dark_probability();
         let (qz, qx) = (p.q_z, 1.0 - p.q_z);
         let ex = ((1.0 - p.visibility) / 2.0 * qx * s / 2.0 + pdc) / (qx * s / 2.0 + 2.0 * pdc);
         let ez = pdc / (qz * s + 2.0 * pdc);
         assert!((e.qber_x - ex).abs() < 1e-12 && (e.qber_z - ez).abs() < 1e-12, "{e:?}");
         assert!((e.p_click_z - (qz * s + 2.0 * pdc)).abs() < 1e-15);
-        assert!(
-            (e.p_click_x - (qx * s * (p.p_z / 2.0 + (1.0 - p.p_z) / 2.0) + 2.0 * pdc)).abs()
-                < 1e-15
-        );
+        assert!((e.p_click_x - (qx * s * (p.p_z / 2.0 + (1.0 - p.p_z) / 2.0) + 2.0 * pdc)).abs() < 1e-15);
     }
 
     #[test]

@@ -101,8 +101,7 @@ impl PhotonNumberSplitting {
         let t = params.fibre_transmission();
         let (p1, p2) = (params.p_one_photon(), params.p_two_photons());
         let p_arrive = p1 * t + p2 * (1.0 - (1.0 - t) * (1.0 - t));
-        let (p_split, p_single) =
-            if p2 >= p_arrive { (p_arrive, 0.0) } else { (p2, p_arrive - p2) };
+        let (p_split, p_single) = if p2 >= p_arrive { (p_arrive, 0.0) } else { (p2, p_arrive - p2) };
         let p_forward = p_split + p_single;
         Self {
             p_forward,
@@ -123,8 +122,7 @@ impl PhotonNumberSplitting {
     /// skipping, so the work is proportional to the photons Bob receives.
     pub fn emit_frame(&self, secret: &FrameSecret, n_pulses: u64, rng: &mut impl Rng) -> PnsFrame {
         let indices: Vec<u64> = successes(rng, n_pulses, self.p_forward).collect();
-        let mut frame =
-            PnsFrame { photons: Vec::with_capacity(indices.len()), split_pulses: Vec::new() };
+        let mut frame = PnsFrame { photons: Vec::with_capacity(indices.len()), split_pulses: Vec::new() };
         for pulse_idx in indices {
             if uniform(rng) < self.p_split_given_forward {
                 frame.split_pulses.push(pulse_idx);
@@ -150,19 +148,16 @@ mod tests {
         let seed = 21;
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let n = 20_000u64;
-        let mut ph: Vec<Photon> = (0..n)
-            .map(|i| Photon { pulse_idx: i, state: State::Early, two_photons: true })
-            .collect();
+        let mut ph: Vec<Photon> =
+            (0..n).map(|i| Photon { pulse_idx: i, state: State::Early, two_photons: true }).collect();
         InterceptResend { fraction: 1.0 }.attack(&mut ph, &mut rng);
         let late = ph.iter().filter(|p| p.state == State::Late).count() as f64 / n as f64;
-        let x = ph.iter().filter(|p| matches!(p.state, State::Plus | State::Minus)).count() as f64
-            / n as f64;
+        let x = ph.iter().filter(|p| matches!(p.state, State::Plus | State::Minus)).count() as f64 / n as f64;
         assert!((late - 0.0).abs() < 1e-12, "seed {seed}: Z basis measurement of |E> gives |L>");
         assert!((x - 0.5).abs() < 0.02, "seed {seed}: X fraction {x}");
         assert!(ph.iter().all(|p| !p.two_photons));
-        let mut none: Vec<Photon> = (0..100)
-            .map(|i| Photon { pulse_idx: i, state: State::Plus, two_photons: true })
-            .collect();
+        let mut none: Vec<Photon> =
+            (0..100).map(|i| Photon { pulse_idx: i, state: State::Plus, two_photons: true }).collect();
         InterceptResend { fraction: 0.0 }.attack(&mut none, &mut rng);
         assert!(none.iter().all(|p| p.state == State::Plus && p.two_photons));
     }
@@ -189,26 +184,16 @@ mod tests {
         // Every two-photon pulse Alice emits is split (p_2 < p_arr here).
         let split_mean = n as f64 * p.p_two_photons();
         let split = frame.split_pulses.len() as f64;
-        assert!(
-            (split - split_mean).abs() < 4.0 * split_mean.sqrt(),
-            "seed {seed}: {split} split vs {split_mean}"
-        );
+        assert!((split - split_mean).abs() < 4.0 * split_mean.sqrt(), "seed {seed}: {split} split vs {split_mean}");
         assert!(frame.split_pulses.windows(2).all(|w| w[0] < w[1]));
         assert!(
-            frame
-                .photons
-                .iter()
-                .all(|ph| !ph.two_photons && ph.state == alice_state(&secret, ph.pulse_idx, p.p_z))
+            frame.photons.iter().all(|ph| !ph.two_photons && ph.state == alice_state(&secret, ph.pulse_idx, p.p_z))
         );
         // Beyond the distance where two-photon pulses alone exceed the honest arrivals, Eve can
         // only forward split pulses.
         p.distance_km = 400.0;
         let far = PhotonNumberSplitting::new(&p);
         assert!((far.p_split_given_forward - 1.0).abs() < 1e-12);
-        assert!(
-            (far.arrival_probability() / super::super::Source::new(&p).arrival_probability() - 1.0)
-                .abs()
-                < 1e-12
-        );
+        assert!((far.arrival_probability() / super::super::Source::new(&p).arrival_probability() - 1.0).abs() < 1e-12);
     }
 }

@@ -149,9 +149,11 @@ impl TimingModel {
 impl LinkParams {
     /// The named preset, parsed from the TOML file embedded at build time.
     pub fn preset(name: &str) -> Result<Self, ParamsError> {
-        let text = PRESETS.iter().find(|(n, _)| *n == name).map(|(_, t)| *t).ok_or_else(|| {
-            ParamsError::UnknownPreset { name: name.to_owned(), known: PRESET_NAMES.join(", ") }
-        })?;
+        let text = PRESETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| ParamsError::UnknownPreset { name: name.to_owned(), known: PRESET_NAMES.join(", ") })?;
         Self::from_toml_str(text)
     }
 
@@ -174,17 +176,8 @@ impl LinkParams {
 
     /// Checks that every field is finite and in its physical range; the error names the field.
     pub fn validate(&self) -> Result<(), ParamsError> {
-        fn check(
-            field: &'static str,
-            value: f64,
-            ok: bool,
-            expected: &'static str,
-        ) -> Result<(), ParamsError> {
-            if value.is_finite() && ok {
-                Ok(())
-            } else {
-                Err(ParamsError::OutOfRange { field, value, expected })
-            }
+        fn check(field: &'static str, value: f64, ok: bool, expected: &'static str) -> Result<(), ParamsError> {
+            if value.is_finite() && ok { Ok(()) } else { Err(ParamsError::OutOfRange { field, value, expected }) }
         }
         let unit = |v: f64| (0.0..=1.0).contains(&v);
         check("clock_hz", self.clock_hz, self.clock_hz > 0.0, "> 0")?;
@@ -192,34 +185,18 @@ impl LinkParams {
         check("g2", self.g2, unit(self.g2), "in [0, 1]")?;
         check("p_z", self.p_z, unit(self.p_z), "in [0, 1]")?;
         check("distance_km", self.distance_km, self.distance_km >= 0.0, ">= 0")?;
-        check(
-            "fibre_loss_db_per_km",
-            self.fibre_loss_db_per_km,
-            self.fibre_loss_db_per_km >= 0.0,
-            ">= 0",
-        )?;
+        check("fibre_loss_db_per_km", self.fibre_loss_db_per_km, self.fibre_loss_db_per_km >= 0.0, ">= 0")?;
         check("bob_loss_db", self.bob_loss_db, self.bob_loss_db >= 0.0, ">= 0")?;
         check("q_z", self.q_z, unit(self.q_z), "in [0, 1]")?;
-        check(
-            "detector_efficiency",
-            self.detector_efficiency,
-            unit(self.detector_efficiency),
-            "in [0, 1]",
-        )?;
-        check(
-            "dark_count_rate_hz",
-            self.dark_count_rate_hz,
-            self.dark_count_rate_hz >= 0.0,
-            ">= 0",
-        )?;
+        check("detector_efficiency", self.detector_efficiency, unit(self.detector_efficiency), "in [0, 1]")?;
+        check("dark_count_rate_hz", self.dark_count_rate_hz, self.dark_count_rate_hz >= 0.0, ">= 0")?;
         check("t1_ps", self.t1_ps, self.t1_ps > 0.0, "> 0")?;
         check("jitter_ps", self.jitter_ps, self.jitter_ps >= 0.0, ">= 0")?;
         check(
             "bin_separation_ps",
             self.bin_separation_ps,
             self.bin_separation_ps > 0.0
-                && 2.0 * self.bin_separation_ps + 1e3 * self.window_ns
-                    <= 1e12 * self.pulse_period_s(),
+                && 2.0 * self.bin_separation_ps + 1e3 * self.window_ns <= 1e12 * self.pulse_period_s(),
             "> 0, with the three X slots (2 separations + one window) fitting in the clock period",
         )?;
         check(
@@ -248,23 +225,12 @@ impl LinkParams {
             self.phase_drift_rad_per_sqrt_s >= 0.0,
             ">= 0",
         )?;
-        check(
-            "slow_drift_amplitude_rad",
-            self.slow_drift_amplitude_rad,
-            self.slow_drift_amplitude_rad >= 0.0,
-            ">= 0",
-        )?;
-        check(
-            "slow_drift_period_s",
-            self.slow_drift_period_s,
-            self.slow_drift_period_s > 0.0,
-            "> 0",
-        )?;
+        check("slow_drift_amplitude_rad", self.slow_drift_amplitude_rad, self.slow_drift_amplitude_rad >= 0.0, ">= 0")?;
+        check("slow_drift_period_s", self.slow_drift_period_s, self.slow_drift_period_s > 0.0, "> 0")?;
         check(
             "feedback_dither_rad",
             self.feedback_dither_rad,
-            self.feedback_dither_rad > 0.0
-                && self.feedback_dither_rad <= std::f64::consts::FRAC_PI_2,
+            self.feedback_dither_rad > 0.0 && self.feedback_dither_rad <= std::f64::consts::FRAC_PI_2,
             "in (0, pi/2]",
         )?;
         check(
@@ -338,11 +304,7 @@ impl LinkParams {
         let (t1, sigma) = (self.t1_ps, self.jitter_ps);
         let (tau, w) = (self.bin_separation_ps, 1e3 * self.window_ns);
         let f = |t: f64| arrival_cdf(t, t1, sigma);
-        TimingModel {
-            p_own: f(w) - f(0.0),
-            p_e_to_l: f(tau + w) - f(tau),
-            p_l_to_e: f(w - tau) - f(-tau),
-        }
+        TimingModel { p_own: f(w) - f(0.0), p_e_to_l: f(tau + w) - f(tau), p_l_to_e: f(w - tau) - f(-tau) }
     }
 
     /// Intrinsic Z error e_Z0 derived from T1, jitter, window and bin separation
@@ -360,8 +322,7 @@ pub(crate) fn arrival_cdf(t: f64, t1: f64, sigma: f64) -> f64 {
     if sigma <= 0.0 {
         return if t <= 0.0 { 0.0 } else { -(-t / t1).exp_m1() };
     }
-    let tail =
-        (sigma * sigma / (2.0 * t1 * t1) - t / t1).exp() * normal_cdf(t / sigma - sigma / t1);
+    let tail = (sigma * sigma / (2.0 * t1 * t1) - t / t1).exp() * normal_cdf(t / sigma - sigma / t1);
     (normal_cdf(t / sigma) - tail).clamp(0.0, 1.0)
 }
 

@@ -252,12 +252,7 @@ impl Receiver {
     /// gives them) plus dark counts, with dead time, after-pulses and squashing as in the module
     /// docs. Advances the simulated clock by `n_pulses` periods (phase drift). Work is proportional
     /// to photons and clicks, not pulses.
-    pub fn detect_frame(
-        &mut self,
-        photons: &[Photon],
-        n_pulses: u64,
-        rng: &mut impl Rng,
-    ) -> Vec<Detection> {
+    pub fn detect_frame(&mut self, photons: &[Photon], n_pulses: u64, rng: &mut impl Rng) -> Vec<Detection> {
         // Drift over the frame; the frame sees the offset at its midpoint.
         let duration = n_pulses as f64 * self.period_s;
         let walk_end = self.walk_rad + self.walk_rate * duration.sqrt() * standard_normal(rng);
@@ -335,11 +330,8 @@ impl Receiver {
                 State::Plus | State::Minus => uniform(rng) < 0.5,
             };
             let v = uniform(rng);
-            let (own, other, cross) = if early_bin {
-                (OUT_EARLY, OUT_LATE, tm.p_e_to_l)
-            } else {
-                (OUT_LATE, OUT_EARLY, tm.p_l_to_e)
-            };
+            let (own, other, cross) =
+                if early_bin { (OUT_EARLY, OUT_LATE, tm.p_e_to_l) } else { (OUT_LATE, OUT_EARLY, tm.p_l_to_e) };
             let outcome = if v < tm.p_own {
                 own
             } else if v < tm.p_own + cross {
@@ -385,11 +377,8 @@ impl Receiver {
         };
         let plus = uniform(rng) < p_plus;
         let det = if plus { DET_PLUS } else { DET_MINUS };
-        let (offset_ps, outcome) = if in_window {
-            (tau, if plus { OUT_PLUS } else { OUT_MINUS })
-        } else {
-            (slot * tau, BLIND)
-        };
+        let (offset_ps, outcome) =
+            if in_window { (tau, if plus { OUT_PLUS } else { OUT_MINUS }) } else { (slot * tau, BLIND) };
         Some((det, Click { pulse, offset_ps, outcome }))
     }
 
@@ -541,11 +530,9 @@ mod tests {
         assert_eq!(squash(0b0100, &mut rng), Measurement::X { minus: false });
         assert_eq!(squash(0b1000, &mut rng), Measurement::X { minus: true });
         let n = 4000;
-        let lates =
-            (0..n).filter(|_| squash(0b0011, &mut rng) == Measurement::Z { late: true }).count();
+        let lates = (0..n).filter(|_| squash(0b0011, &mut rng) == Measurement::Z { late: true }).count();
         assert!((lates as f64 - 2000.0).abs() < 200.0, "seed 1: {lates}");
-        let zs =
-            (0..n).filter(|_| matches!(squash(0b0101, &mut rng), Measurement::Z { .. })).count();
+        let zs = (0..n).filter(|_| matches!(squash(0b0101, &mut rng), Measurement::Z { .. })).count();
         assert!((zs as f64 - 2000.0).abs() < 200.0, "seed 1: {zs}");
     }
 
@@ -563,9 +550,8 @@ mod tests {
         p.afterpulse_probability = 0.0;
         p.dead_time_ns = 2.5 / p.clock_hz * 1e9;
         let mut rx = Receiver::new(&p);
-        let photons: Vec<Photon> = (0..29)
-            .map(|i| Photon { pulse_idx: i, state: State::Early, two_photons: false })
-            .collect();
+        let photons: Vec<Photon> =
+            (0..29).map(|i| Photon { pulse_idx: i, state: State::Early, two_photons: false }).collect();
         let mut rng = ChaCha20Rng::seed_from_u64(2);
         let d = rx.detect_frame(&photons, 29, &mut rng);
         let idx: Vec<u64> = d.iter().map(|x| x.pulse_idx).collect();
@@ -589,9 +575,8 @@ mod tests {
         let mut rx = Receiver::new(&p);
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let n = 20_000u64;
-        let photons: Vec<Photon> = (0..n)
-            .map(|i| Photon { pulse_idx: 100 * i, state: State::Early, two_photons: false })
-            .collect();
+        let photons: Vec<Photon> =
+            (0..n).map(|i| Photon { pulse_idx: 100 * i, state: State::Early, two_photons: false }).collect();
         let d = rx.detect_frame(&photons, 100 * n, &mut rng);
         // Each photon click is followed by a chain of after-pulses: 1 / (1 - p) clicks in all,
         // of which the photon's own lands in a window with probability p_own + p_e_to_l.

@@ -100,7 +100,7 @@ impl FrameSecret {
 ///
 /// The word is the one `rand_chacha::ChaCha20Rng` (seeded with the secret, stream 0) returns after
 /// `set_word_pos(2 i)`; it is computed here from the single 64-byte block that holds it
-/// ([`chacha20_block`]) because the generator would compute four blocks per call, and this
+/// (`chacha20_block`) because the generator would compute four blocks per call, and this
 /// function runs for every photon and every detection.
 pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
     // Word position 2 i lies in block 2 i / 16 = i / 8, at word 2 (i mod 8) of it.
@@ -116,8 +116,7 @@ pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
 /// words 12-13 and a 64-bit nonce, here 0, in words 14-15, as rand_chacha uses it): the 16 output
 /// words of block `counter` under `key`.
 fn chacha20_block(key: &[u8; 32], counter: u64) -> [u32; 16] {
-    let k =
-        |i: usize| u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
+    let k = |i: usize| u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
     let input: [u32; 16] = [
         0x6170_7865,
         0x3320_646e,
@@ -205,11 +204,7 @@ impl Source {
         let (p1, p2) = (params.p_one_photon(), params.p_two_photons());
         let p_arrive = p1 * t + p2 * (1.0 - (1.0 - t) * (1.0 - t));
         let p_two = p2 * t * t;
-        Self {
-            p_arrive,
-            p_two_given_arrive: if p_arrive > 0.0 { p_two / p_arrive } else { 0.0 },
-            p_z: params.p_z,
-        }
+        Self { p_arrive, p_two_given_arrive: if p_arrive > 0.0 { p_two / p_arrive } else { 0.0 }, p_z: params.p_z }
     }
 
     /// Per-pulse probability that at least one photon of the pulse arrives at Bob.
@@ -221,23 +216,13 @@ impl Source {
     /// sampled by geometric skipping over pulse indices (one- and two-photon emission, mu and g2;
     /// a two-photon pulse survives if at least one photon does, and `two_photons` records whether
     /// both arrive), ascending by `pulse_idx`. The work is proportional to the photons returned.
-    pub fn emit_frame(
-        &self,
-        secret: &FrameSecret,
-        n_pulses: u64,
-        rng: &mut impl Rng,
-    ) -> Vec<Photon> {
+    pub fn emit_frame(&self, secret: &FrameSecret, n_pulses: u64, rng: &mut impl Rng) -> Vec<Photon> {
         let expected = (n_pulses as f64 * self.p_arrive).min(1e6) as usize;
         let mut out = Vec::with_capacity(expected + expected / 8 + 16);
         let indices: Vec<u64> = successes(rng, n_pulses, self.p_arrive).collect();
         for pulse_idx in indices {
-            let two_photons =
-                self.p_two_given_arrive > 0.0 && uniform(rng) < self.p_two_given_arrive;
-            out.push(Photon {
-                pulse_idx,
-                state: alice_state(secret, pulse_idx, self.p_z),
-                two_photons,
-            });
+            let two_photons = self.p_two_given_arrive > 0.0 && uniform(rng) < self.p_two_given_arrive;
+            out.push(Photon { pulse_idx, state: alice_state(secret, pulse_idx, self.p_z), two_photons });
         }
         out
     }
@@ -272,11 +257,7 @@ mod tests {
             let far = [u64::MAX / 3, (1 << 40) + 5, (1 << 32) * 8 + 7, u64::MAX / 8 * 8 - 1];
             for i in (0..200).chain(far) {
                 for p_z in [0.5, 0.8, 0.9] {
-                    assert_eq!(
-                        alice_state(&s, i, p_z),
-                        reference_state(&s, i, p_z),
-                        "seed {seed}, pulse {i}"
-                    );
+                    assert_eq!(alice_state(&s, i, p_z), reference_state(&s, i, p_z), "seed {seed}, pulse {i}");
                 }
             }
         }
@@ -318,19 +299,13 @@ mod tests {
         for (k, p) in [(0, p_z / 2.0), (1, p_z / 2.0), (2, 1.0 - p_z)] {
             let sd = (n as f64 * p * (1.0 - p)).sqrt();
             let dev = (counts[k] as f64 - n as f64 * p).abs();
-            assert!(
-                dev < 4.0 * sd,
-                "seed {seed}: state {k} count {} vs {}",
-                counts[k],
-                n as f64 * p
-            );
+            assert!(dev < 4.0 * sd, "seed {seed}: state {k} count {} vs {}", counts[k], n as f64 * p);
         }
         // Far pulse indices are answered directly and depend on the secret.
         let far = u64::MAX / 3;
         assert_eq!(alice_state(&s, far, p_z), alice_state(&s.clone(), far, p_z));
         let other = secret(seed + 1);
-        let differ =
-            (0..200).filter(|&i| alice_state(&s, i, 0.5) != alice_state(&other, i, 0.5)).count();
+        let differ = (0..200).filter(|&i| alice_state(&s, i, 0.5) != alice_state(&other, i, 0.5)).count();
         assert!(differ > 50, "seed {seed}: secrets give the same states");
         // p_z = 1 and 0 are respected.
         assert!((0..1000).all(|i| alice_state(&s, i, 1.0).basis() == Basis::Z));
@@ -348,11 +323,7 @@ mod tests {
         let n = 1u64 << 22;
         let ph = src.emit_frame(&s, n, &mut rng);
         let mean = n as f64 * src.arrival_probability();
-        assert!(
-            (ph.len() as f64 - mean).abs() < 4.0 * mean.sqrt(),
-            "seed {seed}: {} photons vs {mean}",
-            ph.len()
-        );
+        assert!((ph.len() as f64 - mean).abs() < 4.0 * mean.sqrt(), "seed {seed}: {} photons vs {mean}", ph.len());
         assert!(ph.windows(2).all(|w| w[0].pulse_idx < w[1].pulse_idx));
         assert!(ph.iter().all(|x| x.state == alice_state(&s, x.pulse_idx, p.p_z)));
     }

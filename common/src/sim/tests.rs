@@ -55,13 +55,7 @@ fn qber_x(c: &[[u64; 4]; 3]) -> f64 {
 /// Checks every (state sent, basis, outcome) count against the analytic expectation within
 /// 3 standard deviations (Poisson), with drift and feedback off and the interferometer held at a
 /// phase error of `phase_rad`, and returns the expected number of detections.
-fn check_against_analytic(
-    p: &LinkParams,
-    frames: u64,
-    n_pulses: u64,
-    phase_rad: f64,
-    seed: u64,
-) -> f64 {
+fn check_against_analytic(p: &LinkParams, frames: u64, n_pulses: u64, phase_rad: f64, seed: u64) -> f64 {
     let mut p = p.clone();
     p.feedback_enabled = false;
     p.phase_drift_rad_per_sqrt_s = 0.0;
@@ -223,8 +217,7 @@ fn drift_run(
         err += frame_err;
         worst = worst.max(rx.phase_error_rad().abs());
         let t = rx.simulated_time_s() - start;
-        if (t / block_s).floor() > ((t - frame_s) / block_s).floor() || t >= seconds - 0.5 * frame_s
-        {
+        if (t / block_s).floor() > ((t - frame_s) / block_s).floor() || t >= seconds - 0.5 * frame_s {
             blocks.push(err as f64 / n.max(1) as f64);
             (n, err) = (0, 0);
         }
@@ -245,10 +238,7 @@ fn without_feedback_the_x_error_drifts_past_15_percent() {
     let seed = 107;
     let (blocks, worst) = six_hours(false, seed);
     let first = blocks.iter().position(|&q| q > 0.15);
-    assert!(
-        first.is_some_and(|i| i < 6),
-        "seed {seed}: X error per 30 min {blocks:.3?} (worst phase {worst:.2} rad)"
-    );
+    assert!(first.is_some_and(|i| i < 6), "seed {seed}: X error per 30 min {blocks:.3?} (worst phase {worst:.2} rad)");
 }
 
 #[test]
@@ -259,13 +249,8 @@ fn with_feedback_the_x_error_stays_near_its_floor_for_six_hours() {
     let (blocks, worst) = six_hours(true, seed);
     assert_eq!(blocks.len(), 12);
     let mean = blocks.iter().sum::<f64>() / blocks.len() as f64;
-    println!(
-        "feedback on: floor {floor:.4}, mean {mean:.4}, blocks {blocks:.4?}, worst phase {worst:.3} rad"
-    );
-    assert!(
-        blocks.iter().all(|&q| q < floor + 0.02),
-        "seed {seed}: floor {floor:.4}, X error per 30 min {blocks:.4?}"
-    );
+    println!("feedback on: floor {floor:.4}, mean {mean:.4}, blocks {blocks:.4?}, worst phase {worst:.3} rad");
+    assert!(blocks.iter().all(|&q| q < floor + 0.02), "seed {seed}: floor {floor:.4}, X error per 30 min {blocks:.4?}");
     assert!(mean < floor + 0.012, "seed {seed}: floor {floor:.4}, mean {mean:.4}");
     assert!(worst < 0.8, "seed {seed}: phase error reached {worst} rad");
 }
@@ -338,9 +323,6 @@ fn frame_cost_scales_with_photons_not_pulses() {
         rx.detect_frame(&ph, 1 << 40, &mut rng);
     }
     let huge = start.elapsed() / 20;
-    assert!(
-        huge < 5 * per_frame + std::time::Duration::from_micros(500),
-        "{huge:?} per 2^40-pulse frame"
-    );
+    assert!(huge < 5 * per_frame + std::time::Duration::from_micros(500), "{huge:?} per 2^40-pulse frame");
     println!("2^22-pulse frame at 120 km: {per_frame:?}; 2^40-pulse frame: {huge:?}");
 }

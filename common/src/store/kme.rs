@@ -19,7 +19,7 @@ use tracing::error;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{decode_key, KeyUnit, SledStore, StoreError};
+use super::{KeyUnit, SledStore, StoreError, decode_key};
 
 /// Name of the sled tree holding the reservations.
 const RESERVATIONS_TREE: &str = "kme_reservations";
@@ -82,7 +82,11 @@ pub struct KeyReservation {
 
 impl SledStore {
     /// Reads, in key-ID order, up to `limit` ready units whose IDs pass `select`.
-    pub fn select_ready_units(&self, limit: usize, mut select: impl FnMut(&Uuid) -> bool) -> Result<Vec<KeyUnit>, StoreError> {
+    pub fn select_ready_units(
+        &self,
+        limit: usize,
+        mut select: impl FnMut(&Uuid) -> bool,
+    ) -> Result<Vec<KeyUnit>, StoreError> {
         let mut out = Vec::with_capacity(limit.min(4096));
         if limit == 0 {
             return Ok(out);
@@ -189,7 +193,10 @@ impl SledStore {
                         Some(value) => match decode_key(&value) {
                             Ok((_, bytes)) if bytes.len() == UNIT_BYTES => units.push(bytes),
                             Ok((_, bytes)) => {
-                                return sled::transaction::abort(KmeStoreError::BadUnit { key_id: *unit_id, len: bytes.len() });
+                                return sled::transaction::abort(KmeStoreError::BadUnit {
+                                    key_id: *unit_id,
+                                    len: bytes.len(),
+                                });
                             }
                             Err(e) => return sled::transaction::abort(KmeStoreError::Store(e)),
                         },
@@ -224,7 +231,12 @@ impl SledStore {
     /// Errors, nothing changed: [`KmeStoreError::NotSlave`] when `caller` is not a slave of a
     /// reserved key (checked first), otherwise [`KmeStoreError::NotFound`] for an unknown key, a
     /// key of another master, or one already delivered to `caller`.
-    pub fn deliver_reserved_keys(&self, key_ids: &[Uuid], master: &str, caller: &str) -> Result<Vec<KeyUnit>, KmeStoreError> {
+    pub fn deliver_reserved_keys(
+        &self,
+        key_ids: &[Uuid],
+        master: &str,
+        caller: &str,
+    ) -> Result<Vec<KeyUnit>, KmeStoreError> {
         let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
         let result = tree.transaction(|reserved| {
             let mut records = Vec::with_capacity(key_ids.len());
@@ -365,7 +377,9 @@ impl SledStore {
         for item in tombstones.iter() {
             let (key, value) = item?;
             let (_, created) = decode_tombstone(&value)?;
-            if created < created_before_unix_ms && tombstones.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok() {
+            if created < created_before_unix_ms
+                && tombstones.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok()
+            {
                 n_tombstones += 1;
             }
         }

@@ -216,10 +216,7 @@ fn bob_refuses_unexpected_answers() {
     let mut bob = CascadeBob::new(BitVec::zeros(1000), 0.05, [9; 32]);
     assert_eq!(bob.receive(&[true]), Err(CascadeError::NoOutstandingQueries));
     let batch = bob.next_queries().unwrap();
-    assert_eq!(
-        bob.receive(&[true]),
-        Err(CascadeError::AnswerCountMismatch { expected: batch.len(), got: 1 })
-    );
+    assert_eq!(bob.receive(&[true]), Err(CascadeError::AnswerCountMismatch { expected: batch.len(), got: 1 }));
     // The batch stays outstanding and the leak counter untouched.
     assert_eq!(bob.next_queries().unwrap(), batch);
     assert_eq!(bob.leak_bits(), 0);
@@ -278,7 +275,12 @@ fn residual_density_is_a_probability_and_falls_with_corrections() {
 }
 
 /// Runs a multi-frame exchange, checking that both ends count the same disclosed bits per frame.
-fn run_multi(alice_keys: &[BitVec], bob_keys: Vec<BitVec>, qber: f64, seed: [u8; 32]) -> (Vec<CascadeOutcome>, u32, MultiCascadeAlice) {
+fn run_multi(
+    alice_keys: &[BitVec],
+    bob_keys: Vec<BitVec>,
+    qber: f64,
+    seed: [u8; 32],
+) -> (Vec<CascadeOutcome>, u32, MultiCascadeAlice) {
     let mut alice = MultiCascadeAlice::new(alice_keys, seed);
     let mut bob = MultiCascadeBob::new(bob_keys, qber, seed);
     let mut batches = 0;

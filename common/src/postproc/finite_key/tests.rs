@@ -36,15 +36,8 @@ fn ideal_channel_phase_error_vanishes_with_statistics() {
     let params = SecurityParams { g2: 0.0, ..SecurityParams::default() };
     let mut previous = f64::INFINITY;
     for clicks in [10_000u64, 1_000_000, 100_000_000, 10_000_000_000] {
-        let bounds = phase_error_bounds(
-            &stats(10 * clicks, counts_with_visibility(clicks, 1.0), 0),
-            &params,
-        )
-        .unwrap();
-        assert!(
-            bounds.test_rate_upper > 0.0 && bounds.test_rate_upper < previous,
-            "{clicks}: {bounds:?}"
-        );
+        let bounds = phase_error_bounds(&stats(10 * clicks, counts_with_visibility(clicks, 1.0), 0), &params).unwrap();
+        assert!(bounds.test_rate_upper > 0.0 && bounds.test_rate_upper < previous, "{clicks}: {bounds:?}");
         previous = bounds.test_rate_upper;
     }
     // At 1e10 clicks the bound is a few 1e-5 (it falls as 1/sqrt(clicks)).
@@ -56,11 +49,9 @@ fn phase_error_tends_to_half_one_minus_visibility() {
     let params = SecurityParams { g2: 0.0, ..SecurityParams::default() };
     for v in [0.8, 0.9, 0.97] {
         let target = (1.0 - v) / 2.0;
-        let bounds = phase_error_bounds(
-            &stats(1_000_000_000_000, counts_with_visibility(10_000_000_000, v), 0),
-            &params,
-        )
-        .unwrap();
+        let bounds =
+            phase_error_bounds(&stats(1_000_000_000_000, counts_with_visibility(10_000_000_000, v), 0), &params)
+                .unwrap();
         assert!(bounds.test_rate_upper >= target, "v={v}: {bounds:?}");
         assert!(bounds.test_rate_upper - target < 2e-4, "v={v}: {bounds:?}");
     }
@@ -151,8 +142,7 @@ fn bernstein_hand_value_and_weighting() {
     let params = SecurityParams { p_z: 0.9, g2: 0.0, ..SecurityParams::default() };
     let bounds = phase_error_bounds(&stats(2_000_000, counts, 0), &params).unwrap();
     let r = 4.5;
-    let per_count = r
-        * (chernoff_expected_upper(6_000.0, beta) - chernoff_expected_lower(54_000.0, beta))
+    let per_count = r * (chernoff_expected_upper(6_000.0, beta) - chernoff_expected_lower(54_000.0, beta))
         + chernoff_expected_upper(540_000.0, beta);
     assert!((bounds.plus_weight - r).abs() < 1e-12);
     assert!(bounds.test_errors_expected_upper < per_count, "{bounds:?} vs {per_count}");
@@ -172,8 +162,7 @@ fn bernstein_bound_covers_the_mean_at_a_loose_epsilon() {
     let (n, p_click, p_x, e_x) = (20_000u32, 0.2, 0.1, 0.1);
     let r = (1.0 - p_x) / (2.0 * p_x);
     // Per pulse: + sent and - seen (score r), + sent and + seen (-r), Z sent and + seen (1).
-    let (p_pm, p_pp, p_zp) =
-        (p_x * p_click * e_x, p_x * p_click * (1.0 - e_x), (1.0 - p_x) * p_click * 0.5);
+    let (p_pm, p_pp, p_zp) = (p_x * p_click * e_x, p_x * p_click * (1.0 - e_x), (1.0 - p_x) * p_click * 0.5);
     let mean = f64::from(n) * (r * p_pm - r * p_pp + p_zp);
     let beta = (1.0f64 / 0.05).ln();
     let trials = 2000;
@@ -214,10 +203,7 @@ fn multi_photon_pulses_cost_key_through_both_tagging_and_linearity() {
     let correction = 1e10 * 0.5 / 2.0 * p_multi;
     assert_eq!(a.multi_photon_correction, 0.0);
     assert!((b.multi_photon_correction - correction).abs() < 1e-6, "{b:?}");
-    assert!(
-        (b.test_errors_expected_upper - a.test_errors_expected_upper - correction).abs() < 1e-6,
-        "{a:?} {b:?}"
-    );
+    assert!((b.test_errors_expected_upper - a.test_errors_expected_upper - correction).abs() < 1e-6, "{a:?} {b:?}");
     assert!(b.n_multi_photon_upper >= 1e10 * 0.5 * p_multi, "{b:?}");
     assert!(b.n_single_photon_lower <= 1e6 - b.n_multi_photon_upper / f64::from(SPLIT_GRID_CELLS));
     assert!(b.single_photon_rate_upper > a.single_photon_rate_upper);
@@ -283,17 +269,11 @@ fn abort_reasons() {
     let params = SecurityParams::default();
     let mut no_tests = worked_example();
     no_tests.x_counts = XCounts { plus_plus: 10, ..XCounts::default() };
-    assert!(matches!(
-        secret_key_length(&no_tests, &params),
-        Err(KeyLengthError::NotEnoughTestData { .. })
-    ));
+    assert!(matches!(secret_key_length(&no_tests, &params), Err(KeyLengthError::NotEnoughTestData { .. })));
     let mut no_plus = worked_example();
     no_plus.x_counts.plus_plus = 0;
     no_plus.x_counts.plus_minus = 0;
-    assert!(matches!(
-        secret_key_length(&no_plus, &params),
-        Err(KeyLengthError::NotEnoughTestData { .. })
-    ));
+    assert!(matches!(secret_key_length(&no_plus, &params), Err(KeyLengthError::NotEnoughTestData { .. })));
     // Visibility 0: e_ph = 1/2.
     let mut random_phase = worked_example();
     random_phase.x_counts.plus_plus = 100_000;
@@ -306,22 +286,15 @@ fn abort_reasons() {
     let err = secret_key_length(&leaky, &params).unwrap_err();
     assert!(matches!(err, KeyLengthError::NoKeyLeft { .. }), "{err}");
     let multi = SecurityParams { mu: 10.0, g2: 1.0, ..params.clone() };
-    assert!(matches!(
-        secret_key_length(&worked_example(), &multi),
-        Err(KeyLengthError::NoSinglePhotons { .. })
-    ));
+    assert!(matches!(secret_key_length(&worked_example(), &multi), Err(KeyLengthError::NoSinglePhotons { .. })));
     let bad = SecurityParams { p_z: 1.0, ..params };
-    assert!(matches!(
-        secret_key_length(&worked_example(), &bad),
-        Err(KeyLengthError::InvalidParams { .. })
-    ));
+    assert!(matches!(secret_key_length(&worked_example(), &bad), Err(KeyLengthError::InvalidParams { .. })));
 }
 
 #[test]
 fn x_counts_accumulate() {
     let mut total = XCounts::default();
-    let frame =
-        XCounts { e_plus: 1, e_minus: 2, l_plus: 3, l_minus: 4, plus_plus: 90, plus_minus: 10 };
+    let frame = XCounts { e_plus: 1, e_minus: 2, l_plus: 3, l_minus: 4, plus_plus: 90, plus_minus: 10 };
     total.add(&frame);
     total.add(&frame);
     assert_eq!(total.n_z_sent(), 20);

@@ -50,9 +50,8 @@ fn syndrome_matches_the_dense_parity_check_matrix() {
     // Check r z + i involves bit c z + (i + shift) mod z for each base entry (c, shift) of row r.
     for (r, entries) in code.rows.iter().enumerate() {
         for i in 0..z {
-            let parity = entries.iter().fold(0u8, |acc, &(c, shift)| {
-                acc ^ word[c as usize * z + (i + shift as usize) % z]
-            });
+            let parity =
+                entries.iter().fold(0u8, |acc, &(c, shift)| acc ^ word[c as usize * z + (i + shift as usize) % z]);
             assert_eq!(syndrome.get(r * z + i), parity == 1, "seed {seed}: check {r}/{i}");
         }
     }

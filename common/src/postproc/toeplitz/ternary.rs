@@ -121,12 +121,7 @@ impl Ring {
     fn new(plan: &Plan) -> Self {
         let half = plan.half_bits;
         let rem = half % 64;
-        Self {
-            plan: *plan,
-            half,
-            lw: half.div_ceil(64),
-            top_mask: if rem == 0 { u64::MAX } else { (1u64 << rem) - 1 },
-        }
+        Self { plan: *plan, half, lw: half.div_ceil(64), top_mask: if rem == 0 { u64::MAX } else { (1u64 << rem) - 1 } }
     }
 
     /// Words per element.
@@ -366,11 +361,7 @@ fn shr_bits(src: &[u64], s: usize, out: &mut [u64]) {
     let (ws, bs) = (s / 64, s % 64);
     for (k, o) in out.iter_mut().enumerate() {
         let lo = src.get(ws + k).copied().unwrap_or(0);
-        *o = if bs == 0 {
-            lo
-        } else {
-            (lo >> bs) | (src.get(ws + k + 1).copied().unwrap_or(0) << (64 - bs))
-        };
+        *o = if bs == 0 { lo } else { (lo >> bs) | (src.get(ws + k + 1).copied().unwrap_or(0) << (64 - bs)) };
     }
 }
 

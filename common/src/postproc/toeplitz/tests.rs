@@ -112,7 +112,9 @@ fn fft_matches_reference_on_random_inputs() {
     // bit-by-bit reference: every plan shape down to K = 9 points.
     let seed = 24;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    for &(n, m) in &[(1usize, 1usize), (2, 3), (64, 64), (65, 1), (100, 37), (513, 100), (1000, 999), (2000, 3000), (4097, 1500)] {
+    for &(n, m) in
+        &[(1usize, 1usize), (2, 3), (64, 64), (65, 1), (100, 37), (513, 100), (1000, 999), (2000, 3000), (4097, 1500)]
+    {
         let input = random_bits(&mut rng, n);
         let toeplitz_seed = random_bits(&mut rng, n + m - 1);
         let fft = toeplitz_hash_fft(&input, &toeplitz_seed, m);

@@ -106,10 +106,7 @@ fn different_keys_rarely_collide() {
             continue;
         }
         let k = rng.next_u64();
-        assert!(
-            !tags_match(poly_hash_tag(&key, k), poly_hash_tag(&other, k)),
-            "seed {seed}, trial {trial}: collision"
-        );
+        assert!(!tags_match(poly_hash_tag(&key, k), poly_hash_tag(&other, k)), "seed {seed}, trial {trial}: collision");
         assert!(tags_match(poly_hash_tag(&key, k), poly_hash_tag(&key.clone(), k)));
     }
     // Same words, different lengths: the length word separates them.
@@ -154,8 +151,7 @@ fn gf64_pow_x(e: u64) -> u64 {
 #[test]
 fn gf64_matches_the_published_crc64_go_iso_check_value() {
     let message = b"123456789";
-    let bits: Vec<bool> =
-        message.iter().flat_map(|&byte| (0..8).map(move |k| (byte >> k) & 1 == 1)).collect();
+    let bits: Vec<bool> = message.iter().flat_map(|&byte| (0..8).map(move |k| (byte >> k) & 1 == 1)).collect();
     let n_bits = bits.len() as u64;
     let all_ones = u64::MAX;
 

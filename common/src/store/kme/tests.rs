@@ -96,7 +96,9 @@ fn delivery_of_a_batch_is_all_or_nothing() {
     let r = reservation(&[&units[0]], 256, &["s"]);
     store.reserve_keys(std::slice::from_ref(&r)).unwrap();
     let unknown = Uuid::new_v4();
-    assert!(matches!(store.deliver_reserved_keys(&[r.key_id, unknown], "m", "s"), Err(KmeStoreError::NotFound(id)) if id == unknown));
+    assert!(
+        matches!(store.deliver_reserved_keys(&[r.key_id, unknown], "m", "s"), Err(KmeStoreError::NotFound(id)) if id == unknown)
+    );
     assert_eq!(store.deliver_reserved_keys(&[r.key_id], "m", "s").unwrap().len(), 1);
 }
 
@@ -118,7 +120,9 @@ fn multicast_key_is_erased_after_every_slave_fetched_it() {
 fn take_is_all_or_nothing_and_discard_ignores_missing_units() {
     let (store, units) = store_with_units(3);
     let stranger = Uuid::new_v4();
-    assert!(matches!(store.take_ready_units(&[units[0].key_id, stranger]), Err(KmeStoreError::MissingUnits(m)) if m == vec![stranger]));
+    assert!(
+        matches!(store.take_ready_units(&[units[0].key_id, stranger]), Err(KmeStoreError::MissingUnits(m)) if m == vec![stranger])
+    );
     assert_eq!(ready_count(&store), 3);
     store.take_ready_units(&[units[0].key_id]).unwrap();
     assert_eq!(store.discard_ready_units(&[units[0].key_id, units[1].key_id, stranger]).unwrap(), 1);
@@ -170,7 +174,9 @@ fn cancelling_an_unknown_key_refuses_its_late_reservation() {
     assert_eq!(store.reserved_key_count().unwrap(), 0);
     // The request that was cancelled before it arrived is refused as a whole: nothing changes.
     let other = reservation(&[&units[2]], 256, &["s"]);
-    assert!(matches!(store.reserve_keys(&[other.clone(), late.clone()]), Err(KmeStoreError::Cancelled(id)) if id == late.key_id));
+    assert!(
+        matches!(store.reserve_keys(&[other.clone(), late.clone()]), Err(KmeStoreError::Cancelled(id)) if id == late.key_id)
+    );
     assert_eq!(ready_count(&store), 2);
     assert_eq!(store.reserved_key_count().unwrap(), 0);
     assert_eq!(store.cancel_reservations(&[late.key_id], 3000).unwrap(), vec![false]);
