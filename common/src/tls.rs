@@ -164,18 +164,11 @@ impl CertAuthority {
     /// Issues a certificate with common name `common_name` and the given DNS names (and
     /// 127.0.0.1 when `loopback`), usable both as TLS server and TLS client.
     pub fn issue(&self, common_name: &str, dns_names: &[&str], loopback: bool) -> Result<IssuedCert, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(dns_names.iter().map(|s| s.to_string()).collect::<Vec<_>>())?;
+        let mut names: Vec<String> = dns_names.iter().map(|s| s.to_string()).collect();
         if loopback {
-            params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)));
+            names.push(std::net::Ipv4Addr::LOCALHOST.to_string());
         }
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: zeroize::Zeroizing::new(key.serialize_pem()) })
+        self.issue_for(common_name, &names)
     }
 }
 
