@@ -62,3 +62,6 @@ mod tests {
         assert!((binary_entropy(0.3) - binary_entropy(0.7)).abs() < 1e-15);
     }
 }
+
+#[cfg(test)]
+pub(crate) mod test_support;
