@@ -253,6 +253,18 @@ impl Link for LinkService {
         Ok(Response::new(self.with_core(|core| core.parities(&req))?))
     }
 
+    async fn syndromes(&self, request: Request<SyndromeRequest>) -> Result<Response<SyndromeResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        Ok(Response::new(self.with_core(|core| core.syndromes(&req))?))
+    }
+
+    async fn reveal(&self, request: Request<RevealRequest>) -> Result<Response<RevealResponse>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        Ok(Response::new(self.with_core(|core| core.reveal(&req))?))
+    }
+
     async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
         self.authorize(&request)?;
         let req = request.into_inner();

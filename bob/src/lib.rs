@@ -288,6 +288,12 @@ impl LinkPeer for GrpcPeer {
     async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
         Ok(self.client.parities(req).await?.into_inner())
     }
+    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
+        Ok(self.client.syndromes(req).await?.into_inner())
+    }
+    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
+        Ok(self.client.reveal(req).await?.into_inner())
+    }
     async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
         Ok(self.client.verify(req).await?.into_inner())
     }

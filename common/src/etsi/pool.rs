@@ -6,7 +6,9 @@
 //!    memory, so concurrent requests at A never pick the same unit.
 //! 2. A asks B to reserve them ([`ReservePeer::reserve`]); B removes them from its ready pool and
 //!    records the ETSI keys for (m, s), in one transaction, durably, or changes nothing.
-//! 3. Only then A removes the units from its own pool (one transaction, durably) and answers.
+//! 3. Only then A removes the units from its own pool (one transaction) and answers. The removal
+//!    need not reach the disk first: B's durable reservation already keeps the units from being
+//!    delivered again (see "If A stops" below), so the Get key path waits for one fsync, B's.
 //!
 //! If B refuses, or cannot be reached before anything was sent (connection refused), A's units
 //! go back to its pool and the master gets a 503.
@@ -20,9 +22,9 @@
 //! it arrive late, is refused (`Unknown`: B still holds the units if it never took them, A offers
 //! them again). Either way both pools hold the same units afterwards.
 //!
-//! If A stops (or dies) before B answered, the in-flight marks vanish and the units are offered
-//! again; if B had reserved them, the next Reserve naming them reports them missing and A
-//! discards them then. Likewise, if B no longer holds some units for any other reason, A
+//! If A stops (or dies) before B answered, or after answering but before its removal reached the
+//! disk, the in-flight marks vanish and the units are offered again; if B had reserved them, the
+//! next Reserve naming them reports them missing and A discards them then. Likewise, if B no longer holds some units for any other reason, A
 //! discards them and tries again with others: no unit is ever part of two delivered keys.
 
 use std::collections::HashSet;

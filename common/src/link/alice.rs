@@ -8,10 +8,11 @@ use rand_chacha::ChaCha20Rng;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::reconcile::AliceReconciler;
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
-use crate::postproc::cascade::{CascadeAlice, ParityQuery};
+use crate::postproc::cascade::FrameParityQuery;
 use crate::postproc::finite_key::{BlockStats, XCounts, phase_error_upper, secret_key_length};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::poly_hash_tag;
@@ -51,7 +52,7 @@ struct Session {
 struct Block {
     stats: BlockStats,
     key: BitVec,
-    cascade: CascadeAlice,
+    reconciler: AliceReconciler,
     transcript: Transcript,
     n_corrected: Option<u64>,
     verified_tag: bool,
@@ -197,10 +198,10 @@ impl AliceCore {
         };
         let mut transcript = Transcript::default();
         transcript.absorb("StartBlock", req, &response);
-        let cascade = CascadeAlice::new(&key, cascade_seed);
+        let reconciler = AliceReconciler::new(&self.params, &key, cascade_seed);
         session.blocks.insert(
             block_id,
-            Block { stats, key, cascade, transcript, n_corrected: None, verified_tag: false, amplified: None },
+            Block { stats, key, reconciler, transcript, n_corrected: None, verified_tag: false, amplified: None },
         );
         Ok((response, None))
     }
@@ -211,11 +212,43 @@ impl AliceCore {
         if block.n_corrected.is_some() {
             return Err(LinkError::State("error correction of this block is closed".into()));
         }
-        let queries: Vec<ParityQuery> =
-            req.queries.iter().map(|q| ParityQuery { pass: q.pass, start: q.start, end: q.end }).collect();
-        let bits = block.cascade.answer(&queries).map_err(|e| LinkError::Malformed(e.to_string()))?;
+        let queries: Vec<FrameParityQuery> = req
+            .queries
+            .iter()
+            .map(|q| FrameParityQuery { frame: q.frame, pass: q.pass, start: q.start, end: q.end })
+            .collect();
+        let bits = block.reconciler.parities(&queries)?;
         let response = ParityResponse { parities: BitVec::from_bools(&bits).to_bytes() };
         block.transcript.absorb("Parities", req, &response);
+        Ok(response)
+    }
+
+    /// Blind LDPC: the syndrome of every frame under the codes Bob names (leak m - p each).
+    pub fn syndromes(&mut self, req: &SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
+        let block_id = parse_uuid(&req.block_id, "block id")?;
+        let Self { session, rng, .. } = self;
+        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+        let block =
+            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+        if block.n_corrected.is_some() {
+            return Err(LinkError::State("error correction of this block is closed".into()));
+        }
+        let starts: Vec<(u32, u32)> = req.frames.iter().map(|f| (f.rate_index, f.n_punctured)).collect();
+        let syndromes = block.reconciler.syndromes(&starts, rng)?;
+        let response = SyndromeResponse { syndromes: syndromes.iter().map(BitVec::to_bytes).collect() };
+        block.transcript.absorb("Syndromes", req, &response);
+        Ok(response)
+    }
+
+    /// Blind LDPC: reveals more punctured bits of the frames Bob names (one bit of leak each).
+    pub fn reveal(&mut self, req: &RevealRequest) -> Result<RevealResponse, LinkError> {
+        let block = self.block_mut(&req.block_id)?;
+        if block.n_corrected.is_some() {
+            return Err(LinkError::State("error correction of this block is closed".into()));
+        }
+        let values = block.reconciler.reveal(&req.counts)?;
+        let response = RevealResponse { values: values.iter().map(|v| BitVec::from_bools(v).to_bytes()).collect() };
+        block.transcript.absorb("Reveal", req, &response);
         Ok(response)
     }
 
@@ -258,7 +291,7 @@ impl AliceCore {
             n_key_bits: block.stats.n_key_bits,
             n_pulses: block.stats.n_pulses,
             x_counts: block.stats.x_counts,
-            leak_ec_bits: block.cascade.leak_bits() + TAG_BITS,
+            leak_ec_bits: block.reconciler.leak_bits() + TAG_BITS,
         };
         let outcome = if !req.verified {
             Err("verification failed: the corrected keys differ".to_owned())

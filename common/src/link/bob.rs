@@ -5,12 +5,16 @@ use proto::link::*;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::Reconciliation;
 use super::alice::TAG_BITS;
+use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
-use crate::postproc::cascade::CascadeBob;
+use crate::postproc::binary_entropy;
+use crate::postproc::cascade::MultiCascadeBob;
 use crate::postproc::finite_key::{BlockStats, XCounts, secret_key_length};
+use crate::postproc::ldpc::{LdpcBob, LdpcStep, default_start_efficiency};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::{poly_hash_tag, tags_match};
 use crate::sifting::{announce, bob_sift};
@@ -27,8 +31,12 @@ pub trait LinkPeer {
     async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError>;
     /// Starts a block.
     async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError>;
-    /// Asks parities.
+    /// Asks parities (Cascade).
     async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError>;
+    /// Asks the frames' syndromes (LDPC).
+    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError>;
+    /// Asks more punctured bits (LDPC).
+    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError>;
     /// Asks Alice's verification tag.
     async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError>;
     /// Asks the privacy-amplification parameters.
@@ -54,9 +62,9 @@ pub struct BlockReport {
     pub qber_x: f64,
     /// Finite-size upper bound on the phase error (0 when not computed).
     pub phase_error_upper: f64,
-    /// Bits disclosed by Cascade and verification.
+    /// Bits disclosed by error correction and verification.
     pub leak_bits: u64,
-    /// Cascade round trips.
+    /// Error-correction round trips (Cascade batches, or LDPC syndrome and reveal messages).
     pub round_trips: u32,
     /// Final key bits stored (0 when aborted).
     pub final_bits: u64,
@@ -229,30 +237,20 @@ impl<P: LinkPeer> BobLink<P> {
             .try_into()
             .map_err(|_| LinkError::Malformed("cascade seed is not 32 bytes".into()))?;
 
-        // Error correction: Bob asks, Alice discloses parities.
-        let mut cascade = CascadeBob::new(key, self.qber_estimate, seed);
-        while let Some(queries) = cascade.next_queries() {
-            let req = ParityRequest {
-                block_id: started.block_id.clone(),
-                queries: queries
-                    .iter()
-                    .map(|q| proto::link::ParityQuery { pass: q.pass, start: q.start, end: q.end })
-                    .collect(),
-            };
-            let resp = self.peer.parities(req.clone()).await?;
-            let bits = BitVec::from_bytes(&resp.parities, queries.len());
-            if resp.parities.len() != queries.len().div_ceil(8) {
-                return Err(LinkError::Malformed("parity answer of the wrong length".into()));
-            }
-            transcript.absorb("Parities", &req, &resp);
-            let answers: Vec<bool> = (0..queries.len()).map(|i| bits.get(i)).collect();
-            cascade.receive(&answers).map_err(|e| LinkError::Malformed(e.to_string()))?;
-        }
-        let outcome = cascade.finish();
+        // Error correction: Bob asks, Alice discloses parities or syndromes.
+        let outcome = match self.params.reconciliation {
+            Reconciliation::Cascade => self.cascade(&started.block_id, key, seed, &mut transcript).await?,
+            Reconciliation::Ldpc => self.ldpc(&started.block_id, key, &mut transcript).await?,
+        };
         report.round_trips = outcome.round_trips;
         report.qber_z = outcome.n_corrected as f64 / stats.n_key_bits.max(1) as f64;
         report.leak_bits = outcome.leak_bits + TAG_BITS;
-        self.qber_estimate = report.qber_z.clamp(0.002, 0.2);
+        // The next block's estimate: the QBER measured on the frames that were corrected; when
+        // none was (LDPC frames that did not decode), the estimate was too low: raise it.
+        self.qber_estimate = match outcome.observed_qber {
+            Some(q) => q.clamp(0.002, 0.2),
+            None => (self.qber_estimate * 1.5).min(0.2),
+        };
 
         // Verification: Alice's tag under a hash key chosen after error correction.
         let req = VerifyRequest { block_id: started.block_id.clone(), n_corrected: outcome.n_corrected };
@@ -332,8 +330,160 @@ impl<P: LinkPeer> BobLink<P> {
         Ok(report)
     }
 
+    /// Cascade over the block's frames, all frames' queries in each round trip.
+    async fn cascade(
+        &mut self,
+        block_id: &str,
+        key: BitVec,
+        seed: [u8; 32],
+        transcript: &mut Transcript,
+    ) -> Result<Reconciled, LinkError> {
+        let mut cascade =
+            MultiCascadeBob::new(cascade_frames(&key, self.params.cascade_frame_bits), self.qber_estimate, seed);
+        drop(key);
+        while let Some(queries) = cascade.next_queries() {
+            let req = ParityRequest {
+                block_id: block_id.to_owned(),
+                queries: queries
+                    .iter()
+                    .map(|q| proto::link::ParityQuery { pass: q.pass, start: q.start, end: q.end, frame: q.frame })
+                    .collect(),
+            };
+            let resp = self.peer.parities(req.clone()).await?;
+            if resp.parities.len() != queries.len().div_ceil(8) {
+                return Err(LinkError::Malformed("parity answer of the wrong length".into()));
+            }
+            let bits = BitVec::from_bytes(&resp.parities, queries.len());
+            transcript.absorb("Parities", &req, &resp);
+            let answers: Vec<bool> = (0..queries.len()).map(|i| bits.get(i)).collect();
+            cascade.receive(&answers).map_err(|e| LinkError::Malformed(e.to_string()))?;
+        }
+        let round_trips = cascade.round_trips();
+        let leak_bits = cascade.leak_bits();
+        let frames = cascade.finish();
+        let n_corrected: u64 = frames.iter().map(|f| f.n_corrected).sum();
+        let keys: Vec<BitVec> = frames.into_iter().map(|f| f.key).collect();
+        let key = join_frames(&keys);
+        let observed_qber = Some(n_corrected as f64 / key.len().max(1) as f64);
+        Ok(Reconciled { key, n_corrected, leak_bits, round_trips, observed_qber })
+    }
+
+    /// Blind LDPC over the block's frames: one syndrome message, then reveal rounds for the
+    /// frames not decoded yet. A frame that fails keeps Bob's best guess; verification rejects it.
+    async fn ldpc(
+        &mut self,
+        block_id: &str,
+        key: BitVec,
+        transcript: &mut Transcript,
+    ) -> Result<Reconciled, LinkError> {
+        let family = ldpc_family(self.params.ldpc_frame_bits);
+        let frames = ldpc_frames(&key, self.params.ldpc_frame_bits);
+        let q = self.qber_estimate;
+        let efficiency = default_start_efficiency(q);
+        // The mother code is chosen for a QBER LDPC_QBER_MARGIN times the estimate, so that with
+        // every punctured bit revealed it still decodes when the estimate (the previous block's
+        // QBER) is somewhat low; the puncturing starts from the estimate itself.
+        let starts: Vec<(usize, usize)> = frames
+            .iter()
+            .map(|f| {
+                let (rate_index, _) = family.select_for_length(q * LDPC_QBER_MARGIN, efficiency, f.len());
+                let code = family.code(rate_index);
+                let target = efficiency * f.len() as f64 * binary_entropy(q);
+                let punctured = (code.n_checks() as f64 - target).clamp(0.0, code.n_adaptation() as f64);
+                (rate_index, punctured as usize)
+            })
+            .collect();
+        let req = SyndromeRequest {
+            block_id: block_id.to_owned(),
+            frames: starts
+                .iter()
+                .map(|&(rate_index, n_punctured)| LdpcFrameStart {
+                    rate_index: rate_index as u32,
+                    n_punctured: n_punctured as u32,
+                })
+                .collect(),
+        };
+        let resp = self.peer.syndromes(req.clone()).await?;
+        if resp.syndromes.len() != frames.len() {
+            return Err(LinkError::Malformed("syndrome answer for the wrong number of frames".into()));
+        }
+        transcript.absorb("Syndromes", &req, &resp);
+        let mut decoders = Vec::with_capacity(frames.len());
+        for ((frame, &(rate_index, n_punctured)), syndrome) in frames.iter().zip(&starts).zip(&resp.syndromes) {
+            let code = family.code(rate_index);
+            if syndrome.len() != code.n_checks().div_ceil(8) {
+                return Err(LinkError::Malformed("syndrome of the wrong length".into()));
+            }
+            let syndrome = BitVec::from_bytes(syndrome, code.n_checks());
+            let bob = LdpcBob::new(code, frame, q, syndrome, n_punctured, LDPC_REVEAL_STEPS)
+                .map_err(|e| LinkError::Malformed(e.to_string()))?;
+            decoders.push(bob);
+        }
+        let mut done = vec![false; decoders.len()];
+        let mut round_trips = 1;
+        loop {
+            let mut counts = vec![0u32; decoders.len()];
+            for (i, bob) in decoders.iter_mut().enumerate() {
+                if done[i] {
+                    continue;
+                }
+                match bob.decode() {
+                    LdpcStep::Decoded | LdpcStep::Failed => done[i] = true,
+                    LdpcStep::NeedReveal(count) => counts[i] = count as u32,
+                }
+            }
+            if counts.iter().all(|&c| c == 0) {
+                break;
+            }
+            let req = RevealRequest { block_id: block_id.to_owned(), counts: counts.clone() };
+            let resp = self.peer.reveal(req.clone()).await?;
+            if resp.values.len() != decoders.len() {
+                return Err(LinkError::Malformed("reveal answer for the wrong number of frames".into()));
+            }
+            transcript.absorb("Reveal", &req, &resp);
+            round_trips += 1;
+            for ((bob, &count), values) in decoders.iter_mut().zip(&counts).zip(&resp.values) {
+                if count == 0 {
+                    continue;
+                }
+                if values.len() != (count as usize).div_ceil(8) {
+                    return Err(LinkError::Malformed("revealed bits of the wrong length".into()));
+                }
+                let bits = BitVec::from_bytes(values, count as usize);
+                let bits: Vec<bool> = (0..count as usize).map(|k| bits.get(k)).collect();
+                bob.receive_revealed(&bits).map_err(|e| LinkError::Malformed(e.to_string()))?;
+            }
+        }
+        let leak_bits = decoders.iter().map(LdpcBob::leak_bits).sum();
+        let outcomes: Vec<_> = decoders.into_iter().map(LdpcBob::finish).collect();
+        let (mut decoded_bits, mut decoded_errors) = (0u64, 0u64);
+        for (frame, outcome) in frames.iter().zip(&outcomes) {
+            if outcome.decoded {
+                decoded_bits += frame.len() as u64;
+                decoded_errors += outcome.key.hamming_distance(frame);
+            }
+        }
+        let corrected: Vec<BitVec> = outcomes.into_iter().map(|o| o.key).collect();
+        let corrected = join_frames(&corrected);
+        let n_corrected = corrected.hamming_distance(&key);
+        let observed_qber = (decoded_bits > 0).then(|| decoded_errors as f64 / decoded_bits as f64);
+        Ok(Reconciled { key: corrected, n_corrected, leak_bits, round_trips, observed_qber })
+    }
+
     async fn abort(&mut self, block_id: &str, reason: &str) -> Result<(), LinkError> {
         self.peer.abort(AbortRequest { block_id: block_id.to_owned(), reason: reason.to_owned() }).await?;
         Ok(())
     }
+}
+
+/// Bob's corrected block and what error correction cost.
+struct Reconciled {
+    key: BitVec,
+    /// Bits that differ between Bob's sifted and corrected keys.
+    n_corrected: u64,
+    /// Bits disclosed (parities, or syndromes and revealed bits).
+    leak_bits: u64,
+    round_trips: u32,
+    /// The QBER of the frames known to be corrected (None when none is).
+    observed_qber: Option<f64>,
 }

@@ -63,6 +63,14 @@ impl LinkPeer for MemoryAlice {
         self.lock().core.parities(&req)
     }
 
+    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
+        self.lock().core.syndromes(&req)
+    }
+
+    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
+        self.lock().core.reveal(&req)
+    }
+
     async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
         self.lock().core.verify(&req)
     }

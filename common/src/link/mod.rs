@@ -9,9 +9,11 @@ pub mod alice;
 pub mod bob;
 pub mod memory;
 pub mod params;
+pub mod reconcile;
 pub mod transcript;
 
 pub use params::ProtocolParams;
+pub use reconcile::Reconciliation;
 
 /// Errors of the post-processing protocol. Each maps to one gRPC status.
 #[derive(Debug, thiserror::Error)]

@@ -2,6 +2,7 @@
 
 use sha2::{Digest, Sha256};
 
+use super::Reconciliation;
 use crate::postproc::finite_key::SecurityParams;
 use crate::sim::LinkParams;
 
@@ -19,6 +20,15 @@ pub struct ProtocolParams {
     pub frame_pulses: u64,
     /// QBER assumed for the first block's Cascade schedule, before any block was corrected.
     pub initial_qber: f64,
+    /// Error correction: "cascade" (interactive, smallest leak) or "ldpc" (one-way blind
+    /// LDPC: a syndrome and a few reveals, for links where round trips are expensive).
+    pub reconciliation: Reconciliation,
+    /// Cascade: the block is cut into frames of about this many bits, all reconciled in the
+    /// same round trips (0: one frame, the whole block; longer frames leak less).
+    pub cascade_frame_bits: u64,
+    /// LDPC: frame length in bits (the last frame of a block is shorter); one code family
+    /// per length is built when the first block starts.
+    pub ldpc_frame_bits: u64,
     /// Largest key-basis QBER accepted after error correction; above it the block is aborted.
     pub max_qber_z: f64,
     /// Secrecy parameter eps_sec of the finite-key analysis.
@@ -36,6 +46,9 @@ impl Default for ProtocolParams {
             key_unit_bits: 256,
             frame_pulses: 1 << 22,
             initial_qber: 0.03,
+            reconciliation: Reconciliation::Cascade,
+            cascade_frame_bits: 0,
+            ldpc_frame_bits: 1 << 16,
             max_qber_z: 0.11,
             eps_sec: 1e-10,
             eps_cor: 1e-15,
@@ -52,6 +65,12 @@ impl ProtocolParams {
         }
         if self.key_unit_bits == 0 || self.key_unit_bits % 8 != 0 {
             return Err(format!("key_unit_bits = {} is not a positive multiple of 8", self.key_unit_bits));
+        }
+        if self.cascade_frame_bits != 0 && self.cascade_frame_bits < 1024 {
+            return Err(format!("cascade_frame_bits = {} is below 1024 (0 means one frame)", self.cascade_frame_bits));
+        }
+        if !(1024..=1 << 24).contains(&self.ldpc_frame_bits) {
+            return Err(format!("ldpc_frame_bits = {} is not between 1024 and 2^24", self.ldpc_frame_bits));
         }
         if self.frame_pulses == 0 {
             return Err("frame_pulses must be positive".into());

@@ -453,8 +453,15 @@ impl LdpcFamily {
     /// least half its adaptation bits left to reveal, and the number of adaptation bits to
     /// puncture for that start. Returns (rate index, punctured bits).
     pub fn select(&self, qber_estimate: f64, start_efficiency: f64) -> (usize, usize) {
+        self.select_for_length(qber_estimate, start_efficiency, self.key_bits)
+    }
+
+    /// [`LdpcFamily::select`] for a key of `n_bits` bits (at most the family's length; the
+    /// missing bits are shortened, zeros known to both ends): the start leak is
+    /// `start_efficiency` n_bits h(Q), so a short last frame pays only for its own bits.
+    pub fn select_for_length(&self, qber_estimate: f64, start_efficiency: f64, n_bits: usize) -> (usize, usize) {
         let q = if qber_estimate.is_nan() { 0.005 } else { qber_estimate.clamp(0.005, 0.3) };
-        let target = start_efficiency * self.key_bits as f64 * binary_entropy(q);
+        let target = start_efficiency * n_bits.min(self.key_bits) as f64 * binary_entropy(q);
         for index in (0..MOTHER_RATES.len()).rev() {
             let code = self.code(index);
             let (m, d) = (code.n_checks() as f64, code.n_adaptation() as f64);
@@ -504,8 +511,11 @@ impl LdpcAlice {
     /// (fresh random bits from `rng`, which must be a cryptographic generator outside tests) and
     /// the others shortened (zeros, known to Bob). The leak starts at m - p (see the module
     /// documentation).
+    ///
+    /// A `key` shorter than the code's keys is completed with zeros, shortened bits that Bob
+    /// knows (he must be given a key of the same length).
     pub fn new(code: &LdpcCode, key: &BitVec, n_punctured: usize, rng: &mut impl Rng) -> Result<Self, LdpcError> {
-        if key.len() != code.key_bits() {
+        if key.len() > code.key_bits() {
             return Err(LdpcError::KeyLength { expected: code.key_bits(), got: key.len() });
         }
         let n_punctured = n_punctured.min(code.n_adaptation());
@@ -546,6 +556,11 @@ impl LdpcAlice {
         Ok(self.adaptation[start..start + count].to_vec())
     }
 
+    /// Punctured bits not revealed yet.
+    pub fn remaining_punctured(&self) -> usize {
+        self.n_punctured - self.n_revealed
+    }
+
     /// Bits disclosed so far: m - p + revealed.
     pub fn leak_bits(&self) -> u64 {
         self.leak_bits
@@ -584,6 +599,8 @@ pub struct LdpcOutcome {
 /// Bob's end: decodes, asking for punctured bits while decoding fails.
 pub struct LdpcBob<'a> {
     code: &'a LdpcCode,
+    /// Length of Bob's key (the code's key bits beyond it are known zeros).
+    n_key_bits: usize,
     /// Channel LLR per code bit (positive: 0 more likely).
     channel: Vec<f32>,
     n_punctured: usize,
@@ -600,7 +617,8 @@ pub struct LdpcBob<'a> {
 
 impl<'a> LdpcBob<'a> {
     /// Bob's end for his `noisy_key`, his QBER estimate (fraction) for the LLRs, Alice's syndrome
-    /// and her number of punctured bits. Reveals come in `n_reveal_steps` equal steps.
+    /// and her number of punctured bits. Reveals come in `n_reveal_steps` equal steps. A key
+    /// shorter than the code's keys is completed with known zeros, as Alice's is.
     pub fn new(
         code: &'a LdpcCode,
         noisy_key: &BitVec,
@@ -609,7 +627,7 @@ impl<'a> LdpcBob<'a> {
         n_punctured: usize,
         n_reveal_steps: usize,
     ) -> Result<Self, LdpcError> {
-        if noisy_key.len() != code.key_bits() {
+        if noisy_key.len() > code.key_bits() {
             return Err(LdpcError::KeyLength { expected: code.key_bits(), got: noisy_key.len() });
         }
         if syndrome.len() != code.n_checks() {
@@ -620,6 +638,9 @@ impl<'a> LdpcBob<'a> {
         let mut channel = vec![0f32; code.n_bits()];
         for i in 0..noisy_key.len() {
             channel[code.key_position(i)] = if noisy_key.get(i) { -llr } else { llr };
+        }
+        for i in noisy_key.len()..code.key_bits() {
+            channel[code.key_position(i)] = LLR_CAP;
         }
         for position in code.padding_positions() {
             channel[position] = LLR_CAP;
@@ -637,6 +658,7 @@ impl<'a> LdpcBob<'a> {
             reveal_step: n_punctured.div_ceil(n_reveal_steps.max(1)).max(1),
             outstanding: None,
             decoded: false,
+            n_key_bits: noisy_key.len(),
             leak_bits: code.leak_with_punctured(n_punctured),
             messages: 1,
             iterations: 0,
@@ -689,8 +711,8 @@ impl<'a> LdpcBob<'a> {
 
     /// Bob's key (his last hard decisions) and counters.
     pub fn finish(self) -> LdpcOutcome {
-        let mut key = BitVec::zeros(self.code.key_bits());
-        for i in 0..self.code.key_bits() {
+        let mut key = BitVec::zeros(self.n_key_bits);
+        for i in 0..self.n_key_bits {
             if self.decoder.hard[self.code.key_position(i)] == 1 {
                 key.set(i, true);
             }

@@ -1,7 +1,8 @@
 //! Key-pool operations of the ETSI GS QKD 014 key delivery (`crate::etsi`).
 //!
-//! Ready 256-bit units leave the pool in two ways, each one sled transaction followed by a flush:
-//! * the KME that answers a master SAE removes the units it handed out ([`SledStore::take_ready_units`]);
+//! Ready 256-bit units leave the pool in two ways, each one sled transaction:
+//! * the KME that answers a master SAE removes the units it handed out
+//!   ([`SledStore::take_ready_units`]; not flushed before the answer, see there);
 //! * the peer KME turns the same units into *reservations* ([`SledStore::reserve_keys`]): one
 //!   record per ETSI key in the `kme_reservations` tree (key ID -> master, slaves, size, key
 //!   bytes), which the slave SAEs later fetch, each once ([`SledStore::deliver_reserved_keys`]).
@@ -125,7 +126,14 @@ impl SledStore {
         Ok(n)
     }
 
-    /// Removes the given ready units, durably: all of them, or (when one is missing) none.
+    /// Removes the given ready units: all of them, or (when one is missing) none.
+    ///
+    /// Not flushed (sled writes it out within its flush interval, 500 ms): the peer KME's
+    /// reservation of these units, durable before this is called, is what prevents a second
+    /// delivery. Should this KME die before the removal reaches the disk, the units are back in
+    /// its pool after the restart, and the first reservation naming them is answered "missing"
+    /// by the peer, which makes this KME discard them ([`crate::etsi`] pool, life cycle). Saving
+    /// the fsync here takes one of the two fsyncs off the Get key path.
     pub fn take_ready_units(&self, unit_ids: &[Uuid]) -> Result<(), KmeStoreError> {
         let result = self.ready.transaction(|ready| {
             let mut missing = Vec::new();
@@ -142,8 +150,7 @@ impl SledStore {
             }
             Ok(())
         });
-        unwrap_kme_tx(result)?;
-        Ok(self.flush()?)
+        unwrap_kme_tx(result)
     }
 
     /// Removes whichever of the given units are ready, durably (units that can never be served,

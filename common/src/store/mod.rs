@@ -119,6 +119,72 @@ pub struct SledStore {
     blocks: sled::Tree,
     ready: sled::Tree,
     pending: sled::Tree,
+    group_flush: GroupFlush,
+}
+
+/// Group commit: callers that need their writes on disk share flushes. A flush (an fsync,
+/// milliseconds on a virtual disk) persists everything written before it started, so a caller
+/// needs one flush that *started* after its write; while one runs, the callers that arrive wait
+/// for it and then one of them runs the next flush for all of them. Under concurrent requests
+/// this turns one fsync per request into one per batch, without weakening anyone's guarantee.
+#[derive(Default)]
+struct GroupFlush {
+    state: std::sync::Mutex<FlushState>,
+    finished: std::sync::Condvar,
+}
+
+#[derive(Default)]
+struct FlushState {
+    /// Number of the last flush started (flushes are numbered from 1).
+    started: u64,
+    /// Number of the last flush finished.
+    finished: u64,
+    /// Number of the last flush that succeeded.
+    succeeded: u64,
+    /// Whether a flush runs now.
+    running: bool,
+    /// The error of the last failed flush.
+    last_error: Option<String>,
+}
+
+impl GroupFlush {
+    /// Returns once a flush that started after this call has succeeded, running it if no other
+    /// caller does; the error of that flush otherwise.
+    fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
+        // Invariant: nothing panics while holding this lock, so it is never poisoned.
+        let mut state = self.state.lock().expect("flush lock poisoned");
+        // Any flush numbered `needed` or later started after this caller's writes.
+        let needed = state.started + 1;
+        loop {
+            if state.succeeded >= needed {
+                return Ok(());
+            }
+            if state.finished >= needed {
+                let message = state.last_error.clone().unwrap_or_else(|| "flush failed".into());
+                return Err(StoreError::Db(sled::Error::Io(std::io::Error::other(message))));
+            }
+            if !state.running {
+                state.running = true;
+                state.started += 1;
+                let number = state.started;
+                drop(state);
+                let result = db.flush();
+                state = self.state.lock().expect("flush lock poisoned");
+                state.running = false;
+                state.finished = number;
+                match &result {
+                    Ok(_) => state.succeeded = number,
+                    Err(e) => state.last_error = Some(e.to_string()),
+                }
+                self.finished.notify_all();
+                if number >= needed {
+                    return result.map(|_| ()).map_err(StoreError::from);
+                }
+                continue;
+            }
+            state = self.finished.wait(state).expect("flush lock poisoned");
+        }
+    }
 }
 
 impl SledStore {
@@ -130,6 +196,7 @@ impl SledStore {
             ready: db.open_tree("ready")?,
             pending: db.open_tree("pending")?,
             db,
+            group_flush: GroupFlush::default(),
         })
     }
 
@@ -141,13 +208,14 @@ impl SledStore {
             ready: db.open_tree("ready")?,
             pending: db.open_tree("pending")?,
             db,
+            group_flush: GroupFlush::default(),
         })
     }
 
-    /// Flushes all writes to disk.
+    /// Makes every write made before this call durable (group commit: concurrent callers share
+    /// one fsync, see [`GroupFlush`]).
     pub fn flush(&self) -> Result<(), StoreError> {
-        self.db.flush()?;
-        Ok(())
+        self.group_flush.flush(&self.db)
     }
 
     fn put(&self, meta: &BlockMeta, keys: &[KeyUnit], state: BlockState) -> Result<(), StoreError> {

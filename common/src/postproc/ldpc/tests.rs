@@ -132,9 +132,13 @@ fn refuses_malformed_messages() {
     let code = LdpcCode::new(1000, 0.6, 0.1);
     let key = random_key(&mut rng, 1000);
     assert_eq!(
-        LdpcAlice::new(&code, &random_key(&mut rng, 999), 0, &mut rng).err(),
-        Some(LdpcError::KeyLength { expected: 1000, got: 999 })
+        LdpcAlice::new(&code, &random_key(&mut rng, 1001), 0, &mut rng).err(),
+        Some(LdpcError::KeyLength { expected: 1000, got: 1001 })
     );
+    assert!(matches!(
+        LdpcBob::new(&code, &random_key(&mut rng, 1001), 0.05, BitVec::zeros(code.n_checks()), 0, 1),
+        Err(LdpcError::KeyLength { .. })
+    ));
     let alice = LdpcAlice::new(&code, &key, 10, &mut rng).unwrap();
     let short = BitVec::zeros(code.n_checks() - 1);
     assert!(matches!(LdpcBob::new(&code, &key, 0.05, short, 10, 1), Err(LdpcError::SyndromeLength { .. })));
@@ -158,4 +162,24 @@ fn start_efficiency_is_monotone_and_selection_fits() {
         let target = 1.1 * 2000.0 * binary_entropy(q);
         assert!(start_leak >= target - 1.0 || punctured == code.n_adaptation(), "q={q}");
     }
+}
+
+#[test]
+fn a_short_last_frame_is_shortened_and_pays_only_for_its_bits() {
+    // A 3000-bit frame under the code of 10 000-bit frames: the 7000 missing bits are known
+    // zeros, so the start leak follows the frame's own length and decoding succeeds.
+    let mut rng = ChaCha20Rng::seed_from_u64(46);
+    let family = LdpcFamily::new(10_000);
+    let q = 0.05;
+    let alice_key = random_key(&mut rng, 3000);
+    let bob_key = with_errors(&mut rng, &alice_key, 150);
+    let (index, punctured) = family.select_for_length(q, default_start_efficiency(q), 3000);
+    let code = family.code(index);
+    let outcome = reconcile_in_memory(code, &alice_key, &bob_key, q, punctured, 10, &mut rng).unwrap();
+    assert!(outcome.decoded);
+    assert_eq!(outcome.key, alice_key);
+    let h = binary_entropy(q);
+    let f = outcome.leak_bits as f64 / (3000.0 * h);
+    assert!(f < 2.0, "efficiency {f} of a shortened frame");
+    assert!(outcome.leak_bits < code.n_checks() as u64, "leak below the full syndrome");
 }
