@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::io::IsTerminal;
 
 use anyhow::{Context, bail};
-use common::link::ProtocolParams;
+use common::link::{ProtocolParams, Reconciliation};
 use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
 use common::sim::{InterceptResend, LinkParams, analytic};
 
@@ -23,6 +23,15 @@ pub const PAPER_QBER_120KM: (f64, f64) = (0.0685, 0.096);
 /// reference preset, half a minute at 10 km). The reference preset's unpublished parameters were
 /// chosen for this block size (see presets/wang2026-120km.toml).
 pub const DEFAULT_BLOCK_BITS: u64 = 1_000_000;
+
+/// Error-correction methods (`[protocol] reconciliation`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum ReconciliationArg {
+    /// Interactive optimized Cascade.
+    Cascade,
+    /// One-way blind LDPC.
+    Ldpc,
+}
 
 /// Model and protocol options shared by `simulate` and `sweep`.
 #[derive(clap::Args, Debug, Clone)]
@@ -42,6 +51,15 @@ pub struct ModelArgs {
     /// Finite-key block size, sifted bits.
     #[arg(long)]
     block_bits: Option<u64>,
+    /// Error correction, as `[protocol] reconciliation` of the daemons: cascade or ldpc.
+    #[arg(long, value_enum, default_value = "cascade")]
+    reconciliation: ReconciliationArg,
+    /// Cascade frame size in bits (0: the whole block is one frame).
+    #[arg(long, default_value_t = 0)]
+    cascade_frame_bits: u64,
+    /// LDPC frame size in bits.
+    #[arg(long, default_value_t = 1 << 16)]
+    ldpc_frame_bits: u64,
     /// Fraction of photons intercepted and resent by an eavesdropper on the fibre.
     #[arg(long, default_value_t = 0.0, conflicts_with = "pns")]
     intercept: f64,
@@ -91,9 +109,17 @@ impl ModelArgs {
     }
 
     fn protocol(&self) -> anyhow::Result<ProtocolParams> {
-        let protocol =
-            ProtocolParams { block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS), ..ProtocolParams::default() };
-        protocol.validate().map_err(|e| anyhow::anyhow!("--block-bits: {e}"))?;
+        let protocol = ProtocolParams {
+            block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS),
+            reconciliation: match self.reconciliation {
+                ReconciliationArg::Cascade => Reconciliation::Cascade,
+                ReconciliationArg::Ldpc => Reconciliation::Ldpc,
+            },
+            cascade_frame_bits: self.cascade_frame_bits,
+            ldpc_frame_bits: self.ldpc_frame_bits,
+            ..ProtocolParams::default()
+        };
+        protocol.validate().map_err(|e| anyhow::anyhow!("protocol options: {e}"))?;
         Ok(protocol)
     }
 

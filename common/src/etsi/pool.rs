@@ -72,8 +72,11 @@ struct Inner {
     side: KmeSide,
     store: Arc<SledStore>,
     peer: Arc<dyn ReservePeer>,
-    /// Units picked by a Get key in progress or in doubt (never picked twice).
+    /// Units picked by a Get key in progress or in doubt (never picked twice), and the last unit
+    /// picked: the next search starts after it (see [`SledStore::select_ready_units_after`]).
     in_flight: Mutex<HashSet<Uuid>>,
+    /// The last unit picked; only read and written with `in_flight` locked.
+    pick_cursor: Mutex<Option<Uuid>>,
     /// How many of the in-flight units wait for the peer's answer to a cancellation.
     in_doubt: AtomicUsize,
     /// The tasks settling reservations in doubt.
@@ -100,6 +103,7 @@ impl KmeState {
                 store,
                 peer,
                 in_flight: Mutex::new(HashSet::new()),
+                pick_cursor: Mutex::new(None),
                 in_doubt: AtomicUsize::new(0),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -576,10 +580,15 @@ impl KmeState {
             // Invariant: no code panics while holding this lock, so it is never poisoned.
             let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
             let side = inner.side;
-            let units = inner.store.select_ready_units(n_units, |id| side.owns(id) && !in_flight.contains(id))?;
+            let mut cursor = inner.pick_cursor.lock().expect("pick cursor lock poisoned");
+            let units = inner
+                .store
+                .select_ready_units_after(cursor.as_ref(), n_units, |id| side.owns(id) && !in_flight.contains(id))?;
             if units.len() < n_units {
                 return Ok(Err(units.len()));
             }
+            *cursor = units.last().map(|u| u.key_id);
+            drop(cursor);
             in_flight.extend(units.iter().map(|u| u.key_id));
             drop(in_flight);
             let marks =

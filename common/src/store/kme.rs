@@ -86,13 +86,35 @@ impl SledStore {
     pub fn select_ready_units(
         &self,
         limit: usize,
+        select: impl FnMut(&Uuid) -> bool,
+    ) -> Result<Vec<KeyUnit>, StoreError> {
+        self.select_ready_units_after(None, limit, select)
+    }
+
+    /// Like [`SledStore::select_ready_units`], but starting after the unit ID `after` and
+    /// wrapping around to the start: a caller that picks units one request after another
+    /// passes the last unit it picked, so that each search starts where the units it can take
+    /// are, instead of walking again over every unit it skips (the peer KME's, which it never
+    /// takes, pile up at the front of the key order as its own are taken).
+    pub fn select_ready_units_after(
+        &self,
+        after: Option<&Uuid>,
+        limit: usize,
         mut select: impl FnMut(&Uuid) -> bool,
     ) -> Result<Vec<KeyUnit>, StoreError> {
+        use std::ops::Bound;
         let mut out = Vec::with_capacity(limit.min(4096));
         if limit == 0 {
             return Ok(out);
         }
-        for item in self.ready.iter() {
+        let (tail, head) = match after {
+            Some(after) => (
+                self.ready.range::<&[u8], _>((Bound::Excluded(after.as_bytes().as_slice()), Bound::Unbounded)),
+                Some(self.ready.range::<&[u8], _>((Bound::Unbounded, Bound::Included(after.as_bytes().as_slice())))),
+            ),
+            None => (self.ready.iter(), None),
+        };
+        for item in tail.chain(head.into_iter().flatten()) {
             let (key, value) = item?;
             let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if !select(&key_id) {

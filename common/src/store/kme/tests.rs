@@ -244,3 +244,21 @@ fn reservations_survive_a_reopen() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn selection_after_a_cursor_wraps_around_and_sees_every_unit_once() {
+    let (store, _) = store_with_units(10);
+    let all: Vec<Uuid> = store.select_ready_units(100, |_| true).unwrap().iter().map(|u| u.key_id).collect();
+    assert_eq!(all.len(), 10);
+    assert!(all.windows(2).all(|w| w[0] < w[1]), "key-ID order");
+    // After the fourth unit: the six later ones, then the first four, the cursor's unit last.
+    let wrapped: Vec<Uuid> =
+        store.select_ready_units_after(Some(&all[3]), 100, |_| true).unwrap().iter().map(|u| u.key_id).collect();
+    let expected: Vec<Uuid> = all[4..].iter().chain(&all[..4]).copied().collect();
+    assert_eq!(wrapped, expected);
+    // A cursor that is no longer in the store (taken) works the same way.
+    store.take_ready_units(&[all[3]]).unwrap();
+    let picked = store.select_ready_units_after(Some(&all[3]), 2, |id| *id != all[4]).unwrap();
+    assert_eq!(picked.iter().map(|u| u.key_id).collect::<Vec<_>>(), vec![all[5], all[6]]);
+    assert_eq!(store.select_ready_units_after(Some(&all[9]), 3, |_| true).unwrap()[0].key_id, all[0]);
+}
