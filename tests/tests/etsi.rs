@@ -827,8 +827,8 @@ fn openapi_operations(yaml: &str) -> BTreeSet<(String, String)> {
     out
 }
 
-/// Not a test: a KME pair for `.ci/schemathesis.sh`, which runs it with `--ignored` and
-/// `QKD_ETSI_FUZZ_DIR` set. Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1`
+/// Not a test: a KME pair for `.ci/schemathesis.sh` and for the key-delivery benchmark
+/// (`qkdctl keys bench`, see the README), run with `--ignored` and `QKD_ETSI_FUZZ_DIR` set. Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1`
 /// at KME A), `slave.pem` (SAE `sae-b1` at KME B), `url` and `peer_url` (the base URLs of KMEs
 /// A and B) and then `ready` into that directory, and serves until a
 /// file `stop` appears there (or an hour has passed).
@@ -840,7 +840,10 @@ async fn fuzz_target() {
         return;
     };
     let dir = std::path::PathBuf::from(dir);
-    let net = Net::start(NetOptions { n_units: 40_000, ..NetOptions::default() }).await;
+    // QKD_ETSI_UNITS: ready 256-bit units in the pool (the benchmark of `qkdctl keys bench` needs
+    // more than the fuzzer).
+    let n_units = std::env::var("QKD_ETSI_UNITS").ok().and_then(|v| v.parse().ok()).unwrap_or(40_000);
+    let net = Net::start(NetOptions { n_units, ..NetOptions::default() }).await;
     let client = net.pki.sae("sae-a1");
     std::fs::write(dir.join("ca.crt"), net.pki.ca.cert_pem()).unwrap();
     common::tls::write_pem(&dir.join("client.pem"), &format!("{}{}", client.cert_pem, client.key_pem.as_str()), true)

@@ -411,11 +411,9 @@ impl KmeState {
                 };
             match outcome {
                 Ok(()) => {
+                    // In memory (no flush, see take_ready_units), so on the async worker.
                     let unit_ids: Vec<Uuid> = picked.units.iter().map(|u| u.key_id).collect();
-                    let store = self.inner.store.clone();
-                    let taken = tokio::task::spawn_blocking(move || store.take_ready_units(&unit_ids))
-                        .await
-                        .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?;
+                    let taken = self.inner.store.take_ready_units(&unit_ids);
                     if let Err(e) = taken {
                         // The peer holds reservations for these units; they stay here until a
                         // later reservation fails and discards them. No key is handed out twice.
@@ -574,9 +572,13 @@ impl KmeState {
 
     /// Picks `n_units` owned ready units not in flight and marks them in flight; `Err(n)` with
     /// the number available when there are fewer.
+    ///
+    /// Runs on the async worker: it reads sled's in-memory page cache and writes nothing, so it
+    /// does not block on the disk; a hop to the blocking pool per request cost more than the
+    /// search (context switches were most of the KME's CPU time under load).
     async fn pick_units(&self, n_units: usize) -> Result<Result<InFlight, usize>, EtsiError> {
         let inner = self.inner.clone();
-        tokio::task::spawn_blocking(move || {
+        let pick = move || {
             // Invariant: no code panics while holding this lock, so it is never poisoned.
             let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
             let side = inner.side;
@@ -594,10 +596,8 @@ impl KmeState {
             let marks =
                 InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
             Ok(Ok(InFlight { marks, units }))
-        })
-        .await
-        .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?
-        .map_err(|e: StoreError| store_unavailable(&e))
+        };
+        pick().map_err(|e: StoreError| store_unavailable(&e))
     }
 
     /// Keys of `size_bits` that can be served now: owned ready units not in flight, in whole
