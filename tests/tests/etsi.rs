@@ -828,10 +828,11 @@ fn openapi_operations(yaml: &str) -> BTreeSet<(String, String)> {
 }
 
 /// Not a test: a KME pair for `.ci/schemathesis.sh` and for the key-delivery benchmark
-/// (`qkdctl keys bench`, see the README), run with `--ignored` and `QKD_ETSI_FUZZ_DIR` set. Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1`
-/// at KME A), `slave.pem` (SAE `sae-b1` at KME B), `url` and `peer_url` (the base URLs of KMEs
-/// A and B) and then `ready` into that directory, and serves until a
-/// file `stop` appears there (or an hour has passed).
+/// (`qkdctl keys bench`, see the README), run with `--ignored` and `QKD_ETSI_FUZZ_DIR` set.
+/// Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1` at KME A), `slave.pem`
+/// (SAE `sae-b1` at KME B), `url` and `peer_url` (the base URLs of KMEs A and B) and then
+/// `ready` into that directory, and serves until a file `stop` appears there (or an hour has
+/// passed).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "fuzz target of .ci/schemathesis.sh"]
 async fn fuzz_target() {
