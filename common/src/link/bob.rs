@@ -245,8 +245,9 @@ impl<P: LinkPeer> BobLink<P> {
         report.round_trips = outcome.round_trips;
         report.qber_z = outcome.n_corrected as f64 / stats.n_key_bits.max(1) as f64;
         report.leak_bits = outcome.leak_bits + TAG_BITS;
-        // The next block's estimate: the QBER measured on the frames that were corrected; when
-        // none was (LDPC frames that did not decode), the estimate was too low: raise it.
+        // The next block's estimate: the QBER measured when every frame was corrected. When
+        // some LDPC frames did not decode, the estimate was too low (and the frames that did
+        // decode are the ones with fewer errors, so their QBER is low too): raise it.
         self.qber_estimate = match outcome.observed_qber {
             Some(q) => q.clamp(0.002, 0.2),
             None => (self.qber_estimate * 1.5).min(0.2),
@@ -466,7 +467,8 @@ impl<P: LinkPeer> BobLink<P> {
         let corrected: Vec<BitVec> = outcomes.into_iter().map(|o| o.key).collect();
         let corrected = join_frames(&corrected);
         let n_corrected = corrected.hamming_distance(&key);
-        let observed_qber = (decoded_bits > 0).then(|| decoded_errors as f64 / decoded_bits as f64);
+        let observed_qber =
+            (decoded_bits == key.len() as u64).then(|| decoded_errors as f64 / decoded_bits.max(1) as f64);
         Ok(Reconciled { key: corrected, n_corrected, leak_bits, round_trips, observed_qber })
     }
 
@@ -484,6 +486,6 @@ struct Reconciled {
     /// Bits disclosed (parities, or syndromes and revealed bits).
     leak_bits: u64,
     round_trips: u32,
-    /// The QBER of the frames known to be corrected (None when none is).
+    /// The QBER measured, when every frame is known to be corrected (None otherwise).
     observed_qber: Option<f64>,
 }
