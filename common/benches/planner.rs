@@ -4,7 +4,7 @@
 //!
 //! `cargo bench -p common --bench planner` (release profile). A plain `harness = false` binary
 //! timed with `std::time::Instant`: the workspace carries no benchmark framework. The cost is
-//! dominated by the work per photon and per detection (Alice's ChaCha20 state of each pulse,
+//! dominated by the work per photon and per detection (Alice's AES state of each pulse,
 //! Bob's optics), so the throughput falls roughly as the detection rate rises.
 //!
 //! Each distance runs a fixed simulated duration, long enough for at least one finite-key block;

@@ -116,7 +116,7 @@ impl BitVec {
     /// Appends one bit.
     #[inline]
     pub fn push(&mut self, value: bool) {
-        if self.len % 64 == 0 {
+        if self.len.is_multiple_of(64) {
             self.words.push(0);
         }
         if value {
@@ -127,7 +127,7 @@ impl BitVec {
 
     /// Appends all bits of `other`.
     pub fn extend_from(&mut self, other: &BitVec) {
-        if self.len % 64 == 0 {
+        if self.len.is_multiple_of(64) {
             self.words.extend_from_slice(&other.words);
             self.len += other.len;
             return;
@@ -199,10 +199,10 @@ impl BitVec {
 
     fn clear_tail(&mut self) {
         let rem = self.len % 64;
-        if rem != 0 {
-            if let Some(last) = self.words.last_mut() {
-                *last &= (1u64 << rem) - 1;
-            }
+        if rem != 0
+            && let Some(last) = self.words.last_mut()
+        {
+            *last &= (1u64 << rem) - 1;
         }
     }
 }
@@ -219,8 +219,8 @@ mod tests {
             let (start, end) = (a.min(b).min(bools.len()), a.max(b).min(bools.len()));
             let slice = bits.slice(start, end);
             prop_assert_eq!(slice.len(), end - start);
-            for i in start..end {
-                prop_assert_eq!(slice.get(i - start), bools[i]);
+            for (i, &bit) in bools.iter().enumerate().take(end).skip(start) {
+                prop_assert_eq!(slice.get(i - start), bit);
             }
             let parity = bools[start..end].iter().filter(|&&x| x).count() % 2 == 1;
             prop_assert_eq!(bits.parity_range(start, end), parity);

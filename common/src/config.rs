@@ -203,7 +203,7 @@ impl BobConfig {
         rebase_path(&mut cfg.data_dir, base);
         rebase_tls(&mut cfg.tls, base);
         rebase_kme(&mut cfg.kme, base);
-        if !(cfg.classical.max_backoff_s > 0.0) {
+        if cfg.classical.max_backoff_s.is_nan() || cfg.classical.max_backoff_s <= 0.0 {
             return Err(ConfigError::Invalid {
                 file: path.to_owned(),
                 message: "classical.max_backoff_s must be positive".into(),

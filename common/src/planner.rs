@@ -21,8 +21,8 @@ use crate::postproc::finite_key::{
     BlockStats, XCounts, phase_error_bounds, phase_error_bounds_at_split, security_cost_bits,
 };
 use crate::sim::{
-    Detection, FrameSecret, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting, Receiver, Source, State,
-    alice_state, analytic,
+    Detection, FrameSecret, FrameStates, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting, Receiver,
+    Source, State, analytic,
 };
 use crate::store::{KeyStore, SledStore};
 
@@ -191,10 +191,14 @@ struct EveTally {
 impl EveTally {
     /// The frame's split pulses (`split`, ascending) against Alice's states and Bob's detections.
     fn of_frame(secret: &FrameSecret, p_z: f64, split: &[u64], detections: &[Detection]) -> Self {
-        let is_z = |idx: u64| matches!(alice_state(secret, idx, p_z), State::Early | State::Late);
-        let mut tally = Self { split_z: split.iter().filter(|&&idx| is_z(idx)).count() as u64, ..Self::default() };
+        let split_states = FrameStates::new(secret).states(split, p_z);
+        let is_z = |state: State| matches!(state, State::Early | State::Late);
+        let split_z = split_states.iter().filter(|&&state| is_z(state)).count() as u64;
+        let mut tally = Self { split_z, ..Self::default() };
         for d in detections {
-            if split.binary_search(&d.pulse_idx).is_ok() && is_z(d.pulse_idx) {
+            if let Ok(k) = split.binary_search(&d.pulse_idx)
+                && is_z(split_states[k])
+            {
                 match d.measurement {
                     Measurement::Z { .. } => tally.known_key_bits += 1,
                     Measurement::X { .. } => tally.test_clicks += 1,

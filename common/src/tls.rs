@@ -270,6 +270,13 @@ impl LabPki {
     }
 }
 
+/// Installs ring as the process-wide rustls crypto provider. Call it first thing in `main`
+/// (and in tests): every TLS configuration of the process then uses the same provider.
+pub fn install_crypto_provider() {
+    // Err only means a provider is already installed, which is what we want.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -283,11 +290,4 @@ mod tests {
         assert!(peer_has_name(&der, "localhost"));
         assert!(!peer_has_name(&der, "bob"));
     }
-}
-
-/// Installs ring as the process-wide rustls crypto provider. Call it first thing in `main`
-/// (and in tests): every TLS configuration of the process then uses the same provider.
-pub fn install_crypto_provider() {
-    // Err only means a provider is already installed, which is what we want.
-    let _ = rustls::crypto::ring::default_provider().install_default();
 }

@@ -57,21 +57,27 @@ pub fn encode_deltas(indices: impl IntoIterator<Item = u64>) -> Vec<u8> {
 
 /// Decodes [`encode_deltas`], checking every index is below `n_pulses` and ascending.
 pub fn decode_deltas(bytes: &[u8], n_pulses: u64) -> Result<Vec<u64>, WireError> {
-    let mut out = Vec::new();
+    // Every varint takes at least one byte; gaps below 128 (most of them, in dense frames) take
+    // exactly one.
+    let mut out = Vec::with_capacity(bytes.len());
     let (mut pos, mut prev) = (0usize, 0u64);
-    while pos < bytes.len() {
-        let (mut value, mut shift) = (0u64, 0u32);
-        loop {
-            let byte = *bytes.get(pos).ok_or(WireError::Varint(pos))?;
-            if shift > 63 {
-                return Err(WireError::Varint(pos));
+    while let Some(&first) = bytes.get(pos) {
+        pos += 1;
+        let mut value = u64::from(first & 0x7f);
+        if first & 0x80 != 0 {
+            let mut shift = 7u32;
+            loop {
+                let byte = *bytes.get(pos).ok_or(WireError::Varint(pos))?;
+                if shift > 63 {
+                    return Err(WireError::Varint(pos));
+                }
+                value |= u64::from(byte & 0x7f) << shift;
+                pos += 1;
+                if byte & 0x80 == 0 {
+                    break;
+                }
+                shift += 7;
             }
-            value |= u64::from(byte & 0x7f) << shift;
-            pos += 1;
-            if byte & 0x80 == 0 {
-                break;
-            }
-            shift += 7;
         }
         let index = prev.checked_add(value).ok_or(WireError::Varint(pos))?;
         if index >= n_pulses {

@@ -63,7 +63,7 @@ impl ProtocolParams {
         if self.block_bits < 1000 {
             return Err(format!("block_bits = {} is below 1000", self.block_bits));
         }
-        if self.key_unit_bits == 0 || self.key_unit_bits % 8 != 0 {
+        if self.key_unit_bits == 0 || !self.key_unit_bits.is_multiple_of(8) {
             return Err(format!("key_unit_bits = {} is not a positive multiple of 8", self.key_unit_bits));
         }
         if self.cascade_frame_bits != 0 && self.cascade_frame_bits < 1024 {

@@ -11,8 +11,9 @@
 
 use crate::bits::BitVec;
 use crate::postproc::finite_key::XCounts;
-use crate::sim::{Detection, FrameSecret, Measurement, State, alice_state};
+use crate::sim::{Detection, FrameSecret, FrameStates, Measurement, State};
 use crate::wire::{WireError, decode_deltas, encode_deltas};
+use zeroize::Zeroize;
 
 /// Bob's announcement code: measured in Z (outcome kept secret).
 const BOB_Z: u8 = 0;
@@ -56,6 +57,16 @@ pub fn announce(detections: &[Detection]) -> (Vec<u8>, Vec<u8>) {
     (deltas, codes)
 }
 
+/// Detections whose states [`alice_sift`] computes per batch ([`FrameStates::fill_states`]).
+const CHUNK: usize = 256;
+
+/// Alice's answer code by Bob's announcement code (row) and her state's wire code (column).
+const ALICE_ANSWER: [[u8; 4]; 3] = [
+    [ALICE_Z, ALICE_Z, ALICE_X, ALICE_X],
+    [ALICE_REVEAL_E, ALICE_REVEAL_L, ALICE_REVEAL_PLUS, ALICE_REVEAL_PLUS],
+    [ALICE_REVEAL_E, ALICE_REVEAL_L, ALICE_REVEAL_PLUS, ALICE_REVEAL_PLUS],
+];
+
 /// Alice's side: answers Bob's announcement from her frame secret and takes her sifted bits and
 /// the test counts.
 pub fn alice_sift(
@@ -69,61 +80,121 @@ pub fn alice_sift(
     if indices.len() != bob_codes.len() {
         return Err(WireError::Length { what: "bob_measurements", expected: indices.len(), got: bob_codes.len() });
     }
-    let mut answer = Vec::with_capacity(indices.len());
-    let mut sift = FrameSift::default();
-    for (&pulse_idx, &code) in indices.iter().zip(bob_codes) {
-        let state = alice_state(secret, pulse_idx, p_z);
-        match code {
-            BOB_Z => match state {
-                State::Early | State::Late => {
-                    answer.push(ALICE_Z);
-                    sift.key_bits.push(state == State::Late);
-                }
-                State::Plus | State::Minus => answer.push(ALICE_X),
-            },
-            BOB_X_PLUS | BOB_X_MINUS => {
-                answer.push(match state {
-                    State::Early => ALICE_REVEAL_E,
-                    State::Late => ALICE_REVEAL_L,
-                    State::Plus | State::Minus => ALICE_REVEAL_PLUS,
-                });
-                count(&mut sift.x_counts, state, code == BOB_X_MINUS);
-            }
-            code => return Err(WireError::Code { what: "bob_measurements", code }),
+    if let Some(&code) = bob_codes.iter().find(|&&code| code > BOB_X_MINUS) {
+        return Err(WireError::Code { what: "bob_measurements", code });
+    }
+    let frame = FrameStates::new(secret);
+    let mut answer = vec![0u8; indices.len()];
+    let mut key_bits = BitPacker::with_capacity(indices.len());
+    // tally[Bob's code][Alice's state code]: every detection counted once, without branches.
+    let mut tally = [[0u64; 4]; 3];
+    let mut states = [State::Plus; CHUNK];
+    for ((indices, codes), answers) in indices.chunks(CHUNK).zip(bob_codes.chunks(CHUNK)).zip(answer.chunks_mut(CHUNK))
+    {
+        let states = &mut states[..indices.len()];
+        frame.fill_states(indices, p_z, states);
+        for ((&state, &code), answer) in states.iter().zip(codes).zip(answers.iter_mut()) {
+            let (code, state_code) = (usize::from(code), usize::from(state.code()));
+            *answer = ALICE_ANSWER[code][state_code];
+            tally[code][state_code] += 1;
+            // Key bit: Bob measured Z and Alice sent |E> (0) or |L> (1).
+            key_bits.push_if(code == usize::from(BOB_Z) && state_code <= 1, state_code == 1);
         }
     }
-    Ok((answer, sift))
+    let [_, plus, minus] = tally;
+    let x_counts = XCounts {
+        e_plus: plus[0],
+        e_minus: minus[0],
+        l_plus: plus[1],
+        l_minus: minus[1],
+        plus_plus: plus[2] + plus[3],
+        plus_minus: minus[2] + minus[3],
+    };
+    Ok((answer, FrameSift { key_bits: key_bits.finish(), x_counts }))
 }
+
+/// The answer codes valid for Bob's Z clicks, X+ clicks and X- clicks, as bit masks.
+const VALID_ANSWERS: [u16; 3] = [
+    1 << ALICE_Z | 1 << ALICE_X,
+    1 << ALICE_REVEAL_E | 1 << ALICE_REVEAL_L | 1 << ALICE_REVEAL_PLUS,
+    1 << ALICE_REVEAL_E | 1 << ALICE_REVEAL_L | 1 << ALICE_REVEAL_PLUS,
+];
 
 /// Bob's side: applies Alice's answer to his own detections.
 pub fn bob_sift(detections: &[Detection], alice_answer: &[u8]) -> Result<FrameSift, WireError> {
     if detections.len() != alice_answer.len() {
         return Err(WireError::Length { what: "alice_info", expected: detections.len(), got: alice_answer.len() });
     }
-    let mut sift = FrameSift::default();
+    let mut key_bits = BitPacker::with_capacity(detections.len());
+    // tally[0: Bob measured Z, 1: X and +, 2: X and -][Alice's answer code]; each pair is valid
+    // (Z with ALICE_Z or ALICE_X, X with a reveal) or the answer is rejected.
+    let mut tally = [[0u64; 5]; 3];
     for (detection, &code) in detections.iter().zip(alice_answer) {
-        match (detection.measurement, code) {
-            (Measurement::Z { late }, ALICE_Z) => sift.key_bits.push(late),
-            (Measurement::Z { .. }, ALICE_X) => {}
-            (Measurement::X { minus }, ALICE_REVEAL_E) => count(&mut sift.x_counts, State::Early, minus),
-            (Measurement::X { minus }, ALICE_REVEAL_L) => count(&mut sift.x_counts, State::Late, minus),
-            (Measurement::X { minus }, ALICE_REVEAL_PLUS) => count(&mut sift.x_counts, State::Plus, minus),
-            (_, code) => return Err(WireError::Code { what: "alice_info", code }),
+        let (bob, late) = match detection.measurement {
+            Measurement::Z { late } => (0, late),
+            Measurement::X { minus } => (1 + usize::from(minus), false),
+        };
+        if (VALID_ANSWERS[bob] >> code.min(15)) & 1 == 0 {
+            return Err(WireError::Code { what: "alice_info", code });
         }
+        tally[bob][usize::from(code)] += 1;
+        key_bits.push_if(bob == 0 && code == ALICE_Z, late);
     }
-    Ok(sift)
+    let [_, plus, minus] = tally;
+    let (e, l, p) = (usize::from(ALICE_REVEAL_E), usize::from(ALICE_REVEAL_L), usize::from(ALICE_REVEAL_PLUS));
+    let x_counts = XCounts {
+        e_plus: plus[e],
+        e_minus: minus[e],
+        l_plus: plus[l],
+        l_minus: minus[l],
+        plus_plus: plus[p],
+        plus_minus: minus[p],
+    };
+    Ok(FrameSift { key_bits: key_bits.finish(), x_counts })
 }
 
-fn count(counts: &mut XCounts, state: State, minus: bool) {
-    let slot = match (state, minus) {
-        (State::Early, false) => &mut counts.e_plus,
-        (State::Early, true) => &mut counts.e_minus,
-        (State::Late, false) => &mut counts.l_plus,
-        (State::Late, true) => &mut counts.l_minus,
-        (State::Plus | State::Minus, false) => &mut counts.plus_plus,
-        (State::Plus | State::Minus, true) => &mut counts.plus_minus,
-    };
-    *slot += 1;
+/// Appends bits to a packed bit string a word at a time, a bit only where a condition holds,
+/// without a branch per bit; wiped on drop like [`BitVec`].
+struct BitPacker {
+    words: Vec<u64>,
+    /// Bits not yet in `words`, the first at bit 0.
+    current: u64,
+    /// Bits in `current` (below 64).
+    fill: u32,
+}
+
+impl BitPacker {
+    fn with_capacity(n_bits: usize) -> Self {
+        Self { words: Vec::with_capacity(n_bits.div_ceil(64)), current: 0, fill: 0 }
+    }
+
+    /// Appends `bit` when `keep` holds.
+    #[inline]
+    fn push_if(&mut self, keep: bool, bit: bool) {
+        self.current |= u64::from(keep & bit) << self.fill;
+        self.fill += u32::from(keep);
+        if self.fill == 64 {
+            self.words.push(self.current);
+            self.current = 0;
+            self.fill = 0;
+        }
+    }
+
+    fn finish(mut self) -> BitVec {
+        let n_bits = 64 * self.words.len() + self.fill as usize;
+        if self.fill > 0 {
+            self.words.push(self.current);
+        }
+        BitVec::from_words(std::mem::take(&mut self.words), n_bits)
+    }
+}
+
+impl Drop for BitPacker {
+    /// Wipes the key bits of an unfinished string (an answer rejected halfway).
+    fn drop(&mut self) {
+        self.words.zeroize();
+        self.current.zeroize();
+    }
 }
 
 #[cfg(test)]

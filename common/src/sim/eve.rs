@@ -11,7 +11,7 @@ use rand::Rng;
 
 use super::math::{successes, uniform};
 use super::params::LinkParams;
-use super::source::{FrameSecret, Photon, State, alice_state};
+use super::source::{FrameSecret, FrameStates, Photon, State};
 
 /// Intercept-resend: Eve measures a fraction of the photons in a random basis and resends the
 /// state she found.
@@ -123,15 +123,12 @@ impl PhotonNumberSplitting {
     pub fn emit_frame(&self, secret: &FrameSecret, n_pulses: u64, rng: &mut impl Rng) -> PnsFrame {
         let indices: Vec<u64> = successes(rng, n_pulses, self.p_forward).collect();
         let mut frame = PnsFrame { photons: Vec::with_capacity(indices.len()), split_pulses: Vec::new() };
-        for pulse_idx in indices {
+        let states = FrameStates::new(secret).states(&indices, self.p_z);
+        for (pulse_idx, state) in indices.into_iter().zip(states) {
             if uniform(rng) < self.p_split_given_forward {
                 frame.split_pulses.push(pulse_idx);
             }
-            frame.photons.push(Photon {
-                pulse_idx,
-                state: alice_state(secret, pulse_idx, self.p_z),
-                two_photons: false,
-            });
+            frame.photons.push(Photon { pulse_idx, state, two_photons: false });
         }
         frame
     }
@@ -140,6 +137,7 @@ impl PhotonNumberSplitting {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sim::alice_state;
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 

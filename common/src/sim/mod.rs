@@ -45,4 +45,4 @@ pub use eve::{InterceptResend, PhotonNumberSplitting, PnsFrame};
 pub use math::binary_entropy;
 pub use params::{LinkParams, ParamsError, TimingModel};
 pub use receiver::{Detection, Measurement, Receiver};
-pub use source::{Basis, FrameSecret, Photon, Source, State, alice_state};
+pub use source::{Basis, FrameSecret, FrameStates, Photon, Source, State, alice_state};

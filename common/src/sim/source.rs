@@ -1,11 +1,17 @@
 //! Alice's side: her per-frame secret, the state of each pulse, and the photons that leave her lab
 //! and survive the fibre.
 
+use aes::Aes256;
+use aes::cipher::generic_array::GenericArray;
+use aes::cipher::{BlockEncrypt, KeyInit};
 use rand::Rng;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
 use super::math::{successes, uniform};
 use super::params::LinkParams;
+
+/// One AES block.
+type Block = aes::Block;
 
 /// One of the four time-bin states; the `u8` codes are the ones sent on the wire.
 #[repr(u8)]
@@ -91,82 +97,135 @@ impl FrameSecret {
     }
 }
 
-/// Alice's state for pulse `pulse_idx`: ChaCha20 keyed with the secret, stream position set from
-/// the pulse index, so nothing is stored per pulse and any index can be answered in O(1).
+/// Alice's states of one frame: AES-256 (FIPS 197) keyed with the frame secret, used as a
+/// pseudorandom function of the pulse index in counter mode, so nothing is stored per pulse and
+/// any index is answered in O(1) (random access: detections are sparse and arrive by index).
 ///
-/// Pulse i uses the 64-bit word at ChaCha20 word position 2i: its top 53 bits, as a uniform number
-/// u in [0, 1), choose Z when u < `p_z`; its lowest bit then chooses |E> (0) or |L> (1). The X basis
-/// always gives |+> (three-state protocol, seed-experiment.md "The protocol"): never |->.
+/// Block b (the 128-bit little-endian integer b as plaintext) gives two 64-bit words, the
+/// ciphertext's bytes 0-7 and 8-15 read little-endian; pulse i owns word i mod 2 of block i / 2.
+/// The word's top 53 bits, as a uniform number u in [0, 1), choose Z when u < `p_z`; its lowest
+/// bit then chooses |E> (0) or |L> (1). The X basis always gives |+> (three-state protocol,
+/// seed-experiment.md "The protocol"): never |->.
 ///
-/// The word is the one `rand_chacha::ChaCha20Rng` (seeded with the secret, stream 0) returns after
-/// `set_word_pos(2 i)`; it is computed here from the single 64-byte block that holds it
-/// (`chacha20_block`) because the generator would compute four blocks per call, and this
-/// function runs for every photon and every detection.
-pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
-    // Word position 2 i lies in block 2 i / 16 = i / 8, at word 2 (i mod 8) of it.
-    let block = chacha20_block(&secret.0, pulse_idx / 8);
-    let k = 2 * (pulse_idx % 8) as usize;
-    let word = u64::from(block[k]) | (u64::from(block[k + 1]) << 32);
-    let u = (word >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-    if u < p_z { if word & 1 == 0 { State::Early } else { State::Late } } else { State::Plus }
+/// Why AES in counter mode: sifting must look up Alice's state of every detection, at 50 million
+/// detections per second per core, and the detections hit scattered pulses (about one in twenty
+/// near the source, far fewer at distance), so a generator read in sequence would waste almost
+/// all its output. A counter-mode block cipher answers each index directly; with AES-NI one
+/// AES-256 block costs a few nanoseconds, and [`FrameStates::fill_states`] pipelines eight
+/// blocks at a time. The key is expanded once per frame ([`FrameStates::new`]); the `aes` crate
+/// uses AES-NI when the processor has it and a constant-time software implementation otherwise.
+///
+/// Its round keys are wiped when it is dropped; `Debug` never shows them.
+#[derive(Clone)]
+pub struct FrameStates {
+    cipher: Aes256,
 }
 
-/// The ChaCha20 block function (D. J. Bernstein, "ChaCha, a variant of Salsa20", 2008; the 20-round
-/// block function of RFC 8439, section 2.3, with the original layout: a 64-bit block counter in
-/// words 12-13 and a 64-bit nonce, here 0, in words 14-15, as rand_chacha uses it): the 16 output
-/// words of block `counter` under `key`.
-fn chacha20_block(key: &[u8; 32], counter: u64) -> [u32; 16] {
-    let k = |i: usize| u32::from_le_bytes([key[4 * i], key[4 * i + 1], key[4 * i + 2], key[4 * i + 3]]);
-    let input: [u32; 16] = [
-        0x6170_7865,
-        0x3320_646e,
-        0x7962_2d32,
-        0x6b20_6574,
-        k(0),
-        k(1),
-        k(2),
-        k(3),
-        k(4),
-        k(5),
-        k(6),
-        k(7),
-        counter as u32,
-        (counter >> 32) as u32,
-        0,
-        0,
-    ];
-    let [mut x0, mut x1, mut x2, mut x3, mut x4, mut x5, mut x6, mut x7] =
-        [input[0], input[1], input[2], input[3], input[4], input[5], input[6], input[7]];
-    let [mut x8, mut x9, mut x10, mut x11, mut x12, mut x13, mut x14, mut x15] =
-        [input[8], input[9], input[10], input[11], input[12], input[13], input[14], input[15]];
-    // The quarter round on words a, b, c, d (RFC 8439, section 2.1).
-    macro_rules! quarter_round {
-        ($a:ident, $b:ident, $c:ident, $d:ident) => {
-            $a = $a.wrapping_add($b);
-            $d = ($d ^ $a).rotate_left(16);
-            $c = $c.wrapping_add($d);
-            $b = ($b ^ $c).rotate_left(12);
-            $a = $a.wrapping_add($b);
-            $d = ($d ^ $a).rotate_left(8);
-            $c = $c.wrapping_add($d);
-            $b = ($b ^ $c).rotate_left(7);
-        };
+impl std::fmt::Debug for FrameStates {
+    /// Prints no key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FrameStates(..)")
     }
-    for _ in 0..10 {
-        quarter_round!(x0, x4, x8, x12);
-        quarter_round!(x1, x5, x9, x13);
-        quarter_round!(x2, x6, x10, x14);
-        quarter_round!(x3, x7, x11, x15);
-        quarter_round!(x0, x5, x10, x15);
-        quarter_round!(x1, x6, x11, x12);
-        quarter_round!(x2, x7, x8, x13);
-        quarter_round!(x3, x4, x9, x14);
+}
+
+/// Pulses whose states [`FrameStates::fill_states`] computes per AES batch (at most as many
+/// blocks): large enough to keep the AES-NI pipeline full, small enough to stay in L1.
+const BATCH: usize = 128;
+
+impl FrameStates {
+    /// The states of the frame with secret `secret` (expands the AES-256 key).
+    pub fn new(secret: &FrameSecret) -> Self {
+        Self { cipher: Aes256::new(GenericArray::from_slice(&secret.0)) }
     }
-    let mut out = [x0, x1, x2, x3, x4, x5, x6, x7, x8, x9, x10, x11, x12, x13, x14, x15];
-    for (word, inp) in out.iter_mut().zip(input) {
-        *word = word.wrapping_add(inp);
+
+    /// Alice's state for pulse `pulse_idx` (one AES block; for many pulses,
+    /// [`FrameStates::fill_states`] is faster).
+    pub fn state(&self, pulse_idx: u64, p_z: f64) -> State {
+        state_of_word(self.word(pulse_idx), z_threshold(p_z))
     }
-    out
+
+    /// Pulse `pulse_idx`'s 64-bit word (one AES block).
+    fn word(&self, pulse_idx: u64) -> u64 {
+        let mut block = counter_block(pulse_idx / 2);
+        self.cipher.encrypt_block(&mut block);
+        word_of(&block, pulse_idx)
+    }
+
+    /// Alice's states for `pulse_indices`, into `out` (of the same length; panics otherwise).
+    /// Any order is correct; in ascending order (as detections and photons come) neighbouring
+    /// pulses that share a block are encrypted once.
+    pub fn fill_states(&self, pulse_indices: &[u64], p_z: f64, out: &mut [State]) {
+        assert_eq!(pulse_indices.len(), out.len(), "one state per pulse index");
+        let threshold = z_threshold(p_z);
+        let mut blocks = [Block::default(); BATCH];
+        let mut slots = [0u8; BATCH];
+        for (indices, states) in pulse_indices.chunks(BATCH).zip(out.chunks_mut(BATCH)) {
+            // One block per run of indices in the same block (written again, unchanged, for each
+            // index of a run: no branch); slots[k] is pulse k's block. Block numbers are at most
+            // u64::MAX / 2, so the sentinel never matches.
+            let (mut n_blocks, mut last) = (0usize, u64::MAX);
+            for (slot, &idx) in slots.iter_mut().zip(indices) {
+                let b = idx / 2;
+                n_blocks += usize::from(b != last);
+                last = b;
+                blocks[n_blocks - 1] = counter_block(b);
+                *slot = (n_blocks - 1) as u8;
+            }
+            self.cipher.encrypt_blocks(&mut blocks[..n_blocks]);
+            for ((state, &slot), &idx) in states.iter_mut().zip(&slots).zip(indices) {
+                *state = state_of_word(word_of(&blocks[usize::from(slot)], idx), threshold);
+            }
+        }
+    }
+
+    /// Alice's states for `pulse_indices`, as [`FrameStates::fill_states`].
+    pub fn states(&self, pulse_indices: &[u64], p_z: f64) -> Vec<State> {
+        let mut out = vec![State::Plus; pulse_indices.len()];
+        self.fill_states(pulse_indices, p_z, &mut out);
+        out
+    }
+}
+
+/// Alice's state for pulse `pulse_idx` of the frame with secret `secret`: a convenience for one
+/// pulse (it expands the key on every call); see [`FrameStates`] for the definition, and use it
+/// to key once per frame.
+pub fn alice_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
+    FrameStates::new(secret).state(pulse_idx, p_z)
+}
+
+/// The plaintext of counter block `b`: the 128-bit little-endian integer b.
+#[inline]
+fn counter_block(b: u64) -> Block {
+    Block::from(u128::from(b).to_le_bytes())
+}
+
+/// Pulse `pulse_idx`'s 64-bit word of its encrypted block: bytes 0-7 for an even index, 8-15 for
+/// an odd one, little-endian.
+#[inline]
+fn word_of(block: &Block, pulse_idx: u64) -> u64 {
+    let half = 8 * (pulse_idx & 1) as usize;
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&block[half..half + 8]);
+    u64::from_le_bytes(bytes)
+}
+
+/// The integer t with u = (word >> 11) 2^-53 < `p_z` exactly when (word >> 11) < t: the smallest
+/// integer at least p_z 2^53 (exact, a scaling by a power of two), 0 for p_z <= 0 or NaN, at
+/// most 2^53 (every word gives Z).
+#[inline]
+fn z_threshold(p_z: f64) -> u64 {
+    let scaled = (p_z * (1u64 << 53) as f64).ceil();
+    // `as` saturates: negative and NaN give 0.
+    (scaled as u64).min(1 << 53)
+}
+
+/// The state a word gives (see [`FrameStates`]), with `threshold` from [`z_threshold`]; no
+/// branch (the basis and the bit are unpredictable by design).
+#[inline]
+fn state_of_word(word: u64, threshold: u64) -> State {
+    const BY_CODE: [State; 4] = [State::Early, State::Late, State::Plus, State::Minus];
+    let code = if (word >> 11) < threshold { word & 1 } else { 2 };
+    BY_CODE[(code & 3) as usize]
 }
 
 /// A pulse that reached the end of the fibre with at least one photon in it.
@@ -220,9 +279,10 @@ impl Source {
         let expected = (n_pulses as f64 * self.p_arrive).min(1e6) as usize;
         let mut out = Vec::with_capacity(expected + expected / 8 + 16);
         let indices: Vec<u64> = successes(rng, n_pulses, self.p_arrive).collect();
-        for pulse_idx in indices {
+        let states = FrameStates::new(secret).states(&indices, self.p_z);
+        for (pulse_idx, state) in indices.into_iter().zip(states) {
             let two_photons = self.p_two_given_arrive > 0.0 && uniform(rng) < self.p_two_given_arrive;
-            out.push(Photon { pulse_idx, state: alice_state(secret, pulse_idx, self.p_z), two_photons });
+            out.push(Photon { pulse_idx, state, two_photons });
         }
         out
     }
@@ -238,34 +298,69 @@ mod tests {
         FrameSecret::random(&mut ChaCha20Rng::seed_from_u64(seed))
     }
 
-    /// The reference definition: rand_chacha's generator positioned at word 2 i.
-    fn reference_state(secret: &FrameSecret, pulse_idx: u64, p_z: f64) -> State {
-        use rand::RngCore;
-        let mut rng = ChaCha20Rng::from_seed(*secret.expose_bytes());
-        rng.set_word_pos(2 * u128::from(pulse_idx));
-        let word = rng.next_u64();
-        let u = (word >> 11) as f64 * (1.0 / (1u64 << 53) as f64);
-        if u < p_z { if word & 1 == 0 { State::Early } else { State::Late } } else { State::Plus }
+    /// FIPS 197, appendix C.3 (AES-256): the key expansion and block encryption behind
+    /// [`FrameStates`], fed through `FrameStates::new`.
+    #[test]
+    fn aes256_known_answer_fips197_c3() {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let states = FrameStates::new(&FrameSecret::from_bytes(key));
+        let mut block = Block::from(0x0011_2233_4455_6677_8899_aabb_ccdd_eeff_u128.to_be_bytes());
+        states.cipher.encrypt_block(&mut block);
+        assert_eq!(block.as_slice(), 0x8ea2_b7ca_5167_45bf_eafc_4990_4b49_6089_u128.to_be_bytes());
     }
 
+    /// The words of pulses under the FIPS 197 C.3 key, from an independent AES-256 (ECB
+    /// encryption of the counter blocks 0, 1, 2^40 + 3 and 2^63 - 1 as 16-byte little-endian
+    /// integers; each ciphertext read as two little-endian u64), and the states they give.
     #[test]
-    fn single_block_chacha_matches_rand_chacha() {
+    fn pulse_words_known_answer() {
+        let key: [u8; 32] = std::array::from_fn(|i| i as u8);
+        let states = FrameStates::new(&FrameSecret::from_bytes(key));
+        let expected: [(u64, u64); 8] = [
+            (0, 0xd09f_492a_b600_90f2),
+            (1, 0x8077_2edd_6a9a_f3a9),
+            (2, 0x1c41_116a_8419_b5c7),
+            (3, 0xa801_f803_cb07_acd6),
+            ((1 << 41) + 6, 0xd753_9ecf_3b17_d548),
+            ((1 << 41) + 7, 0x0897_8904_3d61_66b5),
+            (u64::MAX - 1, 0xce60_8b3f_28ca_3f21),
+            (u64::MAX, 0x5c24_68a0_1f2f_4c1a),
+        ];
+        for (idx, word) in expected {
+            assert_eq!(states.word(idx), word, "pulse {idx}");
+            // u = top 53 bits / 2^53; Z below p_z, then the lowest bit picks E or L.
+            let u = (word >> 11) as f64 / (1u64 << 53) as f64;
+            for p_z in [0.0, 0.3, 0.5, 0.9, 1.0] {
+                let want = if u < p_z { [State::Early, State::Late][(word & 1) as usize] } else { State::Plus };
+                assert_eq!(states.state(idx, p_z), want, "pulse {idx}, p_z {p_z}");
+            }
+        }
+    }
+
+    /// The batch path, the single-pulse path and `alice_state` agree, sorted or not, with runs in
+    /// one block, duplicates, batch boundaries and far indices.
+    #[test]
+    fn batch_states_match_single_states() {
         let seed = 14;
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
-        for _ in 0..20 {
+        for round in 0..20 {
             let s = FrameSecret::random(&mut rng);
-            let far = [u64::MAX / 3, (1 << 40) + 5, (1 << 32) * 8 + 7, u64::MAX / 8 * 8 - 1];
-            for i in (0..200).chain(far) {
-                for p_z in [0.5, 0.8, 0.9] {
-                    assert_eq!(alice_state(&s, i, p_z), reference_state(&s, i, p_z), "seed {seed}, pulse {i}");
+            let states = FrameStates::new(&s);
+            let n = rng.random_range(0..3 * BATCH + 5);
+            let mut indices: Vec<u64> = (0..n).map(|_| rng.random_range(0..4 * n as u64 + 8)).collect();
+            indices.extend([u64::MAX - 1, u64::MAX, u64::MAX, 1 << 40, (1 << 40) + 1]);
+            if round % 2 == 0 {
+                indices.sort_unstable();
+            }
+            for p_z in [0.0, 0.5, 0.9, 1.0] {
+                let batch = states.states(&indices, p_z);
+                for (&idx, &st) in indices.iter().zip(&batch) {
+                    assert_eq!(st, states.state(idx, p_z), "seed {seed}, round {round}, pulse {idx}");
+                    assert_eq!(st, alice_state(&s, idx, p_z), "seed {seed}, round {round}, pulse {idx}");
                 }
             }
         }
-        // RFC 8439, appendix A.1, test vectors 1 and 2 (all-zero key and nonce, block counters 0
-        // and 1): the key streams start 76 b8 e0 ad a0 f1 3d 90 and 9f 07 e7 be 55 51 38 7a.
-        let zero = [0u8; 32];
-        assert_eq!(chacha20_block(&zero, 0)[..2], [0xade0_b876, 0x903d_f1a0]);
-        assert_eq!(chacha20_block(&zero, 1)[..2], [0xbee7_079f, 0x7a38_5155]);
+        assert!(FrameStates::new(&secret(1)).states(&[], 0.5).is_empty());
     }
 
     #[test]
@@ -282,6 +377,7 @@ mod tests {
     fn debug_hides_secret() {
         let s = FrameSecret::from_bytes([0xab; 32]);
         assert_eq!(format!("{s:?}"), "FrameSecret(..)");
+        assert_eq!(format!("{:?}", FrameStates::new(&s)), "FrameStates(..)");
     }
 
     #[test]
