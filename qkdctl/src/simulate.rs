@@ -55,7 +55,7 @@ pub struct ModelArgs {
     #[arg(long, value_enum, default_value = "cascade")]
     reconciliation: ReconciliationArg,
     /// Cascade frame size in bits (0: the whole block is one frame).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 1 << 20)]
     cascade_frame_bits: u64,
     /// LDPC frame size in bits.
     #[arg(long, default_value_t = 1 << 16)]
