@@ -45,6 +45,8 @@ fn fast_matches_reference_on_many_sizes() {
         (1500, 1),
         (3001, 1234),
         (4096, 2048),
+        // The largest input Karatsuba takes.
+        (FFT_THRESHOLD_BITS, 300),
     ];
     for &(n, m) in sizes {
         let input = random_bits(&mut rng, n);
