@@ -16,10 +16,10 @@
 //!   about n^1.3 for the pointwise products. It computes only the m-bit window, with a cyclic
 //!   convolution as short as the seed (the wrap-around lands below the window).
 //!
-//! Measured with `cargo bench -p common --bench postproc` (m = n/2; 2.3 GHz Xeon, shared, no
-//! target-cpu flags): about 210, 120-175, 100-145 and 45-65 Mbit/s of input at n = 1e4, 1e5,
-//! 1e6 and 1e7 bits; the pointwise products are still about two thirds of the time at 1e6 and
-//! nine tenths at 1e7.
+//! Measured with `cargo bench -p common --bench postproc` (m = n/2; 2.3 GHz Xeon, no target-cpu
+//! flags, best of three rounds): about 230, 180, 145 and 66 Mbit/s of input at n = 1e4, 1e5, 1e6
+//! and 1e7 bits (up to a third less while other jobs share the machine). The pointwise products
+//! are still about two thirds of the time at 1e6 and nine tenths at 1e7.
 //!
 //! Both are exact GF(2) arithmetic, so the output is bit for bit that of
 //! [`toeplitz_hash_reference`] (checked on random inputs by the tests). No `unsafe` and no
