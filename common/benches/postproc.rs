@@ -7,8 +7,9 @@
 //! the workspace carries no benchmark framework. Timing is the thread's CPU time
 //! (`/proc/thread-self/schedstat`, wall time where it is missing), so the throughputs are per
 //! core even on a shared machine. Environment:
-//! * `QKD_BENCH_FRAME_BITS`: one frame size instead of 2^14, 1e5 and 1e6;
+//! * `QKD_BENCH_FRAME_BITS`: frame sizes (comma-separated) instead of 2^14, 1e5 and 1e6;
 //! * `QKD_BENCH_FRAMES`, `QKD_BENCH_LDPC_FRAMES`: frames per point (defaults 100/20/4 and 20/4/1);
+//! * `QKD_BENCH_THROUGHPUT_ONLY=1`: only the throughput rows (no Cascade or LDPC simulation);
 //! * `QKD_BENCH_JSON=1`: JSON rows instead of the table.
 
 use std::time::{Duration, Instant};
@@ -37,8 +38,15 @@ fn main() {
         ldpc_frames: env_usize("QKD_BENCH_LDPC_FRAMES"),
         ..BenchOptions::default()
     };
-    if let Some(n) = env_usize("QKD_BENCH_FRAME_BITS") {
-        options.frame_bits = vec![n];
+    if let Ok(list) = std::env::var("QKD_BENCH_FRAME_BITS") {
+        options.frame_bits = list
+            .split(',')
+            .map(|n| n.trim().parse().expect("QKD_BENCH_FRAME_BITS: comma-separated integers"))
+            .collect();
+    }
+    if std::env::var("QKD_BENCH_THROUGHPUT_ONLY").is_ok_and(|v| v == "1") {
+        options.cascade = false;
+        options.ldpc = false;
     }
     let rows = bench::run(&options, &clock, &mut |row| {
         eprintln!("done: {} n={} qber={:?}", row.stage, row.frame_bits, row.qber);

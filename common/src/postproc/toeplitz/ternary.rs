@@ -55,10 +55,16 @@ impl Plan {
     /// `b_bits - 1` and above, which is what Toeplitz hashing needs (its output window is bits
     /// b_bits - 1 to a_bits - 1). None for operands too short to be worth it.
     pub(crate) fn for_window(a_bits: usize, b_bits: usize) -> Option<Plan> {
+        Self::candidates(a_bits, b_bits).into_iter().min_by(|p, q| p.cost().total_cmp(&q.cost()))
+    }
+
+    /// For each K = 3^k (k >= 2, up to the first K above 3 `a_bits`), the plan with the smallest
+    /// pieces that fits the window (see [`Plan::for_window`]).
+    pub(crate) fn candidates(a_bits: usize, b_bits: usize) -> Vec<Plan> {
+        let mut plans = Vec::new();
         if b_bits == 0 || a_bits < b_bits {
-            return None;
+            return plans;
         }
-        let mut best: Option<Plan> = None;
         for k in 2..16u32 {
             let n_points = 3usize.pow(k);
             let unit = n_points / 3;
@@ -77,15 +83,12 @@ impl Plan {
                 piece_bits += 1;
             }
             let half_bits = piece_bits.div_ceil(unit) * unit;
-            let plan = Plan { n_points, half_bits, piece_bits };
-            if best.is_none_or(|b| plan.cost() < b.cost()) {
-                best = Some(plan);
-            }
+            plans.push(Plan { n_points, half_bits, piece_bits });
             if n_points > 3 * a_bits {
                 break;
             }
         }
-        best
+        plans
     }
 }
 

@@ -45,6 +45,8 @@ fn fast_matches_reference_on_many_sizes() {
         (1500, 1),
         (3001, 1234),
         (4096, 2048),
+        // The largest input Karatsuba takes.
+        (FFT_THRESHOLD_BITS, 300),
     ];
     for &(n, m) in sizes {
         let input = random_bits(&mut rng, n);
@@ -74,7 +76,11 @@ fn reference_follows_the_documented_convention() {
 fn poly_mul_matches_reference_across_karatsuba_threshold() {
     let seed = 22;
     let mut rng = ChaCha20Rng::seed_from_u64(seed);
-    for (la, lb) in [(1, 1), (3, 7), (24, 24), (25, 25), (49, 49), (50, 3), (70, 101), (130, 130)] {
+    // Every comb length (1 to 10 words), the first Karatsuba splits (odd and even) and unequal
+    // lengths (chunked by mul_acc).
+    let equal = (1..=24).map(|l| (l, l));
+    let unequal = [(3, 7), (10, 11), (11, 10), (49, 49), (50, 3), (70, 101), (114, 114), (130, 130)];
+    for (la, lb) in equal.chain(unequal) {
         let a: Vec<u64> = (0..la).map(|_| rng.next_u64()).collect();
         let b: Vec<u64> = (0..lb).map(|_| rng.next_u64()).collect();
         assert_eq!(poly_mul(&a, &b), poly_mul_reference(&a, &b), "seed {seed}: {la} x {lb}");
