@@ -120,10 +120,10 @@ pub async fn run(
     let health_server = {
         let (addr, health, shutdown) = (cfg.health_listen, health.clone(), shutdown.clone());
         async move {
-            if let Some(addr) = addr {
-                if let Err(e) = common::service::serve_health(addr, health, shutdown).await {
-                    warn!(error = %e, "health endpoint failed");
-                }
+            if let Some(addr) = addr
+                && let Err(e) = common::service::serve_health(addr, health, shutdown).await
+            {
+                warn!(error = %e, "health endpoint failed");
             }
         }
     };

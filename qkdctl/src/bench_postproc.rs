@@ -55,7 +55,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
         ..BenchOptions::default()
     };
     if let Some(n) = args.frame_bits {
-        anyhow::ensure!(n >= 64 && n < 1 << 31, "--frame-bits {n} is outside 64..2^31");
+        anyhow::ensure!((64..1 << 31).contains(&n), "--frame-bits {n} is outside 64..2^31");
         options.frame_bits = vec![n];
     }
     if let Some(percent) = args.qber {
