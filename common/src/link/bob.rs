@@ -104,8 +104,6 @@ pub struct BobLink<P: LinkPeer> {
     acc_pulses: u64,
     acc_frames: u64,
     qber_estimate: f64,
-    /// Bits per Cascade wave ([`CASCADE_WAVE_BITS`]; smaller in tests).
-    cascade_wave_bits: usize,
     /// Running counters.
     pub counters: LinkCounters,
 }
@@ -156,7 +154,6 @@ impl<P: LinkPeer> BobLink<P> {
             acc_pulses: 0,
             acc_frames: 0,
             qber_estimate,
-            cascade_wave_bits: CASCADE_WAVE_BITS,
             counters: LinkCounters::default(),
         };
         Ok((link, (ready, dropped)))
@@ -184,12 +181,6 @@ impl<P: LinkPeer> BobLink<P> {
         self.counters.detections += detections.len() as u64;
         self.counters.sifted_bits += sift.key_bits.len() as u64;
         Ok(sift.x_counts)
-    }
-
-    /// Sets the Cascade wave size (tests of the waves, with small blocks).
-    #[cfg(test)]
-    pub(crate) fn set_cascade_wave_bits(&mut self, bits: usize) {
-        self.cascade_wave_bits = bits;
     }
 
     /// True once enough sifted bits wait for a block.
@@ -340,9 +331,7 @@ impl<P: LinkPeer> BobLink<P> {
         Ok(report)
     }
 
-    /// Cascade over the block's frames, all frames of a wave (consecutive frames of at most
-    /// [`CASCADE_WAVE_BITS`] bits together) in each round trip; the waves one after another, so
-    /// that Bob's search state, about 12 bytes per bit, is bounded by a wave, not the block.
+    /// Cascade over the block's frames, all frames' queries in each round trip.
     async fn cascade(
         &mut self,
         block_id: &str,
@@ -350,52 +339,32 @@ impl<P: LinkPeer> BobLink<P> {
         seed: [u8; 32],
         transcript: &mut Transcript,
     ) -> Result<Reconciled, LinkError> {
-        let frames = cascade_frames(&key, self.params.cascade_frame_bits);
+        let mut cascade =
+            MultiCascadeBob::new(cascade_frames(&key, self.params.cascade_frame_bits), self.qber_estimate, seed);
         drop(key);
-        let (mut round_trips, mut leak_bits, mut n_corrected) = (0u32, 0u64, 0u64);
-        let mut corrected = Vec::with_capacity(frames.len());
-        let mut rest = frames.as_slice();
-        while !rest.is_empty() {
-            let mut n_wave = 1;
-            let mut wave_bits = rest[0].len();
-            while n_wave < rest.len() && wave_bits + rest[n_wave].len() <= self.cascade_wave_bits {
-                wave_bits += rest[n_wave].len();
-                n_wave += 1;
+        while let Some(queries) = cascade.next_queries() {
+            let req = ParityRequest {
+                block_id: block_id.to_owned(),
+                queries: queries
+                    .iter()
+                    .map(|q| proto::link::ParityQuery { pass: q.pass, start: q.start, end: q.end, frame: q.frame })
+                    .collect(),
+            };
+            let resp = self.peer.parities(req.clone()).await?;
+            if resp.parities.len() != queries.len().div_ceil(8) {
+                return Err(LinkError::Malformed("parity answer of the wrong length".into()));
             }
-            let (wave, later) = rest.split_at(n_wave);
-            let first_frame = corrected.len() as u32;
-            let mut cascade = MultiCascadeBob::new(wave.to_vec(), self.qber_estimate, seed);
-            while let Some(queries) = cascade.next_queries() {
-                let req = ParityRequest {
-                    block_id: block_id.to_owned(),
-                    queries: queries
-                        .iter()
-                        .map(|q| proto::link::ParityQuery {
-                            pass: q.pass,
-                            start: q.start,
-                            end: q.end,
-                            frame: first_frame + q.frame,
-                        })
-                        .collect(),
-                };
-                let resp = self.peer.parities(req.clone()).await?;
-                if resp.parities.len() != queries.len().div_ceil(8) {
-                    return Err(LinkError::Malformed("parity answer of the wrong length".into()));
-                }
-                let bits = BitVec::from_bytes(&resp.parities, queries.len());
-                transcript.absorb("Parities", &req, &resp);
-                let answers: Vec<bool> = (0..queries.len()).map(|i| bits.get(i)).collect();
-                cascade.receive(&answers).map_err(|e| LinkError::Malformed(e.to_string()))?;
-            }
-            round_trips += cascade.round_trips();
-            leak_bits += cascade.leak_bits();
-            for frame in cascade.finish() {
-                n_corrected += frame.n_corrected;
-                corrected.push(frame.key);
-            }
-            rest = later;
+            let bits = BitVec::from_bytes(&resp.parities, queries.len());
+            transcript.absorb("Parities", &req, &resp);
+            let answers: Vec<bool> = (0..queries.len()).map(|i| bits.get(i)).collect();
+            cascade.receive(&answers).map_err(|e| LinkError::Malformed(e.to_string()))?;
         }
-        let key = join_frames(&corrected);
+        let round_trips = cascade.round_trips();
+        let leak_bits = cascade.leak_bits();
+        let frames = cascade.finish();
+        let n_corrected: u64 = frames.iter().map(|f| f.n_corrected).sum();
+        let keys: Vec<BitVec> = frames.into_iter().map(|f| f.key).collect();
+        let key = join_frames(&keys);
         let observed_qber = Some(n_corrected as f64 / key.len().max(1) as f64);
         Ok(Reconciled { key, n_corrected, leak_bits, round_trips, observed_qber })
     }
@@ -508,12 +477,6 @@ impl<P: LinkPeer> BobLink<P> {
         Ok(())
     }
 }
-
-/// Cascade frames of a block are reconciled in waves of at most this many bits (at least one
-/// frame each): Bob's search trees and per-bit weights take about 12 bytes per bit of a wave, so
-/// a 10^7-bit block costs about 50 MB of them instead of 120 MB, for about twice the round trips
-/// of one exchange. Blocks up to this size are one wave.
-pub const CASCADE_WAVE_BITS: usize = 1 << 22;
 
 /// Bob's corrected block and what error correction cost.
 struct Reconciled {
