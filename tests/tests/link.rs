@@ -9,12 +9,30 @@ use super::*;
 /// same keys under the same IDs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_flow_and_both_stores_hold_the_same_keys() {
-    let lab = Lab::new("flow");
+    two_blocks_and_identical_stores(&Lab::new("flow")).await;
+}
+
+/// The same with the one-way blind LDPC reconciliation (`[protocol] reconciliation = "ldpc"`):
+/// Syndromes and Reveal over the real gRPC channel, identical stores.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_flow_with_ldpc_reconciliation_and_both_stores_agree() {
+    let mut lab = Lab::new("ldpc");
+    lab.protocol.reconciliation = common::link::Reconciliation::Ldpc;
+    lab.protocol.ldpc_frame_bits = 16_384;
+    let status = two_blocks_and_identical_stores(&lab).await;
+    // One syndrome message plus at most ten reveal rounds (Cascade takes hundreds).
+    let round_trips = counter(&status, "/last_block/round_trips");
+    assert!((1..=11).contains(&round_trips), "LDPC round trips {round_trips}: {status}");
+}
+
+/// Runs a daemon pair until Bob has committed two blocks, stops both, and checks that the two
+/// stores hold the same keys and nothing pending. Returns Bob's status from before the stop.
+async fn two_blocks_and_identical_stores(lab: &Lab) -> serde_json::Value {
     let (grpc, fibre) = bind_pair().await;
     let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
-    let alice = spawn_alice(&lab, grpc, fibre);
-    let bob = spawn_bob(&lab, grpc_addr, fibre_addr);
-    wait_for("two committed blocks at Bob", Duration::from_secs(120), || {
+    let alice = spawn_alice(lab, grpc, fibre);
+    let bob = spawn_bob(lab, grpc_addr, fibre_addr);
+    let status = wait_for("two committed blocks at Bob", Duration::from_secs(120), || {
         lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") >= 2)
     })
     .await;
@@ -25,33 +43,7 @@ async fn keys_flow_and_both_stores_hold_the_same_keys() {
     assert_eq!(a.n_keys, b.n_keys);
     assert_eq!(a.digest, b.digest, "the two stores differ");
     assert_eq!(b.n_pending_blocks, 0);
-}
-
-/// The same with the one-way blind LDPC reconciliation (`[protocol] reconciliation = "ldpc"`):
-/// Syndromes and Reveal over the real gRPC channel, identical stores.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keys_flow_with_ldpc_reconciliation_and_both_stores_agree() {
-    let mut lab = Lab::new("ldpc");
-    lab.protocol.reconciliation = common::link::Reconciliation::Ldpc;
-    lab.protocol.ldpc_frame_bits = 16_384;
-    let (grpc, fibre) = bind_pair().await;
-    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
-    let alice = spawn_alice(&lab, grpc, fibre);
-    let bob = spawn_bob(&lab, grpc_addr, fibre_addr);
-    wait_for("two committed blocks at Bob", Duration::from_secs(120), || {
-        lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") >= 2)
-    })
-    .await;
-    // One syndrome message plus at most ten reveal rounds (Cascade takes hundreds).
-    let status = lab.status("bob").unwrap();
-    let round_trips = counter(&status, "/last_block/round_trips");
-    assert!((1..=11).contains(&round_trips), "LDPC round trips {round_trips}: {status}");
-    bob.stop().await.unwrap();
-    alice.stop().await.unwrap();
-    let (a, b) = (lab.summary("alice"), lab.summary("bob"));
-    assert!(a.n_keys > 0, "no keys stored: {a:?}");
-    assert_eq!(a.digest, b.digest, "the two stores differ");
-    assert_eq!(b.n_pending_blocks, 0);
+    status
 }
 
 /// An intercept-resend eavesdropper on the fibre raises the error rate to about 25 %; every
