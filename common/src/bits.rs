@@ -72,6 +72,11 @@ impl BitVec {
         bits
     }
 
+    /// One `bool` per bit.
+    pub fn to_bools(&self) -> Vec<bool> {
+        (0..self.len).map(|i| self.get(i)).collect()
+    }
+
     /// Number of bits.
     pub fn len(&self) -> usize {
         self.len

@@ -24,15 +24,6 @@ pub const PAPER_QBER_120KM: (f64, f64) = (0.0685, 0.096);
 /// chosen for this block size (see presets/wang2026-120km.toml).
 pub const DEFAULT_BLOCK_BITS: u64 = 1_000_000;
 
-/// Error-correction methods (`[protocol] reconciliation`).
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum ReconciliationArg {
-    /// Interactive optimized Cascade.
-    Cascade,
-    /// One-way blind LDPC.
-    Ldpc,
-}
-
 /// Model and protocol options shared by `simulate` and `sweep`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
@@ -51,15 +42,16 @@ pub struct ModelArgs {
     /// Finite-key block size, sifted bits.
     #[arg(long)]
     block_bits: Option<u64>,
-    /// Error correction, as `[protocol] reconciliation` of the daemons: cascade or ldpc.
-    #[arg(long, value_enum, default_value = "cascade")]
-    reconciliation: ReconciliationArg,
-    /// Cascade frame size in bits (0: the whole block is one frame).
-    #[arg(long, default_value_t = 1 << 20)]
-    cascade_frame_bits: u64,
-    /// LDPC frame size in bits.
-    #[arg(long, default_value_t = 1 << 16)]
-    ldpc_frame_bits: u64,
+    /// Error correction, as `[protocol] reconciliation` of the daemons: cascade or ldpc
+    /// (default: the daemons' default, cascade).
+    #[arg(long, value_parser = parse_reconciliation)]
+    reconciliation: Option<Reconciliation>,
+    /// Cascade frame size in bits, 0 for one frame per block (default: the daemons' default).
+    #[arg(long)]
+    cascade_frame_bits: Option<u64>,
+    /// LDPC frame size in bits (default: the daemons' default).
+    #[arg(long)]
+    ldpc_frame_bits: Option<u64>,
     /// Fraction of photons intercepted and resent by an eavesdropper on the fibre.
     #[arg(long, default_value_t = 0.0, conflicts_with = "pns")]
     intercept: f64,
@@ -109,16 +101,11 @@ impl ModelArgs {
     }
 
     fn protocol(&self) -> anyhow::Result<ProtocolParams> {
-        let protocol = ProtocolParams {
-            block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS),
-            reconciliation: match self.reconciliation {
-                ReconciliationArg::Cascade => Reconciliation::Cascade,
-                ReconciliationArg::Ldpc => Reconciliation::Ldpc,
-            },
-            cascade_frame_bits: self.cascade_frame_bits,
-            ldpc_frame_bits: self.ldpc_frame_bits,
-            ..ProtocolParams::default()
-        };
+        let mut protocol =
+            ProtocolParams { block_bits: self.block_bits.unwrap_or(DEFAULT_BLOCK_BITS), ..Default::default() };
+        protocol.reconciliation = self.reconciliation.unwrap_or(protocol.reconciliation);
+        protocol.cascade_frame_bits = self.cascade_frame_bits.unwrap_or(protocol.cascade_frame_bits);
+        protocol.ldpc_frame_bits = self.ldpc_frame_bits.unwrap_or(protocol.ldpc_frame_bits);
         protocol.validate().map_err(|e| anyhow::anyhow!("protocol options: {e}"))?;
         Ok(protocol)
     }
@@ -434,4 +421,10 @@ fn write_outputs(
     crate::plot::sweep_svg(&with_ext("svg"), &args.param, values, reports, analytic)?;
     println!("wrote {}, {} and {}", with_ext("csv").display(), with_ext("json").display(), with_ext("svg").display());
     Ok(())
+}
+
+/// `--reconciliation`: the names of `[protocol] reconciliation`.
+fn parse_reconciliation(name: &str) -> Result<Reconciliation, String> {
+    serde_json::from_value(serde_json::Value::String(name.to_owned()))
+        .map_err(|_| format!("{name:?} is not a reconciliation method; use cascade or ldpc"))
 }

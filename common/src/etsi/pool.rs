@@ -24,8 +24,9 @@
 //!
 //! If A stops (or dies) before B answered, or after answering but before its removal reached the
 //! disk, the in-flight marks vanish and the units are offered again; if B had reserved them, the
-//! next Reserve naming them reports them missing and A discards them then. Likewise, if B no longer holds some units for any other reason, A
-//! discards them and tries again with others: no unit is ever part of two delivered keys.
+//! next Reserve naming them reports them missing and A discards them then. Likewise, if B no
+//! longer holds some units for any other reason, A discards them and tries again with others: no
+//! unit is ever part of two delivered keys.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -72,10 +73,10 @@ struct Inner {
     side: KmeSide,
     store: Arc<SledStore>,
     peer: Arc<dyn ReservePeer>,
-    /// Units picked by a Get key in progress or in doubt (never picked twice), and the last unit
-    /// picked: the next search starts after it (see [`SledStore::select_ready_units_after`]).
+    /// Units picked by a Get key in progress or in doubt (never picked twice).
     in_flight: Mutex<HashSet<Uuid>>,
-    /// The last unit picked; only read and written with `in_flight` locked.
+    /// The last unit picked: the next search starts after it (see
+    /// [`SledStore::select_ready_units_after`]). Only used with `in_flight` locked.
     pick_cursor: Mutex<Option<Uuid>>,
     /// How many of the in-flight units wait for the peer's answer to a cancellation.
     in_doubt: AtomicUsize,
@@ -381,7 +382,7 @@ impl KmeState {
         let units_per_key = request.size_bits.div_ceil(UNIT_BITS) as usize;
         let n_units = request.number as usize * units_per_key;
         for _ in 0..MAX_RESERVE_ATTEMPTS {
-            let picked = self.pick_units(n_units).await?;
+            let picked = self.pick_units(n_units)?;
             let picked = match picked {
                 Ok(picked) => picked,
                 Err(n_available) => {
@@ -576,28 +577,25 @@ impl KmeState {
     /// Runs on the async worker: it reads sled's in-memory page cache and writes nothing, so it
     /// does not block on the disk; a hop to the blocking pool per request cost more than the
     /// search (context switches were most of the KME's CPU time under load).
-    async fn pick_units(&self, n_units: usize) -> Result<Result<InFlight, usize>, EtsiError> {
-        let inner = self.inner.clone();
-        let pick = move || {
-            // Invariant: no code panics while holding this lock, so it is never poisoned.
-            let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
-            let side = inner.side;
-            let mut cursor = inner.pick_cursor.lock().expect("pick cursor lock poisoned");
-            let units = inner
-                .store
-                .select_ready_units_after(cursor.as_ref(), n_units, |id| side.owns(id) && !in_flight.contains(id))?;
-            if units.len() < n_units {
-                return Ok(Err(units.len()));
-            }
-            *cursor = units.last().map(|u| u.key_id);
-            drop(cursor);
-            in_flight.extend(units.iter().map(|u| u.key_id));
-            drop(in_flight);
-            let marks =
-                InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
-            Ok(Ok(InFlight { marks, units }))
-        };
-        pick().map_err(|e: StoreError| store_unavailable(&e))
+    fn pick_units(&self, n_units: usize) -> Result<Result<InFlight, usize>, EtsiError> {
+        let inner = &self.inner;
+        // Invariant: no code panics while holding these locks, so they are never poisoned.
+        let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
+        let mut cursor = inner.pick_cursor.lock().expect("pick cursor lock poisoned");
+        let side = inner.side;
+        let units = inner
+            .store
+            .select_ready_units_after(cursor.as_ref(), n_units, |id| side.owns(id) && !in_flight.contains(id))
+            .map_err(|e| store_unavailable(&e))?;
+        if units.len() < n_units {
+            return Ok(Err(units.len()));
+        }
+        *cursor = units.last().map(|u| u.key_id);
+        in_flight.extend(units.iter().map(|u| u.key_id));
+        drop((cursor, in_flight));
+        let marks =
+            InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
+        Ok(Ok(InFlight { marks, units }))
     }
 
     /// Keys of `size_bits` that can be served now: owned ready units not in flight, in whole

@@ -284,10 +284,7 @@ impl<P: LinkPeer> BobLink<P> {
             return Ok(report);
         }
         let seed_bits = (stats.n_key_bits + amplify.final_bits - 1) as usize;
-        if amplify.toeplitz_seed.len() != seed_bits.div_ceil(8) {
-            return Err(LinkError::Malformed("Toeplitz seed of the wrong length".into()));
-        }
-        let seed = BitVec::from_bytes(&amplify.toeplitz_seed, seed_bits);
+        let seed = unpack(&amplify.toeplitz_seed, seed_bits, "Toeplitz seed")?;
         let final_key = toeplitz_hash(&outcome.key, &seed, amplify.final_bits as usize);
         let key_bytes = Zeroizing::new(final_key.to_bytes());
         let keys = key_bytes
@@ -351,12 +348,8 @@ impl<P: LinkPeer> BobLink<P> {
                     .collect(),
             };
             let resp = self.peer.parities(req.clone()).await?;
-            if resp.parities.len() != queries.len().div_ceil(8) {
-                return Err(LinkError::Malformed("parity answer of the wrong length".into()));
-            }
-            let bits = BitVec::from_bytes(&resp.parities, queries.len());
+            let answers = unpack(&resp.parities, queries.len(), "parity answer")?.to_bools();
             transcript.absorb("Parities", &req, &resp);
-            let answers: Vec<bool> = (0..queries.len()).map(|i| bits.get(i)).collect();
             cascade.receive(&answers).map_err(|e| LinkError::Malformed(e.to_string()))?;
         }
         let round_trips = cascade.round_trips();
@@ -412,10 +405,7 @@ impl<P: LinkPeer> BobLink<P> {
         let mut decoders = Vec::with_capacity(frames.len());
         for ((frame, &(rate_index, n_punctured)), syndrome) in frames.iter().zip(&starts).zip(&resp.syndromes) {
             let code = family.code(rate_index);
-            if syndrome.len() != code.n_checks().div_ceil(8) {
-                return Err(LinkError::Malformed("syndrome of the wrong length".into()));
-            }
-            let syndrome = BitVec::from_bytes(syndrome, code.n_checks());
+            let syndrome = unpack(syndrome, code.n_checks(), "syndrome")?;
             let bob = LdpcBob::new(code, frame, q, syndrome, n_punctured, LDPC_REVEAL_STEPS)
                 .map_err(|e| LinkError::Malformed(e.to_string()))?;
             decoders.push(bob);
@@ -447,11 +437,7 @@ impl<P: LinkPeer> BobLink<P> {
                 if count == 0 {
                     continue;
                 }
-                if values.len() != (count as usize).div_ceil(8) {
-                    return Err(LinkError::Malformed("revealed bits of the wrong length".into()));
-                }
-                let bits = BitVec::from_bytes(values, count as usize);
-                let bits: Vec<bool> = (0..count as usize).map(|k| bits.get(k)).collect();
+                let bits = unpack(values, count as usize, "revealed bits")?.to_bools();
                 bob.receive_revealed(&bits).map_err(|e| LinkError::Malformed(e.to_string()))?;
             }
         }
@@ -476,6 +462,14 @@ impl<P: LinkPeer> BobLink<P> {
         self.peer.abort(AbortRequest { block_id: block_id.to_owned(), reason: reason.to_owned() }).await?;
         Ok(())
     }
+}
+
+/// `bytes` as a bit string of `n_bits` bits (LSB first); a wrong length is a malformed `what`.
+fn unpack(bytes: &[u8], n_bits: usize, what: &str) -> Result<BitVec, LinkError> {
+    if bytes.len() != n_bits.div_ceil(8) {
+        return Err(LinkError::Malformed(format!("{what} of the wrong length")));
+    }
+    Ok(BitVec::from_bytes(bytes, n_bits))
 }
 
 /// Bob's corrected block and what error correction cost.

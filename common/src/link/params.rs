@@ -28,7 +28,7 @@ pub struct ProtocolParams {
     /// (f 1.032 at 1e5 bits, 1.030 at 1e6, QBER 3 %) but are slower (16.6 and 7.3 Mbit/s per
     /// core). The default 2^20 keeps blocks of up to about 1.5 10^6 bits (the 120 km preset's
     /// 10^6) in one frame, where the key rate at high QBER gains most from the smaller leak, and
-    /// bounds the shuffles' memory (about 40 bytes per bit of a frame at each end) for longer
+    /// bounds the shuffles' memory (about 30 bytes per bit of a frame at each end) for longer
     /// blocks.
     pub cascade_frame_bits: u64,
     /// LDPC: frame length in bits (the last frame of a block is shorter); one code family

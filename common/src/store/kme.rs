@@ -23,10 +23,10 @@ use zeroize::Zeroizing;
 use super::{KeyUnit, SledStore, StoreError, decode_key};
 
 /// Name of the sled tree holding the reservations.
-const RESERVATIONS_TREE: &str = "kme_reservations";
+pub(super) const RESERVATIONS_TREE: &str = "kme_reservations";
 
 /// Name of the sled tree holding the tombstones of cancelled reservation key IDs.
-const CANCELLED_TREE: &str = "kme_cancelled";
+pub(super) const CANCELLED_TREE: &str = "kme_cancelled";
 
 /// Bytes in one key unit (256 bits), the granularity of the ETSI key pool.
 pub const UNIT_BYTES: usize = 32;
@@ -203,9 +203,8 @@ impl SledStore {
     /// changes.
     pub fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
         use sled::Transactional;
-        let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
-        let tombstones = self.db.open_tree(CANCELLED_TREE).map_err(StoreError::Db)?;
-        let result = (&self.ready, &tree, &tombstones).transaction(|(ready, reserved, cancelled)| {
+        let (tree, tombstones) = (&self.reserved, &self.cancelled);
+        let result = (&self.ready, tree, tombstones).transaction(|(ready, reserved, cancelled)| {
             let mut missing = Vec::new();
             let mut records = Vec::with_capacity(reservations.len());
             for reservation in reservations {
@@ -266,7 +265,7 @@ impl SledStore {
         master: &str,
         caller: &str,
     ) -> Result<Vec<KeyUnit>, KmeStoreError> {
-        let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
+        let tree = &self.reserved;
         let result = tree.transaction(|reserved| {
             let mut records = Vec::with_capacity(key_ids.len());
             let mut not_found = None;
@@ -336,9 +335,8 @@ impl SledStore {
     /// answer (until [`SledStore::purge_reservations`] erases it).
     pub fn cancel_reservations(&self, key_ids: &[Uuid], now_unix_ms: u64) -> Result<Vec<bool>, KmeStoreError> {
         use sled::Transactional;
-        let tree = self.db.open_tree(RESERVATIONS_TREE).map_err(StoreError::Db)?;
-        let tombstones = self.db.open_tree(CANCELLED_TREE).map_err(StoreError::Db)?;
-        let result = (&tree, &tombstones).transaction(|(reserved, cancelled)| {
+        let (tree, tombstones) = (&self.reserved, &self.cancelled);
+        let result = (tree, tombstones).transaction(|(reserved, cancelled)| {
             let mut outcomes = Vec::with_capacity(key_ids.len());
             let mut delivered = Vec::new();
             for key_id in key_ids {
@@ -384,14 +382,14 @@ impl SledStore {
 
     /// Number of reservations not yet fetched by all their slaves.
     pub fn reserved_key_count(&self) -> Result<usize, StoreError> {
-        Ok(self.db.open_tree(RESERVATIONS_TREE)?.len())
+        Ok(self.reserved.len())
     }
 
     /// Erases, durably, the reservations made before `created_before_unix_ms` (keys whose
     /// slaves never came), and the tombstones of cancellations made before then. Returns how
     /// many reservations were erased.
     pub fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
-        let tree = self.db.open_tree(RESERVATIONS_TREE)?;
+        let tree = &self.reserved;
         let mut n = 0;
         for item in tree.iter() {
             let (key, value) = item?;
@@ -401,7 +399,7 @@ impl SledStore {
                 n += 1;
             }
         }
-        let tombstones = self.db.open_tree(CANCELLED_TREE)?;
+        let tombstones = &self.cancelled;
         let mut n_tombstones = 0;
         for item in tombstones.iter() {
             let (key, value) = item?;

@@ -113,12 +113,15 @@ pub trait KeyStore: Send + Sync {
 /// The sled-backed key store kept in a daemon's data directory.
 ///
 /// Trees: `blocks` (block ID -> state byte + JSON metadata + key IDs), `ready` (key ID -> key
-/// bytes + block ID) and `pending` (key ID -> key bytes + block ID).
+/// bytes + block ID) and `pending` (key ID -> key bytes + block ID); the KME's reservations and
+/// cancellation tombstones (see [`kme`]).
 pub struct SledStore {
     db: sled::Db,
     blocks: sled::Tree,
     ready: sled::Tree,
     pending: sled::Tree,
+    reserved: sled::Tree,
+    cancelled: sled::Tree,
     group_flush: GroupFlush,
 }
 
@@ -190,23 +193,22 @@ impl GroupFlush {
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let db = sled::Config::new().path(dir).open()?;
-        Ok(Self {
-            blocks: db.open_tree("blocks")?,
-            ready: db.open_tree("ready")?,
-            pending: db.open_tree("pending")?,
-            db,
-            group_flush: GroupFlush::default(),
-        })
+        Self::with_db(sled::Config::new().path(dir).open()?)
     }
 
     /// A store in a temporary location, deleted when dropped (simulations and tests).
     pub fn temporary() -> Result<Self, StoreError> {
-        let db = sled::Config::new().temporary(true).open()?;
+        Self::with_db(sled::Config::new().temporary(true).open()?)
+    }
+
+    /// Opens every tree once.
+    fn with_db(db: sled::Db) -> Result<Self, StoreError> {
         Ok(Self {
             blocks: db.open_tree("blocks")?,
             ready: db.open_tree("ready")?,
             pending: db.open_tree("pending")?,
+            reserved: db.open_tree(kme::RESERVATIONS_TREE)?,
+            cancelled: db.open_tree(kme::CANCELLED_TREE)?,
             db,
             group_flush: GroupFlush::default(),
         })
