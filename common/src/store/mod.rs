@@ -2,8 +2,28 @@
 //!
 //! A block's keys go through two states (the two-ended commit of ARCHITECTURE.md):
 //! *pending* (stored durably at Bob, not servable) and *ready* (servable). Only ready keys are
-//! ever listed or served. Every mutation is one sled transaction followed by a flush, so a crash
-//! (kill -9 included) leaves either all of a block's keys in a state or none of them.
+//! ever listed or served.
+//!
+//! # Block writes: the record is the commit point
+//! A block brings tens of thousands of 256-bit units (20 000 for 10^7 sifted bits). Writing them
+//! in one sled transaction or batch costs about 4.5 KB of memory per unit (90 MB for 20 000
+//! units, 160 MB for the move from pending to ready, against 10 MB as plain inserts; measured
+//! with sled 0.34), so block writes are plain inserts ordered by flushes, and the block record
+//! is the commit point:
+//! * a block's units are first written to the `pending` tree, which nothing serves, and flushed;
+//! * then its record is written (with `compare_and_swap`, so a block is stored once) and flushed:
+//!   from then on the block exists, pending or ready;
+//! * units reach the `ready` tree, where the key pool finds them, only once their block's record
+//!   says ready and is on disk ("publishing": [`SledStore::mark_ready`], or [`KeyStore::put_ready`]
+//!   right after its record);
+//! * a pending block is dropped by removing its record first, then its units.
+//!
+//! A crash (kill -9 included) can stop any of these between two steps. Opening the store
+//! finishes the job from the `pending` tree alone: units whose block has no record are
+//! removed (the block never existed, or was dropped), units of a ready block are published,
+//! units of a pending block stay. So, seen through the store's operations, a block's keys are
+//! in one state or the other, all of them, never half-written; and a unit is in `ready` only
+//! after its block's record says ready durably.
 
 use std::path::Path;
 
@@ -201,9 +221,9 @@ impl SledStore {
         Self::with_db(sled::Config::new().temporary(true).open()?)
     }
 
-    /// Opens every tree once.
+    /// Opens every tree once and finishes the block writes a crash interrupted.
     fn with_db(db: sled::Db) -> Result<Self, StoreError> {
-        Ok(Self {
+        let store = Self {
             blocks: db.open_tree("blocks")?,
             ready: db.open_tree("ready")?,
             pending: db.open_tree("pending")?,
@@ -211,7 +231,63 @@ impl SledStore {
             cancelled: db.open_tree(kme::CANCELLED_TREE)?,
             db,
             group_flush: GroupFlush::default(),
-        })
+        };
+        store.recover()?;
+        Ok(store)
+    }
+
+    /// Settles every unit of the `pending` tree by its block's record (see "Block writes" in
+    /// the module documentation): removed without a record, published for a ready block, kept
+    /// for a pending one.
+    fn recover(&self) -> Result<(), StoreError> {
+        let mut states: std::collections::HashMap<Uuid, Option<BlockState>> = std::collections::HashMap::new();
+        let (mut removed, mut published) = (0u64, 0u64);
+        for item in self.pending.iter() {
+            let (key_id, value) = item?;
+            let (block_id, _) = decode_key(&value)?;
+            let state = match states.get(&block_id) {
+                Some(state) => *state,
+                None => {
+                    let state = self.load_block(block_id)?.map(|(_, state, _)| state);
+                    states.insert(block_id, state);
+                    state
+                }
+            };
+            match state {
+                None => {
+                    self.pending.remove(&key_id)?;
+                    removed += 1;
+                }
+                Some(BlockState::Ready) => {
+                    self.ready.insert(&key_id, value)?;
+                    self.pending.remove(&key_id)?;
+                    published += 1;
+                }
+                Some(BlockState::Pending) => {}
+            }
+        }
+        if removed + published > 0 {
+            tracing::warn!(
+                removed,
+                published,
+                "key store: finished block writes interrupted by a crash (units of unrecorded blocks removed, units of \
+                 ready blocks published)"
+            );
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Moves the units of a block whose record says ready (durably) from `pending` to `ready`;
+    /// units already moved, or already served, are skipped.
+    fn publish(&self, key_ids: impl IntoIterator<Item = Uuid>) -> Result<(), StoreError> {
+        for key_id in key_ids {
+            if let Some(value) = self.pending.get(key_id.as_bytes())? {
+                self.ready.insert(key_id.as_bytes(), value)?;
+                self.pending.remove(key_id.as_bytes())?;
+            }
+        }
+        Ok(())
     }
 
     /// Makes every write made before this call durable (group commit: concurrent callers share
@@ -220,25 +296,27 @@ impl SledStore {
         self.group_flush.flush(&self.db)
     }
 
+    /// Stores a block (see "Block writes" in the module documentation): units to `pending`,
+    /// the record, then, for a ready block, the units published.
     fn put(&self, meta: &BlockMeta, keys: &[KeyUnit], state: BlockState) -> Result<(), StoreError> {
-        use sled::Transactional;
-        let block_value = encode_block(meta, state, keys.iter().map(|k| k.key_id));
-        let target = match state {
-            BlockState::Pending => &self.pending,
-            BlockState::Ready => &self.ready,
-        };
-        let result = (&self.blocks, target).transaction(|(blocks, target)| {
-            if blocks.get(meta.block_id.as_bytes())?.is_some() {
-                return sled::transaction::abort(StoreError::DuplicateBlock(meta.block_id));
-            }
-            blocks.insert(meta.block_id.as_bytes(), block_value.as_slice())?;
-            for key in keys {
-                target.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice())?;
-            }
-            Ok(())
-        });
-        unwrap_tx(result)?;
-        self.flush()
+        let block_key = meta.block_id.as_bytes();
+        if self.blocks.contains_key(block_key)? {
+            return Err(StoreError::DuplicateBlock(meta.block_id));
+        }
+        for key in keys {
+            self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice())?;
+        }
+        self.flush()?;
+        let record = encode_block(meta, state, keys.iter().map(|k| k.key_id));
+        if self.blocks.compare_and_swap(block_key, None as Option<&[u8]>, Some(record))?.is_err() {
+            return Err(StoreError::DuplicateBlock(meta.block_id));
+        }
+        self.flush()?;
+        if state == BlockState::Ready {
+            self.publish(keys.iter().map(|k| k.key_id))?;
+            self.flush()?;
+        }
+        Ok(())
     }
 
     fn load_block(&self, block_id: Uuid) -> Result<Option<(BlockMeta, BlockState, Vec<Uuid>)>, StoreError> {
@@ -259,46 +337,42 @@ impl KeyStore for SledStore {
     }
 
     fn mark_ready(&self, block_id: Uuid) -> Result<(), StoreError> {
-        use sled::Transactional;
-        let Some((meta, state, key_ids)) = self.load_block(block_id)? else {
+        let Some(old) = self.blocks.get(block_id.as_bytes())? else {
             return Err(StoreError::NotPending(block_id));
         };
-        if state == BlockState::Ready {
-            return Ok(());
-        }
-        let block_value = encode_block(&meta, BlockState::Ready, key_ids.iter().copied());
-        let result = (&self.blocks, &self.pending, &self.ready).transaction(|(blocks, pending, ready)| {
+        let (meta, state, key_ids) = decode_block(&old)?;
+        if state == BlockState::Pending {
             for key_id in &key_ids {
-                let Some(value) = pending.remove(key_id.as_bytes())? else {
-                    return sled::transaction::abort(StoreError::Corrupt(format!(
-                        "pending key {key_id} of block {block_id} is missing"
-                    )));
-                };
-                ready.insert(key_id.as_bytes(), value)?;
+                if !self.pending.contains_key(key_id.as_bytes())? {
+                    return Err(StoreError::Corrupt(format!("pending key {key_id} of block {block_id} is missing")));
+                }
             }
-            blocks.insert(block_id.as_bytes(), block_value.as_slice())?;
-            Ok(())
-        });
-        unwrap_tx(result)?;
+            let record = encode_block(&meta, BlockState::Ready, key_ids.iter().copied());
+            if self.blocks.compare_and_swap(block_id.as_bytes(), Some(old), Some(record))?.is_err() {
+                return Err(StoreError::NotPending(block_id));
+            }
+            self.flush()?;
+        }
+        // Ready already: publish what a crash may have left behind (normally nothing).
+        self.publish(key_ids)?;
         self.flush()
     }
 
     fn drop_pending(&self, block_id: Uuid) -> Result<(), StoreError> {
-        use sled::Transactional;
-        let Some((_, state, key_ids)) = self.load_block(block_id)? else {
+        let Some(old) = self.blocks.get(block_id.as_bytes())? else {
             return Ok(());
         };
+        let (_, state, key_ids) = decode_block(&old)?;
         if state != BlockState::Pending {
             return Err(StoreError::NotPending(block_id));
         }
-        let result = (&self.blocks, &self.pending).transaction(|(blocks, pending)| {
-            for key_id in &key_ids {
-                pending.remove(key_id.as_bytes())?;
-            }
-            blocks.remove(block_id.as_bytes())?;
-            Ok(())
-        });
-        unwrap_tx(result)?;
+        if self.blocks.compare_and_swap(block_id.as_bytes(), Some(old), None as Option<&[u8]>)?.is_err() {
+            return Err(StoreError::NotPending(block_id));
+        }
+        self.flush()?;
+        for key_id in &key_ids {
+            self.pending.remove(key_id.as_bytes())?;
+        }
         self.flush()
     }
 
@@ -352,14 +426,6 @@ impl KeyStore for SledStore {
             out.push((meta, state));
         }
         Ok(out)
-    }
-}
-
-fn unwrap_tx(result: sled::transaction::TransactionResult<(), StoreError>) -> Result<(), StoreError> {
-    match result {
-        Ok(()) => Ok(()),
-        Err(sled::transaction::TransactionError::Abort(e)) => Err(e),
-        Err(sled::transaction::TransactionError::Storage(e)) => Err(StoreError::Db(e)),
     }
 }
 
