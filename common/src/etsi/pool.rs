@@ -26,7 +26,9 @@
 //! disk, the in-flight marks vanish and the units are offered again; if B had reserved them, the
 //! next Reserve naming them reports them missing and A discards them then. Likewise, if B no
 //! longer holds some units for any other reason, A discards them and tries again with others: no
-//! unit is ever part of two delivered keys.
+//! unit is ever part of two delivered keys. Units that B holds but has not committed yet (the
+//! block is ready at A, still pending at B for the moment of the two-ended commit) are not
+//! missing: B refuses, A keeps them and the master gets a 503 to retry.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -230,6 +232,14 @@ impl KmeState {
             Err(KmeStoreError::MissingUnits(missing)) => {
                 warn!(n_units = missing.len(), "peer KME asked for units this store does not hold");
                 Err(ReserveError::Missing(missing))
+            }
+            Err(KmeStoreError::NotYetReady(units)) => {
+                // Refused, not missing: the peer keeps the units and offers them again later.
+                info!(n_units = units.len(), "peer KME asked for units of a block not committed here yet");
+                Err(ReserveError::Refused(format!(
+                    "{} of the units belong to a block not committed at this KME yet; try again shortly",
+                    units.len()
+                )))
             }
             Err(e) => {
                 error!(error = %e, "reservation failed");

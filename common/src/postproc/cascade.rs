@@ -60,8 +60,7 @@
 //!   become odd again later through the cascade effect, which mostly replay known parities;
 //! * the last top-level block of every pass after the first: Alice's parity of the whole key is
 //!   known once pass 1's block parities are, so the last block's parity is the xor of that total
-//!   and of the other blocks' parities (a pass whose single block is the whole key costs nothing).
-//!
+//!   and of the other blocks' parities (a pass whose single block is the whole key costs nothing);
 //! * a child whose bits were all corrected: a binary search ends on a bit where Bob's key differs
 //!   from Alice's, so a corrected bit is known to be right, and Alice's parity of a range of
 //!   corrected bits is Bob's own (ranges up to [`KNOWN_CORRECT_MAX_BITS`] bits are checked; longer

@@ -40,6 +40,11 @@ pub enum KmeStoreError {
     /// Some units are not ready in this store (already served or never stored); nothing changed.
     #[error("{} key units are not ready in the key store", .0.len())]
     MissingUnits(Vec<Uuid>),
+    /// Some units belong to a block that this end has stored but not yet committed (the peer
+    /// committed first, or this end is publishing the block right now): they will be ready in
+    /// a moment, so the caller must keep them and ask again later. Nothing changed.
+    #[error("{} key units are not committed in the key store yet", .0.len())]
+    NotYetReady(Vec<Uuid>),
     /// A unit does not hold exactly [`UNIT_BYTES`] bytes, so it cannot be part of an ETSI key.
     #[error("key unit {key_id} holds {len} bytes, not {UNIT_BYTES}")]
     BadUnit {
@@ -248,8 +253,28 @@ impl SledStore {
             }
             Ok(())
         });
-        unwrap_kme_tx(result)?;
-        Ok(self.flush()?)
+        match unwrap_kme_tx(result) {
+            Err(KmeStoreError::MissingUnits(missing)) => {
+                // A unit of a block still pending here, or being published (a unit is in one of
+                // the two trees at every moment of the move), is not lost: say so, so that the
+                // peer keeps it instead of discarding it.
+                let mut not_yet = Vec::new();
+                for unit_id in &missing {
+                    let held = self.pending.contains_key(unit_id.as_bytes()).map_err(StoreError::Db)?
+                        || self.ready.contains_key(unit_id.as_bytes()).map_err(StoreError::Db)?;
+                    if held {
+                        not_yet.push(*unit_id);
+                    }
+                }
+                if not_yet.is_empty() {
+                    Err(KmeStoreError::MissingUnits(missing))
+                } else {
+                    Err(KmeStoreError::NotYetReady(not_yet))
+                }
+            }
+            Err(e) => Err(e),
+            Ok(()) => Ok(self.flush()?),
+        }
     }
 
     /// Hands reserved keys to the slave `caller`, durably and all at once. Every key must be

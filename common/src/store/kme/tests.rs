@@ -262,3 +262,29 @@ fn selection_after_a_cursor_wraps_around_and_sees_every_unit_once() {
     assert_eq!(picked.iter().map(|u| u.key_id).collect::<Vec<_>>(), vec![all[5], all[6]]);
     assert_eq!(store.select_ready_units_after(Some(&all[9]), 3, |_| true).unwrap()[0].key_id, all[0]);
 }
+
+#[test]
+fn units_of_a_block_not_committed_here_are_not_yet_ready_rather_than_missing() {
+    // The block is ready at the peer KME (Alice commits first) and still pending here (Bob).
+    let store = SledStore::temporary().unwrap();
+    let block = meta();
+    let units: Vec<KeyUnit> =
+        (0..2).map(|i| KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![i as u8; UNIT_BYTES]) }).collect();
+    store.put_pending(&block, &units).unwrap();
+    let r = reservation(&[&units[0]], 256, &["s"]);
+    match store.reserve_keys(std::slice::from_ref(&r)) {
+        Err(KmeStoreError::NotYetReady(ids)) => assert_eq!(ids, vec![units[0].key_id]),
+        other => panic!("expected not yet ready, got {other:?}"),
+    }
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    // Once committed here, the same reservation succeeds.
+    store.mark_ready(block.block_id).unwrap();
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    assert_eq!(ready_count(&store), 1);
+    // A unit this store never had is still missing.
+    let stranger = KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9; UNIT_BYTES]) };
+    assert!(matches!(
+        store.reserve_keys(&[reservation(&[&stranger], 256, &["s"])]),
+        Err(KmeStoreError::MissingUnits(_))
+    ));
+}
