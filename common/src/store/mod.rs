@@ -130,6 +130,9 @@ pub trait KeyStore: Send + Sync {
     fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError>;
 }
 
+/// How long [`SledStore::open`] waits for sled's lock on the store directory.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The sled-backed key store kept in a daemon's data directory.
 ///
 /// Trees: `blocks` (block ID -> state byte + JSON metadata + key IDs), `ready` (key ID -> key
@@ -212,8 +215,25 @@ impl GroupFlush {
 
 impl SledStore {
     /// Opens (or creates) the store in `dir`.
+    ///
+    /// sled locks the directory for as long as any of its threads uses it, and finishes some log
+    /// writes on a thread pool after the last handle is dropped; so a store closed and reopened
+    /// in the same process (the tests, `qkdctl`) can find the lock still held for a moment. The
+    /// lock is retried for up to [`LOCK_WAIT`]; a store held by another process still fails,
+    /// with sled's error naming the directory.
     pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        Self::with_db(sled::Config::new().path(dir).open()?)
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sled::Config::new().path(dir).open() {
+                Ok(db) => return Self::with_db(db),
+                Err(sled::Error::Io(e))
+                    if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline =>
+                {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
     }
 
     /// A store in a temporary location, deleted when dropped (simulations and tests).
