@@ -155,6 +155,7 @@ async fn session(
     let peer = GrpcPeer { client: LinkClient::new(channel) };
     let (mut bob, (ready, dropped)) =
         BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), link.clone(), store).await?;
+    bob.set_max_stored_units(cfg.max_stored_units);
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
     {
         let mut s = status.lock().expect("status lock poisoned");

@@ -110,6 +110,14 @@ pub struct AliceFibre {
     pub listen: SocketAddr,
 }
 
+/// Default of [`BobConfig::max_stored_units`]: 200 000 units of 256 bits (51 Mbit of key, about
+/// 60 MB of the store's memory).
+pub const DEFAULT_MAX_STORED_UNITS: u64 = 200_000;
+
+fn default_max_stored_units() -> u64 {
+    DEFAULT_MAX_STORED_UNITS
+}
+
 /// Bob's daemon configuration.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -118,6 +126,10 @@ pub struct BobConfig {
     pub node_id: String,
     /// Directory of the key store and the status file; created if missing.
     pub data_dir: PathBuf,
+    /// Most key units the store may hold, ready or pending (0: no limit); while it is full, new
+    /// blocks are aborted and no key is distilled (see `BobLink::set_max_stored_units`).
+    #[serde(default = "default_max_stored_units")]
+    pub max_stored_units: u64,
     /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
     /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
     /// absent.

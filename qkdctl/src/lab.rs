@@ -204,12 +204,15 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()>
     );
     let bob = format!(
         "# Bob (receiver) of the qkdctl lab. Relative paths are relative to this file.\n\
-         node_id = \"bob\"\n# Key store and status file.\ndata_dir = \"bob\"\n\n\
+         node_id = \"bob\"\n# Key store and status file.\ndata_dir = \"bob\"\n\
+         # Most 256-bit key units the store may hold (0: no limit); while it is full, new blocks are\n\
+         # aborted (\"key store is full\") until applications fetch keys.\nmax_stored_units = {max_units}\n\n\
          # Alice's classical-channel server; her certificate must be valid for alice_name.\n\
          [classical]\nalice_addr = \"127.0.0.1:{grpc}\"\nalice_name = \"alice\"\n\n\
          # Alice's end of the simulated fibre.\n[fibre]\nalice_addr = \"127.0.0.1:{fibre}\"\n\n{}{shared}{}",
         tls("bob"),
-        kme("bob", "alice", etsi_b, peer_b, peer_a)
+        kme("bob", "alice", etsi_b, peer_b, peer_a),
+        max_units = common::config::DEFAULT_MAX_STORED_UNITS
     );
     std::fs::write(dir.join("alice.toml"), alice)?;
     std::fs::write(dir.join("bob.toml"), bob)?;

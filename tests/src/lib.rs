@@ -83,6 +83,7 @@ impl Lab {
         BobConfig {
             node_id: "bob".into(),
             data_dir: self.dir.0.join("bob"),
+            max_stored_units: 0,
             classical: BobClassical { alice_addr: grpc.to_string(), alice_name: "alice".into(), max_backoff_s: 0.5 },
             fibre: BobFibre { alice_addr: fibre.to_string() },
             tls: self.pki.files("bob"),

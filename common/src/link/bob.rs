@@ -104,6 +104,8 @@ pub struct BobLink<P: LinkPeer> {
     acc_pulses: u64,
     acc_frames: u64,
     qber_estimate: f64,
+    /// Most key units the store may hold before new blocks are refused (0: no limit).
+    max_stored_units: u64,
     /// Running counters.
     pub counters: LinkCounters,
 }
@@ -154,6 +156,7 @@ impl<P: LinkPeer> BobLink<P> {
             acc_pulses: 0,
             acc_frames: 0,
             qber_estimate,
+            max_stored_units: 0,
             counters: LinkCounters::default(),
         };
         Ok((link, (ready, dropped)))
@@ -193,6 +196,14 @@ impl<P: LinkPeer> BobLink<P> {
         self.acc_bits.len() as u64
     }
 
+    /// Limits the key store to `max_units` key units, ready or pending (0: no limit). While the
+    /// store holds that many, each block is started (so that Alice cuts the same sifted bits)
+    /// and aborted at once with the reason, and no key is distilled: the key pool, and the
+    /// memory and disk it takes, stop growing until applications fetch keys.
+    pub fn set_max_stored_units(&mut self, max_units: u64) {
+        self.max_stored_units = max_units;
+    }
+
     /// Post-processes the accumulated block: Cascade, verification, privacy amplification and
     /// the two-ended commit. A block that does not complete stores nothing.
     pub async fn process_block(&mut self, store: &dyn KeyStore, now_unix_ms: u64) -> Result<BlockReport, LinkError> {
@@ -228,6 +239,20 @@ impl<P: LinkPeer> BobLink<P> {
             report.abort_reason = Some(started.abort_reason);
             self.counters.blocks_aborted += 1;
             return Ok(report);
+        }
+        if self.max_stored_units > 0 {
+            let held = store.n_units()?;
+            if held >= self.max_stored_units {
+                let reason = format!(
+                    "Bob's key store is full ({held} key units held, limit {}): no key distilled until keys are \
+                     fetched or max_stored_units is raised",
+                    self.max_stored_units
+                );
+                self.abort(&started.block_id, &reason).await?;
+                report.abort_reason = Some(reason);
+                self.counters.blocks_aborted += 1;
+                return Ok(report);
+            }
         }
         let mut transcript = Transcript::default();
         transcript.absorb("StartBlock", &start, &started);

@@ -146,6 +146,36 @@ fn blocks_commit_with_identical_keys_at_both_ends() {
 }
 
 #[test]
+fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
+    rt().block_on(async {
+        let mut rig = Rig::new(11);
+        let mut bob = rig.open(Crash::None).await;
+        rig.fill_block(&mut bob).await;
+        let first = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(first.abort_reason, None, "{first:?}");
+        let held = rig.bob_store.n_units().unwrap();
+        assert_eq!(held, first.n_keys);
+        // The store holds exactly its limit: the next block is aborted, nothing is stored.
+        bob.set_max_stored_units(held);
+        rig.fill_block(&mut bob).await;
+        let full = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        let reason = full.abort_reason.clone().unwrap_or_default();
+        assert!(reason.contains("key store is full"), "{full:?}");
+        assert_eq!(full.n_keys, 0);
+        let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+        assert_eq!(a, b);
+        assert_eq!((b.n_keys, b.n_ready_blocks, b.n_pending_blocks), (held, 1, 0));
+        // With room again, the two ends are still in step: the next block commits.
+        bob.set_max_stored_units(held + 1_000_000);
+        rig.fill_block(&mut bob).await;
+        let next = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(next.abort_reason, None, "{next:?}");
+        assert!(next.n_keys > 0);
+        assert_eq!(rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+    });
+}
+
+#[test]
 fn every_reconciliation_method_commits_identical_keys_and_charges_its_leak() {
     for (reconciliation, cascade_frame_bits, max_round_trips) in [
         (Reconciliation::Cascade, 0, u32::MAX),
