@@ -196,7 +196,8 @@ impl<P: LinkPeer> BobLink<P> {
         self.acc_bits.len() as u64
     }
 
-    /// Limits the key store to `max_units` key units, ready or pending (0: no limit). While the
+    /// Limits the key store to `max_units` key units, ready or pending (0: no limit; the block
+    /// that reaches the limit is stored whole, so the store may exceed it by one block). While the
     /// store holds that many, each block is started (so that Alice cuts the same sifted bits)
     /// and aborted at once with the reason, and no key is distilled: the key pool, and the
     /// memory and disk it takes, stop growing until applications fetch keys.
