@@ -109,7 +109,7 @@ impl AliceCore {
     pub fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<HelloResponse, LinkError> {
         if req.params_digest != self.digest {
             return Err(LinkError::ParamsMismatch(
-                "block size, epsilons, key unit, frame length, p_z, mu or g2 differ; use the same preset and [protocol] section at both ends".into(),
+                "protocol version, block size, epsilons, key unit, frame length, p_z, mu or g2 differ; run the same release and use the same preset and [protocol] section at both ends".into(),
             ));
         }
         let mut ready_block_ids = Vec::new();

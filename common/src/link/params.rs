@@ -6,6 +6,13 @@ use super::Reconciliation;
 use crate::postproc::finite_key::SecurityParams;
 use crate::sim::LinkParams;
 
+/// Version of what the two ends compute alike beyond these parameters (the Cascade shuffles,
+/// how a block is cut into frames and padded, the hashes' layouts). It is part of the session
+/// digest, so a pair of daemons of different versions is refused when the session opens instead
+/// of failing block after block; raise it with any such change.
+/// 2: Cascade frames of one exchange padded to one length.
+pub const LINK_PROTOCOL_VERSION: u32 = 2;
+
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
 /// parameters the security analysis uses) when a session opens.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -106,10 +113,13 @@ impl ProtocolParams {
         }
     }
 
-    /// SHA-256 over everything both ends must share: these parameters and the physical
-    /// parameters the security analysis uses.
+    /// SHA-256 over everything both ends must share: the [`LINK_PROTOCOL_VERSION`], these
+    /// parameters and the physical parameters the security analysis uses.
+    /// (`Hello` carries it: Alice refuses a session whose digest differs from hers, so two ends
+    /// of different protocol versions or settings never start a block.)
     pub fn digest(&self, link: &LinkParams) -> Vec<u8> {
         let shared = serde_json::json!({
+            "version": LINK_PROTOCOL_VERSION,
             "protocol": self,
             "p_z": link.p_z,
             "mu": link.mu,
