@@ -32,8 +32,8 @@ pub struct ProtocolParams {
     pub reconciliation: Reconciliation,
     /// Cascade: the block is cut into frames of about this many bits, all reconciled in the
     /// same round trips (0: one frame, the whole block). Longer frames leak a little less
-    /// (f 1.032 at 1e5 bits, 1.030 at 1e6, QBER 3 %) but are slower (16.6 and 7.3 Mbit/s per
-    /// core). The default 2^20 keeps blocks of up to about 1.5 10^6 bits (the 120 km preset's
+    /// (f 1.029 at 1e5 bits, 1.027 at 1e6, QBER 3 %) but are slower (29 and 11 Mbit/s per
+    /// core, `qkdctl bench-postproc` on a quiet machine). The default 2^20 keeps blocks of up to about 1.5 10^6 bits (the 120 km preset's
     /// 10^6) in one frame, where the key rate at high QBER gains most from the smaller leak, and
     /// bounds the shuffles' memory (about 30 bytes per bit of a frame at each end) for longer
     /// blocks.
