@@ -9,3 +9,4 @@ mod etsi;
 mod link;
 mod service;
 mod sim;
+mod store;
