@@ -43,6 +43,10 @@ pub enum ReserveError {
     /// changed nothing.
     #[error("the peer KME does not hold {} of the units", .0.len())]
     Missing(Vec<Uuid>),
+    /// The peer holds these units but has not committed their block yet (the two-ended commit
+    /// is under way): they will be reservable shortly. The peer changed nothing.
+    #[error("{} of the units are not committed at the peer KME yet", .0.len())]
+    NotYetReady(Vec<Uuid>),
     /// The peer refused the request (it is inconsistent with its configuration, or its store
     /// failed). The peer changed nothing.
     #[error("the peer KME refused: {0}")]
@@ -159,16 +163,20 @@ impl ReservePeer for GrpcPeer {
                     ReserveError::Unreachable(status.message().to_owned())
                 }
             })?;
-            let missing = response.into_inner().missing_unit_ids;
-            if missing.is_empty() {
-                return Ok(());
+            let response = response.into_inner();
+            let ids = |ids: &[Vec<u8>]| {
+                ids.iter()
+                    .map(|id| Uuid::from_slice(id))
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|_| ReserveError::Refused("malformed unit ID in the peer's answer".into()))
+            };
+            if !response.missing_unit_ids.is_empty() {
+                return Err(ReserveError::Missing(ids(&response.missing_unit_ids)?));
             }
-            let missing = missing
-                .iter()
-                .map(|id| Uuid::from_slice(id))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|_| ReserveError::Refused("malformed unit ID in the peer's answer".into()))?;
-            Err(ReserveError::Missing(missing))
+            if !response.not_ready_unit_ids.is_empty() {
+                return Err(ReserveError::NotYetReady(ids(&response.not_ready_unit_ids)?));
+            }
+            Ok(())
         })
     }
 
@@ -285,9 +293,14 @@ impl KmePeer for PeerService {
             keys,
         };
         match self.state.reserve_for_peer(request).await {
-            Ok(()) => Ok(Response::new(ReserveResponse { missing_unit_ids: Vec::new() })),
+            Ok(()) => Ok(Response::new(ReserveResponse::default())),
             Err(ReserveError::Missing(missing)) => Ok(Response::new(ReserveResponse {
                 missing_unit_ids: missing.iter().map(|u| u.as_bytes().to_vec()).collect(),
+                ..ReserveResponse::default()
+            })),
+            Err(ReserveError::NotYetReady(units)) => Ok(Response::new(ReserveResponse {
+                not_ready_unit_ids: units.iter().map(|u| u.as_bytes().to_vec()).collect(),
+                ..ReserveResponse::default()
             })),
             Err(ReserveError::Refused(message)) => Err(Status::failed_precondition(message)),
             Err(ReserveError::NotSent(message) | ReserveError::Unreachable(message)) => Err(Status::internal(message)),

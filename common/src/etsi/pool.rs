@@ -28,7 +28,7 @@
 //! longer holds some units for any other reason, A discards them and tries again with others: no
 //! unit is ever part of two delivered keys. Units that B holds but has not committed yet (the
 //! block is ready at A, still pending at B for the moment of the two-ended commit) are not
-//! missing: B refuses, A keeps them and the master gets a 503 to retry.
+//! missing: B says so, and A keeps them and tries again with others.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -234,12 +234,9 @@ impl KmeState {
                 Err(ReserveError::Missing(missing))
             }
             Err(KmeStoreError::NotYetReady(units)) => {
-                // Refused, not missing: the peer keeps the units and offers them again later.
+                // Not missing: the peer keeps the units and picks others.
                 info!(n_units = units.len(), "peer KME asked for units of a block not committed here yet");
-                Err(ReserveError::Refused(format!(
-                    "{} of the units belong to a block not committed at this KME yet; try again shortly",
-                    units.len()
-                )))
+                Err(ReserveError::NotYetReady(units))
             }
             Err(e) => {
                 error!(error = %e, "reservation failed");
@@ -391,8 +388,10 @@ impl KmeState {
     async fn deliver_new_keys(&self, request: ValidKeyRequest) -> Result<KeyContainer, EtsiError> {
         let units_per_key = request.size_bits.div_ceil(UNIT_BITS) as usize;
         let n_units = request.number as usize * units_per_key;
+        // Units the peer has not committed yet: kept, but not picked again for this request.
+        let mut not_ready: HashSet<Uuid> = HashSet::new();
         for _ in 0..MAX_RESERVE_ATTEMPTS {
-            let picked = self.pick_units(n_units)?;
+            let picked = self.pick_units(n_units, &not_ready)?;
             let picked = match picked {
                 Ok(picked) => picked,
                 Err(n_available) => {
@@ -465,6 +464,16 @@ impl KmeState {
                         .await
                         .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?;
                     discarded.map_err(|e| store_unavailable(&e))?;
+                }
+                Err(ReserveError::NotYetReady(units)) => {
+                    // The units go back to the pool (`picked` dropped); others are picked.
+                    info!(n_units = units.len(), "the peer KME has not committed some units yet: picking others");
+                    let ours: HashSet<Uuid> = picked.units.iter().map(|u| u.key_id).collect();
+                    let before = not_ready.len();
+                    not_ready.extend(units.into_iter().filter(|id| ours.contains(id)));
+                    if not_ready.len() == before {
+                        return Err(EtsiError::Unavailable("the peer KME refused the reservation".into()));
+                    }
                 }
                 Err(ReserveError::Refused(message)) => {
                     warn!(%message, "the peer KME refused a reservation");
@@ -581,13 +590,13 @@ impl KmeState {
         // The marks of the discarded units go when `marks` is dropped, after the discard.
     }
 
-    /// Picks `n_units` owned ready units not in flight and marks them in flight; `Err(n)` with
-    /// the number available when there are fewer.
+    /// Picks `n_units` owned ready units, neither in flight nor in `exclude`, and marks them in
+    /// flight; `Err(n)` with the number available when there are fewer.
     ///
     /// Runs on the async worker: it reads sled's in-memory page cache and writes nothing, so it
     /// does not block on the disk; a hop to the blocking pool per request cost more than the
     /// search (context switches were most of the KME's CPU time under load).
-    fn pick_units(&self, n_units: usize) -> Result<Result<InFlight, usize>, EtsiError> {
+    fn pick_units(&self, n_units: usize, exclude: &HashSet<Uuid>) -> Result<Result<InFlight, usize>, EtsiError> {
         let inner = &self.inner;
         // Invariant: no code panics while holding these locks, so they are never poisoned.
         let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
@@ -595,7 +604,9 @@ impl KmeState {
         let side = inner.side;
         let units = inner
             .store
-            .select_ready_units_after(cursor.as_ref(), n_units, |id| side.owns(id) && !in_flight.contains(id))
+            .select_ready_units_after(cursor.as_ref(), n_units, |id| {
+                side.owns(id) && !in_flight.contains(id) && !exclude.contains(id)
+            })
             .map_err(|e| store_unavailable(&e))?;
         if units.len() < n_units {
             return Ok(Err(units.len()));

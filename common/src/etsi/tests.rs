@@ -334,6 +334,41 @@ async fn missing_units_at_the_peer_are_discarded_and_replaced() {
 }
 
 #[tokio::test]
+async fn units_not_yet_committed_at_the_peer_are_kept_and_others_served() {
+    let (a, b) = pair(40, 0);
+    // The two-ended commit under way: three of A's units are ready at A, still pending at B.
+    let first: Vec<KeyUnit> = a.store().select_ready_units(3, |id| KmeSide::Alice.owns(id)).unwrap();
+    let ids: Vec<Uuid> = first.iter().map(|u| u.key_id).collect();
+    b.store().take_ready_units(&ids).unwrap();
+    let block = BlockMeta {
+        block_id: Uuid::new_v4(),
+        created_unix_ms: 0,
+        n_sifted_bits: 0,
+        qber_z: 0.0,
+        qber_x: 0.0,
+        phase_error_upper: 0.0,
+        leak_bits: 0,
+        final_bits: 256 * 3,
+    };
+    b.store().put_pending(&block, &first).unwrap();
+    let before = a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
+    let container =
+        a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
+    assert_eq!(container.keys.len(), 4);
+    // Only the four served units left A's pool: the three are kept, not discarded.
+    assert_eq!(a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count, before - 4);
+    let kept = a.store().select_ready_units(usize::MAX, |id| ids.contains(id)).unwrap();
+    assert_eq!(kept.len(), 3);
+    let served = container.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), served).await.unwrap().keys, container.keys);
+    // Once B commits the block, they are served like any other.
+    b.store().mark_ready(block.block_id).unwrap();
+    let rest = (before - 4) as i64;
+    let all = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(rest), ..KeyRequest::default() }).await;
+    assert_eq!(all.unwrap().keys.len() as i64, rest);
+}
+
+#[tokio::test]
 async fn multicast_keys_reach_every_slave() {
     let (a, b) = pair(10, 1);
     let request = KeyRequest { additional_slave_sae_ids: vec![sae("s2")], ..KeyRequest::default() };
