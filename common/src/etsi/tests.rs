@@ -264,6 +264,20 @@ fn lossy_pair(n_units: usize, peer: LossyPeer) -> (KmeState, KmeState, Arc<Lossy
     (a, b, peer)
 }
 
+/// Metadata of a fresh block of `n_units` units (the KME reads only the units).
+fn block_meta(n_units: usize) -> BlockMeta {
+    BlockMeta {
+        block_id: Uuid::new_v4(),
+        created_unix_ms: 0,
+        n_sifted_bits: 0,
+        qber_z: 0.0,
+        qber_x: 0.0,
+        phase_error_upper: 0.0,
+        leak_bits: 0,
+        final_bits: 256 * n_units as u64,
+    }
+}
+
 /// Two stores holding the same `n_units` random ready units.
 fn stores(n_units: usize) -> (Arc<SledStore>, Arc<SledStore>) {
     // Alternate the last byte's parity so that each KME owns exactly half of the units.
@@ -277,16 +291,7 @@ fn stores(n_units: usize) -> (Arc<SledStore>, Arc<SledStore>) {
             }
         })
         .collect();
-    let meta = BlockMeta {
-        block_id: Uuid::new_v4(),
-        created_unix_ms: 0,
-        n_sifted_bits: 0,
-        qber_z: 0.0,
-        qber_x: 0.0,
-        phase_error_upper: 0.0,
-        leak_bits: 0,
-        final_bits: 256 * n_units as u64,
-    };
+    let meta = block_meta(n_units);
     let (store_a, store_b) = (Arc::new(SledStore::temporary().unwrap()), Arc::new(SledStore::temporary().unwrap()));
     store_a.put_ready(&meta, &units).unwrap();
     store_b.put_ready(&meta, &units).unwrap();
@@ -340,16 +345,7 @@ async fn units_not_yet_committed_at_the_peer_are_kept_and_others_served() {
     let first: Vec<KeyUnit> = a.store().select_ready_units(3, |id| KmeSide::Alice.owns(id)).unwrap();
     let ids: Vec<Uuid> = first.iter().map(|u| u.key_id).collect();
     b.store().take_ready_units(&ids).unwrap();
-    let block = BlockMeta {
-        block_id: Uuid::new_v4(),
-        created_unix_ms: 0,
-        n_sifted_bits: 0,
-        qber_z: 0.0,
-        qber_x: 0.0,
-        phase_error_upper: 0.0,
-        leak_bits: 0,
-        final_bits: 256 * 3,
-    };
+    let block = block_meta(3);
     b.store().put_pending(&block, &first).unwrap();
     let before = a.status(Some(&sae("m")), &sae("s")).await.unwrap().stored_key_count;
     let container =
