@@ -71,7 +71,8 @@ pub async fn run(
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
-    let core = AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), link.clone(), ChaCha20Rng::from_os_rng());
+    let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let core = AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng());
     let core = Arc::new(Mutex::new(core));
     let status = Arc::new(Mutex::new(AliceStatus::default()));
     info!(
@@ -80,6 +81,9 @@ pub async fn run(
         fibre = %fibre_listener.local_addr()?,
         health = ?cfg.health_listen,
         distance_km = link.distance_km,
+        eps_qkd = security.eps_qkd,
+        mu_max = security.mu_max,
+        g2_max = security.g2_max,
         block_bits = cfg.protocol.block_bits,
         "alice started"
     );
@@ -195,9 +199,10 @@ impl LinkService {
         let Some(event) = event else { return };
         let mut status = self.status.lock().expect("status lock poisoned");
         match event {
-            AliceEvent::Committed(meta) => {
+            AliceEvent::Committed(meta, security) => {
                 info!(
                     block = %meta.block_id,
+                    security = %serde_json::to_string(&security).unwrap_or_default(),
                     sifted_bits = meta.n_sifted_bits,
                     qber_z = format_args!("{:.3}%", 100.0 * meta.qber_z),
                     qber_x = format_args!("{:.3}%", 100.0 * meta.qber_x),
@@ -333,7 +338,8 @@ async fn emit_frames(
                 let secret = FrameSecret::random(&mut rng);
                 let photons = source.emit_frame(&secret, frame_pulses, &mut rng);
                 let frame = encode_frame(frame_idx, frame_pulses, &photons);
-                core.lock().expect("alice core lock poisoned").register_frame(frame_idx, secret, frame_pulses);
+                let reading = source.monitor_reading(&mut rng);
+                core.lock().expect("alice core lock poisoned").register_frame(frame_idx, secret, frame_pulses, reading);
                 frame_idx += 1;
                 let sent = tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &frame)).await;
                 let mut status = status.lock().expect("status lock poisoned");

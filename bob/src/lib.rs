@@ -138,6 +138,7 @@ async fn session(
     rng: &mut ChaCha20Rng,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
     let endpoint = Endpoint::from_shared(format!("https://{}", cfg.classical.alice_addr))
         .context("classical.alice_addr")?
         .tls_config(tls.tonic_client(&cfg.classical.alice_name))
@@ -154,7 +155,7 @@ async fn session(
     let _ = fibre.set_nodelay(true);
     let peer = GrpcPeer { client: LinkClient::new(channel) };
     let (mut bob, (ready, dropped)) =
-        BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), link.clone(), store).await?;
+        BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store).await?;
     bob.set_max_stored_units(cfg.max_stored_units);
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
     {
@@ -244,6 +245,9 @@ fn log_block(report: &BlockReport) {
             round_trips = report.round_trips,
             final_bits = report.final_bits,
             keys = report.n_keys,
+            monitor_mu = report.monitor_mu,
+            monitor_g2 = report.monitor_g2,
+            security = %report.security.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()).unwrap_or_default(),
             "block committed: keys stored as ready"
         ),
         Some(reason) => warn!(
@@ -251,6 +255,8 @@ fn log_block(report: &BlockReport) {
             sifted_bits = report.n_bits,
             qber_z = format_args!("{:.3}%", 100.0 * report.qber_z),
             qber_x = format_args!("{:.3}%", 100.0 * report.qber_x),
+            monitor_mu = report.monitor_mu,
+            monitor_g2 = report.monitor_g2,
             %reason,
             "block aborted: no key stored"
         ),

@@ -14,6 +14,7 @@ use std::time::Instant;
 
 use common::link::ProtocolParams;
 use common::planner::{Eavesdropper, Scenario, simulate};
+use common::postproc::finite_key::SecurityParams;
 use common::sim::LinkParams;
 
 /// (distance in km, simulated duration in s): about the same wall time each.
@@ -26,10 +27,13 @@ fn main() {
         "km", "simulated s", "wall s", "simulated s / s", "detections/s", "blocks"
     );
     for (distance_km, duration_s) in POINTS {
-        let mut link = LinkParams::preset("wang2026-120km").expect("built-in preset");
+        let (mut link, bounds) = LinkParams::preset_with_bounds("wang2026-120km").expect("built-in preset");
         link.distance_km = distance_km;
+        let bounds = bounds.expect("the preset ships its calibration");
+        let security = SecurityParams::with_bounds(bounds.mu_max, bounds.g2_max, link.p_z);
         let scenario = Scenario {
             link,
+            security,
             protocol: ProtocolParams { block_bits: 1_000_000, ..ProtocolParams::default() },
             duration_s: duration_s * scale,
             eavesdropper: Eavesdropper::None,

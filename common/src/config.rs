@@ -5,7 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use crate::link::ProtocolParams;
-use crate::sim::LinkParams;
+use crate::postproc::finite_key::{DEFAULT_EPS_QKD, SecurityParams};
+use crate::sim::{LinkParams, SourceBounds};
 use crate::tls::TlsFiles;
 
 /// Errors loading a configuration.
@@ -44,20 +45,94 @@ pub struct LinkSection {
 impl LinkSection {
     /// Resolves the physical parameters.
     pub fn resolve(&self, base_dir: &Path) -> Result<LinkParams, String> {
-        let mut params = match (&self.file, &self.preset) {
+        self.resolve_with_bounds(base_dir).map(|(params, _)| params)
+    }
+
+    /// Resolves the physical parameters and the source calibration the preset file ships (its
+    /// `[security]` table), if any.
+    pub fn resolve_with_bounds(&self, base_dir: &Path) -> Result<(LinkParams, Option<SourceBounds>), String> {
+        let (mut params, bounds) = match (&self.file, &self.preset) {
             (Some(file), _) => {
                 let path = base_dir.join(file);
                 let text = std::fs::read_to_string(&path).map_err(|e| format!("link.file {}: {e}", path.display()))?;
-                LinkParams::from_toml_str(&text).map_err(|e| format!("link.file {}: {e}", path.display()))?
+                LinkParams::with_bounds_from_toml_str(&text)
+                    .map_err(|e| format!("link.file {}: {e}", path.display()))?
             }
-            (None, Some(name)) => LinkParams::preset(name).map_err(|e| format!("link.preset: {e}"))?,
-            (None, None) => LinkParams::preset("lab-10km").map_err(|e| format!("link.preset: {e}"))?,
+            (None, Some(name)) => LinkParams::preset_with_bounds(name).map_err(|e| format!("link.preset: {e}"))?,
+            (None, None) => LinkParams::preset_with_bounds("lab-10km").map_err(|e| format!("link.preset: {e}"))?,
         };
         if let Some(km) = self.distance_km {
             params.distance_km = km;
         }
         params.validate().map_err(|e| format!("link: {e}"))?;
-        Ok(params)
+        Ok((params, bounds))
+    }
+}
+
+fn default_eps_qkd() -> f64 {
+    DEFAULT_EPS_QKD
+}
+
+/// What the finite-key analysis assumes: the overall security parameter and the source's
+/// calibrated upper bounds. Must be equal at both ends (the session digest covers it).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SecuritySection {
+    /// Overall security parameter eps_QKD = eps_cor + eps_sec of every block's key
+    /// (dimensionless, default 1e-9); the code splits it between correctness, the statistical
+    /// bounds and privacy amplification (docs/security.md).
+    #[serde(default = "default_eps_qkd")]
+    pub eps_qkd: f64,
+    /// Upper bound on the source's mean photon number per pulse leaving Alice's lab, from its
+    /// calibration (dimensionless). When absent, the link preset's `[security]` table gives it.
+    #[serde(default)]
+    pub mu_max: Option<f64>,
+    /// Upper bound on the source's g2(0), from its calibration (dimensionless). When absent, the
+    /// link preset's `[security]` table gives it.
+    #[serde(default)]
+    pub g2_max: Option<f64>,
+}
+
+impl Default for SecuritySection {
+    fn default() -> Self {
+        Self { eps_qkd: DEFAULT_EPS_QKD, mu_max: None, g2_max: None }
+    }
+}
+
+impl SecuritySection {
+    /// Fills the bounds left unset from the preset's calibration, then checks them.
+    pub fn complete(&mut self, preset: Option<SourceBounds>) -> Result<(), String> {
+        if let Some(bounds) = preset {
+            self.mu_max.get_or_insert(bounds.mu_max);
+            self.g2_max.get_or_insert(bounds.g2_max);
+        }
+        if !(self.eps_qkd > 0.0 && self.eps_qkd < 1.0) {
+            return Err(format!("security.eps_qkd = {} is not in (0, 1)", self.eps_qkd));
+        }
+        for (name, value) in [("mu_max", self.mu_max), ("g2_max", self.g2_max)] {
+            match value {
+                None => {
+                    return Err(format!(
+                        "security.{name} is not set and the link preset has no calibration: set it from the \
+                         source's calibration (an upper bound)"
+                    ));
+                }
+                Some(v) if !(v.is_finite() && v >= 0.0) => {
+                    return Err(format!("security.{name} = {v} is not a finite, non-negative number"));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The parameters of the key length: these bounds and eps_QKD, with Alice's basis probability
+    /// `p_z`. Fails when a bound is unset (see [`SecuritySection::complete`]).
+    pub fn params(&self, p_z: f64) -> Result<SecurityParams, String> {
+        match (self.mu_max, self.g2_max) {
+            (Some(mu_max), Some(g2_max)) => Ok(SecurityParams { eps_qkd: self.eps_qkd, p_z, mu_max, g2_max }),
+            _ => Err("security.mu_max and security.g2_max must be set".into()),
+        }
     }
 }
 
@@ -86,6 +161,9 @@ pub struct AliceConfig {
     /// Post-processing parameters; must equal Bob's.
     #[serde(default)]
     pub protocol: ProtocolParams,
+    /// Security parameter and calibrated source bounds; must equal Bob's.
+    #[serde(default)]
+    pub security: SecuritySection,
     /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
     /// KME-to-KME channel. Off when absent.
     #[serde(default)]
@@ -147,6 +225,9 @@ pub struct BobConfig {
     /// Post-processing parameters; must equal Alice's.
     #[serde(default)]
     pub protocol: ProtocolParams,
+    /// Security parameter and calibrated source bounds; must equal Alice's.
+    #[serde(default)]
+    pub security: SecuritySection,
     /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
     /// KME-to-KME channel. Off when absent.
     #[serde(default)]
@@ -196,7 +277,7 @@ impl AliceConfig {
         let mut cfg: Self = load(path, "ALICE")?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.rebase(base);
-        let link = validate(path, &cfg.link, &cfg.protocol, base)?;
+        let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, base)?;
         Ok((cfg, link))
     }
 
@@ -221,7 +302,7 @@ impl BobConfig {
                 message: "classical.max_backoff_s must be positive".into(),
             });
         }
-        let link = validate(path, &cfg.link, &cfg.protocol, base)?;
+        let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, base)?;
         Ok((cfg, link))
     }
 }
@@ -230,11 +311,14 @@ fn validate(
     path: &Path,
     link: &LinkSection,
     protocol: &ProtocolParams,
+    security: &mut SecuritySection,
     base: &Path,
 ) -> Result<LinkParams, ConfigError> {
     let invalid = |message| ConfigError::Invalid { file: path.to_owned(), message };
     protocol.validate().map_err(|m| invalid(format!("protocol.{m}")))?;
-    link.resolve(base).map_err(invalid)
+    let (link, bounds) = link.resolve_with_bounds(base).map_err(invalid)?;
+    security.complete(bounds).map_err(invalid)?;
+    Ok(link)
 }
 
 fn rebase_path(path: &mut PathBuf, base: &Path) {

@@ -18,7 +18,7 @@ use crate::link::bob::{BlockReport, BobLink};
 use crate::link::memory::MemoryAlice;
 use crate::link::{LinkError, ProtocolParams};
 use crate::postproc::finite_key::{
-    BlockStats, XCounts, phase_error_bounds, phase_error_bounds_at_split, security_cost_bits,
+    BlockStats, EpsBudget, SecurityParams, XCounts, n_tags_for, phase_error_bounds, phase_error_bounds_at_split,
 };
 use crate::sim::{
     Detection, FrameSecret, FrameStates, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting, Receiver,
@@ -43,8 +43,12 @@ pub enum Eavesdropper {
 pub struct Scenario {
     /// Physical parameters.
     pub link: LinkParams,
-    /// Post-processing parameters (block size, epsilons, frame length).
+    /// Post-processing parameters (block size, frame length, reconciliation).
     pub protocol: ProtocolParams,
+    /// What the key length assumes (eps_QKD, p_Z, the calibrated source bounds): never taken from
+    /// `link`'s model values, so a simulated source brighter than its calibration is caught by
+    /// the monitor, as on hardware.
+    pub security: SecurityParams,
     /// Simulated duration, in s (rounded up to whole frames).
     pub duration_s: f64,
     /// The attack on the fibre, if any.
@@ -216,18 +220,17 @@ impl EveTally {
 }
 
 async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> Result<SimulationReport, PlannerError> {
-    let Scenario { link, protocol, duration_s, seed, .. } = scenario;
+    let Scenario { link, protocol, security, duration_s, seed, .. } = scenario;
     let alice_store = Arc::new(SledStore::temporary()?);
     let bob_store = SledStore::temporary()?;
-    let core = AliceCore::new("alice".into(), protocol.clone(), link.clone(), ChaCha20Rng::seed_from_u64(*seed));
+    let core = AliceCore::new("alice".into(), protocol.clone(), security.clone(), ChaCha20Rng::seed_from_u64(*seed));
     let alice = MemoryAlice::new(core, alice_store.clone());
-    let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), link.clone(), &bob_store).await?;
+    let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store).await?;
     let source = Source::new(link);
     let pns =
         matches!(scenario.eavesdropper, Eavesdropper::PhotonNumberSplitting).then(|| PhotonNumberSplitting::new(link));
     let mut receiver = Receiver::new(link);
     let mut rng = ChaCha20Rng::seed_from_u64(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ 1);
-    let security = protocol.security(link);
 
     let frame_pulses = protocol.frame_pulses;
     let frame_s = frame_pulses as f64 / link.clock_hz;
@@ -248,7 +251,8 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
         if !split.is_empty() {
             block_eve.add(EveTally::of_frame(&secret, link.p_z, &split, &detections));
         }
-        alice.lock().core.register_frame(frame_idx, secret, frame_pulses);
+        let reading = source.monitor_reading(&mut rng);
+        alice.lock().core.register_frame(frame_idx, secret, frame_pulses, reading);
         let x_counts = bob.sift_frame(frame_idx, frame_pulses, &detections).await?;
         block_counts.add(&x_counts);
         receiver.feedback(x_counts.n_plus_sent(), x_counts.plus_minus);
@@ -261,20 +265,20 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
                 n_key_bits: report.n_bits,
                 n_pulses: report.n_pulses,
                 x_counts: std::mem::take(&mut block_counts),
-                leak_ec_bits: report.leak_bits,
+                leak_ec_bits: report.security.as_ref().map_or(report.leak_bits, |s| s.leak_ec_bits),
             };
-            let bounds = phase_error_bounds(&stats, &security).ok();
+            let bounds = phase_error_bounds(&stats, security).ok();
             let eve = std::mem::take(&mut block_eve);
             let key_length_at_actual_split = pns
                 .as_ref()
-                .and_then(|_| {
-                    let (m_key, m_test) = (eve.known_key_bits as f64, eve.test_clicks as f64);
-                    phase_error_bounds_at_split(&stats, &security, m_key, m_test).ok()
-                })
+                .and_then(|_| phase_error_bounds_at_split(&stats, security, eve.known_key_bits as f64).ok())
                 .map(|b| {
-                    b.n_single_photon_lower * (1.0 - crate::postproc::binary_entropy(b.single_photon_rate_upper))
+                    let budget = EpsBudget::from_total(security.eps_qkd);
+                    let tags = n_tags_for(stats.n_key_bits, budget.eps_cor);
+                    b.entropy_bits()
                         - stats.leak_ec_bits as f64
-                        - security_cost_bits(&security)
+                        - (crate::postproc::finite_key::TAG_BITS * u64::from(tags)) as f64
+                        - budget.pa_cost_bits()
                 });
             block_security.push(BlockSecurity {
                 n_key_bits: report.n_bits,
@@ -343,7 +347,8 @@ fn report(
             .iter()
             .map(|r| {
                 let h = crate::postproc::binary_entropy(r.qber_z);
-                if h > 0.0 { (r.leak_bits - crate::link::alice::TAG_BITS) as f64 / (r.n_bits as f64 * h) } else { 0.0 }
+                let leak_ec = r.security.as_ref().map_or(0, |s| s.leak_ec_bits);
+                if h > 0.0 { leak_ec as f64 / (r.n_bits as f64 * h) } else { 0.0 }
             })
             .sum::<f64>()
             / committed.len() as f64

@@ -7,9 +7,11 @@ use std::path::PathBuf;
 use std::io::IsTerminal;
 
 use anyhow::{Context, bail};
+use common::config::SecuritySection;
 use common::link::{ProtocolParams, Reconciliation};
 use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
-use common::sim::{InterceptResend, LinkParams, analytic};
+use common::postproc::finite_key::SecurityParams;
+use common::sim::{InterceptResend, LinkParams, SourceBounds, analytic};
 
 /// The reference experiment's published points (seed-experiment.md): (distance km, secret key
 /// rate bit/s) at 120 km, and the maximum distance with positive key.
@@ -19,10 +21,11 @@ pub const PAPER_MAX_DISTANCE_KM: f64 = 127.0;
 /// The reference experiment's QBER at 120 km (Z, X).
 pub const PAPER_QBER_120KM: (f64, f64) = (0.0685, 0.096);
 
-/// Default finite-key block for planning: 10^6 sifted bits (about an hour at 120 km with the
-/// reference preset, half a minute at 10 km). The reference preset's unpublished parameters were
-/// chosen for this block size (see presets/wang2026-120km.toml).
-pub const DEFAULT_BLOCK_BITS: u64 = 1_000_000;
+/// Default finite-key block for planning: 2 10^6 sifted bits (about two hours at 120 km with the
+/// reference preset, a minute at 10 km). With the rigorous finite-key analysis (coherent-attack
+/// bounds, exact sampling, eps_QKD = 1e-9) blocks of 10^6 bits give half the paper's rate at
+/// 120 km (7.5 bit/s); 2 10^6 give 14 bit/s (docs/security.md).
+pub const DEFAULT_BLOCK_BITS: u64 = 2_000_000;
 
 /// Model and protocol options shared by `simulate` and `sweep`.
 #[derive(clap::Args, Debug, Clone)]
@@ -62,16 +65,29 @@ pub struct ModelArgs {
     /// Seed of all random choices (runs are reproducible).
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Overall security parameter eps_QKD of every block's key, as `[security] eps_qkd` of the
+    /// daemons.
+    #[arg(long, default_value_t = common::postproc::finite_key::DEFAULT_EPS_QKD)]
+    eps_qkd: f64,
+    /// Calibrated upper bound on the mean photon number that the key length assumes (default:
+    /// the preset's `[security]` table). `--set mu=...` changes the simulated source instead,
+    /// whose monitor then reports the new value.
+    #[arg(long)]
+    mu_max: Option<f64>,
+    /// Calibrated upper bound on g2(0) that the key length assumes (default: the preset's
+    /// `[security]` table).
+    #[arg(long)]
+    g2_max: Option<f64>,
 }
 
 impl ModelArgs {
-    fn link(&self) -> anyhow::Result<LinkParams> {
-        let mut link = match &self.preset_file {
-            Some(path) => LinkParams::from_toml_str(
+    fn link(&self) -> anyhow::Result<(LinkParams, Option<SourceBounds>)> {
+        let (mut link, bounds) = match &self.preset_file {
+            Some(path) => LinkParams::with_bounds_from_toml_str(
                 &std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?,
             )
             .with_context(|| format!("parsing {}", path.display()))?,
-            None => LinkParams::preset(&self.preset)?,
+            None => LinkParams::preset_with_bounds(&self.preset)?,
         };
         if !self.overrides.is_empty() {
             let mut table = toml::Table::try_from(&link)?;
@@ -97,7 +113,15 @@ impl ModelArgs {
             link.distance_km = km;
         }
         link.validate()?;
-        Ok(link)
+        Ok((link, bounds))
+    }
+
+    /// The key length's assumptions: --eps-qkd, --mu-max and --g2-max over the preset's
+    /// calibration (never the model's mu and g2).
+    fn security(&self, link: &LinkParams, bounds: Option<SourceBounds>) -> anyhow::Result<SecurityParams> {
+        let mut section = SecuritySection { eps_qkd: self.eps_qkd, mu_max: self.mu_max, g2_max: self.g2_max };
+        section.complete(bounds).map_err(|e| anyhow::anyhow!("{e} (or pass --mu-max and --g2-max)"))?;
+        section.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))
     }
 
     fn protocol(&self) -> anyhow::Result<ProtocolParams> {
@@ -124,13 +148,14 @@ impl ModelArgs {
     }
 
     fn scenario(&self, duration_s: Option<f64>) -> anyhow::Result<Scenario> {
-        let link = self.link()?;
+        let (link, bounds) = self.link()?;
+        let security = self.security(&link, bounds)?;
         let protocol = self.protocol()?;
         let duration_s = duration_s.unwrap_or_else(|| default_duration(&link, &protocol));
         if !(duration_s > 0.0 && duration_s.is_finite()) {
             bail!("--duration-s {duration_s} is not a positive number of seconds");
         }
-        Ok(Scenario { link, protocol, duration_s, eavesdropper: self.eavesdropper()?, seed: self.seed })
+        Ok(Scenario { link, protocol, security, duration_s, eavesdropper: self.eavesdropper()?, seed: self.seed })
     }
 }
 

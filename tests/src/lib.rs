@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use common::config::{AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, LinkSection};
+use common::config::{
+    AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, LinkSection, SecuritySection,
+};
 use common::link::ProtocolParams;
 use common::sim::LinkParams;
 use common::store::{KeyStore, SledStore, StoreSummary};
@@ -50,6 +52,8 @@ pub struct Lab {
     pub link: LinkParams,
     /// Protocol parameters.
     pub protocol: ProtocolParams,
+    /// The `[security]` section both daemons get: the preset's calibration, eps_QKD default.
+    pub security: SecuritySection,
 }
 
 impl Lab {
@@ -58,9 +62,11 @@ impl Lab {
         init();
         let dir = TempDir::new(label);
         let pki = LabPki::open_or_create(&dir.0.join("pki")).expect("lab pki");
-        let link = LinkParams::preset("lab-10km").expect("preset");
+        let (link, bounds) = LinkParams::preset_with_bounds("lab-10km").expect("preset");
         let protocol = ProtocolParams { block_bits: 100_000, ..ProtocolParams::default() };
-        Self { dir, pki, link, protocol }
+        let mut security = SecuritySection::default();
+        security.complete(bounds).expect("the lab preset ships its calibration");
+        Self { dir, pki, link, protocol, security }
     }
 
     /// Alice's configuration with the given listen addresses.
@@ -73,6 +79,7 @@ impl Lab {
             tls: self.pki.files("alice"),
             link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
             protocol: self.protocol.clone(),
+            security: self.security.clone(),
             health_listen: None,
             kme: None,
         }
@@ -89,6 +96,7 @@ impl Lab {
             tls: self.pki.files("bob"),
             link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
             protocol: self.protocol.clone(),
+            security: self.security.clone(),
             health_listen: None,
             kme: None,
         }

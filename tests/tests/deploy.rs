@@ -25,6 +25,7 @@ fn every_shipped_config_parses() {
         let (alice, _) = AliceConfig::load(&files[0]).unwrap_or_else(|e| panic!("{e}"));
         let (bob, _) = BobConfig::load(&files[1]).unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(alice.protocol, bob.protocol, "{dir}: protocol sections differ");
+        assert_eq!(alice.security, bob.security, "{dir}: security sections differ");
         let (a, b) = (alice.kme.expect("alice kme"), bob.kme.expect("bob kme"));
         assert_eq!((a.kme_id.as_str(), a.peer_kme_id.as_str()), (b.peer_kme_id.as_str(), b.kme_id.as_str()));
     }
@@ -37,7 +38,8 @@ fn broken_config_names_the_file_and_the_key() {
     let good = std::fs::read_to_string(deploy_files("deploy/config")[0].clone()).unwrap();
     let cases = [
         (good.replace("block_bits = 1000000", "block_bits = 1000000\nblock_size = 5"), "block_size"),
-        (good.replace("eps_sec = 1e-10", "eps_sec = 2.0"), "eps_sec"),
+        (good.replace("eps_qkd = 1e-9", "eps_qkd = 2.0"), "eps_qkd"),
+        (good.replace("mu_max = 4.0e-3", "mu_max = -1.0"), "mu_max"),
         (good.replace("listen = \"0.0.0.0:7000\"", "listen = \"nowhere\""), "listen"),
         (good.replace("preset = \"wang2026-120km\"", "preset = \"no-such-preset\""), "preset"),
     ];

@@ -13,28 +13,28 @@ use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
 use crate::postproc::cascade::FrameParityQuery;
-use crate::postproc::finite_key::{BlockStats, XCounts, phase_error_upper, secret_key_length};
+use crate::postproc::finite_key::{
+    BlockStats, EpsBudget, KeyLength, SecurityParams, SourceMonitor, SourceReading, XCounts, n_tags_for,
+    phase_error_upper, secret_key_length,
+};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::poly_hash_tag;
 use crate::sifting::alice_sift;
-use crate::sim::{FrameSecret, LinkParams};
+use crate::sim::FrameSecret;
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
 /// Frames whose secrets Alice keeps while waiting for Bob to sift them (at 55 ms a frame, about
 /// 7.5 minutes). Older secrets are erased: their frames can no longer be sifted.
 pub const MAX_UNSIFTED_FRAMES: usize = 8192;
 
-/// Verification tag length in bits; disclosed, so it counts as leak.
-pub const TAG_BITS: u64 = 64;
-
 /// Alice's protocol state: the secrets of frames not yet sifted and the current session with Bob.
 pub struct AliceCore {
     alice_id: String,
     params: ProtocolParams,
-    link: LinkParams,
+    security: SecurityParams,
     digest: Vec<u8>,
     rng: ChaCha20Rng,
-    frames: BTreeMap<u64, (FrameSecret, u64)>,
+    frames: BTreeMap<u64, (FrameSecret, u64, SourceReading)>,
     session: Option<Session>,
     draining: bool,
 }
@@ -46,6 +46,7 @@ struct Session {
     acc_counts: XCounts,
     acc_pulses: u64,
     acc_frames: u64,
+    acc_monitor: SourceMonitor,
     blocks: HashMap<Uuid, Block>,
 }
 
@@ -56,14 +57,14 @@ struct Block {
     transcript: Transcript,
     n_corrected: Option<u64>,
     verified_tag: bool,
-    amplified: Option<(BlockMeta, Vec<KeyUnit>)>,
+    amplified: Option<(BlockMeta, Vec<KeyUnit>, Box<KeyLength>)>,
 }
 
 /// What Alice reports about a block she finished (for logs and progress).
 #[derive(Clone, Debug)]
 pub enum AliceEvent {
-    /// A block was committed with its keys.
-    Committed(BlockMeta),
+    /// A block was committed with its keys, and its security report.
+    Committed(BlockMeta, Box<KeyLength>),
     /// A block was dropped, with the reason.
     Aborted {
         /// The block.
@@ -76,14 +77,14 @@ pub enum AliceEvent {
 impl AliceCore {
     /// A core with no frames and no session. `rng` must be a CSPRNG seeded from the OS: it
     /// draws block IDs, key IDs, hash keys and Toeplitz seeds.
-    pub fn new(alice_id: String, params: ProtocolParams, link: LinkParams, rng: ChaCha20Rng) -> Self {
-        let digest = params.digest(&link);
-        Self { alice_id, params, link, digest, rng, frames: BTreeMap::new(), session: None, draining: false }
+    pub fn new(alice_id: String, params: ProtocolParams, security: SecurityParams, rng: ChaCha20Rng) -> Self {
+        let digest = params.digest(&security);
+        Self { alice_id, params, security, digest, rng, frames: BTreeMap::new(), session: None, draining: false }
     }
 
-    /// The physical parameters in use.
-    pub fn link_params(&self) -> &LinkParams {
-        &self.link
+    /// The security parameters in use.
+    pub fn security_params(&self) -> &SecurityParams {
+        &self.security
     }
 
     /// Stops accepting new blocks (shutdown): blocks in progress may still finish.
@@ -97,8 +98,8 @@ impl AliceCore {
     }
 
     /// Records the secret of a frame just emitted, erasing the oldest beyond the limit.
-    pub fn register_frame(&mut self, frame_idx: u64, secret: FrameSecret, n_pulses: u64) {
-        self.frames.insert(frame_idx, (secret, n_pulses));
+    pub fn register_frame(&mut self, frame_idx: u64, secret: FrameSecret, n_pulses: u64, reading: SourceReading) {
+        self.frames.insert(frame_idx, (secret, n_pulses, reading));
         while self.frames.len() > MAX_UNSIFTED_FRAMES {
             self.frames.pop_first();
         }
@@ -126,6 +127,7 @@ impl AliceCore {
             acc_counts: XCounts::default(),
             acc_pulses: 0,
             acc_frames: 0,
+            acc_monitor: SourceMonitor::default(),
             blocks: HashMap::new(),
         });
         Ok(HelloResponse {
@@ -138,9 +140,9 @@ impl AliceCore {
 
     /// Sifts one frame against Bob's announcement; the frame's secret is erased afterwards.
     pub fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
-        let p_z = self.link.p_z;
+        let p_z = self.security.p_z;
         let session = session_mut(&mut self.session, &req.session_id)?;
-        let Some((secret, n_pulses)) = self.frames.remove(&req.frame_idx) else {
+        let Some((secret, n_pulses, reading)) = self.frames.remove(&req.frame_idx) else {
             return Err(LinkError::State(format!("frame {} is unknown or expired", req.frame_idx)));
         };
         let (alice_info, sift) = alice_sift(&secret, p_z, n_pulses, &req.click_deltas, &req.bob_measurements)?;
@@ -149,6 +151,7 @@ impl AliceCore {
         session.acc_counts.add(&sift.x_counts);
         session.acc_pulses += n_pulses;
         session.acc_frames += 1;
+        session.acc_monitor.add_frame(reading);
         Ok(SiftResponse { alice_info })
     }
 
@@ -163,7 +166,7 @@ impl AliceCore {
         let block_id = self.uuid();
         let mut cascade_seed = [0u8; 32];
         self.rng.fill_bytes(&mut cascade_seed);
-        let security = self.params.security(&self.link);
+        let security = self.security.clone();
         let session = session_mut(&mut self.session, &req.session_id)?;
         if req.n_bits != session.acc_bits.len() as u64 || req.n_frames != session.acc_frames {
             return Err(LinkError::State(format!(
@@ -182,12 +185,17 @@ impl AliceCore {
             leak_ec_bits: 0,
         };
         session.acc_frames = 0;
-        if let Err(e) = phase_error_upper(&stats, &security) {
+        let monitor = std::mem::take(&mut session.acc_monitor);
+        let (monitor_mu, monitor_g2) = (monitor.mu_mean(), monitor.g2_mean());
+        let estimate = monitor.check(&security).and_then(|()| phase_error_upper(&stats, &security));
+        if let Err(e) = estimate {
             let reason = format!("parameter estimation: {e}");
             let response = StartBlockResponse {
                 block_id: block_id.to_string(),
                 cascade_seed: vec![],
                 abort_reason: reason.clone(),
+                monitor_mu,
+                monitor_g2,
             };
             return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
         }
@@ -195,6 +203,8 @@ impl AliceCore {
             block_id: block_id.to_string(),
             cascade_seed: cascade_seed.to_vec(),
             abort_reason: String::new(),
+            monitor_mu,
+            monitor_g2,
         };
         let mut transcript = Transcript::default();
         transcript.absorb("StartBlock", req, &response);
@@ -254,8 +264,12 @@ impl AliceCore {
 
     /// Closes error correction and reveals Alice's verification tag under a fresh hash key.
     pub fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        let hash_key = self.rng.next_u64();
-        let block = self.block_mut(&req.block_id)?;
+        let eps_cor = EpsBudget::from_total(self.security.eps_qkd).eps_cor;
+        let block_id = parse_uuid(&req.block_id, "block id")?;
+        let Self { session, rng, .. } = self;
+        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+        let block =
+            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
         if block.n_corrected.is_some() {
             return Err(LinkError::State("block already verified".into()));
         }
@@ -263,7 +277,10 @@ impl AliceCore {
             return Err(LinkError::Malformed("more corrections than bits".into()));
         }
         block.n_corrected = Some(req.n_corrected);
-        let response = VerifyResponse { hash_key, tag: poly_hash_tag(&block.key, hash_key) };
+        let n_tags = n_tags_for(block.stats.n_key_bits, eps_cor);
+        let hash_keys: Vec<u64> = (0..n_tags).map(|_| rng.next_u64()).collect();
+        let tags = hash_keys.iter().map(|&hash_key| poly_hash_tag(&block.key, hash_key)).collect();
+        let response = VerifyResponse { hash_keys, tags };
         block.transcript.absorb("Verify", req, &response);
         Ok(response)
     }
@@ -275,7 +292,7 @@ impl AliceCore {
         now_unix_ms: u64,
     ) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
-        let security = self.params.security(&self.link);
+        let security = self.security.clone();
         let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
         let Self { session, rng, .. } = self;
         let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
@@ -291,7 +308,7 @@ impl AliceCore {
             n_key_bits: block.stats.n_key_bits,
             n_pulses: block.stats.n_pulses,
             x_counts: block.stats.x_counts,
-            leak_ec_bits: block.reconciler.leak_bits() + TAG_BITS,
+            leak_ec_bits: block.reconciler.leak_bits(),
         };
         let outcome = if !req.verified {
             Err("verification failed: the corrected keys differ".to_owned())
@@ -337,8 +354,8 @@ impl AliceCore {
             n_sifted_bits: n,
             qber_z,
             qber_x,
-            phase_error_upper: length.phase_error_upper,
-            leak_bits: stats.leak_ec_bits,
+            phase_error_upper: length.phase_error_upper(),
+            leak_bits: stats.leak_ec_bits + length.leak_verification_bits,
             final_bits,
         };
         let response = AmplifyResponse {
@@ -348,7 +365,7 @@ impl AliceCore {
             abort_reason: String::new(),
         };
         block.transcript.absorb("Amplify", req, &response);
-        block.amplified = Some((meta, keys));
+        block.amplified = Some((meta, keys, Box::new(length)));
         block.verified_tag = true;
         Ok((response, None))
     }
@@ -363,7 +380,7 @@ impl AliceCore {
         let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
         let block =
             session.blocks.remove(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        let Some((meta, keys)) = block.amplified.as_ref().filter(|_| block.verified_tag) else {
+        let Some((meta, keys, security)) = block.amplified.as_ref().filter(|_| block.verified_tag) else {
             return Err(LinkError::State("block not amplified".into()));
         };
         if block.transcript.digest().as_slice() != req.transcript_digest.as_slice() {
@@ -371,7 +388,7 @@ impl AliceCore {
             return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, reason }));
         }
         store.put_ready(meta, keys)?;
-        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta.clone())))
+        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta.clone(), security.clone())))
     }
 
     /// Bob gave up on a block: forget it.

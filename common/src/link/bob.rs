@@ -6,19 +6,20 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::Reconciliation;
-use super::alice::TAG_BITS;
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
 use crate::postproc::binary_entropy;
 use crate::postproc::cascade::MultiCascadeBob;
-use crate::postproc::finite_key::{BlockStats, XCounts, secret_key_length};
+use crate::postproc::finite_key::{
+    BlockStats, EpsBudget, KeyLength, SecurityParams, TAG_BITS, XCounts, n_tags_for, secret_key_length,
+};
 use crate::postproc::ldpc::{LdpcBob, LdpcStep, default_start_efficiency};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::{poly_hash_tag, tags_match};
 use crate::sifting::{announce, bob_sift};
-use crate::sim::{Detection, LinkParams};
+use crate::sim::Detection;
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
 /// Alice as Bob sees her: one call per round. The daemon implements it over gRPC with mutual
@@ -72,6 +73,13 @@ pub struct BlockReport {
     pub n_keys: u64,
     /// Why no key was stored, if none was.
     pub abort_reason: Option<String>,
+    /// The transmitter's monitored mean photon number over the block (mean of frame readings).
+    pub monitor_mu: f64,
+    /// The transmitter's monitored g2(0) over the block.
+    pub monitor_g2: f64,
+    /// The finite-key security report (sample sizes, bounds, eps terms, leaks, key length) when
+    /// the analysis ran to a key length.
+    pub security: Option<Box<KeyLength>>,
 }
 
 /// Counters of a running link, for progress output.
@@ -97,7 +105,7 @@ pub struct LinkCounters {
 pub struct BobLink<P: LinkPeer> {
     peer: P,
     params: ProtocolParams,
-    link: LinkParams,
+    security: SecurityParams,
     session_id: String,
     acc_bits: BitVec,
     acc_counts: XCounts,
@@ -118,14 +126,14 @@ impl<P: LinkPeer> BobLink<P> {
         mut peer: P,
         bob_id: &str,
         params: ProtocolParams,
-        link: LinkParams,
+        security: SecurityParams,
         store: &dyn KeyStore,
     ) -> Result<(Self, (usize, usize)), LinkError> {
         let pending = store.pending_blocks()?;
         let hello = peer
             .hello(HelloRequest {
                 bob_id: bob_id.to_owned(),
-                params_digest: params.digest(&link),
+                params_digest: params.digest(&security),
                 pending_block_ids: pending.iter().map(Uuid::to_string).collect(),
             })
             .await?;
@@ -149,7 +157,7 @@ impl<P: LinkPeer> BobLink<P> {
         let link = Self {
             peer,
             params,
-            link,
+            security,
             session_id: hello.session_id,
             acc_bits: BitVec::new(),
             acc_counts: XCounts::default(),
@@ -235,6 +243,9 @@ impl<P: LinkPeer> BobLink<P> {
             final_bits: 0,
             n_keys: 0,
             abort_reason: None,
+            monitor_mu: started.monitor_mu,
+            monitor_g2: started.monitor_g2,
+            security: None,
         };
         if !started.abort_reason.is_empty() {
             report.abort_reason = Some(started.abort_reason);
@@ -270,7 +281,9 @@ impl<P: LinkPeer> BobLink<P> {
         };
         report.round_trips = outcome.round_trips;
         report.qber_z = outcome.n_corrected as f64 / stats.n_key_bits.max(1) as f64;
-        report.leak_bits = outcome.leak_bits + TAG_BITS;
+        let eps_cor = EpsBudget::from_total(self.security.eps_qkd).eps_cor;
+        let n_tags = n_tags_for(stats.n_key_bits, eps_cor) as usize;
+        report.leak_bits = outcome.leak_bits + TAG_BITS * n_tags as u64;
         // The next block's estimate: the QBER measured when every frame was corrected. When
         // some LDPC frames did not decode, the estimate was too low (and the frames that did
         // decode are the ones with fewer errors, so their QBER is low too): raise it.
@@ -283,7 +296,14 @@ impl<P: LinkPeer> BobLink<P> {
         let req = VerifyRequest { block_id: started.block_id.clone(), n_corrected: outcome.n_corrected };
         let verify = self.peer.verify(req.clone()).await?;
         transcript.absorb("Verify", &req, &verify);
-        let verified = tags_match(poly_hash_tag(&outcome.key, verify.hash_key), verify.tag);
+        // Every tag must match (each is checked in constant time; all are computed).
+        let verified = verify.hash_keys.len() == n_tags
+            && verify.tags.len() == n_tags
+            && verify
+                .hash_keys
+                .iter()
+                .zip(&verify.tags)
+                .fold(true, |all, (&hash_key, &tag)| all & tags_match(poly_hash_tag(&outcome.key, hash_key), tag));
 
         let req = AmplifyRequest { block_id: started.block_id.clone(), verified };
         let amplify = self.peer.amplify(req.clone()).await?;
@@ -295,13 +315,14 @@ impl<P: LinkPeer> BobLink<P> {
         transcript.absorb("Amplify", &req, &amplify);
 
         // Bob checks Alice's key length against his own evaluation of the same formula.
-        let security = self.params.security(&self.link);
+        let security = self.security.clone();
         let unit_bits = u64::from(self.params.key_unit_bits);
-        let own = BlockStats { leak_ec_bits: report.leak_bits, ..stats };
+        let own = BlockStats { leak_ec_bits: outcome.leak_bits, ..stats };
         let expected =
             secret_key_length(&own, &security).map_err(|e| LinkError::Refused(format!("finite-key analysis: {e}")))?;
-        report.phase_error_upper = expected.phase_error_upper;
+        report.phase_error_upper = expected.phase_error_upper();
         let expected_bits = expected.final_bits / unit_bits * unit_bits;
+        report.security = Some(Box::new(expected));
         if amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_bits / unit_bits {
             let reason = format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits);
             self.abort(&started.block_id, &reason).await?;

@@ -4,14 +4,15 @@ use sha2::{Digest, Sha256};
 
 use super::Reconciliation;
 use crate::postproc::finite_key::SecurityParams;
-use crate::sim::LinkParams;
 
 /// Version of what the two ends compute alike beyond these parameters (the Cascade shuffles,
 /// how a block is cut into frames and padded, the hashes' layouts). It is part of the session
 /// digest, so a pair of daemons of different versions is refused when the session opens instead
 /// of failing block after block; raise it with any such change.
 /// 2: Cascade frames of one exchange padded to one length.
-pub const LINK_PROTOCOL_VERSION: u32 = 2;
+/// 3: the rigorous finite-key analysis (one eps_QKD, calibrated source bounds, verification tags
+///    per block size, source monitor readings checked at StartBlock).
+pub const LINK_PROTOCOL_VERSION: u32 = 3;
 
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
 /// parameters the security analysis uses) when a session opens.
@@ -43,12 +44,6 @@ pub struct ProtocolParams {
     pub ldpc_frame_bits: u64,
     /// Largest key-basis QBER accepted after error correction; above it the block is aborted.
     pub max_qber_z: f64,
-    /// Secrecy parameter eps_sec of the finite-key analysis.
-    pub eps_sec: f64,
-    /// Correctness parameter eps_cor the key-length formula charges.
-    pub eps_cor: f64,
-    /// Failure probability of each statistical bound in parameter estimation.
-    pub eps_pe: f64,
 }
 
 impl Default for ProtocolParams {
@@ -62,9 +57,6 @@ impl Default for ProtocolParams {
             cascade_frame_bits: 1 << 20,
             ldpc_frame_bits: 1 << 16,
             max_qber_z: 0.11,
-            eps_sec: 1e-10,
-            eps_cor: 1e-15,
-            eps_pe: 1e-11,
         }
     }
 }
@@ -87,11 +79,6 @@ impl ProtocolParams {
         if self.frame_pulses == 0 {
             return Err("frame_pulses must be positive".into());
         }
-        for (name, v) in [("eps_sec", self.eps_sec), ("eps_cor", self.eps_cor), ("eps_pe", self.eps_pe)] {
-            if !(v > 0.0 && v < 1.0) {
-                return Err(format!("{name} = {v} is not in (0, 1)"));
-            }
-        }
         if !(self.initial_qber > 0.0 && self.initial_qber < 0.5) {
             return Err(format!("initial_qber = {} is not in (0, 0.5)", self.initial_qber));
         }
@@ -101,29 +88,15 @@ impl ProtocolParams {
         Ok(())
     }
 
-    /// The security parameters of the finite-key analysis for a link with `link` physics.
-    pub fn security(&self, link: &LinkParams) -> SecurityParams {
-        SecurityParams {
-            eps_sec: self.eps_sec,
-            eps_cor: self.eps_cor,
-            eps_pe: self.eps_pe,
-            g2: link.g2,
-            mu: link.mu,
-            p_z: link.p_z,
-        }
-    }
-
     /// SHA-256 over everything both ends must share: the [`LINK_PROTOCOL_VERSION`], these
-    /// parameters and the physical parameters the security analysis uses.
+    /// parameters and the security parameters (eps_QKD, p_Z and the calibrated source bounds).
     /// (`Hello` carries it: Alice refuses a session whose digest differs from hers, so two ends
     /// of different protocol versions or settings never start a block.)
-    pub fn digest(&self, link: &LinkParams) -> Vec<u8> {
+    pub fn digest(&self, security: &SecurityParams) -> Vec<u8> {
         let shared = serde_json::json!({
             "version": LINK_PROTOCOL_VERSION,
             "protocol": self,
-            "p_z": link.p_z,
-            "mu": link.mu,
-            "g2": link.g2,
+            "security": security,
         });
         Sha256::digest(shared.to_string().as_bytes()).to_vec()
     }

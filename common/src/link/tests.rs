@@ -7,12 +7,13 @@ use proto::link::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use super::alice::{AliceCore, TAG_BITS};
+use super::alice::AliceCore;
 use super::bob::{BobLink, LinkPeer};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
 use super::{LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
+use crate::postproc::finite_key::SecurityParams;
 use crate::sim::{FrameSecret, LinkParams, Receiver, Source};
 use crate::store::{KeyStore, SledStore};
 
@@ -72,7 +73,7 @@ impl LinkPeer for FlakyAlice {
 }
 
 struct Rig {
-    link: LinkParams,
+    security: SecurityParams,
     params: ProtocolParams,
     source: Source,
     receiver: Receiver,
@@ -89,9 +90,13 @@ impl Rig {
     }
 
     fn with_params(seed: u64, params: ProtocolParams) -> Self {
-        let link = LinkParams::preset("lab-10km").unwrap();
+        let (link, bounds) = LinkParams::preset_with_bounds("lab-10km").unwrap();
+        let security = {
+            let b = bounds.expect("the lab preset ships its calibration");
+            SecurityParams::with_bounds(b.mu_max, b.g2_max, link.p_z)
+        };
         let alice_store = Arc::new(SledStore::temporary().unwrap());
-        let core = AliceCore::new("alice".into(), params.clone(), link.clone(), ChaCha20Rng::seed_from_u64(seed));
+        let core = AliceCore::new("alice".into(), params.clone(), security.clone(), ChaCha20Rng::seed_from_u64(seed));
         Self {
             source: Source::new(&link),
             receiver: Receiver::new(&link),
@@ -99,7 +104,7 @@ impl Rig {
             alice_store,
             bob_store: SledStore::temporary().unwrap(),
             rng: ChaCha20Rng::seed_from_u64(seed ^ 0xB0B),
-            link,
+            security,
             params,
             frame_idx: 0,
         }
@@ -107,7 +112,7 @@ impl Rig {
 
     async fn open(&mut self, crash: Crash) -> BobLink<FlakyAlice> {
         let peer = FlakyAlice { alice: self.alice.clone(), crash };
-        BobLink::open(peer, "bob", self.params.clone(), self.link.clone(), &self.bob_store).await.unwrap().0
+        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store).await.unwrap().0
     }
 
     /// Emits, detects and sifts frames until a block is ready.
@@ -116,7 +121,8 @@ impl Rig {
             let n_pulses = self.params.frame_pulses;
             let secret = FrameSecret::random(&mut self.rng);
             let photons = self.source.emit_frame(&secret, n_pulses, &mut self.rng);
-            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses);
+            let reading = self.source.monitor_reading(&mut self.rng);
+            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses, reading);
             let detections = self.receiver.detect_frame(&photons, n_pulses, &mut self.rng);
             bob.sift_frame(self.frame_idx, n_pulses, &detections).await.unwrap();
             self.frame_idx += 1;
@@ -199,10 +205,12 @@ fn every_reconciliation_method_commits_identical_keys_and_charges_its_leak() {
                 assert_eq!(report.abort_reason, None, "{case}");
                 assert!(report.n_keys > 0, "{case}");
                 assert!(report.round_trips >= 1 && report.round_trips <= max_round_trips, "{case}");
-                // The leak charged (error correction + 64-bit tag) is above the Shannon limit
-                // n h(Q) and, for these methods, within their measured efficiency.
+                // The leak charged for error correction is above the Shannon limit n h(Q) and,
+                // for these methods, within their measured efficiency; the tags come on top.
                 let shannon = report.n_bits as f64 * binary_entropy(report.qber_z);
-                let ec_leak = (report.leak_bits - TAG_BITS) as f64;
+                let security = report.security.as_ref().expect("a committed block has its report");
+                let ec_leak = security.leak_ec_bits as f64;
+                assert_eq!(report.leak_bits, security.leak_ec_bits + security.leak_verification_bits, "{case}");
                 let f = ec_leak / shannon;
                 let f_max = if reconciliation == Reconciliation::Ldpc { 1.8 } else { 1.25 };
                 assert!(f > 1.0 && f < f_max, "{case}: f = {f}");
@@ -245,7 +253,8 @@ fn mismatched_parameters_are_refused_at_hello() {
         let mut rig = Rig::new(3);
         rig.params.block_bits += 1;
         let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
-        let err = BobLink::open(peer, "bob", rig.params.clone(), rig.link.clone(), &rig.bob_store).await.err().unwrap();
+        let err =
+            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.err().unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
     });
 }

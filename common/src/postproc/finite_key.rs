@@ -1,83 +1,96 @@
-//! Parameter estimation and secret key length of the three-state time-bin protocol.
+//! Parameter estimation and secret key length of the three-state time-bin protocol, with one
+//! composed security parameter.
 //!
 //! Alice sends |E> or |L> (Z basis, the key) with probability p_Z / 2 each and |+> with
-//! probability 1 - p_Z; |-> is never sent. Bob measures Z (arrival time) or X (interferometer,
+//! probability p_X = 1 - p_Z; |-> is never sent. Bob measures Z (arrival time) or X (interferometer,
 //! outcomes + and -). Key bits come from Z-sent, Z-measured clicks; the test data are Bob's
-//! X-measured clicks, for which Alice reveals her state, counted in [`XCounts`].
+//! X-measured clicks, for which Alice reveals her state, counted in [`XCounts`]. The proof the
+//! code follows, with every step's reference, is in `docs/security.md`; in short:
 //!
-//! # The estimate, step by step
-//! Every count below is a sum over the block's pulses of per-pulse indicators; "expected" means
-//! the sum of the per-pulse probabilities. Alice's state choice is random per pulse (|E>, |L>
-//! with probability p_Z / 2 each, |+> with p_X = 1 - p_Z), and the source's photon-number
-//! distribution does not depend on the state.
+//! # Security statement
+//! The keys are eps_QKD-secure in the composable sense (Renner, PhD thesis, ETH Zurich 2005;
+//! Tomamichel, Lim, Gisin & Renner, Nat. Commun. 3, 634 (2012)), eps_QKD = eps_cor + eps_sec,
+//! configured once ([`SecurityParams::eps_qkd`]) and split by [`EpsBudget::from_total`]:
+//! * eps_cor: the verification tags collide with probability at most eps_cor
+//!   ([`crate::postproc::verify`]: as many 64-bit tags as the block needs, [`n_tags_for`]).
+//! * eps_sec = 2 sqrt(eps_PE) + eps_PA: every statistical bound below together fails with
+//!   probability at most eps_PE; conditioned on passing, that makes the state sqrt(eps_PE / p_pass)
+//!   close (purified distance) to one whose phase error is within the bound, which is the
+//!   smoothing of the min-entropy (Tomamichel et al. 2012, Supplementary Lemma 3: sampling
+//!   failure eps^2 / p_pass, smoothing eps / sqrt(p_pass)); the leftover hash lemma against
+//!   quantum side information (Tomamichel, Schaffner, Smith & Renner, IEEE Trans. Inf. Theory
+//!   57, 5524 (2011)) adds eps_PA for a key of H_min - 2 log2(1 / (2 eps_PA)) bits (Tomamichel
+//!   et al. 2012, Supplementary Theorem 2, Eq. (S3)).
 //!
-//! 1. Phase error by linearity, for the pulses with at most one photon. For vacuum and single
-//!    photons |E><E| + |L><L| = |+><+| + |-><-|, so a Z-sent pulse is a 50/50 mixture of |+> and
-//!    the never-sent |->, whose yield is Y(+|-) = Y(+|E) + Y(+|L) - Y(+|+). With Y(b|s) the
-//!    probability that Bob measures X, gets b and clicks given state s, the expected number of
-//!    phase errors among the Z-sent, X-measured clicks of pulses with at most one photon is
-//!    N p_Z / 2 [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+)] (the Z-state analogue of the phase-error
-//!    estimate of Tamaki et al., PRA 90, 052314 (2014), and Rusca et al., PRA 98, 052336
-//!    (2018), for this protocol); 0 for an ideal channel, (1 - V)/2 of the test clicks for
-//!    visibility V. In counts: with r = p_Z / (2 p_X) and the per-pulse score
-//!    X_i = r [(+ sent, - seen)] - r [(+ sent, + seen)] + [(E or L sent, + seen)], this is
-//!    E(sum X_i) + N (p_Z / 2) p_multi: the last term is the multi-photon part of the subtracted
-//!    Y(+|+) term (each |+> pulse holds two photons with probability p_multi <= mu^2 g2 / 2 and
-//!    then clicks + with probability at most 1; GLLP, QIC 4, 325 (2004)). The ratio r is the
-//!    ratio of Alice's state probabilities, not of realised pulse numbers, so no pulse count is
-//!    approximated.
-//! 2. Finite size. Bernstein's inequality for independent variables with -X_i <= r
-//!    (Boucheron, Lugosi & Massart, *Concentration Inequalities*, OUP 2013, Theorem 2.10 and
-//!    Corollary 2.11) bounds the expectation of the observed score
-//!    S = sum X_i = r (plus_minus - plus_plus) + e_plus + l_plus:
-//!    E(S) <= S + sqrt(2 v beta) + r beta / 3 with beta = ln(1/eps)
-//!    and v >= sum E(X_i^2) = r^2 E(plus_plus + plus_minus) + E(e_plus + l_plus); the two
-//!    expectations in v are bounded by the Chernoff bound of Yin et al., Sci. Rep. 10, 14312
-//!    (2020): E(x) <= x + beta + sqrt(2 beta x + beta^2). Bounding the weighted sum once, rather
-//!    than each of its three counts separately, avoids adding three worst cases (with p_Z = 0.9
-//!    the |+> counts enter with weight r = 4.5). The expected number of phase errors then gives
-//!    the actual number by the expected-to-observed Chernoff bound x <= mu + beta/2 +
-//!    sqrt(2 beta mu + beta^2/4) (Yin et al. 2020).
-//! 3. Multi-photon tagging (GLLP). The number of multi-photon Z pulses is at most M, the
-//!    expected-to-observed bound on its mean N p_Z p_multi; every one is assumed detected and
-//!    known to Eve. They may sit in the key sample (m_key) or in the test sample (m_test), with
-//!    m_key + m_test <= M, so the single-photon key has n_key - m_key bits and the single-photon
-//!    test sample n_test - m_test clicks.
-//! 4. From the test sample to the key sample (random sampling without replacement, over the
-//!    Z-sent clicks of pulses with at most one photon, split by Bob's passive basis choice):
-//!    phi_1 <= e_test + gamma(n_key - m_key, n_test - m_test, e_test, eps), with
-//!    e_test = errors / (n_test - m_test), see [`sampling_gamma`].
-//! 5. Key length (Rusca et al., APL 112, 171104 (2018), one-decoy bound, with the single-photon
-//!    terms of Lim et al., PRA 89, 022307 (2014)):
-//!    l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - 6 log2(19/eps_sec) - log2(2/eps_cor) ),
-//!    with vacuum contributions dropped (conservative) and leak_EC the bits actually disclosed,
-//!    minimised over the unknown split of step 3: n_Z1 (1 - h(phi_1)) grows with both
-//!    n_Z1 = n_key - m_key and n_test - m_test, so evaluating every cell of a grid over m_key at
-//!    its worst corner gives a lower bound on the minimum ([`SPLIT_GRID_CELLS`] cells).
+//! # The phase-error estimate, step by step
+//! Rounds are pulses. Given the history, the round's photon number and Alice's state are drawn
+//! by Alice (photon number independent of the state); what happens next is the adversary's
+//! choice. All bounds are of [`crate::postproc::concentration`] (valid against coherent attacks,
+//! at the block's end, a stopping time) or [`crate::postproc::sampling`] (exact hypergeometric),
+//! each failing with probability at most eps_PE / [`N_PE_BOUNDS`].
 //!
-//! Each of the [`N_PE_BOUNDS`] bounds above fails with probability at most `eps_pe`, so the
-//! estimate adds at most `N_PE_BOUNDS * eps_pe` to the failure probability of the protocol.
-//! Like the Chernoff bounds of Yin et al., Bernstein's inequality is stated for independent
-//! pulses; Freedman's inequality (Ann. Probab. 3, 100 (1975)) gives the same form for
-//! martingales.
+//! 1. Phase error by linearity, for rounds with at most one photon. For vacuum and one photon
+//!    |E><E| + |L><L| = |+><+| + |-><-|, so a Z-sent pulse is a 50/50 mixture of |+> and the
+//!    never-sent |->, and Y(+|-) = Y(+|E) + Y(+|L) - Y(+|+) holds for the conditional yields of
+//!    every round given its history (Tamaki et al., PRA 90, 052314 (2014); Rusca et al., PRA 98,
+//!    052336 (2018), for this protocol). With q(s, b) the conditional probability that a round
+//!    sends state s with at most one photon and Bob measures X with outcome b, the conditional
+//!    probability of a phase error among the Z-sent, X-measured clicks of such rounds is
+//!    r q(+, -) + q(Z, +) - r q(+, +) with r = p_Z / (2 p_X).
+//! 2. Summed over the block, with the per-round score X_i = r [+ sent, - seen] - r [+ sent, +
+//!    seen] + [Z sent, + seen] over all photon numbers: its conditional expectations sum to at
+//!    most S + a, S the observed score and a Freedman's deviation
+//!    ([`concentration::freedman_deviation`](crate::postproc::concentration::freedman_deviation))
+//!    for differences at most max(r, 1) + r and predictable variance at most
+//!    r^2 U(plus_plus + plus_minus) + U(e_plus + l_plus), U the upper bounds (1) on the counts'
+//!    expectations. Restricting to rounds with at most one photon removes the multi-photon
+//!    rounds' part, which is at least -r q(+, +, n >= 2) >= -r p_X p_multi per round,
+//!    p_multi = mu_max^2 g2_max / 2 (a pulse with n >= 2 photons has n (n - 1) / 2 >= 1, so
+//!    P(n >= 2) <= E[n (n - 1)] / 2 = mu^2 g2 / 2): the correction r N p_X p_multi.
+//! 3. The actual number of those phase errors: bound (3) from the expectation's upper bound.
+//! 4. Multi-photon tagging (GLLP, QIC 4, 325 (2004)): the number M of multi-photon Z pulses,
+//!    bound (3) from N p_Z p_multi, all assumed detected, in the key sample and known to Eve: the
+//!    single-photon key bits number at least n_Z1 = n_key - M.
+//! 5. From the test sample to the key sample: Bob's basis choice splits the Z-sent clicks at
+//!    random into key (n_key) and test (n_test) samples, whatever their photon numbers. Marking
+//!    a click "bad" when it is single-photon and has a phase error, the test holds at most
+//!    t = the bound of step 3 bad clicks, so the key sample holds at most
+//!    [`sampling::key_errors_upper`](crate::postproc::sampling::key_errors_upper)(t) (exact
+//!    hypergeometric, non-decreasing in t, so an upper bound on t serves).
+//! 6. Key length: l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - leak_tags - 2 log2(1 / (2 eps_PA)) ),
+//!    phi_1 = S / n_Z1, vacuum contributions dropped (conservative), leak_EC the bits error
+//!    correction disclosed and leak_tags the verification tags' bits (chain rule of the
+//!    min-entropy for classical information). n (1 - h(e / n)) grows with n and falls with e
+//!    (for e / n <= 1/2), so lower bounds on n_Z1 and upper bounds on the errors give a lower
+//!    bound on the entropy.
+//!
+//! The source's mu and g2 enter only as the calibrated upper bounds `mu_max` and `g2_max` of
+//! [`SecurityParams`] (the `[security]` section), never as a simulator's model values; a block
+//! whose monitored values exceed them is aborted before this analysis runs
+//! ([`SourceMonitor`]).
 
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::binary_entropy;
+use super::concentration::{count_upper, expectation_upper, freedman_deviation};
+use super::sampling::key_errors_upper;
 
-/// Number of statistical bounds in the estimate, each failing with probability at most `eps_pe`:
-/// the two Chernoff bounds on the second moment of the score, Bernstein's bound on the score, the
-/// expected-to-observed phase-error bound, the multi-photon bound and the random-sampling bound
-/// (module documentation, steps 2 to 4).
+/// Number of statistical bounds in the estimate, each failing with probability at most
+/// eps_PE / `N_PE_BOUNDS`: the upper bounds on the expectations of plus_plus + plus_minus and of
+/// e_plus + l_plus, Freedman's bound on the score, the bound on the actual phase errors, the
+/// bound on the multi-photon Z pulses, and the random-sampling bound (module documentation,
+/// steps 2 to 5).
 pub const N_PE_BOUNDS: u32 = 6;
-
-/// Number of cells of the grid over the unknown split of the multi-photon pulses between the key
-/// and the test sample (module documentation, step 5).
-pub const SPLIT_GRID_CELLS: u32 = 64;
 
 /// Phase error (fraction) at or above which the block is aborted: h(phi) reaches 1 there.
 pub const MAX_PHASE_ERROR: f64 = 0.5;
+
+/// Bits of one verification tag (the polynomial hash over GF(2^64)).
+pub const TAG_BITS: u64 = 64;
+
+/// Default overall security parameter eps_QKD.
+pub const DEFAULT_EPS_QKD: f64 = 1e-9;
 
 /// Bob's X-measured clicks, counted by (state Alice sent, outcome), for one frame or block.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -125,30 +138,172 @@ impl XCounts {
     }
 }
 
-/// Security parameters and source description for the key-length formula.
+/// What the key length assumes: the overall security parameter, Alice's basis probability and
+/// calibrated upper bounds on the source (the `[security]` section; never a simulator's model
+/// values).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct SecurityParams {
-    /// Secrecy parameter of the final key (probability-like, dimensionless), default 1e-10.
-    pub eps_sec: f64,
-    /// Correctness parameter (probability that the keys differ after verification), default
-    /// 1e-15; it must be at least the verification hash's collision probability.
-    pub eps_cor: f64,
-    /// Failure probability of each statistical bound of the estimate (there are
-    /// [`N_PE_BOUNDS`]), default 1e-11.
-    pub eps_pe: f64,
-    /// Second-order autocorrelation g2(0) of the source, dimensionless; default 0.0085 (the
-    /// reference experiment's quantum dot, a secondary-source value).
-    pub g2: f64,
-    /// Mean photon number per pulse leaving Alice's lab, dimensionless; default 0.01 (a
-    /// placeholder: the reference experiment does not publish it).
-    pub mu: f64,
-    /// Probability that Alice sends a Z-basis state (|E> or |L>), dimensionless; default 0.5.
+    /// Overall security parameter eps_QKD = eps_cor + eps_sec (dimensionless), default 1e-9;
+    /// split by [`EpsBudget::from_total`].
+    pub eps_qkd: f64,
+    /// Probability that Alice's transmitter prepares a Z-basis state (|E> or |L>), a setting of
+    /// the transmitter (dimensionless).
     pub p_z: f64,
+    /// Calibrated upper bound on the mean photon number per pulse leaving Alice's lab
+    /// (dimensionless).
+    pub mu_max: f64,
+    /// Calibrated upper bound on the source's second-order autocorrelation g2(0)
+    /// (dimensionless).
+    pub g2_max: f64,
 }
 
 impl Default for SecurityParams {
     fn default() -> Self {
-        Self { eps_sec: 1e-10, eps_cor: 1e-15, eps_pe: 1e-11, g2: 0.0085, mu: 0.01, p_z: 0.5 }
+        Self { eps_qkd: DEFAULT_EPS_QKD, p_z: 0.5, mu_max: 0.01, g2_max: 0.0085 }
+    }
+}
+
+impl SecurityParams {
+    /// The default eps_QKD with calibrated source bounds and Alice's basis probability `p_z`.
+    pub fn with_bounds(mu_max: f64, g2_max: f64, p_z: f64) -> Self {
+        Self { eps_qkd: DEFAULT_EPS_QKD, p_z, mu_max, g2_max }
+    }
+
+    /// Upper bound on the probability that a pulse holds two photons or more: mu_max^2 g2_max / 2
+    /// (module documentation, step 2).
+    pub fn p_multi_upper(&self) -> f64 {
+        self.mu_max * self.mu_max * self.g2_max / 2.0
+    }
+}
+
+/// The split of eps_QKD into the failure probabilities of each part of the protocol (module
+/// documentation, "Security statement"); every term is reported with each block, and
+/// `eps_cor + 2 sqrt(eps_pe_total) + eps_pa = eps_qkd`.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EpsBudget {
+    /// The configured total, eps_cor + eps_sec.
+    pub eps_qkd: f64,
+    /// Correctness: probability that keys that differ pass verification (1 % of eps_QKD: the
+    /// tags make it cheap).
+    pub eps_cor: f64,
+    /// Secrecy: eps_QKD - eps_cor.
+    pub eps_sec: f64,
+    /// Privacy amplification (leftover hash lemma): half of eps_sec.
+    pub eps_pa: f64,
+    /// All statistical bounds together: (eps_sec / 4)^2, so that the smoothing term
+    /// 2 sqrt(eps_pe_total) is the other half of eps_sec.
+    pub eps_pe_total: f64,
+    /// Each of the [`N_PE_BOUNDS`] statistical bounds: eps_pe_total / N_PE_BOUNDS.
+    pub eps_pe_each: f64,
+}
+
+impl EpsBudget {
+    /// The budget for a total eps_QKD (in (0, 1)).
+    pub fn from_total(eps_qkd: f64) -> Self {
+        let eps_cor = eps_qkd / 100.0;
+        let eps_sec = eps_qkd - eps_cor;
+        let eps_pa = eps_sec / 2.0;
+        let eps_pe_total = (eps_sec / 4.0) * (eps_sec / 4.0);
+        Self { eps_qkd, eps_cor, eps_sec, eps_pa, eps_pe_total, eps_pe_each: eps_pe_total / f64::from(N_PE_BOUNDS) }
+    }
+
+    /// The composed parameter the terms add up to: eps_cor + 2 sqrt(eps_pe_total) + eps_pa.
+    pub fn composed(&self) -> f64 {
+        self.eps_cor + 2.0 * self.eps_pe_total.sqrt() + self.eps_pa
+    }
+
+    /// Bits privacy amplification costs: 2 log2(1 / (2 eps_pa)).
+    pub fn pa_cost_bits(&self) -> f64 {
+        2.0 * (1.0 / (2.0 * self.eps_pa)).log2()
+    }
+}
+
+/// Number of independent 64-bit verification tags that keep the collision probability of an
+/// `n_bits`-bit block at or below `eps_cor`: each collides with probability at most
+/// (L + 1) / 2^64 ([`crate::postproc::verify::eps_cor_for`]), independent tags multiply.
+pub fn n_tags_for(n_bits: u64, eps_cor: f64) -> u32 {
+    let per_tag = super::verify::eps_cor_for(n_bits as usize);
+    let mut n_tags = 1u32;
+    let mut collision = per_tag;
+    while collision > eps_cor {
+        n_tags += 1;
+        collision *= per_tag;
+    }
+    n_tags
+}
+
+/// What the transmitter's monitors reported for a block's frames: the source's mean photon
+/// number and g2(0) as measured (in simulation, the simulated source's values with the
+/// measurement noise of a calibrated monitor). The key length never uses these; a block whose
+/// readings exceed the configured bounds is aborted ([`SourceMonitor::check`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceMonitor {
+    /// Frames that carried a reading.
+    pub n_frames: u64,
+    /// Sum over frames of the measured mean photon number.
+    pub mu_sum: f64,
+    /// Largest measured mean photon number of one frame.
+    pub mu_max_seen: f64,
+    /// Sum over frames of the measured g2(0).
+    pub g2_sum: f64,
+}
+
+/// One frame's monitor reading of the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct SourceReading {
+    /// Measured mean photon number per pulse (dimensionless).
+    pub mu: f64,
+    /// Measured g2(0) (dimensionless).
+    pub g2: f64,
+}
+
+impl SourceMonitor {
+    /// Adds one frame's reading.
+    pub fn add_frame(&mut self, reading: SourceReading) {
+        self.n_frames += 1;
+        self.mu_sum += reading.mu;
+        self.g2_sum += reading.g2;
+        self.mu_max_seen = self.mu_max_seen.max(reading.mu);
+    }
+
+    /// Adds another block part's readings.
+    pub fn add(&mut self, other: &SourceMonitor) {
+        self.n_frames += other.n_frames;
+        self.mu_sum += other.mu_sum;
+        self.g2_sum += other.g2_sum;
+        self.mu_max_seen = self.mu_max_seen.max(other.mu_max_seen);
+    }
+
+    /// Mean measured photon number over the frames (0 without readings).
+    pub fn mu_mean(&self) -> f64 {
+        if self.n_frames == 0 { 0.0 } else { self.mu_sum / self.n_frames as f64 }
+    }
+
+    /// Mean measured g2(0) over the frames (0 without readings).
+    pub fn g2_mean(&self) -> f64 {
+        if self.n_frames == 0 { 0.0 } else { self.g2_sum / self.n_frames as f64 }
+    }
+
+    /// Refuses a block whose mean readings exceed the calibrated bounds, or that has none.
+    pub fn check(&self, params: &SecurityParams) -> Result<(), KeyLengthError> {
+        if self.n_frames == 0 {
+            return Err(KeyLengthError::MonitorExceeded { reason: "no source monitor readings for the block".into() });
+        }
+        if self.mu_mean().is_nan() || self.mu_mean() > params.mu_max {
+            return Err(KeyLengthError::MonitorExceeded {
+                reason: format!(
+                    "measured mean photon number {:.4e} exceeds mu_max {:.4e}",
+                    self.mu_mean(),
+                    params.mu_max
+                ),
+            });
+        }
+        if self.g2_mean().is_nan() || self.g2_mean() > params.g2_max {
+            return Err(KeyLengthError::MonitorExceeded {
+                reason: format!("measured g2(0) {:.4e} exceeds g2_max {:.4e}", self.g2_mean(), params.g2_max),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -161,66 +316,92 @@ pub struct BlockStats {
     pub n_pulses: u64,
     /// X-measured clicks of those frames by (state, outcome).
     pub x_counts: XCounts,
-    /// Bits disclosed by error correction and verification: Cascade parities plus the 64-bit tag.
+    /// Bits disclosed by error correction (Cascade parities or LDPC syndromes and reveals); the
+    /// verification tags are counted apart ([`n_tags_for`]).
     pub leak_ec_bits: u64,
 }
 
-/// The intermediate bounds of the phase-error estimate (module documentation, steps 1 to 5).
-#[derive(Clone, Debug, PartialEq)]
+/// The intermediate bounds of the phase-error estimate (module documentation, steps 1 to 6).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PhaseErrorBounds {
-    /// Weight r = p_Z / (2 p_X) of the |+> counts in the score (dimensionless).
+    /// Weight r = p_Z / (2 p_X) of the |+> counts (dimensionless).
     pub plus_weight: f64,
     /// Observed score S = r (plus_minus - plus_plus) + e_plus + l_plus (may be negative).
     pub score: f64,
-    /// Upper bound on the second moment of the score, r^2 E[plus_plus + plus_minus] +
-    /// E[e_plus + l_plus].
-    pub score_second_moment_upper: f64,
-    /// Bound on the multi-photon part of the subtracted Y(+|+) term, N (p_Z / 2) p_multi, in
-    /// expected phase errors.
+    /// Upper bound on the expected plus_plus + plus_minus count (step 2).
+    pub plus_expected_upper: f64,
+    /// Upper bound on the expected e_plus + l_plus count (step 2).
+    pub z_plus_expected_upper: f64,
+    /// Upper bound on the score's predictable variance, r^2 U(++ + +-) + U(e+ + l+) (step 2).
+    pub score_variance_upper: f64,
+    /// Freedman's deviation of the score at that variance (step 2).
+    pub score_deviation: f64,
+    /// Bound on the multi-photon part of the subtracted |+> term, r N p_X p_multi (step 2).
     pub multi_photon_correction: f64,
-    /// Upper bound on the expected number of phase errors among the test sample's clicks from
-    /// pulses with at most one photon.
+    /// Upper bound on the expected phase errors among the single-photon test clicks (step 2).
     pub test_errors_expected_upper: f64,
-    /// Upper bound on the actual number of those phase errors.
+    /// Upper bound on the actual number of those phase errors (step 3).
     pub test_errors_upper: f64,
     /// Test sample size: X-measured clicks from Z-basis states.
     pub n_test: u64,
-    /// Upper bound M on the number of multi-photon Z pulses (all counted as detected).
+    /// Key sample size: sifted key bits.
+    pub n_key: u64,
+    /// Upper bound M on the number of multi-photon Z pulses (step 4).
     pub n_multi_photon_upper: f64,
-    /// Lower bound on the single-photon test clicks at the worst split of the M multi-photon
-    /// pulses.
-    pub n_test_single_photon_lower: f64,
-    /// Upper bound on the single-photon test sample's phase error rate at the worst split
-    /// (fraction).
-    pub test_rate_upper: f64,
-    /// Random-sampling correction from the test sample to the key sample at the worst split
-    /// (fraction).
-    pub sampling_gamma: f64,
-    /// Lower bound on the number of single-photon key bits at the worst split.
+    /// Upper bound on the single-photon phase errors of the test sample, an integer (step 5).
+    pub test_bad_upper: u64,
+    /// Upper bound on the single-photon phase errors of the key sample (step 5).
+    pub key_bad_upper: u64,
+    /// Lower bound on the number of single-photon key bits, n_key - M (step 4).
     pub n_single_photon_lower: f64,
-    /// Upper bound on the phase error rate of the single-photon key bits at the worst split
-    /// (fraction): the value that enters the key-length formula.
+    /// The test sample's upper phase-error rate, test_bad_upper / n_test (fraction).
+    pub test_rate_upper: f64,
+    /// Upper bound on the phase error rate of the single-photon key bits (fraction): the value
+    /// that enters the key-length formula.
     pub single_photon_rate_upper: f64,
 }
 
-/// The secret key length of a block and the bounds it came from.
-#[derive(Clone, Debug, PartialEq)]
+impl PhaseErrorBounds {
+    /// The sampling correction: the key's phase-error bound minus the test's (fraction).
+    pub fn sampling_correction(&self) -> f64 {
+        self.single_photon_rate_upper - self.test_rate_upper
+    }
+
+    /// n_Z1 (1 - h(phi_1)), the single-photon key's smooth min-entropy bound, in bits.
+    pub fn entropy_bits(&self) -> f64 {
+        self.n_single_photon_lower * (1.0 - binary_entropy(self.single_photon_rate_upper))
+    }
+}
+
+/// The secret key length of a block and everything it came from: the per-block security report
+/// (no key material).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct KeyLength {
-    /// Length of the final key, in bits (the Toeplitz output length).
+    /// Length of the final key, in bits (the Toeplitz output length, before cutting into units).
     pub final_bits: u64,
-    /// Upper bound on the single-photon phase error rate (fraction).
-    pub phase_error_upper: f64,
-    /// Lower bound on the number of single-photon key bits.
-    pub n_single_photon_lower: f64,
-    /// Upper bound on the single-photon test sample's phase error rate, before the sampling
-    /// correction (fraction).
-    pub phase_error_test_upper: f64,
-    /// Upper bound on the number of multi-photon Z pulses.
-    pub n_multi_photon_upper: f64,
-    /// Bits deducted for error correction and verification.
+    /// The phase-error estimate.
+    pub bounds: PhaseErrorBounds,
+    /// Observed X-basis QBER (|+> sent), fraction.
+    pub qber_x: f64,
+    /// The eps budget and its terms.
+    pub eps: EpsBudget,
+    /// Bits disclosed by error correction.
     pub leak_ec_bits: u64,
-    /// Bits deducted for the security parameters: 6 log2(19/eps_sec) + log2(2/eps_cor).
-    pub security_cost_bits: f64,
+    /// Bits disclosed by the verification tags.
+    pub leak_verification_bits: u64,
+    /// Bits privacy amplification costs, 2 log2(1 / (2 eps_PA)).
+    pub pa_cost_bits: f64,
+    /// The calibrated source bounds the estimate used.
+    pub mu_max: f64,
+    /// The calibrated source bounds the estimate used.
+    pub g2_max: f64,
+}
+
+impl KeyLength {
+    /// Upper bound on the single-photon phase error rate (fraction).
+    pub fn phase_error_upper(&self) -> f64 {
+        self.bounds.single_photon_rate_upper
+    }
 }
 
 /// Why a block yields no key: each message is an abort reason for the log.
@@ -231,6 +412,12 @@ pub enum KeyLengthError {
     InvalidParams {
         /// What is wrong.
         reason: &'static str,
+    },
+    /// A monitored source value exceeds its calibrated bound (or is missing).
+    #[error("source monitor: {reason}")]
+    MonitorExceeded {
+        /// What was measured against which bound.
+        reason: String,
     },
     /// The block lacks the data the estimate needs.
     #[error("not enough test data: {reason}")]
@@ -257,7 +444,7 @@ pub enum KeyLengthError {
     /// The formula leaves no key.
     #[error(
         "no key left: formula gives {length:.1} bits ({n_single_photon_lower:.0} single-photon bits, \
-         phase error {phase_error_upper:.4}, leak {leak_ec_bits} bits)"
+         phase error {phase_error_upper:.4}, leak {leak_bits} bits)"
     )]
     NoKeyLeft {
         /// The value of the formula before the floor, in bits.
@@ -267,82 +454,25 @@ pub enum KeyLengthError {
         /// Upper bound on the single-photon phase error rate (fraction).
         phase_error_upper: f64,
         /// Bits disclosed by error correction and verification.
-        leak_ec_bits: u64,
+        leak_bits: u64,
     },
 }
 
-/// Upper bound on the expectation of a sum of Bernoulli variables observed to be `observed`,
-/// failing with probability at most e^(-beta) (Yin et al., Sci. Rep. 10, 14312 (2020), the
-/// observed-to-expected form of their Chernoff bound; checked against two independent
-/// implementations, equation number not verified): x + beta + sqrt(2 beta x + beta^2).
-pub fn chernoff_expected_upper(observed: f64, beta: f64) -> f64 {
-    observed + beta + (2.0 * beta * observed + beta * beta).sqrt()
-}
-
-/// Lower bound on the expectation of a sum of Bernoulli variables observed to be `observed`,
-/// failing with probability at most e^(-beta) (Yin et al. 2020, as [`chernoff_expected_upper`]):
-/// max(x - beta/2 - sqrt(2 beta x + beta^2 / 4), 0).
-pub fn chernoff_expected_lower(observed: f64, beta: f64) -> f64 {
-    (observed - beta / 2.0 - (2.0 * beta * observed + beta * beta / 4.0).sqrt()).max(0.0)
-}
-
-/// Upper bound on the observed value of a sum of Bernoulli variables of expectation `expected`,
-/// failing with probability at most e^(-beta) (Yin et al. 2020, expected-to-observed form; it is
-/// the multiplicative Chernoff bound P(X >= (1 + d) mu) <= exp(-d^2 mu / (2 + d)) solved for
-/// (1 + d) mu): mu + beta/2 + sqrt(2 beta mu + beta^2 / 4).
-pub fn chernoff_observed_upper(expected: f64, beta: f64) -> f64 {
-    expected + beta / 2.0 + (2.0 * beta * expected + beta * beta / 4.0).sqrt()
-}
-
-/// Upper bound on the expectation of a sum S of independent variables X_i with -X_i <= `range`
-/// (`range` > 0) and sum E[X_i^2] <= `second_moment`, observed to be `observed`, failing with
-/// probability at most e^(-beta): Bernstein's inequality applied to -X_i (Boucheron, Lugosi &
-/// Massart, *Concentration Inequalities*, OUP 2013, Theorem 2.10 with Corollary 2.11:
-/// P(sum (Y_i - E Y_i) >= sqrt(2 v t) + b t / 3) <= e^(-t) for independent Y_i <= b and
-/// v = sum E[Y_i^2]): S + sqrt(2 beta v) + range beta / 3.
-pub fn bernstein_expected_upper(observed: f64, second_moment: f64, range: f64, beta: f64) -> f64 {
-    observed + (2.0 * beta * second_moment.max(0.0)).sqrt() + range * beta / 3.0
-}
-
-/// Random-sampling correction
-/// gamma(n, k, lambda, eps) = sqrt( (n + k) lambda (1 - lambda) / (n k) ln( (n + k) / (2 pi n k
-/// lambda (1 - lambda) eps^2) ) ), the two factors under the root multiplied: with probability at
-/// least 1 - eps,
-/// the error rate of the n unobserved bits of a random split of n + k bits exceeds the rate
-/// lambda observed on the k others by at most gamma.
-///
-/// This is the form with 2 pi that Fung, Ma & Chau derived for sampling without replacement
-/// (PRA 81, 012318 (2010)) and that the project's notes attribute to Lim et al., PRA 89, 022307
-/// (2014); Lim et al. use the analogous Serfling-based gamma(a, b, c, d) with 21^2 / eps^2 in the
-/// logarithm. Neither equation number could be checked against the papers' text here. Returns 0
-/// when the logarithm is not positive, and treats lambda outside (0, 1/2] by clamping it to
-/// [1e-12, 1/2].
-pub fn sampling_gamma(n: f64, k: f64, lambda: f64, eps: f64) -> f64 {
-    let lambda = lambda.clamp(1e-12, 0.5);
-    let variance = lambda * (1.0 - lambda);
-    let log_term = ((n + k) / (2.0 * std::f64::consts::PI * n * k * variance * eps * eps)).ln();
-    if log_term <= 0.0 {
-        return 0.0;
-    }
-    ((n + k) * variance / (n * k) * log_term).sqrt()
-}
-
 fn validate(params: &SecurityParams) -> Result<(), KeyLengthError> {
-    let in_unit = |x: f64| x > 0.0 && x < 1.0;
-    if !in_unit(params.eps_sec) || !in_unit(params.eps_cor) || !in_unit(params.eps_pe) {
-        return Err(KeyLengthError::InvalidParams { reason: "epsilons must lie in (0, 1)" });
+    if !(params.eps_qkd > 0.0 && params.eps_qkd < 1.0) {
+        return Err(KeyLengthError::InvalidParams { reason: "eps_qkd must lie in (0, 1)" });
     }
-    if !in_unit(params.p_z) {
+    if !(params.p_z > 0.0 && params.p_z < 1.0) {
         return Err(KeyLengthError::InvalidParams { reason: "p_z must lie in (0, 1)" });
     }
-    if !(params.mu >= 0.0 && params.g2 >= 0.0 && params.mu.is_finite() && params.g2.is_finite()) {
-        return Err(KeyLengthError::InvalidParams { reason: "mu and g2 must be finite and >= 0" });
+    let finite = |x: f64| x >= 0.0 && x.is_finite();
+    if !(finite(params.mu_max) && finite(params.g2_max)) {
+        return Err(KeyLengthError::InvalidParams { reason: "mu_max and g2_max must be finite and >= 0" });
     }
     Ok(())
 }
 
-/// The bounds of steps 1 to 3, shared by every split of the multi-photon pulses; the fields of
-/// steps 4 and 5 are left at 0.
+/// Steps 1 to 4; the fields of steps 5 and 6 are left at 0.
 fn shared_bounds(stats: &BlockStats, params: &SecurityParams) -> Result<PhaseErrorBounds, KeyLengthError> {
     validate(params)?;
     let counts = &stats.x_counts;
@@ -359,122 +489,104 @@ fn shared_bounds(stats: &BlockStats, params: &SecurityParams) -> Result<PhaseErr
     if counts.n_plus_sent() == 0 {
         return Err(KeyLengthError::NotEnoughTestData { reason: "no x-basis clicks from |+>" });
     }
-    let beta = (1.0 / params.eps_pe).ln();
+    let eps = EpsBudget::from_total(params.eps_qkd).eps_pe_each;
     let n_pulses = stats.n_pulses as f64;
-    let p_multi = params.mu * params.mu * params.g2 / 2.0;
+    let p_x = 1.0 - params.p_z;
+    let p_multi = params.p_multi_upper();
 
-    // Steps 1-2: the score, Bernstein's bound on its expectation, and the multi-photon part of
-    // the subtracted |+> term.
-    let plus_weight = params.p_z / (2.0 * (1.0 - params.p_z));
+    // Steps 1-2: the score S = sum X_i, X_i = r [+ sent, - seen] - r [+ sent, + seen]
+    // + [Z sent, + seen], whose conditional expectations sum to the expected phase errors of
+    // the rounds with at most one photon, up to the multi-photon correction.
+    let plus_weight = params.p_z / (2.0 * p_x);
     let z_plus = (counts.e_plus + counts.l_plus) as f64;
     let score = plus_weight * (counts.plus_minus as f64 - counts.plus_plus as f64) + z_plus;
-    let score_second_moment_upper =
-        plus_weight * plus_weight * chernoff_expected_upper(counts.n_plus_sent() as f64, beta)
-            + chernoff_expected_upper(z_plus, beta);
-    let multi_photon_correction = n_pulses * params.p_z / 2.0 * p_multi;
-    let test_errors_expected_upper = (bernstein_expected_upper(score, score_second_moment_upper, plus_weight, beta)
-        + multi_photon_correction)
-        .max(0.0);
-    let test_errors_upper = chernoff_observed_upper(test_errors_expected_upper, beta).min(n_test as f64);
-
-    // Step 3: multi-photon Z pulses, all assumed detected.
-    let n_multi_photon_upper =
-        if p_multi > 0.0 { chernoff_observed_upper(n_pulses * params.p_z * p_multi, beta) } else { 0.0 };
-    let n_key = stats.n_key_bits as f64;
-    if n_key <= n_multi_photon_upper || n_test as f64 <= n_multi_photon_upper {
+    // Var(X_i | past) <= E[X_i^2 | past] = r^2 q(+, +-) + q(Z, +), summed and bounded above.
+    let plus_expected_upper = expectation_upper(counts.n_plus_sent() as f64, eps);
+    let z_plus_expected_upper = expectation_upper(z_plus, eps);
+    let score_variance_upper = plus_weight * plus_weight * plus_expected_upper + z_plus_expected_upper;
+    // E[X_i | past] - X_i <= max(r, 1) + r.
+    let increment_bound = plus_weight.max(1.0) + plus_weight;
+    let score_deviation = freedman_deviation(score_variance_upper, increment_bound, eps);
+    let multi_photon_correction = plus_weight * n_pulses * p_x * p_multi;
+    let test_errors_expected_upper = (score + score_deviation + multi_photon_correction).max(0.0);
+    // Step 3: the actual phase errors.
+    let test_errors_upper = count_upper(test_errors_expected_upper, eps).min(n_test as f64);
+    // Step 4: multi-photon Z pulses, all assumed detected.
+    let n_multi_photon_upper = if p_multi > 0.0 { count_upper(n_pulses * params.p_z * p_multi, eps) } else { 0.0 };
+    if stats.n_key_bits as f64 <= n_multi_photon_upper {
         return Err(KeyLengthError::NoSinglePhotons { n_multi_photon_upper, n_key_bits: stats.n_key_bits });
-    }
-    let worst_test_rate = test_errors_upper / (n_test as f64 - n_multi_photon_upper);
-    if worst_test_rate >= MAX_PHASE_ERROR {
-        return Err(KeyLengthError::PhaseErrorTooHigh { upper: worst_test_rate, max: MAX_PHASE_ERROR });
     }
     Ok(PhaseErrorBounds {
         plus_weight,
         score,
-        score_second_moment_upper,
+        plus_expected_upper,
+        z_plus_expected_upper,
+        score_variance_upper,
+        score_deviation,
         multi_photon_correction,
         test_errors_expected_upper,
         test_errors_upper,
         n_test,
+        n_key: stats.n_key_bits,
         n_multi_photon_upper,
-        n_test_single_photon_lower: 0.0,
-        test_rate_upper: 0.0,
-        sampling_gamma: 0.0,
+        test_bad_upper: 0,
+        key_bad_upper: 0,
         n_single_photon_lower: 0.0,
+        test_rate_upper: 0.0,
         single_photon_rate_upper: 0.0,
     })
 }
 
-/// Steps 4 and 5 for `m_key` multi-photon pulses in the key sample and `m_test` in the test
-/// sample, from the shared bounds and the block's `n_key` sifted bits.
-fn bounds_at_split(
-    shared: &PhaseErrorBounds,
-    n_key: f64,
-    m_key: f64,
-    m_test: f64,
-    eps_pe: f64,
-) -> Result<PhaseErrorBounds, KeyLengthError> {
-    let n_single_photon_lower = n_key - m_key;
-    let n_test_single_photon_lower = shared.n_test as f64 - m_test;
-    if n_single_photon_lower <= 0.0 || n_test_single_photon_lower <= 0.0 {
+/// Steps 5 and 6 with at most `m_key` multi-photon pulses in the key sample.
+fn bounds_with_tagged(shared: &PhaseErrorBounds, m_key: f64, eps: f64) -> Result<PhaseErrorBounds, KeyLengthError> {
+    let (n_key, n_test) = (shared.n_key, shared.n_test);
+    // The multi-photon count is an integer at most the real bound.
+    let n_single_photon_lower = n_key as f64 - m_key.floor();
+    if n_single_photon_lower <= 0.0 {
         return Err(KeyLengthError::NoSinglePhotons {
             n_multi_photon_upper: shared.n_multi_photon_upper,
-            n_key_bits: n_key as u64,
+            n_key_bits: n_key,
         });
     }
-    let test_rate_upper = shared.test_errors_upper / n_test_single_photon_lower;
-    let gamma = sampling_gamma(n_single_photon_lower, n_test_single_photon_lower, test_rate_upper, eps_pe);
-    let single_photon_rate_upper = test_rate_upper + gamma;
+    // Bad test clicks: single-photon phase errors, an integer at most the real bound.
+    let test_bad_upper = (shared.test_errors_upper.floor() as u64).min(n_test);
+    let key_bad_upper = key_errors_upper(n_key, n_test, test_bad_upper, eps);
+    let single_photon_rate_upper = (key_bad_upper as f64 / n_single_photon_lower).min(1.0);
     if single_photon_rate_upper >= MAX_PHASE_ERROR {
         return Err(KeyLengthError::PhaseErrorTooHigh { upper: single_photon_rate_upper, max: MAX_PHASE_ERROR });
     }
     Ok(PhaseErrorBounds {
-        n_test_single_photon_lower,
-        test_rate_upper,
-        sampling_gamma: gamma,
+        test_bad_upper,
+        key_bad_upper,
         n_single_photon_lower,
+        test_rate_upper: test_bad_upper as f64 / n_test as f64,
         single_photon_rate_upper,
         ..shared.clone()
     })
 }
 
-/// All the bounds of the phase-error estimate (module documentation, steps 1 to 5) at the split of
-/// the multi-photon pulses that leaves the least secret key; fails when the data are missing,
-/// when multi-photon pulses may explain every key bit or test click, or when the bound reaches
+/// All the bounds of the phase-error estimate (module documentation, steps 1 to 6), with every
+/// multi-photon pulse the bound M allows counted in the key sample; fails when the data are
+/// missing, when multi-photon pulses may explain every key bit, or when the bound reaches
 /// [`MAX_PHASE_ERROR`].
 pub fn phase_error_bounds(stats: &BlockStats, params: &SecurityParams) -> Result<PhaseErrorBounds, KeyLengthError> {
     let shared = shared_bounds(stats, params)?;
-    let (n_key, m) = (stats.n_key_bits as f64, shared.n_multi_photon_upper);
-    // Steps 4-5: the worst split of the multi-photon pulses between key and test sample. Each
-    // grid cell [lo, hi] of m_key is evaluated at its worst corner: m_key = hi in the key and
-    // m_test = M - lo in the test sample.
-    let cells = f64::from(SPLIT_GRID_CELLS);
-    let mut worst: Option<(f64, PhaseErrorBounds)> = None;
-    for cell in 0..SPLIT_GRID_CELLS {
-        let m_key = m * (f64::from(cell) + 1.0) / cells;
-        let m_test = m * (1.0 - f64::from(cell) / cells);
-        let bounds = bounds_at_split(&shared, n_key, m_key, m_test, params.eps_pe)?;
-        let secret = bounds.n_single_photon_lower * (1.0 - binary_entropy(bounds.single_photon_rate_upper));
-        if worst.as_ref().is_none_or(|(least, _)| secret < *least) {
-            worst = Some((secret, bounds));
-        }
-    }
-    Ok(worst.expect("SPLIT_GRID_CELLS > 0: the grid has a cell").1)
+    let eps = EpsBudget::from_total(params.eps_qkd).eps_pe_each;
+    let m = shared.n_multi_photon_upper;
+    bounds_with_tagged(&shared, m, eps)
 }
 
-/// The bounds of steps 1 to 5 for a given split: `m_key` multi-photon Z pulses in the key sample
-/// and `m_test` in the test sample. [`phase_error_bounds`] takes the worst split allowed by the
-/// multi-photon bound M; this one lets a simulation that knows the actual split (an eavesdropper
-/// who split those pulses) check that the key length at the worst split never exceeds the one at
-/// the actual split.
+/// The bounds with `m_key` multi-photon Z pulses known to be in the key sample (a simulation
+/// that knows what its eavesdropper did uses this to check that the analysis never gives more
+/// key than the actual split allows).
 pub fn phase_error_bounds_at_split(
     stats: &BlockStats,
     params: &SecurityParams,
     m_key: f64,
-    m_test: f64,
 ) -> Result<PhaseErrorBounds, KeyLengthError> {
     let shared = shared_bounds(stats, params)?;
-    bounds_at_split(&shared, stats.n_key_bits as f64, m_key, m_test, params.eps_pe)
+    let eps = EpsBudget::from_total(params.eps_qkd).eps_pe_each;
+    bounds_with_tagged(&shared, m_key, eps)
 }
 
 /// Upper bound on the phase error rate (fraction) of the block's single-photon key bits, the
@@ -483,40 +595,43 @@ pub fn phase_error_upper(stats: &BlockStats, params: &SecurityParams) -> Result<
     phase_error_bounds(stats, params).map(|bounds| bounds.single_photon_rate_upper)
 }
 
-/// Bits the security parameters cost: 6 log2(19/eps_sec) + log2(2/eps_cor) (Rusca et al., APL
-/// 112, 171104 (2018), one-decoy key length).
-pub fn security_cost_bits(params: &SecurityParams) -> f64 {
-    6.0 * (19.0 / params.eps_sec).log2() + (2.0 / params.eps_cor).log2()
-}
-
-/// Secret key length of a block (module documentation, step 5):
-/// l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - 6 log2(19/eps_sec) - log2(2/eps_cor) ), with n_Z1
-/// and phi_1 at the worst split of the multi-photon pulses ([`phase_error_bounds`]).
-/// Every `Err` is an abort with a reason that can be logged as is.
-pub fn secret_key_length(stats: &BlockStats, params: &SecurityParams) -> Result<KeyLength, KeyLengthError> {
-    let bounds = phase_error_bounds(stats, params)?;
-    let security_cost = security_cost_bits(params);
-    // Rusca et al. 2018 (one-decoy), single-photon terms as in Lim et al. 2014, vacuum dropped.
-    let length = bounds.n_single_photon_lower * (1.0 - binary_entropy(bounds.single_photon_rate_upper))
-        - stats.leak_ec_bits as f64
-        - security_cost;
+/// The key length from given phase-error bounds (module documentation, step 6).
+pub fn key_length_from_bounds(
+    bounds: PhaseErrorBounds,
+    stats: &BlockStats,
+    params: &SecurityParams,
+) -> Result<KeyLength, KeyLengthError> {
+    let eps = EpsBudget::from_total(params.eps_qkd);
+    let leak_verification_bits = TAG_BITS * u64::from(n_tags_for(stats.n_key_bits, eps.eps_cor));
+    let pa_cost_bits = eps.pa_cost_bits();
+    let length = bounds.entropy_bits() - stats.leak_ec_bits as f64 - leak_verification_bits as f64 - pa_cost_bits;
     if length < 1.0 {
         return Err(KeyLengthError::NoKeyLeft {
             length,
             n_single_photon_lower: bounds.n_single_photon_lower,
             phase_error_upper: bounds.single_photon_rate_upper,
-            leak_ec_bits: stats.leak_ec_bits,
+            leak_bits: stats.leak_ec_bits + leak_verification_bits,
         });
     }
     Ok(KeyLength {
         final_bits: length.floor() as u64,
-        phase_error_upper: bounds.single_photon_rate_upper,
-        n_single_photon_lower: bounds.n_single_photon_lower,
-        phase_error_test_upper: bounds.test_rate_upper,
-        n_multi_photon_upper: bounds.n_multi_photon_upper,
+        bounds,
+        qber_x: stats.x_counts.qber_x(),
+        eps,
         leak_ec_bits: stats.leak_ec_bits,
-        security_cost_bits: security_cost,
+        leak_verification_bits,
+        pa_cost_bits,
+        mu_max: params.mu_max,
+        g2_max: params.g2_max,
     })
+}
+
+/// Secret key length of a block (module documentation, step 6):
+/// l = floor( n_Z1 (1 - h(phi_1)) - leak_EC - leak_tags - 2 log2(1 / (2 eps_PA)) ), with n_Z1
+/// and phi_1 from [`phase_error_bounds`].
+/// Every `Err` is an abort with a reason that can be logged as is.
+pub fn secret_key_length(stats: &BlockStats, params: &SecurityParams) -> Result<KeyLength, KeyLengthError> {
+    key_length_from_bounds(phase_error_bounds(stats, params)?, stats, params)
 }
 
 #[cfg(test)]

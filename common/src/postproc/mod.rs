@@ -10,13 +10,18 @@
 //!   polynomial product (Karatsuba, or Schönhage's ternary FFT for long blocks).
 //! * [`bench`]: the measurements behind `qkdctl bench-postproc` and `cargo bench`; the clock is
 //!   an argument, like every time in this module.
+//! * [`concentration`]: counting bounds valid against coherent attacks (exponential
+//!   supermartingales).
+//! * [`sampling`]: the random-sampling bound (exact hypergeometric tail, inverted).
 //! * [`finite_key`]: parameter estimation (phase error with finite-size bounds) and the secret key
 //!   length of the three-state time-bin protocol.
 
 pub mod bench;
 pub mod cascade;
+pub mod concentration;
 pub mod finite_key;
 pub mod ldpc;
+pub mod sampling;
 pub mod toeplitz;
 pub mod verify;
 
@@ -25,7 +30,8 @@ pub use cascade::{
     MultiCascadeBob, ParityQuery, reconcile_in_memory,
 };
 pub use finite_key::{
-    BlockStats, KeyLength, KeyLengthError, SecurityParams, XCounts, phase_error_upper, secret_key_length,
+    BlockStats, EpsBudget, KeyLength, KeyLengthError, SecurityParams, SourceMonitor, XCounts, phase_error_upper,
+    secret_key_length,
 };
 pub use ldpc::{LdpcAlice, LdpcBob, LdpcCode, LdpcError, LdpcFamily, LdpcOutcome, LdpcStep};
 pub use toeplitz::{

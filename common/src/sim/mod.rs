@@ -43,6 +43,6 @@ mod tests;
 pub use analytic::{Expected, expected, expected_with_phase};
 pub use eve::{InterceptResend, PhotonNumberSplitting, PnsFrame};
 pub use math::binary_entropy;
-pub use params::{LinkParams, ParamsError, TimingModel};
+pub use params::{LinkParams, ParamsError, SourceBounds, TimingModel};
 pub use receiver::{Detection, Measurement, Receiver};
 pub use source::{Basis, FrameSecret, FrameStates, Photon, Source, State, alice_state};

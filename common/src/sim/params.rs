@@ -146,6 +146,18 @@ impl TimingModel {
     }
 }
 
+/// Calibrated upper bounds on the source, as a preset file's `[security]` table gives them for
+/// its hardware: what a calibration with confidence intervals would state (the key length uses
+/// these, never the model's `mu` and `g2`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceBounds {
+    /// Upper bound on the mean photon number per pulse leaving Alice's lab (dimensionless).
+    pub mu_max: f64,
+    /// Upper bound on g2(0) (dimensionless).
+    pub g2_max: f64,
+}
+
 impl LinkParams {
     /// The named preset, parsed from the TOML file embedded at build time.
     pub fn preset(name: &str) -> Result<Self, ParamsError> {
@@ -162,11 +174,34 @@ impl LinkParams {
         PRESET_NAMES
     }
 
-    /// Parses a complete parameter set from TOML and validates it.
+    /// Parses a complete parameter set from TOML and validates it (a `[security]` table, the
+    /// source calibration a preset may ship, is ignored here: see [`LinkParams::with_bounds_from_toml_str`]).
     pub fn from_toml_str(s: &str) -> Result<Self, ParamsError> {
-        let params: Self = toml::from_str(s)?;
+        Self::with_bounds_from_toml_str(s).map(|(params, _)| params)
+    }
+
+    /// Parses a preset file: the link model and, when the file has a `[security]` table, the
+    /// calibrated source bounds that go with that hardware. The bounds are not part of the model:
+    /// the simulator never reads them, and the key length reads only them.
+    pub fn with_bounds_from_toml_str(s: &str) -> Result<(Self, Option<SourceBounds>), ParamsError> {
+        let mut table: toml::Table = toml::from_str(s)?;
+        let bounds = match table.remove("security") {
+            Some(value) => Some(value.try_into::<SourceBounds>()?),
+            None => None,
+        };
+        let params: Self = table.try_into()?;
         params.validate()?;
-        Ok(params)
+        Ok((params, bounds))
+    }
+
+    /// The named preset with its source calibration (see [`LinkParams::with_bounds_from_toml_str`]).
+    pub fn preset_with_bounds(name: &str) -> Result<(Self, Option<SourceBounds>), ParamsError> {
+        let text = PRESETS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| *t)
+            .ok_or_else(|| ParamsError::UnknownPreset { name: name.to_owned(), known: PRESET_NAMES.join(", ") })?;
+        Self::with_bounds_from_toml_str(text)
     }
 
     /// Serialises the parameters to TOML (without the explanatory comments of a preset file).

@@ -7,8 +7,9 @@ use aes::cipher::{BlockEncrypt, KeyInit};
 use rand::Rng;
 use zeroize::{Zeroize, ZeroizeOnDrop};
 
-use super::math::{successes, uniform};
+use super::math::{standard_normal, successes, uniform};
 use super::params::LinkParams;
+use crate::postproc::finite_key::SourceReading;
 
 /// One AES block.
 type Block = aes::Block;
@@ -249,7 +250,19 @@ pub struct Source {
     p_two_given_arrive: f64,
     /// Alice's probability of sending a Z state.
     p_z: f64,
+    /// The model's true mean photon number (what the monitor measures, with noise).
+    mu: f64,
+    /// The model's true g2(0).
+    g2: f64,
 }
+
+/// Relative standard deviation of one frame's mean-photon-number reading: a calibrated optical
+/// power meter behind a tap coupler reads the source's power to about 1 % over 55 ms.
+pub const MONITOR_MU_RELATIVE_NOISE: f64 = 0.01;
+
+/// Relative standard deviation of one frame's g2(0) reading: a Hanbury Brown-Twiss monitor on a
+/// tap sees few coincidences per frame, so its reading scatters by about 10 %.
+pub const MONITOR_G2_RELATIVE_NOISE: f64 = 0.1;
 
 impl Source {
     /// The source and fibre described by `params`.
@@ -263,7 +276,22 @@ impl Source {
         let (p1, p2) = (params.p_one_photon(), params.p_two_photons());
         let p_arrive = p1 * t + p2 * (1.0 - (1.0 - t) * (1.0 - t));
         let p_two = p2 * t * t;
-        Self { p_arrive, p_two_given_arrive: if p_arrive > 0.0 { p_two / p_arrive } else { 0.0 }, p_z: params.p_z }
+        Self {
+            p_arrive,
+            p_two_given_arrive: if p_arrive > 0.0 { p_two / p_arrive } else { 0.0 },
+            p_z: params.p_z,
+            mu: params.mu,
+            g2: params.g2,
+        }
+    }
+
+    /// What the transmitter's monitors report for one frame: the true mean photon number and
+    /// g2(0) with the relative Gaussian noise of [`MONITOR_MU_RELATIVE_NOISE`] and
+    /// [`MONITOR_G2_RELATIVE_NOISE`] (readings are never negative).
+    pub fn monitor_reading(&self, rng: &mut impl Rng) -> SourceReading {
+        let mu = self.mu * (1.0 + MONITOR_MU_RELATIVE_NOISE * standard_normal(rng));
+        let g2 = self.g2 * (1.0 + MONITOR_G2_RELATIVE_NOISE * standard_normal(rng));
+        SourceReading { mu: mu.max(0.0), g2: g2.max(0.0) }
     }
 
     /// Per-pulse probability that at least one photon of the pulse arrives at Bob.

@@ -31,207 +31,137 @@ fn worked_example() -> BlockStats {
     stats(1_000_000, x_counts, 300_000)
 }
 
+fn no_multi() -> SecurityParams {
+    SecurityParams { g2_max: 0.0, ..SecurityParams::default() }
+}
+
+#[test]
+fn the_eps_terms_add_up_to_eps_qkd() {
+    for eps_qkd in [1e-6, 1e-9, 1e-12] {
+        let budget = EpsBudget::from_total(eps_qkd);
+        assert!((budget.composed() - eps_qkd).abs() <= 1e-12 * eps_qkd, "{budget:?}");
+        assert!((budget.eps_cor + budget.eps_sec - eps_qkd).abs() <= 1e-12 * eps_qkd, "{budget:?}");
+        assert!(
+            (budget.eps_pe_each * f64::from(N_PE_BOUNDS) - budget.eps_pe_total).abs() <= 1e-12 * budget.eps_pe_total
+        );
+    }
+    // The default: eps_cor 1e-11, eps_PA 4.95e-10, all statistical bounds (9.9e-10 / 4)^2 =
+    // 6.125625e-20, each a sixth of that.
+    let budget = EpsBudget::from_total(DEFAULT_EPS_QKD);
+    assert!((budget.eps_cor - 1e-11).abs() < 1e-25 && (budget.eps_pa - 4.95e-10).abs() < 1e-22, "{budget:?}");
+    assert!((budget.eps_pe_each - 1.020_937_5e-20).abs() < 1e-30, "{budget:?}");
+    // PA cost 2 log2(1 / 9.9e-10) = 59.83 bits.
+    assert!((budget.pa_cost_bits() - 59.8237).abs() < 1e-3, "{}", budget.pa_cost_bits());
+}
+
+#[test]
+fn verification_tags_grow_with_the_block() {
+    // One 64-bit tag collides with at most (L + 1) / 2^64: 8.5e-15 at 10^7 bits.
+    assert_eq!(n_tags_for(10_000_000, 1e-11), 1);
+    assert_eq!(n_tags_for(10_000_000, 1e-15), 2);
+    assert_eq!(n_tags_for(1_000, 1e-30), 2);
+    assert_eq!(n_tags_for(1_000, 1e-40), 3);
+    for n_bits in [1_000u64, 100_000, 10_000_000, 1_000_000_000] {
+        for eps_cor in [1e-11, 1e-20, 1e-35] {
+            let tags = n_tags_for(n_bits, eps_cor);
+            let per_tag = crate::postproc::verify::eps_cor_for(n_bits as usize);
+            assert!(per_tag.powi(tags as i32) <= eps_cor, "{n_bits} {eps_cor}: {tags}");
+            assert!(
+                tags == 1 || per_tag.powi(tags as i32 - 1) > eps_cor,
+                "{n_bits} {eps_cor}: {tags} is not the least"
+            );
+        }
+    }
+}
+
 #[test]
 fn ideal_channel_phase_error_vanishes_with_statistics() {
-    let params = SecurityParams { g2: 0.0, ..SecurityParams::default() };
     let mut previous = f64::INFINITY;
     for clicks in [10_000u64, 1_000_000, 100_000_000, 10_000_000_000] {
-        let bounds = phase_error_bounds(&stats(10 * clicks, counts_with_visibility(clicks, 1.0), 0), &params).unwrap();
-        assert!(bounds.test_rate_upper > 0.0 && bounds.test_rate_upper < previous, "{clicks}: {bounds:?}");
-        previous = bounds.test_rate_upper;
+        let bounds =
+            phase_error_bounds(&stats(10 * clicks, counts_with_visibility(clicks, 1.0), 0), &no_multi()).unwrap();
+        assert!(
+            bounds.single_photon_rate_upper > 0.0 && bounds.single_photon_rate_upper < previous,
+            "{clicks}: {bounds:?}"
+        );
+        previous = bounds.single_photon_rate_upper;
     }
-    // At 1e10 clicks the bound is a few 1e-5 (it falls as 1/sqrt(clicks)).
-    assert!(previous < 1e-4, "{previous}");
+    // It falls as 1/sqrt(clicks): about 1.2e-4 at 1e10 clicks.
+    assert!(previous < 2e-4, "{previous}");
 }
 
 #[test]
 fn phase_error_tends_to_half_one_minus_visibility() {
-    let params = SecurityParams { g2: 0.0, ..SecurityParams::default() };
     for v in [0.8, 0.9, 0.97] {
         let target = (1.0 - v) / 2.0;
         let bounds =
-            phase_error_bounds(&stats(1_000_000_000_000, counts_with_visibility(10_000_000_000, v), 0), &params)
+            phase_error_bounds(&stats(1_000_000_000_000, counts_with_visibility(10_000_000_000, v), 0), &no_multi())
                 .unwrap();
-        assert!(bounds.test_rate_upper >= target, "v={v}: {bounds:?}");
-        assert!(bounds.test_rate_upper - target < 2e-4, "v={v}: {bounds:?}");
+        assert!(bounds.single_photon_rate_upper >= target, "v={v}: {bounds:?}");
+        assert!(bounds.single_photon_rate_upper - target < 5e-4, "v={v}: {bounds:?}");
     }
 }
 
 #[test]
-fn gamma_matches_hand_computation() {
-    // n = 1e6, k = 1e5, lambda = 0.05, eps = 1e-10:
-    // lambda (1 - lambda) = 0.0475;
-    // (n + k) lambda (1 - lambda) / (n k) = 1.1e6 * 0.0475 / 1e11 = 5.225e-7;
-    // (n + k) / (2 pi n k lambda (1 - lambda) eps^2) = 1.1e6 / (2 pi * 1e11 * 0.0475 * 1e-20)
-    //   = 1.1e6 / 2.98451e-10 = 3.685693e15, whose ln is 35.843235;
-    // gamma = sqrt(5.225e-7 * 35.843235) = sqrt(1.872809e-5) = 0.00432760.
-    let gamma = sampling_gamma(1e6, 1e5, 0.05, 1e-10);
-    assert!((gamma - 0.004_327_60).abs() < 1e-8, "{gamma}");
-    // More test data, smaller correction; a higher error rate, larger correction.
-    assert!(sampling_gamma(1e6, 2e5, 0.05, 1e-10) < gamma);
-    assert!(sampling_gamma(1e6, 1e5, 0.10, 1e-10) > gamma);
-}
-
-#[test]
-fn chernoff_bounds_hand_values() {
-    // beta = ln(1e11) = 25.328436.
-    let beta = (1e11f64).ln();
-    // x = 0: E[x] <= 2 beta.
-    assert!((chernoff_expected_upper(0.0, beta) - 2.0 * beta).abs() < 1e-12);
-    assert_eq!(chernoff_expected_lower(10.0, beta), 0.0);
-    // x = 10000: upper = 10000 + 25.3284 + sqrt(506568.72 + 641.53) = 10737.515,
-    // lower = 10000 - 12.6642 - sqrt(506568.72 + 160.38) = 9275.489.
-    assert!((chernoff_expected_upper(10_000.0, beta) - 10_737.515).abs() < 1e-2);
-    assert!((chernoff_expected_lower(10_000.0, beta) - 9_275.489).abs() < 1e-2);
-    // mu = 2125: observed <= 2125 + 12.6642 + sqrt(107645.85 + 160.38) = 2466.003.
-    assert!((chernoff_observed_upper(2125.0, beta) - 2466.003).abs() < 1e-2);
-}
-
-#[test]
-fn key_length_worked_example() {
-    // Block: n_key = 1e6, n_pulses = 1e10, p_Z = 1/2, mu = 0.01, g2 = 0.0085, eps_pe = 1e-11
-    // (beta = ln 1e11 = 25.328436), eps_sec = 1e-10, eps_cor = 1e-15, leak = 300000 bits.
-    // X counts: e+ = e- = l+ = l- = 50000 (n_test = 200000), ++ = 190000, +- = 10000.
-    // 1. r = p_Z / (2 p_X) = 0.5; score S = 0.5 (10000 - 190000) + 100000 = 10000.
-    // 2. U(++ + +-) = U(200000) = 200000 + 25.328 + sqrt(2 beta 2e5 + beta^2) = 203208.41;
-    //    U(e+ + l+) = U(100000) = 102276.18; v = 0.25 * 203208.41 + 102276.18 = 153078.28;
-    //    Bernstein: S + sqrt(2 beta v) + r beta / 3 = 10000 + 2784.684 + 4.221 = 12788.906;
-    //    multi-photon correction N p_Z / 2 p_multi = 1e10 * 0.25 * 4.25e-7 = 1062.5;
-    //    expected errors <= 13851.406; observed <= 13851.406 + 12.664 +
-    //    sqrt(2 beta 13851.406 + beta^2 / 4) = 14701.822.
-    // 3. M = upper(1e10 * 0.5 * 4.25e-7 = 2125) = 2466.003.
-    // 4. The worst split is the first grid cell: m_key = M / 64 = 38.531, m_test = M, so
-    //    n_Z1 = 999961.469, n_test1 = 197533.997, e_test = 14701.822 / 197533.997 = 0.0744268,
-    //    gamma(999961.469, 197533.997, 0.0744268, 1e-11) = 0.0040606, phi_1 = 0.0784874,
-    //    h(phi_1) = 0.3968268.
-    // 5. security cost = 6 log2(19e10) + log2(2e15) = 6 * 37.4672 + 50.8288 = 275.632;
-    //    l = 999961.469 (1 - 0.3968268) - 300000 - 275.632 = 302874.32 -> 302874.
-    let length = secret_key_length(&worked_example(), &SecurityParams::default()).unwrap();
-    assert!((length.final_bits as i64 - 302_874).abs() <= 1, "{length:?}");
-    assert!((length.phase_error_test_upper - 0.074_426_8).abs() < 1e-6, "{length:?}");
-    assert!((length.phase_error_upper - 0.078_487_4).abs() < 1e-6, "{length:?}");
-    assert!((length.n_single_photon_lower - 999_961.469).abs() < 0.01, "{length:?}");
-    assert!((length.n_multi_photon_upper - 2_466.003).abs() < 0.01, "{length:?}");
-    assert!((length.security_cost_bits - 275.632).abs() < 1e-3, "{length:?}");
-    let bounds = phase_error_bounds(&worked_example(), &SecurityParams::default()).unwrap();
-    assert!((bounds.score - 10_000.0).abs() < 1e-9, "{bounds:?}");
-    assert!((bounds.score_second_moment_upper - 153_078.28).abs() < 0.01, "{bounds:?}");
-    assert!((bounds.multi_photon_correction - 1_062.5).abs() < 1e-9, "{bounds:?}");
-    assert!((bounds.test_errors_upper - 14_701.822).abs() < 0.01, "{bounds:?}");
-    let phase = phase_error_upper(&worked_example(), &SecurityParams::default()).unwrap();
-    assert_eq!(phase, length.phase_error_upper);
-}
-
-#[test]
-fn bernstein_hand_value_and_weighting() {
-    // S = 100, v = 1000, range 4.5, beta = 25.328436: 100 + sqrt(50656.87) + 37.99 = 363.06.
-    let beta = (1e11f64).ln();
-    let upper = bernstein_expected_upper(100.0, 1000.0, 4.5, beta);
-    assert!((upper - 363.062).abs() < 1e-2, "{upper}");
-    // Bounding the weighted sum once is tighter than adding the three count bounds: with
-    // p_Z = 0.9 (r = 4.5) the colleague's per-count bound would give
-    // r (U(+-) - L(++)) + U(e+ + l+), the Bernstein bound is smaller.
-    let counts = XCounts {
-        e_plus: 270_000,
-        e_minus: 270_000,
-        l_plus: 270_000,
-        l_minus: 270_000,
-        plus_plus: 54_000,
-        plus_minus: 6_000,
-    };
-    let params = SecurityParams { p_z: 0.9, g2: 0.0, ..SecurityParams::default() };
-    let bounds = phase_error_bounds(&stats(2_000_000, counts, 0), &params).unwrap();
-    let r = 4.5;
-    let per_count = r * (chernoff_expected_upper(6_000.0, beta) - chernoff_expected_lower(54_000.0, beta))
-        + chernoff_expected_upper(540_000.0, beta);
-    assert!((bounds.plus_weight - r).abs() < 1e-12);
-    assert!(bounds.test_errors_expected_upper < per_count, "{bounds:?} vs {per_count}");
-    // ... and still above the observed score, by at least sqrt(2 beta v).
-    let v = r * r * 60_000.0 + 540_000.0;
-    assert!(bounds.test_errors_expected_upper >= bounds.score + (2.0 * beta * v).sqrt());
-}
-
-#[test]
-fn bernstein_bound_covers_the_mean_at_a_loose_epsilon() {
-    // The bound must hold with probability at least 1 - eps. At eps = 0.05 this is testable:
-    // simulate the score of 20000 independent pulses (|+> w.p. 0.1 with error 0.1, Z w.p. 0.9,
-    // clicks w.p. 0.2) many times and count how often E[S] exceeds the bound.
-    use rand::{Rng, SeedableRng};
-    let seed = 31;
-    let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
-    let (n, p_click, p_x, e_x) = (20_000u32, 0.2, 0.1, 0.1);
-    let r = (1.0 - p_x) / (2.0 * p_x);
-    // Per pulse: + sent and - seen (score r), + sent and + seen (-r), Z sent and + seen (1).
-    let (p_pm, p_pp, p_zp) = (p_x * p_click * e_x, p_x * p_click * (1.0 - e_x), (1.0 - p_x) * p_click * 0.5);
-    let mean = f64::from(n) * (r * p_pm - r * p_pp + p_zp);
-    let beta = (1.0f64 / 0.05).ln();
-    let trials = 2000;
-    let mut failures = 0;
-    for _ in 0..trials {
-        let (mut pm, mut pp, mut zp) = (0u32, 0u32, 0u32);
-        for _ in 0..n {
-            let u: f64 = rng.random();
-            if u < p_pm {
-                pm += 1;
-            } else if u < p_pm + p_pp {
-                pp += 1;
-            } else if u < p_pm + p_pp + p_zp {
-                zp += 1;
-            }
-        }
-        let score = r * (f64::from(pm) - f64::from(pp)) + f64::from(zp);
-        // The second moment at its true value, so only Bernstein's bound is tested here.
-        let v = f64::from(n) * (r * r * (p_pm + p_pp) + p_zp);
-        if mean > bernstein_expected_upper(score, v, r, beta) {
-            failures += 1;
-        }
-    }
-    // At most 5 % may fail; Bernstein is loose, so far fewer do. Allow the binomial spread.
-    assert!(failures <= trials / 20, "seed {seed}: {failures} of {trials} trials exceed the bound");
+fn each_step_is_the_bound_it_claims() {
+    // Recompute the chain by hand from the primitives, for a source with multi-photon pulses.
+    let params = SecurityParams::default();
+    let s = worked_example();
+    let b = phase_error_bounds(&s, &params).unwrap();
+    let eps = EpsBudget::from_total(params.eps_qkd).eps_pe_each;
+    let (r, n, p_multi) = (0.5, 1e10, 0.01f64 * 0.01 * 0.0085 / 2.0);
+    assert_eq!(b.plus_weight, r);
+    assert_eq!(b.score, 0.5 * (10_000.0 - 190_000.0) + 100_000.0);
+    assert_eq!(b.plus_expected_upper, expectation_upper(200_000.0, eps));
+    assert_eq!(b.z_plus_expected_upper, expectation_upper(100_000.0, eps));
+    assert_eq!(b.score_variance_upper, r * r * b.plus_expected_upper + b.z_plus_expected_upper);
+    // Differences at most max(r, 1) + r = 1.5.
+    assert_eq!(b.score_deviation, freedman_deviation(b.score_variance_upper, 1.5, eps));
+    let expected = b.score + b.score_deviation + r * n * 0.5 * p_multi;
+    assert!((b.test_errors_expected_upper - expected).abs() < 1e-6, "{b:?}");
+    assert_eq!(b.test_errors_upper, count_upper(expected, eps));
+    assert_eq!(b.n_multi_photon_upper, count_upper(n * 0.5 * p_multi, eps));
+    // The sampling step at the reported worst split.
+    assert_eq!(b.key_bad_upper, key_errors_upper(1_000_000, 200_000, b.test_bad_upper, eps));
+    assert!(b.single_photon_rate_upper * b.n_single_photon_lower <= b.key_bad_upper as f64 + 1e-9);
+    // The key length is the formula.
+    let length = secret_key_length(&s, &params).unwrap();
+    let tags = 64 * u64::from(n_tags_for(1_000_000, EpsBudget::from_total(params.eps_qkd).eps_cor));
+    let formula = b.entropy_bits() - 300_000.0 - tags as f64 - EpsBudget::from_total(params.eps_qkd).pa_cost_bits();
+    assert_eq!(length.final_bits, formula.floor() as u64);
+    assert_eq!(length.leak_verification_bits, 64);
+    assert_eq!(phase_error_upper(&s, &params).unwrap(), length.phase_error_upper());
 }
 
 #[test]
 fn multi_photon_pulses_cost_key_through_both_tagging_and_linearity() {
-    // Same block, source with and without two-photon emission: the |+> correction raises the
-    // test-sample error bound by exactly N p_Z / 2 p_multi before the observed-value bound, and
-    // the tagged pulses lower the single-photon key.
-    let no_multi = SecurityParams { g2: 0.0, ..SecurityParams::default() };
-    let multi = SecurityParams { g2: 0.05, ..SecurityParams::default() };
-    let a = phase_error_bounds(&worked_example(), &no_multi).unwrap();
+    let multi = SecurityParams { g2_max: 0.02, ..SecurityParams::default() };
+    let a = phase_error_bounds(&worked_example(), &no_multi()).unwrap();
     let b = phase_error_bounds(&worked_example(), &multi).unwrap();
-    let p_multi = 0.01 * 0.01 * 0.05 / 2.0;
-    let correction = 1e10 * 0.5 / 2.0 * p_multi;
+    let correction = 1e10 * 0.5 / 2.0 * (0.01 * 0.01 * 0.02 / 2.0);
     assert_eq!(a.multi_photon_correction, 0.0);
     assert!((b.multi_photon_correction - correction).abs() < 1e-6, "{b:?}");
     assert!((b.test_errors_expected_upper - a.test_errors_expected_upper - correction).abs() < 1e-6, "{a:?} {b:?}");
-    assert!(b.n_multi_photon_upper >= 1e10 * 0.5 * p_multi, "{b:?}");
-    assert!(b.n_single_photon_lower <= 1e6 - b.n_multi_photon_upper / f64::from(SPLIT_GRID_CELLS));
+    assert!(b.n_multi_photon_upper >= 1e10 * 0.5 * (0.01 * 0.01 * 0.02 / 2.0), "{b:?}");
+    assert_eq!(b.n_single_photon_lower, 1e6 - b.n_multi_photon_upper.floor());
     assert!(b.single_photon_rate_upper > a.single_photon_rate_upper);
     let (ka, kb) = (
-        secret_key_length(&worked_example(), &no_multi).unwrap().final_bits,
+        secret_key_length(&worked_example(), &no_multi()).unwrap().final_bits,
         secret_key_length(&worked_example(), &multi).unwrap().final_bits,
     );
     assert!(kb < ka, "{kb} vs {ka}");
 }
 
 #[test]
-fn worst_split_is_no_better_than_either_extreme() {
-    // The grid minimum is a lower bound on the secret length at every split, in particular at
-    // both extremes (all multi-photon pulses in the key, or all in the test sample).
-    let params = SecurityParams { mu: 0.05, ..SecurityParams::default() };
-    let stats = worked_example();
-    let b = phase_error_bounds(&stats, &params).unwrap();
-    let m = b.n_multi_photon_upper;
-    let secret_at = |m_key: f64, m_test: f64| {
-        let n1 = 1e6 - m_key;
-        let t1 = 200_000.0 - m_test;
-        let rate = b.test_errors_upper / t1;
-        let phi = rate + sampling_gamma(n1, t1, rate, params.eps_pe);
-        n1 * (1.0 - binary_entropy(phi))
-    };
-    let grid = b.n_single_photon_lower * (1.0 - binary_entropy(b.single_photon_rate_upper));
-    for (m_key, m_test) in [(m, 0.0), (0.0, m), (m / 2.0, m / 2.0), (m / 3.0, 2.0 * m / 3.0)] {
-        assert!(grid <= secret_at(m_key, m_test) + 1e-6, "{m_key} {m_test}: {b:?}");
+fn tagging_every_multi_photon_pulse_is_no_better_than_any_actual_split() {
+    let params = SecurityParams { mu_max: 0.02, ..SecurityParams::default() };
+    let s = worked_example();
+    let worst = phase_error_bounds(&s, &params).unwrap();
+    let m = worst.n_multi_photon_upper.floor();
+    assert!(m > 100.0, "{worst:?}");
+    for m_key in [0.0, (m / 3.0).floor(), m] {
+        let at = phase_error_bounds_at_split(&s, &params, m_key).unwrap();
+        assert!(worst.entropy_bits() <= at.entropy_bits() + 1e-6, "{m_key}: {worst:?} vs {at:?}");
     }
 }
 
@@ -246,12 +176,11 @@ fn more_leak_or_more_phase_error_means_less_key() {
     let mut noisier = worked_example();
     noisier.x_counts.plus_minus += 2000;
     noisier.x_counts.plus_plus -= 2000;
-    let noisier_len = secret_key_length(&noisier, &params).unwrap();
-    assert!(noisier_len.final_bits < base, "{noisier_len:?}");
-    // Brighter multi-photon emission costs key too.
-    let brighter = SecurityParams { mu: 0.03, ..params.clone() };
+    assert!(secret_key_length(&noisier, &params).unwrap().final_bits < base);
+    let brighter = SecurityParams { mu_max: 0.03, ..params.clone() };
     assert!(secret_key_length(&worked_example(), &brighter).unwrap().final_bits < base);
-    // And so does a smaller test sample.
+    let stricter = SecurityParams { eps_qkd: 1e-15, ..params.clone() };
+    assert!(secret_key_length(&worked_example(), &stricter).unwrap().final_bits < base);
     let mut fewer_tests = worked_example();
     fewer_tests.x_counts = XCounts {
         e_plus: 12_500,
@@ -265,6 +194,23 @@ fn more_leak_or_more_phase_error_means_less_key() {
 }
 
 #[test]
+fn source_monitor_refuses_readings_above_the_bounds() {
+    let params = SecurityParams { mu_max: 3.89e-3, g2_max: 0.01, ..SecurityParams::default() };
+    let mut monitor = SourceMonitor::default();
+    assert!(monitor.check(&params).is_err(), "a block without readings is refused");
+    monitor.add_frame(SourceReading { mu: 3.85e-3, g2: 0.0085 });
+    monitor.add_frame(SourceReading { mu: 3.87e-3, g2: 0.0086 });
+    assert!(monitor.check(&params).is_ok());
+    let mut bright = SourceMonitor::default();
+    bright.add_frame(SourceReading { mu: 0.02, g2: 0.0085 });
+    let err = bright.check(&params).unwrap_err();
+    assert!(err.to_string().contains("mean photon number 2.0000e-2 exceeds mu_max 3.8900e-3"), "{err}");
+    let mut bunched = SourceMonitor::default();
+    bunched.add_frame(SourceReading { mu: 3.8e-3, g2: 0.02 });
+    assert!(bunched.check(&params).unwrap_err().to_string().contains("g2(0)"));
+}
+
+#[test]
 fn abort_reasons() {
     let params = SecurityParams::default();
     let mut no_tests = worked_example();
@@ -274,7 +220,6 @@ fn abort_reasons() {
     no_plus.x_counts.plus_plus = 0;
     no_plus.x_counts.plus_minus = 0;
     assert!(matches!(secret_key_length(&no_plus, &params), Err(KeyLengthError::NotEnoughTestData { .. })));
-    // Visibility 0: e_ph = 1/2.
     let mut random_phase = worked_example();
     random_phase.x_counts.plus_plus = 100_000;
     random_phase.x_counts.plus_minus = 100_000;
@@ -285,7 +230,7 @@ fn abort_reasons() {
     leaky.leak_ec_bits = 700_000;
     let err = secret_key_length(&leaky, &params).unwrap_err();
     assert!(matches!(err, KeyLengthError::NoKeyLeft { .. }), "{err}");
-    let multi = SecurityParams { mu: 10.0, g2: 1.0, ..params.clone() };
+    let multi = SecurityParams { mu_max: 10.0, g2_max: 1.0, ..params.clone() };
     assert!(matches!(secret_key_length(&worked_example(), &multi), Err(KeyLengthError::NoSinglePhotons { .. })));
     let bad = SecurityParams { p_z: 1.0, ..params };
     assert!(matches!(secret_key_length(&worked_example(), &bad), Err(KeyLengthError::InvalidParams { .. })));
