@@ -255,9 +255,9 @@ impl SledStore {
         });
         match unwrap_kme_tx(result) {
             Err(KmeStoreError::MissingUnits(missing)) => {
-                // A unit of a block still pending here, or being published (a unit is in one of
-                // the two trees at every moment of the move), is not lost: say so, so that the
-                // peer keeps it instead of discarding it.
+                // A unit of a block still pending here, or being published (a unit is in exactly
+                // one of the two trees at every moment of the move), is not lost: say so, so that
+                // the peer keeps it instead of discarding it.
                 let mut not_yet = Vec::new();
                 for unit_id in &missing {
                     let held = self.pending.contains_key(unit_id.as_bytes()).map_err(StoreError::Db)?

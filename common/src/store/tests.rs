@@ -177,3 +177,128 @@ fn a_block_of_twenty_thousand_units_is_stored_and_published_whole() {
     assert_eq!((summary.n_keys, summary.n_ready_blocks), (20_000, 1));
     assert_eq!(store.pending.len(), 0);
 }
+
+thread_local! {
+    /// Publishing transactions this thread may still run before a simulated crash (`None`: no
+    /// crash).
+    static STEPS_BEFORE_CRASH: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+}
+
+/// Whether the crash point reached now is the one the test chose (see [`crash_point`]).
+pub(super) fn crash_now() -> bool {
+    STEPS_BEFORE_CRASH.with(|steps| match steps.get() {
+        Some(0) => {
+            steps.set(None);
+            true
+        }
+        Some(n) => {
+            steps.set(Some(n - 1));
+            false
+        }
+        None => false,
+    })
+}
+
+/// Makes the crash point before publishing transaction `step` (counted from 0) on this thread
+/// fail, as a crash there would stop the write; `None`: no crash.
+fn crash_before_step(step: Option<usize>) {
+    STEPS_BEFORE_CRASH.with(|steps| steps.set(step));
+}
+
+/// Number of units in both `pending` and `ready`.
+fn n_in_both(pending: &sled::Tree, ready: &sled::Tree) -> usize {
+    pending.iter().keys().filter(|key| ready.contains_key(key.as_ref().unwrap()).unwrap()).count()
+}
+
+#[test]
+fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
+    // Crash 1 stops publishing before one of its transactions, while the KME goes on and
+    // reserves every unit then ready; crash 2 comes once the reservations are on disk. Reopening
+    // recovers, itself crashing before each of its transactions in turn, and the store is then
+    // reopened once more. The block spans two transactions, so there is a crash point between
+    // them. No unit may be both reserved and ready (or pending) at the end.
+    let n_units = PUBLISH_BATCH + 2;
+    for publish_crash in 0.. {
+        let dir = tempdir();
+        let block = Uuid::new_v4();
+        let store = SledStore::open(&dir).unwrap();
+        store.put_pending(&meta(block), &units(n_units, 0)).unwrap();
+        crash_before_step(Some(publish_crash));
+        let finished = store.mark_ready(block).is_ok();
+        crash_before_step(None);
+        assert_eq!(n_in_both(&store.pending, &store.ready), 0, "publish crash {publish_crash}: units in both trees");
+
+        let reserved: Vec<Uuid> =
+            store.select_ready_units(usize::MAX, |_| true).unwrap().iter().map(|u| u.key_id).collect();
+        let reservation = |unit_id: Uuid| kme::KeyReservation {
+            key_id: Uuid::new_v4(),
+            unit_ids: vec![unit_id],
+            size_bits: 256,
+            master: "m".into(),
+            slaves: vec!["s".into()],
+            created_unix_ms: 1,
+        };
+        let reservations: Vec<_> = reserved.iter().map(|id| reservation(*id)).collect();
+        store.reserve_keys(&reservations).unwrap();
+        // Crash 2: closing keeps every write made so far, as reserve_keys' flush does anyway.
+        drop(store);
+
+        for recover_crash in 0.. {
+            crash_before_step(Some(recover_crash));
+            let opened = SledStore::open(&dir);
+            crash_before_step(None);
+            if opened.is_ok() {
+                break;
+            }
+            let db = open_db(&dir).unwrap();
+            let (pending, ready) = (db.open_tree("pending").unwrap(), db.open_tree("ready").unwrap());
+            assert_eq!(n_in_both(&pending, &ready), 0, "recovery crash {recover_crash}: units in both trees");
+        }
+
+        let store = SledStore::open(&dir).unwrap();
+        let context = format!("publish crash {publish_crash}, {} units reserved", reserved.len());
+        for unit_id in &reserved {
+            let id = unit_id.as_bytes();
+            assert!(!store.ready.contains_key(id).unwrap(), "{context}: a reserved unit is ready again");
+            assert!(!store.pending.contains_key(id).unwrap(), "{context}: a reserved unit is pending again");
+        }
+        assert_eq!(store.ready.len(), n_units - reserved.len(), "{context}: every other unit is ready");
+        assert_eq!(store.pending.len(), 0, "{context}");
+        if let Some(unit_id) = reserved.first() {
+            assert!(matches!(store.reserve_keys(&[reservation(*unit_id)]), Err(kme::KmeStoreError::MissingUnits(_))));
+            let key_ids: Vec<Uuid> = reservations.iter().map(|r| r.key_id).collect();
+            assert_eq!(store.deliver_reserved_keys(&key_ids, "m", "s").unwrap().len(), key_ids.len());
+            assert!(matches!(
+                store.deliver_reserved_keys(&key_ids[..1], "m", "s"),
+                Err(kme::KmeStoreError::NotFound(_))
+            ));
+        }
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+        if finished {
+            assert!(publish_crash >= 2, "a block of two batches is published in two transactions");
+            break;
+        }
+    }
+}
+
+#[test]
+fn recovery_drops_the_pending_copy_of_a_unit_found_in_both_trees() {
+    // Only a crash of a version that moved units in two writes leaves a unit in both trees. The
+    // `ready` copy is the published one, which the key pool may have handed out already: recovery
+    // removes the pending copy instead of publishing it again (which, with other bytes here,
+    // would overwrite the published ones).
+    let dir = tempdir();
+    let block = Uuid::new_v4();
+    let keys = units(2, 50);
+    {
+        let store = SledStore::open(&dir).unwrap();
+        interrupted_write(&store, block, &keys, Some(BlockState::Ready));
+        store.ready.insert(keys[0].key_id.as_bytes(), encode_key(block, &[0xAA; 32]).as_slice()).unwrap();
+        store.db.flush().unwrap();
+    }
+    let store = SledStore::open(&dir).unwrap();
+    assert_eq!((store.ready.len(), store.pending.len()), (2, 0));
+    let (_, published) = decode_key(&store.ready.get(keys[0].key_id.as_bytes()).unwrap().unwrap()).unwrap();
+    assert_eq!(published.as_slice(), &[0xAA; 32], "the published copy is kept");
+}
