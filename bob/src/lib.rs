@@ -157,6 +157,7 @@ async fn session(
     let (mut bob, (ready, dropped)) =
         BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store).await?;
     bob.set_max_stored_units(cfg.max_stored_units);
+    bob.set_side_slot_monitor(link.side_slot_calibration());
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
     {
         let mut s = status.lock().expect("status lock poisoned");
@@ -204,6 +205,7 @@ async fn session(
             Err(e) => break Err(anyhow!(e).context("fibre")),
         };
         let detections = receiver.detect_frame(&photons, frame.n_pulses, rng);
+        bob.add_x_slot_counts(&receiver.x_slot_counts());
         let x_counts = match bob.sift_frame(frame.frame_idx, frame.n_pulses, &detections).await {
             Ok(c) => c,
             Err(e) => break Err(anyhow!(e).context("sifting")),

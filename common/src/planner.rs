@@ -226,6 +226,7 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
     let core = AliceCore::new("alice".into(), protocol.clone(), security.clone(), ChaCha20Rng::seed_from_u64(*seed));
     let alice = MemoryAlice::new(core, alice_store.clone());
     let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store).await?;
+    bob.set_side_slot_monitor(link.side_slot_calibration());
     let source = Source::new(link);
     let pns =
         matches!(scenario.eavesdropper, Eavesdropper::PhotonNumberSplitting).then(|| PhotonNumberSplitting::new(link));
@@ -254,6 +255,7 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
         let reading = source.monitor_reading(&mut rng);
         alice.lock().core.register_frame(frame_idx, secret, frame_pulses, reading);
         let x_counts = bob.sift_frame(frame_idx, frame_pulses, &detections).await?;
+        bob.add_x_slot_counts(&receiver.x_slot_counts());
         block_counts.add(&x_counts);
         receiver.feedback(x_counts.n_plus_sent(), x_counts.plus_minus);
         if bob.block_ready() {

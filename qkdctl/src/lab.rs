@@ -160,7 +160,11 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()>
         "# The physical link model (a preset from presets/, or `file = \"my-link.toml\"`).\n\
          [link]\npreset = \"{preset}\"\n{distance}\n\
          # Post-processing parameters: must be identical at Alice and Bob.\n\
-         [protocol]\n# Sifted key bits per finite-key block.\nblock_bits = {block_bits}\n\n",
+         [protocol]\n# Sifted key bits per finite-key block.\nblock_bits = {block_bits}\n\n\
+         # What the key length assumes (must be identical at Alice and Bob): eps_QKD, and the\n\
+         # source's calibrated upper bounds mu_max and g2_max, taken from the preset's [security]\n\
+         # table when not set here. Blocks whose monitored source exceeds them are aborted.\n\
+         [security]\neps_qkd = 1e-9\n\n",
         preset = args.preset,
         block_bits = args.block_bits,
     );

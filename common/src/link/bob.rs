@@ -13,7 +13,8 @@ use crate::bits::BitVec;
 use crate::postproc::binary_entropy;
 use crate::postproc::cascade::MultiCascadeBob;
 use crate::postproc::finite_key::{
-    BlockStats, EpsBudget, KeyLength, SecurityParams, TAG_BITS, XCounts, n_tags_for, secret_key_length,
+    BlockStats, EpsBudget, KeyLength, SecurityParams, SideSlotCalibration, TAG_BITS, XCounts, XSlotCounts, n_tags_for,
+    secret_key_length,
 };
 use crate::postproc::ldpc::{LdpcBob, LdpcStep, default_start_efficiency};
 use crate::postproc::toeplitz::toeplitz_hash;
@@ -114,6 +115,10 @@ pub struct BobLink<P: LinkPeer> {
     qber_estimate: f64,
     /// Most key units the store may hold before new blocks are refused (0: no limit).
     max_stored_units: u64,
+    /// The side-slot monitor's calibration (None: not monitored).
+    side_slots: Option<SideSlotCalibration>,
+    /// X-branch clicks by slot since the last block.
+    acc_x_slots: XSlotCounts,
     /// Running counters.
     pub counters: LinkCounters,
 }
@@ -165,6 +170,8 @@ impl<P: LinkPeer> BobLink<P> {
             acc_frames: 0,
             qber_estimate,
             max_stored_units: 0,
+            side_slots: None,
+            acc_x_slots: XSlotCounts::default(),
             counters: LinkCounters::default(),
         };
         Ok((link, (ready, dropped)))
@@ -213,6 +220,18 @@ impl<P: LinkPeer> BobLink<P> {
         self.max_stored_units = max_units;
     }
 
+    /// Turns on the detector side-slot monitor: each block's X-branch side-slot clicks (see
+    /// [`BobLink::add_x_slot_counts`]) are checked against `calibration`, and a block outside it is
+    /// aborted at both ends with the reason.
+    pub fn set_side_slot_monitor(&mut self, calibration: SideSlotCalibration) {
+        self.side_slots = Some(calibration);
+    }
+
+    /// Adds one frame's X-branch clicks by slot, from the receiver, to the current block.
+    pub fn add_x_slot_counts(&mut self, counts: &XSlotCounts) {
+        self.acc_x_slots.add(counts);
+    }
+
     /// Post-processes the accumulated block: Cascade, verification, privacy amplification and
     /// the two-ended commit. A block that does not complete stores nothing.
     pub async fn process_block(&mut self, store: &dyn KeyStore, now_unix_ms: u64) -> Result<BlockReport, LinkError> {
@@ -229,6 +248,7 @@ impl<P: LinkPeer> BobLink<P> {
             n_frames: self.acc_frames,
         };
         self.acc_frames = 0;
+        let x_slots = std::mem::take(&mut self.acc_x_slots);
         let started = self.peer.start_block(start.clone()).await?;
         let block_id = parse_uuid(&started.block_id, "block id")?;
         let mut report = BlockReport {
@@ -249,6 +269,14 @@ impl<P: LinkPeer> BobLink<P> {
         };
         if !started.abort_reason.is_empty() {
             report.abort_reason = Some(started.abort_reason);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
+        if let Some(calibration) = &self.side_slots
+            && let Err(reason) = calibration.check(&x_slots, stats.n_pulses)
+        {
+            self.abort(&started.block_id, &reason).await?;
+            report.abort_reason = Some(reason);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }

@@ -307,6 +307,72 @@ impl SourceMonitor {
     }
 }
 
+/// Bob's X-branch clicks by interferometer slot (after dead time, before squashing): the
+/// side-slot monitor's data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XSlotCounts {
+    /// Clicks in the windows of the side slots (0 and 2) of both X detectors.
+    pub side: u64,
+    /// Clicks in the central-slot windows of both X detectors (the X measurements).
+    pub central: u64,
+}
+
+impl XSlotCounts {
+    /// Adds another frame's counts.
+    pub fn add(&mut self, other: &XSlotCounts) {
+        self.side += other.side;
+        self.central += other.central;
+    }
+}
+
+/// What Bob's receiver calibration says the side slots should see. For any state in the qubit
+/// space, half of the X branch's photons leave the interferometer in a side slot (|E>: slots 0
+/// and 1; |L>: 1 and 2; |+> and |->: 1/4, 1/2, 1/4), so the side windows catch p_own / 2 of them
+/// whatever Alice sent, while the central window catches p_own / 2 plus a timing tail c / 2
+/// with c between the two tails of the timing model. Signal clicks in the side windows are then
+/// between `ratio_low` and `ratio_high` times the central signal clicks; dark counts add
+/// `p_dark` per window, four side windows and two central ones per pulse. Light outside the
+/// qubit space, as a time-shift or efficiency-mismatch attack sends, moves clicks between the
+/// slots; the monitor aborts the block when the side counts leave the expected range
+/// ([`SideSlotCalibration::check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct SideSlotCalibration {
+    /// Least ratio of side to central signal clicks: p_own / (p_own + c_max).
+    pub ratio_low: f64,
+    /// Largest ratio: p_own / (p_own + c_min).
+    pub ratio_high: f64,
+    /// Dark-count probability per window.
+    pub p_dark: f64,
+    /// Relative tolerance for what the model leaves out (dead time, squashing, after-pulses).
+    pub tolerance: f64,
+}
+
+impl SideSlotCalibration {
+    /// Checks a block's side-slot clicks against the calibration, for `n_pulses` pulses: the side
+    /// count must lie in the expected range widened by the tolerance and by six standard
+    /// deviations of a Poisson count. Fails with the reason.
+    pub fn check(&self, counts: &XSlotCounts, n_pulses: u64) -> Result<(), String> {
+        let n = n_pulses as f64;
+        let central_signal = (counts.central as f64 - 2.0 * self.p_dark * n).max(0.0);
+        let dark_side = 4.0 * self.p_dark * n;
+        let low = (self.ratio_low * central_signal + dark_side) * (1.0 - self.tolerance);
+        let high = (self.ratio_high * central_signal + dark_side) * (1.0 + self.tolerance);
+        let side = counts.side as f64;
+        let (low, high) = (low - 6.0 * low.max(1.0).sqrt(), high + 6.0 * high.max(1.0).sqrt());
+        if side < low || side > high {
+            return Err(format!(
+                "detector side-slot monitor: {} side-slot clicks against {} central, expected {:.0} to {:.0} \
+                 (a detection-efficiency mismatch or light outside the two time bins)",
+                counts.side,
+                counts.central,
+                low.max(0.0),
+                high
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What one block contributes to the key-length formula.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockStats {

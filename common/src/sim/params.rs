@@ -86,6 +86,12 @@ pub struct LinkParams {
     /// Probability that a click is followed by an after-pulse, a spurious click of the same
     /// detector in its first window after the dead time.
     pub afterpulse_probability: f64,
+    /// Efficiency of the X detectors in the interferometer's side slots relative to the central
+    /// slot, dimensionless (default 1: no mismatch). Below 1 models a detection-efficiency
+    /// mismatch in time (a detector gated or recovering unevenly, or light an eavesdropper shifts
+    /// in time); Bob's side-slot monitor sees it.
+    #[serde(default = "default_x_side_slot_efficiency")]
+    pub x_side_slot_efficiency: f64,
     /// Strength of the random walk of the interferometer phase, in rad/sqrt(s): after t seconds
     /// without correction the walk has standard deviation `phase_drift_rad_per_sqrt_s * sqrt(t)`.
     pub phase_drift_rad_per_sqrt_s: f64,
@@ -144,6 +150,10 @@ impl TimingModel {
         let wrong = self.p_e_to_l + self.p_l_to_e;
         wrong / (2.0 * self.p_own + wrong)
     }
+}
+
+fn default_x_side_slot_efficiency() -> f64 {
+    1.0
 }
 
 /// Calibrated upper bounds on the source, as a preset file's `[security]` table gives them for
@@ -248,6 +258,7 @@ impl LinkParams {
         )?;
         check("visibility", self.visibility, unit(self.visibility), "in [0, 1]")?;
         check("dead_time_ns", self.dead_time_ns, self.dead_time_ns >= 0.0, ">= 0")?;
+        check("x_side_slot_efficiency", self.x_side_slot_efficiency, unit(self.x_side_slot_efficiency), "in [0, 1]")?;
         check(
             "afterpulse_probability",
             self.afterpulse_probability,
@@ -340,6 +351,20 @@ impl LinkParams {
         let (tau, w) = (self.bin_separation_ps, 1e3 * self.window_ns);
         let f = |t: f64| arrival_cdf(t, t1, sigma);
         TimingModel { p_own: f(w) - f(0.0), p_e_to_l: f(tau + w) - f(tau), p_l_to_e: f(w - tau) - f(-tau) }
+    }
+
+    /// What Bob's side-slot monitor expects from this receiver (its calibration: the timing
+    /// model and the dark counts; `x_side_slot_efficiency` is a fault the calibration does not
+    /// know, so it is left out), with a 5 % tolerance for dead time, squashing and after-pulses.
+    pub fn side_slot_calibration(&self) -> crate::postproc::finite_key::SideSlotCalibration {
+        let tm = self.timing();
+        let (c_min, c_max) = (tm.p_e_to_l.min(tm.p_l_to_e), tm.p_e_to_l.max(tm.p_l_to_e));
+        crate::postproc::finite_key::SideSlotCalibration {
+            ratio_low: tm.p_own / (tm.p_own + c_max),
+            ratio_high: tm.p_own / (tm.p_own + c_min),
+            p_dark: self.dark_probability(),
+            tolerance: 0.05,
+        }
     }
 
     /// Intrinsic Z error e_Z0 derived from T1, jitter, window and bin separation

@@ -59,6 +59,7 @@ use super::analytic::expected_with_phase;
 use super::math::{standard_normal, successes, uniform};
 use super::params::{LinkParams, TimingModel};
 use super::source::{Photon, State};
+use crate::postproc::finite_key::XSlotCounts;
 
 /// Bob's measurement result for one pulse.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -96,6 +97,9 @@ const OUT_LATE: u8 = 1;
 const OUT_PLUS: u8 = 2;
 const OUT_MINUS: u8 = 3;
 const BLIND: u8 = 4;
+/// A click of an X detector in a side-slot window (slot 0 or 2): counted by the side-slot
+/// monitor, never a detection.
+const OUT_SIDE: u8 = 5;
 
 /// A click candidate of one detector: pulse, time offset within the period (ps), outcome code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -140,6 +144,10 @@ pub struct Receiver {
     dead_until_s: [f64; 3],
     /// Feedback loop.
     fb: Feedback,
+    /// Efficiency of the X side-slot windows relative to the central one.
+    side_efficiency: f64,
+    /// The X branch's clicks by slot in the last frame (side-slot monitor).
+    x_slots: XSlotCounts,
 }
 
 /// State of the dithered proportional-integral phase loop.
@@ -197,6 +205,8 @@ impl Receiver {
             time_s: 0.0,
             walk_rad: 0.0,
             dead_until_s: [f64::NEG_INFINITY; 3],
+            side_efficiency: params.x_side_slot_efficiency,
+            x_slots: XSlotCounts::default(),
             fb: Feedback {
                 enabled: params.feedback_enabled,
                 dither: params.feedback_dither_rad,
@@ -237,6 +247,13 @@ impl Receiver {
         self.walk_rad += rad;
     }
 
+    /// The X branch's clicks in the side-slot and central windows during the last frame
+    /// [`Receiver::detect_frame`] processed (after dead time, before squashing): what Bob's
+    /// side-slot monitor counts.
+    pub fn x_slot_counts(&self) -> XSlotCounts {
+        self.x_slots
+    }
+
     /// Bob's phase-shifter setting c (the loop's correction, without dither), in rad.
     pub fn correction_rad(&self) -> f64 {
         self.fb.correction
@@ -270,6 +287,7 @@ impl Receiver {
         self.time_s += duration;
 
         // Click candidates per detector.
+        self.x_slots = XSlotCounts::default();
         let mut clicks: [Vec<Click>; 3] = Default::default();
         for ph in photons {
             debug_assert!(ph.pulse_idx < n_pulses, "photon beyond the frame");
@@ -289,6 +307,14 @@ impl Receiver {
         for (det, offset_ps, outcome) in dark_windows {
             let idx: Vec<u64> = successes(rng, n_pulses, self.p_dark).collect();
             clicks[det].extend(idx.into_iter().map(|pulse| Click { pulse, offset_ps, outcome }));
+        }
+        // The side-slot monitor's windows (slots 0 and 2 of both X detectors) see dark counts too.
+        let side_dark = self.p_dark * self.side_efficiency;
+        for (det, offset_ps) in
+            [(DET_PLUS, 0), (DET_PLUS, 2 * self.tau_ps), (DET_MINUS, 0), (DET_MINUS, 2 * self.tau_ps)]
+        {
+            let idx: Vec<u64> = successes(rng, n_pulses, side_dark).collect();
+            clicks[det].extend(idx.into_iter().map(|pulse| Click { pulse, offset_ps, outcome: OUT_SIDE }));
         }
 
         // Dead time and after-pulses, per detector, in time order.
@@ -375,10 +401,20 @@ impl Receiver {
             0 => (v < tm.p_e_to_l, 0.5),
             _ => (v < tm.p_l_to_e, 0.5),
         };
+        // A side-slot photon that misses the central window lands in its own slot's window with
+        // probability p_own (scaled by the side slots' relative efficiency), as a Z photon in its
+        // bin's window.
+        let cross = if slot == 0 { tm.p_e_to_l } else { tm.p_l_to_e };
+        let in_side = slot != 1 && !in_window && v < cross + tm.p_own * self.side_efficiency;
         let plus = uniform(rng) < p_plus;
         let det = if plus { DET_PLUS } else { DET_MINUS };
-        let (offset_ps, outcome) =
-            if in_window { (tau, if plus { OUT_PLUS } else { OUT_MINUS }) } else { (slot * tau, BLIND) };
+        let (offset_ps, outcome) = if in_window {
+            (tau, if plus { OUT_PLUS } else { OUT_MINUS })
+        } else if in_side {
+            (slot * tau, OUT_SIDE)
+        } else {
+            (slot * tau, BLIND)
+        };
         Some((det, Click { pulse, offset_ps, outcome }))
     }
 
@@ -415,8 +451,15 @@ impl Receiver {
                 continue;
             }
             dead_until = t + self.dead_time_s;
-            if c.outcome != BLIND {
-                accepted.push((c.pulse, c.outcome));
+            match c.outcome {
+                BLIND => {}
+                OUT_SIDE => self.x_slots.side += 1,
+                outcome => {
+                    if outcome == OUT_PLUS || outcome == OUT_MINUS {
+                        self.x_slots.central += 1;
+                    }
+                    accepted.push((c.pulse, outcome));
+                }
             }
             if self.p_afterpulse > 0.0 && uniform(rng) < self.p_afterpulse {
                 let (offset_ps, outcome) = match det {

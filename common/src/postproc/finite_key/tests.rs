@@ -247,3 +247,21 @@ fn x_counts_accumulate() {
     assert!((total.qber_x() - 0.1).abs() < 1e-15);
     assert_eq!(XCounts::default().qber_x(), 0.0);
 }
+
+#[test]
+fn side_slot_monitor_accepts_the_calibrated_ratio_and_refuses_a_mismatch() {
+    let calibration = SideSlotCalibration { ratio_low: 0.85, ratio_high: 0.95, p_dark: 1e-7, tolerance: 0.05 };
+    let n_pulses = 1_000_000_000; // dark counts: 200 central, 400 side
+    // 100 000 central signal clicks: the side signal is 85 000 to 95 000, plus 400 dark counts.
+    let central = 100_200;
+    let ok = XSlotCounts { side: 90_400, central };
+    assert!(calibration.check(&ok, n_pulses).is_ok());
+    let mismatched = XSlotCounts { side: 72_000, central };
+    let err = calibration.check(&mismatched, n_pulses).unwrap_err();
+    assert!(err.starts_with("detector side-slot monitor: 72000 side-slot clicks against 100200 central"), "{err}");
+    let flooded = XSlotCounts { side: 120_000, central };
+    assert!(calibration.check(&flooded, n_pulses).is_err());
+    // Dark counts alone: four side windows against two central ones.
+    let dark = XSlotCounts { side: 400, central: 200 };
+    assert!(calibration.check(&dark, n_pulses).is_ok());
+}
