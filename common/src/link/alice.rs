@@ -110,7 +110,7 @@ impl AliceCore {
     pub fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<HelloResponse, LinkError> {
         if req.params_digest != self.digest {
             return Err(LinkError::ParamsMismatch(
-                "protocol version, block size, epsilons, key unit, frame length, p_z, mu or g2 differ; run the same release and use the same preset and [protocol] section at both ends".into(),
+                "protocol version, [protocol] or [security] settings (block size, key unit, frame length, eps_qkd, p_z, mu_max, g2_max) differ; run the same release and use the same preset, [protocol] and [security] sections at both ends".into(),
             ));
         }
         let mut ready_block_ids = Vec::new();
