@@ -9,7 +9,13 @@
 //! DIR/logs/       alice.log bob.log
 //! DIR/lab.json    for scripts: CA path, each KME's ETSI address and ID, each SAE's ID, KME,
 //!                 certificate and key (SAEs app-a at Alice's KME, app-b at Bob's)
+//! DIR/lab-args.json  the preset, distance and block size the lab was created with
+//! DIR/lab.pid     the PID of the `qkdctl lab` running on the directory (removed when it stops)
 //! ```
+//!
+//! Flags are checked before anything is written; a directory that holds a lab keeps the settings
+//! it was created with (other values are refused, not ignored); a directory in use by another
+//! `qkdctl lab` is refused with that lab's PID.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -25,32 +31,158 @@ pub struct LabArgs {
     /// Directory for the lab's certificates, configs, stores and logs.
     #[arg(long, default_value = "lab")]
     dir: PathBuf,
-    /// Link preset for a new lab (see presets/); ignored when the configs already exist.
-    #[arg(long, default_value = "lab-10km")]
-    preset: String,
-    /// Fibre length for a new lab, km (default: the preset's).
+    /// Link preset for a new lab (see presets/) [default: lab-10km]. An existing lab keeps the
+    /// preset it was created with: another value is refused.
+    #[arg(long)]
+    preset: Option<String>,
+    /// Fibre length for a new lab, km [default: the preset's].
     #[arg(long)]
     distance_km: Option<f64>,
-    /// Sifted bits per finite-key block for a new lab.
-    #[arg(long, default_value_t = 100_000)]
-    block_bits: u64,
+    /// Sifted bits per finite-key block for a new lab [default: 100000].
+    #[arg(long)]
+    block_bits: Option<u64>,
     /// Stop by itself after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     duration_s: Option<f64>,
 }
 
+/// The settings a lab is created with (`DIR/lab-args.json`).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+struct LabSettings {
+    preset: String,
+    distance_km: Option<f64>,
+    block_bits: u64,
+}
+
+impl LabSettings {
+    /// The flags' values over the defaults, checked the way the daemons will check them, before
+    /// anything is written.
+    fn from_args(args: &LabArgs) -> anyhow::Result<Self> {
+        let settings = Self {
+            preset: args.preset.clone().unwrap_or_else(|| "lab-10km".into()),
+            distance_km: args.distance_km,
+            block_bits: args.block_bits.unwrap_or(100_000),
+        };
+        let mut link = common::sim::LinkParams::preset(&settings.preset)
+            .map_err(|e| anyhow::anyhow!("--preset {}: {e}", settings.preset))?;
+        if let Some(km) = settings.distance_km {
+            if !(km.is_finite() && km >= 0.0) {
+                anyhow::bail!("--distance-km {km}: not a fibre length in km (a finite number, 0 or more)");
+            }
+            link.distance_km = km;
+            link.validate().map_err(|e| anyhow::anyhow!("--distance-km {km}: {e}"))?;
+        }
+        let protocol =
+            common::link::ProtocolParams { block_bits: settings.block_bits, ..common::link::ProtocolParams::default() };
+        protocol.validate().map_err(|e| anyhow::anyhow!("--block-bits {}: {e}", settings.block_bits))?;
+        Ok(settings)
+    }
+
+    /// The flags given explicitly that differ from these settings, as `--flag value` text.
+    fn conflicts(&self, args: &LabArgs) -> Vec<String> {
+        let mut out = Vec::new();
+        if let Some(preset) = args.preset.as_ref().filter(|p| **p != self.preset) {
+            out.push(format!("--preset {preset} (the lab has {})", self.preset));
+        }
+        if let Some(km) = args.distance_km.filter(|km| Some(*km) != self.distance_km) {
+            let has = self.distance_km.map_or("the preset's".to_string(), |d| format!("{d}"));
+            out.push(format!("--distance-km {km} (the lab has {has})"));
+        }
+        if let Some(bits) = args.block_bits.filter(|b| *b != self.block_bits) {
+            out.push(format!("--block-bits {bits} (the lab has {})", self.block_bits));
+        }
+        out
+    }
+}
+
+/// `DIR/lab.pid` while a lab runs on the directory; removed when dropped.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    /// Refuses a directory in use by a running `qkdctl lab` (its PID file names a live process);
+    /// a PID file left by a lab that was killed is taken over.
+    fn check(dir: &Path) -> anyhow::Result<()> {
+        let path = dir.join("lab.pid");
+        if let Ok(text) = std::fs::read_to_string(&path)
+            && let Ok(pid) = text.trim().parse::<u32>()
+            && pid != std::process::id()
+            && Path::new("/proc").join(pid.to_string()).exists()
+        {
+            anyhow::bail!(
+                "{} is in use by another qkdctl lab (pid {pid}); stop it first, or use another --dir",
+                dir.display()
+            );
+        }
+        Ok(())
+    }
+
+    fn create(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("lab.pid");
+        std::fs::write(&path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Self(path))
+    }
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 /// Runs the lab.
 pub fn run(args: LabArgs) -> anyhow::Result<()> {
+    let settings = LabSettings::from_args(&args)?;
     let dir = &args.dir;
-    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.display()))?;
-    let dir = dir.canonicalize()?;
-    let pki = LabPki::open_or_create(&dir.join("pki")).context("creating the lab PKI")?;
+    let (alice_cfg, bob_cfg) = (dir.join("alice.toml"), dir.join("bob.toml"));
+    let existing = alice_cfg.exists() && bob_cfg.exists();
+    if dir.exists() {
+        PidFile::check(dir)?;
+    }
+    let settings_path = dir.join("lab-args.json");
+    let settings = if existing {
+        let recorded: Option<LabSettings> =
+            std::fs::read(&settings_path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
+        match recorded {
+            Some(recorded) => {
+                let conflicts = recorded.conflicts(&args);
+                if !conflicts.is_empty() {
+                    anyhow::bail!(
+                        "{} holds a lab created with other settings: {}; delete the directory for a new lab with \
+                         these, or use another --dir",
+                        dir.display(),
+                        conflicts.join(", ")
+                    );
+                }
+                recorded
+            }
+            None if args.preset.is_some() || args.distance_km.is_some() || args.block_bits.is_some() => {
+                anyhow::bail!(
+                    "{} holds a lab whose settings are not recorded (made by an older qkdctl): its configs \
+                     stay as they are; delete the directory for a new lab with these flags, or run without them",
+                    dir.display()
+                );
+            }
+            None => settings,
+        }
+    } else {
+        settings
+    };
+    std::fs::create_dir_all(dir.join("logs")).with_context(|| format!("creating {}", dir.join("logs").display()))?;
+    let dir = dir.canonicalize().with_context(|| format!("resolving {}", dir.display()))?;
+    let _pid_file = PidFile::create(&dir)?;
+    let pki_dir = dir.join("pki");
+    let pki =
+        LabPki::open_or_create(&pki_dir).with_context(|| format!("creating the lab PKI in {}", pki_dir.display()))?;
     issue_lab_saes(&pki)?;
     let (alice_cfg, bob_cfg) = (dir.join("alice.toml"), dir.join("bob.toml"));
-    if alice_cfg.exists() && bob_cfg.exists() {
+    if existing {
         println!("lab: reusing {} (delete it for a fresh lab)", dir.display());
     } else {
-        write_configs(&dir, &pki, &args)?;
+        write_configs(&dir, &pki, &settings)?;
+        let path = dir.join("lab-args.json");
+        std::fs::write(&path, serde_json::to_string_pretty(&settings)?)
+            .with_context(|| format!("writing {}", path.display()))?;
         println!("lab: created {} (PKI in pki/, configs alice.toml and bob.toml)", dir.display());
     }
 
@@ -92,7 +224,8 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     children.terminate();
     result?;
     for node in ["alice", "bob"] {
-        let store = SledStore::open(&dir.join(node).join("store"))?;
+        let path = dir.join(node).join("store");
+        let store = SledStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
         let s = store.summary()?;
         println!("lab: {node:5} store: {} keys, {} bits, digest {}", s.n_keys, s.n_key_bits, &s.digest[..16]);
     }
@@ -152,7 +285,7 @@ fn issue_lab_saes(pki: &LabPki) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()> {
+fn write_configs(dir: &Path, pki: &LabPki, args: &LabSettings) -> anyhow::Result<()> {
     let (grpc, fibre) = (free_port()?, free_port()?);
     let (etsi_a, etsi_b, peer_a, peer_b) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let distance = args.distance_km.map_or(String::new(), |d| format!("distance_km = {d}\n"));
@@ -218,8 +351,10 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()>
         kme("bob", "alice", etsi_b, peer_b, peer_a),
         max_units = common::config::DEFAULT_MAX_STORED_UNITS
     );
-    std::fs::write(dir.join("alice.toml"), alice)?;
-    std::fs::write(dir.join("bob.toml"), bob)?;
+    for (name, text) in [("alice.toml", alice), ("bob.toml", bob)] {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+    }
     let sae = |name: &str, kme: &str| {
         serde_json::json!({
             "sae_id": name,
@@ -236,12 +371,18 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabArgs) -> anyhow::Result<()>
         ],
         "saes": [sae("app-a", "alice-kme"), sae("app-b", "bob-kme")],
     });
-    std::fs::write(dir.join("lab.json"), serde_json::to_string_pretty(&lab_json)?)?;
+    let path = dir.join("lab.json");
+    std::fs::write(&path, serde_json::to_string_pretty(&lab_json)?)
+        .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
 fn spawn(name: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log)?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
     Command::new(std::env::current_exe()?)
         .args(["daemon", name, "--config"])
         .arg(config)

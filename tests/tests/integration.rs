@@ -6,6 +6,7 @@ use tests::*;
 
 mod deploy;
 mod etsi;
+mod lab;
 mod link;
 mod service;
 mod sim;
