@@ -8,7 +8,8 @@
 //! DIR/alice/      DIR/bob/        data directories: store/ and status.json
 //! DIR/logs/       alice.log bob.log
 //! DIR/lab.json    for scripts: CA path, each KME's ETSI address and ID, each SAE's ID, KME,
-//!                 certificate and key (SAEs app-a at Alice's KME, app-b at Bob's)
+//!                 certificate and key (SAEs app-a at Alice's KME, app-b at Bob's), and whether
+//!                 the lab is running (`running`, `pid`)
 //! DIR/lab-args.json  the preset, distance and block size the lab was created with
 //! DIR/lab.pid     the PID of the `qkdctl lab` running on the directory (removed when it stops)
 //! ```
@@ -186,6 +187,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         println!("lab: created {} (PKI in pki/, configs alice.toml and bob.toml)", dir.display());
     }
 
+    mark_running(&dir, true)?;
     let alice = spawn("alice", &alice_cfg, &dir.join("logs/alice.log"))?;
     let bob = spawn("bob", &bob_cfg, &dir.join("logs/bob.log"))?;
     let mut children = Children(vec![alice, bob]);
@@ -222,6 +224,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     };
     println!("lab: stopping alice and bob");
     children.terminate();
+    mark_running(&dir, false)?;
     result?;
     for node in ["alice", "bob"] {
         let path = dir.join(node).join("store");
@@ -375,6 +378,18 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabSettings) -> anyhow::Result
     std::fs::write(&path, serde_json::to_string_pretty(&lab_json)?)
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// Records in `lab.json` whether the lab is running (`"running"`, and the PID of `qkdctl lab` while
+/// it runs), so that scripts can tell a stopped lab's addresses from a live one's.
+fn mark_running(dir: &Path, running: bool) -> anyhow::Result<()> {
+    let path = dir.join("lab.json");
+    let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+    let mut lab: serde_json::Value =
+        serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    lab["running"] = serde_json::Value::Bool(running);
+    lab["pid"] = if running { serde_json::json!(std::process::id()) } else { serde_json::Value::Null };
+    std::fs::write(&path, serde_json::to_string_pretty(&lab)?).with_context(|| format!("writing {}", path.display()))
 }
 
 fn spawn(name: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
