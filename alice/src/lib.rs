@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use common::config::AliceConfig;
 use common::fibre::{encode_frame, write_frame};
+use common::grpc::status_from_link_error;
 use common::link::LinkError;
 use common::link::alice::{AliceCore, AliceEvent};
 use common::sim::{FrameSecret, LinkParams, Source};
@@ -192,7 +193,7 @@ impl LinkService {
     fn with_core<R>(&self, f: impl FnOnce(&mut AliceCore) -> Result<R, LinkError>) -> Result<R, Status> {
         // Invariant: no code panics while holding the lock, so it is never poisoned.
         let mut core = self.core.lock().expect("alice core lock poisoned");
-        f(&mut core).map_err(Status::from)
+        f(&mut core).map_err(status_from_link_error)
     }
 
     fn record(&self, event: Option<AliceEvent>) {

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, anyhow};
 use common::config::BobConfig;
 use common::fibre::{decode_frame, read_frame};
+use common::grpc::link_error_from_status;
 use common::link::LinkError;
 use common::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
 use common::sim::{LinkParams, Receiver};
@@ -286,33 +287,33 @@ struct GrpcPeer {
 
 impl LinkPeer for GrpcPeer {
     async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        Ok(self.client.hello(req).await?.into_inner())
+        Ok(self.client.hello(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        Ok(self.client.sift(req).await?.into_inner())
+        Ok(self.client.sift(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        Ok(self.client.start_block(req).await?.into_inner())
+        Ok(self.client.start_block(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        Ok(self.client.parities(req).await?.into_inner())
+        Ok(self.client.parities(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        Ok(self.client.syndromes(req).await?.into_inner())
+        Ok(self.client.syndromes(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        Ok(self.client.reveal(req).await?.into_inner())
+        Ok(self.client.reveal(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        Ok(self.client.verify(req).await?.into_inner())
+        Ok(self.client.verify(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        Ok(self.client.amplify(req).await?.into_inner())
+        Ok(self.client.amplify(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        Ok(self.client.commit(req).await?.into_inner())
+        Ok(self.client.commit(req).await.map_err(link_error_from_status)?.into_inner())
     }
     async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        Ok(self.client.abort(req).await?.into_inner())
+        Ok(self.client.abort(req).await.map_err(link_error_from_status)?.into_inner())
     }
 }

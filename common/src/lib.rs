@@ -1,31 +1,35 @@
-//! The QKD link's core, shared by the daemons, the planning tool and the tests.
+//! What the daemons, the planning tool and the tests share beyond the protocol core: the
+//! simulator, the durable key store, the transports (gRPC, TLS, the ETSI key delivery) and the
+//! configuration.
+//!
+//! The transport-free protocol core is the `qkd-core` crate ([`qkd_core`]); its modules are
+//! re-exported here at their old paths: [`bits`], [`wire`], [`sifting`], [`link`], and
+//! [`postproc`] (with the benchmark added here).
 //!
 //! * [`sim`]: the physics of the simulated quantum channel (source, fibre, receiver, eavesdroppers).
-//! * [`postproc`]: pure post-processing stages (Cascade, verification hash, Toeplitz privacy
-//!   amplification, finite-key length). No IO, no clock, randomness injected.
-//! * [`sifting`]: the sifting and parameter-estimation rules both sides apply to a frame.
-//! * [`link`]: the post-processing protocol as transport-free state machines (Alice answers,
-//!   Bob drives), used over gRPC by the daemons and in memory by the planning tool and tests.
-//! * [`store`]: the durable key store (sled) behind the [`store::KeyStore`] trait.
+//! * [`store`]: the durable key store (sled) implementing [`store::KeyStore`].
+//! * [`grpc`]: the gRPC status of each link error and back.
 //! * [`tls`]: the mutual-TLS configuration and the PKI for labs.
 //! * [`fibre`]: the simulated fibre's frames as a byte stream.
 //! * [`config`]: the daemons' configuration files.
 
-pub mod bits;
+pub use qkd_core::{bits, link, sifting, wire};
+
 pub mod config;
 pub mod etsi;
 pub mod fibre;
-pub mod link;
+pub mod grpc;
 pub mod logging;
 pub mod planner;
 pub mod postproc;
 pub mod service;
-pub mod sifting;
 pub mod sim;
 pub mod status;
 pub mod store;
 pub mod tls;
-pub mod wire;
+
+#[cfg(test)]
+mod link_tests;
 
 /// Cancels `token` on SIGINT or SIGTERM (logging which), for graceful shutdown.
 pub async fn shutdown_on_signal(token: tokio_util::sync::CancellationToken) {

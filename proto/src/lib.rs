@@ -4,20 +4,25 @@
 //!   parameter estimation, error correction, verification, privacy amplification and the
 //!   two-ended commit.
 //! * [`fibre`]: the frames of photons that travel over the simulated quantum channel.
+//! * [`kme`]: the KME-to-KME reservations of the ETSI key delivery.
+//!
+//! The messages (prost) are always there; the tonic clients and servers (`link_client`,
+//! `link_server`, ...) only with the `grpc` feature, so that the protocol core
+//! can use the messages without the network stack.
 
 #![allow(clippy::all)]
 
 /// Classical post-processing channel (gRPC service `qkd.link.v1.Link`, served by Alice).
 pub mod link {
-    tonic::include_proto!("qkd.link.v1");
+    include!(concat!(env!("OUT_DIR"), "/qkd.link.v1.rs"));
 }
 
 /// Photon frames on the simulated fibre.
 pub mod fibre {
-    tonic::include_proto!("qkd.fibre.v1");
+    include!(concat!(env!("OUT_DIR"), "/qkd.fibre.v1.rs"));
 }
 
 /// KME-to-KME key reservations (ETSI GS QKD 014 key life cycle across two KMEs).
 pub mod kme {
-    tonic::include_proto!("qkd.kme.v1");
+    include!(concat!(env!("OUT_DIR"), "/qkd.kme.v1.rs"));
 }

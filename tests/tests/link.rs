@@ -155,7 +155,7 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
         Command::new(&bob_bin)
             .arg("--config")
             .arg(&bob_cfg)
-            .env("RUST_LOG", "bob=debug,common=debug")
+            .env("RUST_LOG", "bob=debug,common=debug,qkd_core=debug")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap()

@@ -8,10 +8,13 @@
 //! `shared/reference/design-notes.md`, "The simulated fibre".
 //!
 //! * [`params`]: [`LinkParams`], every physical parameter, with presets in `presets/*.toml`.
-//! * [`source`]: Alice's states ([`alice_state`], a pure function of a [`FrameSecret`] and the
-//!   pulse index) and the photons that survive the fibre ([`Source::emit_frame`]).
+//! * [`source`]: the photons that survive the fibre ([`Source::emit_frame`]), carrying Alice's
+//!   states ([`alice_state`], a pure function of a [`FrameSecret`] and the pulse index).
 //! * [`receiver`]: Bob's detections ([`Receiver::detect_frame`]), phase drift and the
 //!   phase-stabilisation loop ([`Receiver::feedback`]).
+//!
+//! The states, the frame secret and the detections are the protocol core's types
+//! ([`qkd_core::quantum`]), re-exported here and in [`source`] and [`receiver`].
 //! * [`eve`]: attacks on the photons in the fibre ([`InterceptResend`],
 //!   [`PhotonNumberSplitting`]).
 //! * [`analytic`]: closed-form expectations ([`expected`]).

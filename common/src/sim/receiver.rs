@@ -60,30 +60,7 @@ use super::math::{standard_normal, successes, uniform};
 use super::params::{LinkParams, TimingModel};
 use super::source::{Photon, State};
 use crate::postproc::finite_key::XSlotCounts;
-
-/// Bob's measurement result for one pulse.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Measurement {
-    /// Arrival-time measurement: early (`late == false`) or late window.
-    Z {
-        /// Whether the click was in the late window.
-        late: bool,
-    },
-    /// Interferometer measurement, central slot: D+ (`minus == false`) or D-.
-    X {
-        /// Whether detector D- clicked.
-        minus: bool,
-    },
-}
-
-/// One of Bob's detections: the pulse it belongs to and its (squashed) outcome.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Detection {
-    /// Index of the pulse within its frame.
-    pub pulse_idx: u64,
-    /// Basis and outcome.
-    pub measurement: Measurement,
-}
+pub use qkd_core::quantum::{Detection, Measurement};
 
 /// Detector numbers.
 const DET_Z: usize = 0;

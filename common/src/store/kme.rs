@@ -20,7 +20,7 @@ use tracing::error;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{KeyUnit, SledStore, StoreError, decode_key};
+use super::{DbResult, KeyUnit, SledStore, StoreError, db_error, decode_key};
 
 /// Name of the sled tree holding the reservations.
 pub(super) const RESERVATIONS_TREE: &str = "kme_reservations";
@@ -120,7 +120,7 @@ impl SledStore {
             None => (self.ready.iter(), None),
         };
         for item in tail.chain(head.into_iter().flatten()) {
-            let (key, value) = item?;
+            let (key, value) = item.db()?;
             let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if !select(&key_id) {
                 continue;
@@ -141,7 +141,7 @@ impl SledStore {
             return Ok(0);
         }
         for key in self.ready.iter().keys() {
-            let key = key?;
+            let key = key.db()?;
             let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if select(&key_id) {
                 n += 1;
@@ -195,7 +195,7 @@ impl SledStore {
         let n = match result {
             Ok(n) => n,
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
-            Err(sled::transaction::TransactionError::Storage(e)) => return Err(StoreError::Db(e)),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e)),
         };
         self.flush()?;
         Ok(n)
@@ -260,8 +260,8 @@ impl SledStore {
                 // the peer keeps it instead of discarding it.
                 let mut not_yet = Vec::new();
                 for unit_id in &missing {
-                    let held = self.pending.contains_key(unit_id.as_bytes()).map_err(StoreError::Db)?
-                        || self.ready.contains_key(unit_id.as_bytes()).map_err(StoreError::Db)?;
+                    let held = self.pending.contains_key(unit_id.as_bytes()).db()?
+                        || self.ready.contains_key(unit_id.as_bytes()).db()?;
                     if held {
                         not_yet.push(*unit_id);
                     }
@@ -340,7 +340,7 @@ impl SledStore {
         let keys = match result {
             Ok(keys) => keys,
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
-            Err(sled::transaction::TransactionError::Storage(e)) => return Err(StoreError::Db(e).into()),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e).into()),
         };
         self.flush()?;
         Ok(keys)
@@ -396,7 +396,7 @@ impl SledStore {
         let (outcomes, delivered) = match result {
             Ok(out) => out,
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
-            Err(sled::transaction::TransactionError::Storage(e)) => return Err(StoreError::Db(e).into()),
+            Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e).into()),
         };
         for key_id in delivered {
             error!(%key_id, "asked to cancel a reservation already delivered to a slave; kept");
@@ -417,20 +417,22 @@ impl SledStore {
         let tree = &self.reserved;
         let mut n = 0;
         for item in tree.iter() {
-            let (key, value) = item?;
+            let (key, value) = item.db()?;
             let created = decode_reservation(&value)?.created_unix_ms;
             // Compare-and-swap so that a concurrent delivery is never undone.
-            if created < created_before_unix_ms && tree.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok() {
+            if created < created_before_unix_ms
+                && tree.compare_and_swap(&key, Some(&value), None::<&[u8]>).db()?.is_ok()
+            {
                 n += 1;
             }
         }
         let tombstones = &self.cancelled;
         let mut n_tombstones = 0;
         for item in tombstones.iter() {
-            let (key, value) = item?;
+            let (key, value) = item.db()?;
             let (_, created) = decode_tombstone(&value)?;
             if created < created_before_unix_ms
-                && tombstones.compare_and_swap(&key, Some(&value), None::<&[u8]>)?.is_ok()
+                && tombstones.compare_and_swap(&key, Some(&value), None::<&[u8]>).db()?.is_ok()
             {
                 n_tombstones += 1;
             }
@@ -462,7 +464,7 @@ fn unwrap_kme_tx(result: sled::transaction::TransactionResult<(), KmeStoreError>
     match result {
         Ok(()) => Ok(()),
         Err(sled::transaction::TransactionError::Abort(e)) => Err(e),
-        Err(sled::transaction::TransactionError::Storage(e)) => Err(StoreError::Db(e).into()),
+        Err(sled::transaction::TransactionError::Storage(e)) => Err(db_error(e).into()),
     }
 }
 

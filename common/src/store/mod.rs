@@ -1,4 +1,8 @@
-//! The durable key store: distilled keys, in fixed-size units, each with a UUID.
+//! The durable key store: distilled keys, in fixed-size units, each with a UUID, in sled.
+//!
+//! The [`KeyStore`] trait and its records ([`BlockMeta`], [`KeyUnit`], [`StoreError`], ...) are
+//! the protocol core's (`qkd_core::store`, re-exported here, with its in-memory
+//! [`MemoryStore`]); [`SledStore`] implements the trait on disk.
 //!
 //! A block's keys go through two states (the two-ended commit of ARCHITECTURE.md):
 //! *pending* (stored durably at Bob, not servable) and *ready* (servable). Only ready keys are
@@ -39,105 +43,24 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-/// Errors of the key store.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    /// The underlying database failed (disk full, permissions, corruption).
-    #[error("key store database error: {0}")]
-    Db(#[from] sled::Error),
-    /// A record on disk does not decode; the store is damaged or from another version.
-    #[error("key store record is corrupt: {0}")]
-    Corrupt(String),
-    /// The block is already stored (in any state).
-    #[error("block {0} is already in the key store")]
-    DuplicateBlock(Uuid),
-    /// The block is not stored as pending.
-    #[error("block {0} is not pending in the key store")]
-    NotPending(Uuid),
+pub use qkd_core::store::{BlockMeta, BlockState, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary};
+
+/// A sled failure as a key-store error ([`StoreError::Backend`], with the sled error as its
+/// source). `StoreError` is the core's and `sled::Error` sled's, so this cannot be a `From`.
+pub(crate) fn db_error(e: sled::Error) -> StoreError {
+    StoreError::backend(e)
 }
 
-/// Where a block's keys stand in the two-ended commit.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum BlockState {
-    /// Stored durably, not yet known to be stored at the peer; never served.
-    Pending,
-    /// Stored at both ends; its keys may be served.
-    Ready,
+/// `.db()?` for sled results where `?` used to convert `sled::Error` into [`StoreError`].
+pub(crate) trait DbResult<T> {
+    /// The result with a sled error turned into [`StoreError::Backend`].
+    fn db(self) -> Result<T, StoreError>;
 }
 
-/// Public facts about a distilled block, kept with its keys (no key material).
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct BlockMeta {
-    /// Block identifier chosen by Alice.
-    pub block_id: Uuid,
-    /// Unix time in milliseconds when the block was distilled.
-    pub created_unix_ms: u64,
-    /// Sifted key bits that went into the block.
-    pub n_sifted_bits: u64,
-    /// Measured quantum bit error rate in the key (Z) basis.
-    pub qber_z: f64,
-    /// Measured error rate in the test (X) basis.
-    pub qber_x: f64,
-    /// Finite-size upper bound on the phase error used for privacy amplification.
-    pub phase_error_upper: f64,
-    /// Bits disclosed by error correction and verification.
-    pub leak_bits: u64,
-    /// Final secret key bits of the block.
-    pub final_bits: u64,
-}
-
-/// One unit of distilled key: a UUID and its bytes.
-#[derive(Clone)]
-pub struct KeyUnit {
-    /// Identifier agreed by both sides.
-    pub key_id: Uuid,
-    /// The key bytes; wiped on drop.
-    pub key: Zeroizing<Vec<u8>>,
-}
-
-impl std::fmt::Debug for KeyUnit {
-    /// Prints the ID and the length only, never the key.
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "KeyUnit({}, {} bytes)", self.key_id, self.key.len())
+impl<T> DbResult<T> for Result<T, sled::Error> {
+    fn db(self) -> Result<T, StoreError> {
+        self.map_err(db_error)
     }
-}
-
-/// Count and digest of the ready keys, for comparing the two ends without revealing keys.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
-pub struct StoreSummary {
-    /// Number of ready keys.
-    pub n_keys: u64,
-    /// Total bits of ready keys.
-    pub n_key_bits: u64,
-    /// Number of blocks in the ready state.
-    pub n_ready_blocks: u64,
-    /// Number of blocks still pending.
-    pub n_pending_blocks: u64,
-    /// SHA-256 over (key ID bytes, key bytes) of every ready key in key-ID order, hex.
-    pub digest: String,
-}
-
-/// The operations the link needs from a key store.
-pub trait KeyStore: Send + Sync {
-    /// Stores a block's keys as pending, durably, before returning.
-    fn put_pending(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError>;
-    /// Stores a block's keys as ready, durably, before returning.
-    fn put_ready(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError>;
-    /// Promotes a pending block to ready, durably.
-    fn mark_ready(&self, block_id: Uuid) -> Result<(), StoreError>;
-    /// Removes a pending block and its keys, durably (the peer never committed it).
-    fn drop_pending(&self, block_id: Uuid) -> Result<(), StoreError>;
-    /// The state of a block, if stored.
-    fn block_state(&self, block_id: Uuid) -> Result<Option<BlockState>, StoreError>;
-    /// IDs of all pending blocks.
-    fn pending_blocks(&self) -> Result<Vec<Uuid>, StoreError>;
-    /// Count and digest of ready keys.
-    fn summary(&self) -> Result<StoreSummary, StoreError>;
-    /// Metadata of every stored block, ready or pending.
-    fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError>;
-    /// Number of key units held, ready or pending (what the store's size limit counts).
-    fn n_units(&self) -> Result<u64, StoreError>;
 }
 
 /// How long [`SledStore::open`] waits for sled's lock on the store directory.
@@ -156,7 +79,7 @@ const PUBLISH_BATCH: usize = 1024;
 fn crash_point() -> Result<(), StoreError> {
     #[cfg(test)]
     if tests::crash_now() {
-        return Err(StoreError::Db(sled::Error::Io(std::io::Error::other("simulated crash"))));
+        return Err(db_error(sled::Error::Io(std::io::Error::other("simulated crash"))));
     }
     Ok(())
 }
@@ -215,7 +138,7 @@ impl GroupFlush {
             }
             if state.finished >= needed {
                 let message = state.last_error.clone().unwrap_or_else(|| "flush failed".into());
-                return Err(StoreError::Db(sled::Error::Io(std::io::Error::other(message))));
+                return Err(db_error(sled::Error::Io(std::io::Error::other(message))));
             }
             if !state.running {
                 state.running = true;
@@ -232,7 +155,7 @@ impl GroupFlush {
                 }
                 self.finished.notify_all();
                 if number >= needed {
-                    return result.map(|_| ()).map_err(StoreError::from);
+                    return result.map(|_| ()).map_err(db_error);
                 }
                 continue;
             }
@@ -255,17 +178,17 @@ impl SledStore {
 
     /// A store in a temporary location, deleted when dropped (simulations and tests).
     pub fn temporary() -> Result<Self, StoreError> {
-        Self::with_db(sled::Config::new().temporary(true).open()?)
+        Self::with_db(sled::Config::new().temporary(true).open().db()?)
     }
 
     /// Opens every tree once and finishes the block writes a crash interrupted.
     fn with_db(db: sled::Db) -> Result<Self, StoreError> {
         let store = Self {
-            blocks: db.open_tree("blocks")?,
-            ready: db.open_tree("ready")?,
-            pending: db.open_tree("pending")?,
-            reserved: db.open_tree(kme::RESERVATIONS_TREE)?,
-            cancelled: db.open_tree(kme::CANCELLED_TREE)?,
+            blocks: db.open_tree("blocks").db()?,
+            ready: db.open_tree("ready").db()?,
+            pending: db.open_tree("pending").db()?,
+            reserved: db.open_tree(kme::RESERVATIONS_TREE).db()?,
+            cancelled: db.open_tree(kme::CANCELLED_TREE).db()?,
             db,
             group_flush: GroupFlush::default(),
         };
@@ -281,7 +204,7 @@ impl SledStore {
         let (mut removed, mut published) = (0u64, 0u64);
         let mut to_publish = Vec::new();
         for item in self.pending.iter() {
-            let (key_id, value) = item?;
+            let (key_id, value) = item.db()?;
             let (block_id, _) = decode_key(&value)?;
             let state = match states.get(&block_id) {
                 Some(state) => *state,
@@ -293,7 +216,7 @@ impl SledStore {
             };
             match state {
                 None => {
-                    self.pending.remove(&key_id)?;
+                    self.pending.remove(&key_id).db()?;
                     removed += 1;
                 }
                 Some(BlockState::Ready) => {
@@ -368,7 +291,7 @@ impl SledStore {
         let (moved, duplicates) = match result {
             Ok(counts) => counts,
             Err(TransactionError::Abort(e)) => return Err(e),
-            Err(TransactionError::Storage(e)) => return Err(StoreError::Db(e)),
+            Err(TransactionError::Storage(e)) => return Err(db_error(e)),
         };
         if duplicates > 0 {
             tracing::warn!(duplicates, "key store: removed the pending copy of units already published");
@@ -386,15 +309,15 @@ impl SledStore {
     /// the record, then, for a ready block, the units published.
     fn put(&self, meta: &BlockMeta, keys: &[KeyUnit], state: BlockState) -> Result<(), StoreError> {
         let block_key = meta.block_id.as_bytes();
-        if self.blocks.contains_key(block_key)? {
+        if self.blocks.contains_key(block_key).db()? {
             return Err(StoreError::DuplicateBlock(meta.block_id));
         }
         for key in keys {
-            self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice())?;
+            self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice()).db()?;
         }
         self.flush()?;
         let record = encode_block(meta, state, keys.iter().map(|k| k.key_id));
-        if self.blocks.compare_and_swap(block_key, None as Option<&[u8]>, Some(record))?.is_err() {
+        if self.blocks.compare_and_swap(block_key, None as Option<&[u8]>, Some(record)).db()?.is_err() {
             return Err(StoreError::DuplicateBlock(meta.block_id));
         }
         self.flush()?;
@@ -406,7 +329,7 @@ impl SledStore {
     }
 
     fn load_block(&self, block_id: Uuid) -> Result<Option<(BlockMeta, BlockState, Vec<Uuid>)>, StoreError> {
-        match self.blocks.get(block_id.as_bytes())? {
+        match self.blocks.get(block_id.as_bytes()).db()? {
             Some(v) => decode_block(&v).map(Some),
             None => Ok(None),
         }
@@ -423,18 +346,18 @@ impl KeyStore for SledStore {
     }
 
     fn mark_ready(&self, block_id: Uuid) -> Result<(), StoreError> {
-        let Some(old) = self.blocks.get(block_id.as_bytes())? else {
+        let Some(old) = self.blocks.get(block_id.as_bytes()).db()? else {
             return Err(StoreError::NotPending(block_id));
         };
         let (meta, state, key_ids) = decode_block(&old)?;
         if state == BlockState::Pending {
             for key_id in &key_ids {
-                if !self.pending.contains_key(key_id.as_bytes())? {
+                if !self.pending.contains_key(key_id.as_bytes()).db()? {
                     return Err(StoreError::Corrupt(format!("pending key {key_id} of block {block_id} is missing")));
                 }
             }
             let record = encode_block(&meta, BlockState::Ready, key_ids.iter().copied());
-            if self.blocks.compare_and_swap(block_id.as_bytes(), Some(old), Some(record))?.is_err() {
+            if self.blocks.compare_and_swap(block_id.as_bytes(), Some(old), Some(record)).db()?.is_err() {
                 return Err(StoreError::NotPending(block_id));
             }
             self.flush()?;
@@ -445,19 +368,19 @@ impl KeyStore for SledStore {
     }
 
     fn drop_pending(&self, block_id: Uuid) -> Result<(), StoreError> {
-        let Some(old) = self.blocks.get(block_id.as_bytes())? else {
+        let Some(old) = self.blocks.get(block_id.as_bytes()).db()? else {
             return Ok(());
         };
         let (_, state, key_ids) = decode_block(&old)?;
         if state != BlockState::Pending {
             return Err(StoreError::NotPending(block_id));
         }
-        if self.blocks.compare_and_swap(block_id.as_bytes(), Some(old), None as Option<&[u8]>)?.is_err() {
+        if self.blocks.compare_and_swap(block_id.as_bytes(), Some(old), None as Option<&[u8]>).db()?.is_err() {
             return Err(StoreError::NotPending(block_id));
         }
         self.flush()?;
         for key_id in &key_ids {
-            self.pending.remove(key_id.as_bytes())?;
+            self.pending.remove(key_id.as_bytes()).db()?;
         }
         self.flush()
     }
@@ -481,7 +404,7 @@ impl KeyStore for SledStore {
         let (mut n_keys, mut n_key_bits) = (0u64, 0u64);
         // sled iterates in key order; UUID bytes order is key-ID order.
         for item in self.ready.iter() {
-            let (key_id, value) = item?;
+            let (key_id, value) = item.db()?;
             let (_, key) = decode_key(&value)?;
             hasher.update(&key_id);
             hasher.update(key.as_slice());
@@ -512,7 +435,7 @@ impl KeyStore for SledStore {
     fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError> {
         let mut out = Vec::new();
         for item in self.blocks.iter() {
-            let (_, value) = item?;
+            let (_, value) = item.db()?;
             let (meta, state, _) = decode_block(&value)?;
             out.push((meta, state));
         }
@@ -532,7 +455,7 @@ fn open_db(dir: &Path) -> Result<sled::Db, StoreError> {
             {
                 std::thread::sleep(std::time::Duration::from_millis(10));
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(db_error(e)),
         }
     }
 }

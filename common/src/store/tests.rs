@@ -302,3 +302,29 @@ fn recovery_drops_the_pending_copy_of_a_unit_found_in_both_trees() {
     let (_, published) = decode_key(&store.ready.get(keys[0].key_id.as_bytes()).unwrap().unwrap()).unwrap();
     assert_eq!(published.as_slice(), &[0xAA; 32], "the published copy is kept");
 }
+
+#[test]
+fn the_memory_store_gives_the_same_summary_as_sled_for_the_same_blocks() {
+    let dir = tempdir();
+    let (sled, memory) = (SledStore::open(&dir).unwrap(), MemoryStore::new());
+    let (ready, pending, promoted) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let (ready_keys, pending_keys, promoted_keys) = (units(3, 1), units(2, 2), units(4, 3));
+    for store in [&sled as &dyn KeyStore, &memory] {
+        store.put_ready(&meta(ready), &ready_keys).unwrap();
+        store.put_pending(&meta(pending), &pending_keys).unwrap();
+        store.put_pending(&meta(promoted), &promoted_keys).unwrap();
+        store.mark_ready(promoted).unwrap();
+    }
+    assert_eq!(sled.summary().unwrap(), memory.summary().unwrap());
+    assert_eq!(sled.pending_blocks().unwrap(), memory.pending_blocks().unwrap());
+    assert_eq!(sled.n_units().unwrap(), memory.n_units().unwrap());
+    assert_eq!(sled.blocks().unwrap(), memory.blocks().unwrap());
+}
+
+#[test]
+fn sled_failures_are_backend_errors_with_the_sled_error_as_source() {
+    let error = db_error(sled::Error::Io(std::io::Error::other("disk on fire")));
+    assert_eq!(error.to_string(), "key store database error: IO error: disk on fire");
+    let source = std::error::Error::source(&error).expect("the sled error is the source");
+    assert!(source.downcast_ref::<sled::Error>().is_some());
+}

@@ -1,10 +1,15 @@
-//! The whole protocol in memory: source, receiver, Alice's core and Bob's driver, with crashes
-//! injected at each step of the two-ended commit.
+//! The whole protocol in memory, without the simulator, a runtime or a database: a synthetic
+//! channel (random clicks with a fixed error rate), Alice's core and Bob's driver over
+//! [`MemoryAlice`], [`MemoryStore`]s at both ends, and crashes injected at each step of the
+//! two-ended commit. (`common`'s link tests run the same protocol with the simulated source and
+//! receiver and sled stores.)
 
+use std::pin::pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
 
 use proto::link::*;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::alice::AliceCore;
@@ -13,9 +18,63 @@ use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
 use super::{LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
-use crate::postproc::finite_key::SecurityParams;
-use crate::sim::{FrameSecret, LinkParams, Receiver, Source};
-use crate::store::{KeyStore, SledStore};
+use crate::postproc::finite_key::{SecurityParams, SourceReading};
+use crate::quantum::{Basis, Detection, FrameSecret, FrameStates, Measurement, State};
+use crate::store::{KeyStore, MemoryStore};
+
+/// Runs a future to completion on this thread. The in-memory peer never waits, so no runtime is
+/// needed; a future that did wait would be woken by unparking this thread.
+fn block_on<F: Future>(future: F) -> F::Output {
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = pin!(future);
+    loop {
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => return out,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}
+
+/// A synthetic channel with the rates of the `lab-10km` preset: each pulse clicks with
+/// probability `P_CLICK`, Bob measures in Z or X with equal probability, and a measurement in
+/// Alice's basis gives the wrong outcome with probability `ERROR` (the other basis gives a
+/// random one). The transmitter's monitor reads the preset's mu and g2.
+const P_CLICK: f64 = 1.2e-3;
+const ERROR: f64 = 0.03;
+const READING: SourceReading = SourceReading { mu: 3.89e-3, g2: 0.0085 };
+const P_Z: f64 = 0.8;
+
+/// Bob's detections of one frame of `n_pulses` pulses whose states Alice drew from `secret`.
+fn detect(secret: &FrameSecret, n_pulses: u64, rng: &mut ChaCha20Rng) -> Vec<Detection> {
+    let states = FrameStates::new(secret);
+    let mut out = Vec::new();
+    let mut pulse_idx = 0u64;
+    loop {
+        // Geometric gap to the next click.
+        let u: f64 = rng.random();
+        pulse_idx += ((1.0 - u).ln() / (1.0 - P_CLICK).ln()).floor() as u64;
+        if pulse_idx >= n_pulses {
+            return out;
+        }
+        let sent = states.state(pulse_idx, P_Z);
+        let basis = if rng.random_bool(0.5) { Basis::Z } else { Basis::X };
+        let outcome = if sent.basis() == basis { sent != State::Early && sent != State::Plus } else { rng.random() };
+        let outcome = outcome ^ (sent.basis() == basis && rng.random_bool(ERROR));
+        let measurement = match basis {
+            Basis::Z => Measurement::Z { late: outcome },
+            Basis::X => Measurement::X { minus: outcome },
+        };
+        out.push(Detection { pulse_idx, measurement });
+        pulse_idx += 1;
+    }
+}
 
 /// Where a test makes the connection to Alice fail during a commit.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -75,11 +134,9 @@ impl LinkPeer for FlakyAlice {
 struct Rig {
     security: SecurityParams,
     params: ProtocolParams,
-    source: Source,
-    receiver: Receiver,
     alice: MemoryAlice,
-    alice_store: Arc<SledStore>,
-    bob_store: SledStore,
+    alice_store: Arc<MemoryStore>,
+    bob_store: MemoryStore,
     rng: ChaCha20Rng,
     frame_idx: u64,
 }
@@ -90,19 +147,14 @@ impl Rig {
     }
 
     fn with_params(seed: u64, params: ProtocolParams) -> Self {
-        let (link, bounds) = LinkParams::preset_with_bounds("lab-10km").unwrap();
-        let security = {
-            let b = bounds.expect("the lab preset ships its calibration");
-            SecurityParams::with_bounds(b.mu_max, b.g2_max, link.p_z)
-        };
-        let alice_store = Arc::new(SledStore::temporary().unwrap());
+        // The lab preset's calibrated bounds.
+        let security = SecurityParams::with_bounds(4.0e-3, 0.009, P_Z);
+        let alice_store = Arc::new(MemoryStore::new());
         let core = AliceCore::new("alice".into(), params.clone(), security.clone(), ChaCha20Rng::seed_from_u64(seed));
         Self {
-            source: Source::new(&link),
-            receiver: Receiver::new(&link),
             alice: MemoryAlice::new(core, alice_store.clone()),
             alice_store,
-            bob_store: SledStore::temporary().unwrap(),
+            bob_store: MemoryStore::new(),
             rng: ChaCha20Rng::seed_from_u64(seed ^ 0xB0B),
             security,
             params,
@@ -120,23 +172,37 @@ impl Rig {
         while !bob.block_ready() {
             let n_pulses = self.params.frame_pulses;
             let secret = FrameSecret::random(&mut self.rng);
-            let photons = self.source.emit_frame(&secret, n_pulses, &mut self.rng);
-            let reading = self.source.monitor_reading(&mut self.rng);
-            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses, reading);
-            let detections = self.receiver.detect_frame(&photons, n_pulses, &mut self.rng);
+            let detections = detect(&secret, n_pulses, &mut self.rng);
+            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses, READING);
             bob.sift_frame(self.frame_idx, n_pulses, &detections).await.unwrap();
             self.frame_idx += 1;
         }
     }
 }
 
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
+#[test]
+fn the_synthetic_channel_has_its_error_rates() {
+    let mut rng = ChaCha20Rng::seed_from_u64(5);
+    let secret = FrameSecret::random(&mut rng);
+    let detections = detect(&secret, 1 << 22, &mut rng);
+    let expected = (1u64 << 22) as f64 * P_CLICK;
+    assert!((detections.len() as f64 - expected).abs() < 5.0 * expected.sqrt(), "{}", detections.len());
+    assert!(detections.windows(2).all(|w| w[0].pulse_idx < w[1].pulse_idx));
+    let states = FrameStates::new(&secret);
+    let (mut n_z, mut errors_z) = (0u64, 0u64);
+    for d in &detections {
+        if let (Measurement::Z { late }, State::Early | State::Late) = (d.measurement, states.state(d.pulse_idx, P_Z)) {
+            n_z += 1;
+            errors_z += u64::from(late != (states.state(d.pulse_idx, P_Z) == State::Late));
+        }
+    }
+    let qber = errors_z as f64 / n_z as f64;
+    assert!((qber - ERROR).abs() < 0.01, "QBER Z {qber}");
 }
 
 #[test]
 fn blocks_commit_with_identical_keys_at_both_ends() {
-    rt().block_on(async {
+    block_on(async {
         let mut rig = Rig::new(1);
         let mut bob = rig.open(Crash::None).await;
         for _ in 0..2 {
@@ -153,7 +219,7 @@ fn blocks_commit_with_identical_keys_at_both_ends() {
 
 #[test]
 fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
-    rt().block_on(async {
+    block_on(async {
         let mut rig = Rig::new(11);
         let mut bob = rig.open(Crash::None).await;
         rig.fill_block(&mut bob).await;
@@ -161,7 +227,6 @@ fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
         assert_eq!(first.abort_reason, None, "{first:?}");
         let held = rig.bob_store.n_units().unwrap();
         assert_eq!(held, first.n_keys);
-        // The store holds exactly its limit: the next block is aborted, nothing is stored.
         bob.set_max_stored_units(held);
         rig.fill_block(&mut bob).await;
         let full = bob.process_block(&rig.bob_store, 0).await.unwrap();
@@ -171,7 +236,6 @@ fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
         let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
         assert_eq!(a, b);
         assert_eq!((b.n_keys, b.n_ready_blocks, b.n_pending_blocks), (held, 1, 0));
-        // With room again, the two ends are still in step: the next block commits.
         bob.set_max_stored_units(held + 1_000_000);
         rig.fill_block(&mut bob).await;
         let next = bob.process_block(&rig.bob_store, 0).await.unwrap();
@@ -188,7 +252,7 @@ fn every_reconciliation_method_commits_identical_keys_and_charges_its_leak() {
         (Reconciliation::Cascade, 16_384, u32::MAX),
         (Reconciliation::Ldpc, 0, 1 + LDPC_REVEAL_STEPS as u32),
     ] {
-        rt().block_on(async {
+        block_on(async {
             let params = ProtocolParams {
                 block_bits: 60_000,
                 reconciliation,
@@ -198,25 +262,18 @@ fn every_reconciliation_method_commits_identical_keys_and_charges_its_leak() {
             };
             let mut rig = Rig::with_params(4, params);
             let mut bob = rig.open(Crash::None).await;
-            for _ in 0..2 {
-                rig.fill_block(&mut bob).await;
-                let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
-                let case = format!("{reconciliation:?} frames of {cascade_frame_bits}: {report:?}");
-                assert_eq!(report.abort_reason, None, "{case}");
-                assert!(report.n_keys > 0, "{case}");
-                assert!(report.round_trips >= 1 && report.round_trips <= max_round_trips, "{case}");
-                // The leak charged for error correction is above the Shannon limit n h(Q) and,
-                // for these methods, within their measured efficiency; the tags come on top.
-                let shannon = report.n_bits as f64 * binary_entropy(report.qber_z);
-                let security = report.security.as_ref().expect("a committed block has its report");
-                let ec_leak = security.leak_ec_bits as f64;
-                assert_eq!(report.leak_bits, security.leak_ec_bits + security.leak_verification_bits, "{case}");
-                let f = ec_leak / shannon;
-                let f_max = if reconciliation == Reconciliation::Ldpc { 1.8 } else { 1.25 };
-                assert!(f > 1.0 && f < f_max, "{case}: f = {f}");
-            }
-            // Alice charged the same leak: otherwise Bob's key length would differ and he would
-            // have aborted; the stores agree.
+            rig.fill_block(&mut bob).await;
+            let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+            let case = format!("{reconciliation:?} frames of {cascade_frame_bits}: {report:?}");
+            assert_eq!(report.abort_reason, None, "{case}");
+            assert!(report.n_keys > 0, "{case}");
+            assert!(report.round_trips >= 1 && report.round_trips <= max_round_trips, "{case}");
+            let shannon = report.n_bits as f64 * binary_entropy(report.qber_z);
+            let security = report.security.as_ref().expect("a committed block has its report");
+            assert_eq!(report.leak_bits, security.leak_ec_bits + security.leak_verification_bits, "{case}");
+            let f = security.leak_ec_bits as f64 / shannon;
+            let f_max = if reconciliation == Reconciliation::Ldpc { 1.8 } else { 1.25 };
+            assert!(f > 1.0 && f < f_max, "{case}: f = {f}");
             let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
             assert!(a.n_keys > 0);
             assert_eq!(a, b, "{reconciliation:?}");
@@ -227,17 +284,15 @@ fn every_reconciliation_method_commits_identical_keys_and_charges_its_leak() {
 #[test]
 fn a_crash_at_any_step_of_the_commit_settles_to_the_same_keys() {
     for crash in [Crash::BeforeAliceCommits, Crash::AfterAliceCommits] {
-        rt().block_on(async {
+        block_on(async {
             let mut rig = Rig::new(2);
             let mut bob = rig.open(crash).await;
             rig.fill_block(&mut bob).await;
             let err = bob.process_block(&rig.bob_store, 0).await.unwrap_err();
             assert!(matches!(err, LinkError::Transport(_)), "{crash:?}: {err}");
-            // Bob holds the block as pending; Alice holds it as ready only if she committed.
             assert_eq!(rig.bob_store.pending_blocks().unwrap().len(), 1);
             let alice_keys = rig.alice_store.summary().unwrap().n_keys;
             assert_eq!(alice_keys > 0, crash == Crash::AfterAliceCommits, "{crash:?}");
-            // Reconnection settles: both ends end with the same ready keys and nothing pending.
             drop(bob);
             let _bob = rig.open(Crash::None).await;
             let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
@@ -249,7 +304,7 @@ fn a_crash_at_any_step_of_the_commit_settles_to_the_same_keys() {
 
 #[test]
 fn mismatched_parameters_are_refused_at_hello() {
-    rt().block_on(async {
+    block_on(async {
         let mut rig = Rig::new(3);
         rig.params.block_bits += 1;
         let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };

@@ -2,7 +2,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::sim::alice_state;
+use crate::quantum::alice_state;
 
 /// Detections at random pulses; Z outcomes copy Alice's state (a noiseless channel) except for
 /// pulses in `flip` where they are inverted; X outcomes are random.

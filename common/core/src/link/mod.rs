@@ -3,7 +3,8 @@
 //! [`alice::AliceCore`] answers Bob's requests (it is what Alice's gRPC service calls);
 //! [`bob::BobLink`] drives a session through any [`bob::LinkPeer`]: the gRPC client in the
 //! daemon, or an in-memory [`AliceCore`](alice::AliceCore) in the planning tool and the tests.
-//! Neither reads the clock: times come in as arguments. Randomness is injected.
+//! Neither reads the clock: times come in as arguments. Randomness is injected. No transport
+//! either: [`LinkError`] knows nothing of gRPC.
 
 pub mod alice;
 pub mod bob;
@@ -15,7 +16,8 @@ pub mod transcript;
 pub use params::ProtocolParams;
 pub use reconcile::Reconciliation;
 
-/// Errors of the post-processing protocol. Each maps to one gRPC status.
+/// Errors of the post-processing protocol. Each maps to one gRPC status (the mapping lives with
+/// the transport, in `common::grpc`).
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// The request does not fit the protocol state (unknown session, block or frame).
@@ -41,32 +43,6 @@ pub enum LinkError {
 impl From<crate::wire::WireError> for LinkError {
     fn from(e: crate::wire::WireError) -> Self {
         LinkError::Malformed(e.to_string())
-    }
-}
-
-impl From<LinkError> for tonic::Status {
-    fn from(e: LinkError) -> Self {
-        match e {
-            LinkError::State(m) => tonic::Status::failed_precondition(m),
-            LinkError::Malformed(m) => tonic::Status::invalid_argument(m),
-            LinkError::ParamsMismatch(m) => {
-                tonic::Status::failed_precondition(format!("protocol parameters differ: {m}"))
-            }
-            LinkError::Store(e) => tonic::Status::unavailable(e.to_string()),
-            LinkError::Transport(m) | LinkError::Refused(m) => tonic::Status::unavailable(m),
-        }
-    }
-}
-
-impl From<tonic::Status> for LinkError {
-    fn from(status: tonic::Status) -> Self {
-        match status.code() {
-            tonic::Code::Unavailable
-            | tonic::Code::Unknown
-            | tonic::Code::Cancelled
-            | tonic::Code::DeadlineExceeded => LinkError::Transport(status.message().to_owned()),
-            _ => LinkError::Refused(format!("{:?}: {}", status.code(), status.message())),
-        }
     }
 }
 

@@ -19,8 +19,8 @@ use crate::postproc::finite_key::{
 };
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::poly_hash_tag;
+use crate::quantum::FrameSecret;
 use crate::sifting::alice_sift;
-use crate::sim::FrameSecret;
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
 /// Frames whose secrets Alice keeps while waiting for Bob to sift them (at 55 ms a frame, about

@@ -15,7 +15,7 @@
 //! block size is clamped to [1, n]. Q is Bob's QBER estimate, floored at [`QBER_FLOOR`] (and capped
 //! at 0.5) so that a zero, negative or NaN estimate still gives a sane schedule.
 //!
-//! Two changes, both measured with the simulation of the benchmark ([`crate::postproc::bench`]):
+//! Two changes, both measured with the simulation of the benchmark (`common::postproc::bench`):
 //! * k2 = 2^floor((alpha + 12) / 2), rounded down instead of up: half the published value for
 //!   odd alpha (Q around 1, 3 and 10 %), the published one for even alpha. With the weighted
 //!   splits below, pass-2 searches are cheaper and, for odd alpha, the smaller k2 leaks as little

@@ -19,8 +19,8 @@ use crate::postproc::finite_key::{
 use crate::postproc::ldpc::{LdpcBob, LdpcStep, default_start_efficiency};
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::{poly_hash_tag, tags_match};
+use crate::quantum::Detection;
 use crate::sifting::{announce, bob_sift};
-use crate::sim::Detection;
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
 /// Alice as Bob sees her: one call per round. The daemon implements it over gRPC with mutual

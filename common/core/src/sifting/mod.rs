@@ -11,7 +11,7 @@
 
 use crate::bits::BitVec;
 use crate::postproc::finite_key::XCounts;
-use crate::sim::{Detection, FrameSecret, FrameStates, Measurement, State};
+use crate::quantum::{Detection, FrameSecret, FrameStates, Measurement, State};
 use crate::wire::{WireError, decode_deltas, encode_deltas};
 use zeroize::Zeroize;
 

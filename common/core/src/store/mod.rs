@@ -1,0 +1,124 @@
+//! The key store as the link sees it: the [`KeyStore`] trait, the records it keeps (no key
+//! material in [`BlockMeta`] and [`StoreSummary`]; [`KeyUnit`] wipes its bytes), and
+//! [`MemoryStore`], an in-memory implementation for the planning tool and the tests.
+//!
+//! A block's keys go through two states (the two-ended commit of ARCHITECTURE.md): *pending*
+//! (stored durably at Bob, not servable) and *ready* (servable). Only ready keys are ever listed
+//! or served. The durable implementation (sled, in the daemons' data directories) is
+//! `common::store::SledStore`.
+
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+pub use memory::MemoryStore;
+
+mod memory;
+
+/// Errors of the key store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The storage backend failed (disk full, permissions, corruption); the backend's own error
+    /// is the source.
+    #[error("key store database error: {0}")]
+    Backend(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    /// A record on disk does not decode; the store is damaged or from another version.
+    #[error("key store record is corrupt: {0}")]
+    Corrupt(String),
+    /// The block is already stored (in any state).
+    #[error("block {0} is already in the key store")]
+    DuplicateBlock(Uuid),
+    /// The block is not stored as pending.
+    #[error("block {0} is not pending in the key store")]
+    NotPending(Uuid),
+}
+
+/// Where a block's keys stand in the two-ended commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BlockState {
+    /// Stored durably, not yet known to be stored at the peer; never served.
+    Pending,
+    /// Stored at both ends; its keys may be served.
+    Ready,
+}
+
+/// Public facts about a distilled block, kept with its keys (no key material).
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct BlockMeta {
+    /// Block identifier chosen by Alice.
+    pub block_id: Uuid,
+    /// Unix time in milliseconds when the block was distilled.
+    pub created_unix_ms: u64,
+    /// Sifted key bits that went into the block.
+    pub n_sifted_bits: u64,
+    /// Measured quantum bit error rate in the key (Z) basis.
+    pub qber_z: f64,
+    /// Measured error rate in the test (X) basis.
+    pub qber_x: f64,
+    /// Finite-size upper bound on the phase error used for privacy amplification.
+    pub phase_error_upper: f64,
+    /// Bits disclosed by error correction and verification.
+    pub leak_bits: u64,
+    /// Final secret key bits of the block.
+    pub final_bits: u64,
+}
+
+/// One unit of distilled key: a UUID and its bytes.
+#[derive(Clone)]
+pub struct KeyUnit {
+    /// Identifier agreed by both sides.
+    pub key_id: Uuid,
+    /// The key bytes; wiped on drop.
+    pub key: Zeroizing<Vec<u8>>,
+}
+
+impl std::fmt::Debug for KeyUnit {
+    /// Prints the ID and the length only, never the key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyUnit({}, {} bytes)", self.key_id, self.key.len())
+    }
+}
+
+/// Count and digest of the ready keys, for comparing the two ends without revealing keys.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct StoreSummary {
+    /// Number of ready keys.
+    pub n_keys: u64,
+    /// Total bits of ready keys.
+    pub n_key_bits: u64,
+    /// Number of blocks in the ready state.
+    pub n_ready_blocks: u64,
+    /// Number of blocks still pending.
+    pub n_pending_blocks: u64,
+    /// SHA-256 over (key ID bytes, key bytes) of every ready key in key-ID order, hex.
+    pub digest: String,
+}
+
+impl StoreError {
+    /// A failure of the storage backend (see [`StoreError::Backend`]).
+    pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        StoreError::Backend(error.into())
+    }
+}
+
+/// The operations the link needs from a key store.
+pub trait KeyStore: Send + Sync {
+    /// Stores a block's keys as pending, durably, before returning.
+    fn put_pending(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError>;
+    /// Stores a block's keys as ready, durably, before returning.
+    fn put_ready(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError>;
+    /// Promotes a pending block to ready, durably.
+    fn mark_ready(&self, block_id: Uuid) -> Result<(), StoreError>;
+    /// Removes a pending block and its keys, durably (the peer never committed it).
+    fn drop_pending(&self, block_id: Uuid) -> Result<(), StoreError>;
+    /// The state of a block, if stored.
+    fn block_state(&self, block_id: Uuid) -> Result<Option<BlockState>, StoreError>;
+    /// IDs of all pending blocks.
+    fn pending_blocks(&self) -> Result<Vec<Uuid>, StoreError>;
+    /// Count and digest of ready keys.
+    fn summary(&self) -> Result<StoreSummary, StoreError>;
+    /// Metadata of every stored block, ready or pending.
+    fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError>;
+    /// Number of key units held, ready or pending (what the store's size limit counts).
+    fn n_units(&self) -> Result<u64, StoreError>;
+}
