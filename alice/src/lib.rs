@@ -350,7 +350,9 @@ async fn emit_frames(
                         status.photons_sent += photons.len() as u64;
                     }
                     Ok(Err(e)) => {
-                        warn!(error = %e, "fibre: receiver gone");
+                        // Bob closing the fibre is routine (he stops or restarts and reconnects);
+                        // the classical channel reports a link that stays down.
+                        info!(reason = %e, "fibre: receiver disconnected; waiting for it to reconnect");
                         receiver = None;
                         status.fibre_connected = false;
                     }

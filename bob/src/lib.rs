@@ -101,6 +101,11 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         health.set_ready(false);
         match result {
             Ok(()) => break,
+            // Shutting down: the session ended because this end is stopping, not a failure.
+            Err(e) if shutdown.is_cancelled() => {
+                info!(reason = %format!("{e:#}"), "session closed for shutdown");
+                break;
+            }
             Err(e) => {
                 if started.elapsed() > Duration::from_secs(10) {
                     backoff = min_backoff;
