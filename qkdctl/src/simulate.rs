@@ -13,7 +13,7 @@ use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
 use common::postproc::finite_key::SecurityParams;
 use common::sim::{InterceptResend, LinkParams, SourceBounds, analytic};
 
-/// The reference experiment's published points (seed-experiment.md): (distance km, secret key
+/// The reference experiment's published points (Wang et al., Light Sci. Appl. (2026)): (distance km, secret key
 /// rate bit/s) at 120 km, and the maximum distance with positive key.
 pub const PAPER_RATE_POINTS: [(f64, f64); 1] = [(120.0, 15.0)];
 /// The reference experiment's maximum distance, km.

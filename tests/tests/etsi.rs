@@ -1,7 +1,7 @@
 //! ETSI GS QKD 014 key delivery against two real KMEs: real HTTPS servers with mutual TLS, the
 //! real KME-to-KME gRPC channel, real sled stores, and reqwest as the SAEs' client. Each test
-//! covers points of the standard's conformance checklist (numbered as in
-//! `shared/reference/etsi-gs-qkd-014.md`).
+//! covers points of the standard (ETSI GS QKD 014 V1.1.1 (2019-02), "Protocol and data format of
+//! REST-based key delivery API").
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;

@@ -3,8 +3,9 @@
 //! post-processing code as the daemons, in simulated time (`common::planner`, what
 //! `qkdctl simulate` runs).
 //!
-//! Each test runs one seeded scenario; the figures it asserts are in
-//! `shared/reference/seed-experiment.md`, "What a faithful implementation must reproduce".
+//! Each test runs one seeded scenario; the figures it asserts are the paper's published ones
+//! (QBER Z 6.85 % and X 9.60 %, about 15 bit/s of finite key at 120 km, 127 km maximum distance,
+//! six hours of stable operation).
 
 use common::link::ProtocolParams;
 use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};

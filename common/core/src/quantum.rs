@@ -106,7 +106,7 @@ impl FrameSecret {
 /// ciphertext's bytes 0-7 and 8-15 read little-endian; pulse i owns word i mod 2 of block i / 2.
 /// The word's top 53 bits, as a uniform number u in [0, 1), choose Z when u < `p_z`; its lowest
 /// bit then chooses |E> (0) or |L> (1). The X basis always gives |+> (three-state protocol,
-/// seed-experiment.md "The protocol"): never |->.
+/// the model of the reference experiment, Wang et al. 2026): never |->.
 ///
 /// Why AES in counter mode: sifting must look up Alice's state of every detection, at 50 million
 /// detections per second per core, and the detections hit scattered pulses (about one in twenty

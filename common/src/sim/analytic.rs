@@ -13,7 +13,7 @@
 //! | + | K q_Z (s_own + s_LE) / 2 | K q_Z (s_own + s_EL) / 2 | K q_X [s_own (1 + V cos dphi) / 4 + (s_EL + s_LE) / 8] | with 1 - V cos dphi |
 //!
 //! (eq. A1; for s_EL = s_LE = 0 and s_own folded into s these are the formulas of
-//! seed-experiment.md, "Simulation model", except that dark counts are not scaled by the basis
+//! the model of the reference experiment, Wang et al. 2026, except that dark counts are not scaled by the basis
 //! probability: Bob's basis choice is a passive splitter, so every detector counts in its windows
 //! whatever the photon did). Each window then clicks with probability
 //! L_d (photon + p_dc) + a_w (eq. A2), where L_d = 1 / (1 + r_d n_dead / (1 - p_ap)) is the live
@@ -49,7 +49,7 @@ pub struct Expected {
     pub e_z0: f64,
     /// Phase error of the Z key from linearity, e_ph = [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+)] /
     /// [Y(.|E) + Y(.|L)], with Y(b|s) the X-basis yields given the state sent
-    /// (seed-experiment.md, "Phase error of the single-photon Z key").
+    /// (the model of the reference experiment, Wang et al. 2026).
     pub e_ph: f64,
     /// Upper bound on the phase error of the Z key's pulses with at most one photon, as the
     /// finite-key analysis computes it in the limit of infinite blocks
@@ -115,7 +115,7 @@ impl Expected {
     /// multi-photon |+> term, step 1) and the multi-photon Z pulses split as
     /// m_key + m_test = p_multi (step 3):
     /// p_Z min over the split of (y_key - m_key)(1 - h(e / (y_test - m_test))) - p_sifted f h(E_Z)
-    /// (seed-experiment.md, "asymptotic key per pulse", with the tagging of GLLP, QIC 4, 325
+    /// (the model of the reference experiment, Wang et al. 2026, with the tagging of GLLP, QIC 4, 325
     /// (2004)); the minimum is taken over 65 evenly spaced splits.
     pub fn asymptotic_key_per_pulse_with(&self, f: f64) -> f64 {
         let p_z = self.state_probs[0] + self.state_probs[1];
@@ -204,7 +204,7 @@ pub fn expected_with_phase(params: &LinkParams, dphi: f64) -> Expected {
     let qber_z = ratio(joint[0][0][1] + joint[1][0][0], p_sifted);
     let qber_x = ratio(joint[2][1][1], sum2(joint[2][1]));
 
-    // Yields given the state, for the phase error (seed-experiment.md, "Phase error").
+    // Yields given the state, for the phase error (the model of the reference experiment, Wang et al. 2026).
     let y = |s: usize, b: usize, o: usize| joint[s][b][o] / state_probs[s].max(f64::MIN_POSITIVE);
     let e_ph_num = y(2, 1, 1) + y(0, 1, 0) + y(1, 1, 0) - y(2, 1, 0);
     let e_ph_den = sum2([y(0, 1, 0), y(0, 1, 1)]) + sum2([y(1, 1, 0), y(1, 1, 1)]);

@@ -3,9 +3,8 @@
 //! Monte-Carlo is checked against.
 //!
 //! The link reproduced is the three-state time-bin QKD experiment of J. Wang et al., Light: Sci.
-//! Appl. (2026), arXiv:2506.15520; its facts, the protocol and the simulation model are collected
-//! in `shared/reference/seed-experiment.md` ("seed" below) and the design of this module in
-//! `shared/reference/design-notes.md`, "The simulated fibre".
+//! Appl. (2026), arXiv:2506.15520 ("seed" below: the experiment this model reproduces); the values
+//! the paper does not publish are chosen and justified in the preset files (`presets/*.toml`).
 //!
 //! * [`params`]: [`LinkParams`], every physical parameter, with presets in `presets/*.toml`.
 //! * [`source`]: the photons that survive the fibre ([`Source::emit_frame`]), carrying Alice's

@@ -1,7 +1,7 @@
 //! Physical parameters of the simulated link, their presets, and the quantities derived from them.
 //!
 //! Every field is a default that a user can change in a TOML file: most values of the reference
-//! experiment are not published (see `shared/reference/seed-experiment.md`, "Not published"), and
+//! experiment (J. Wang et al., Light Sci. Appl. (2026), arXiv:2506.15520) are not published, and
 //! each preset file explains where its numbers come from.
 
 use serde::{Deserialize, Serialize};
@@ -300,7 +300,7 @@ impl LinkParams {
         Ok(())
     }
 
-    /// Fibre transmission T(L) = 10^(-alpha L / 10) (seed-experiment.md, "Simulation model"); at
+    /// Fibre transmission T(L) = 10^(-alpha L / 10) (the model of the reference experiment, Wang et al. 2026); at
     /// 120 km and 0.1956 dB/km this is 23.472 dB, T = 4.496e-3.
     pub fn fibre_transmission(&self) -> f64 {
         10f64.powf(-self.fibre_loss_db() / 10.0)
@@ -322,13 +322,13 @@ impl LinkParams {
     }
 
     /// Probability p_dc = d w of a dark count in one window of one detector
-    /// (seed-experiment.md, "Simulation model").
+    /// (the model of the reference experiment, Wang et al. 2026).
     pub fn dark_probability(&self) -> f64 {
         self.dark_count_rate_hz * self.window_ns * 1e-9
     }
 
     /// Probability that a pulse holds exactly two photons, p_2 = mu^2 g2 / 2, the bound on
-    /// multi-photon pulses of seed-experiment.md ("Multi-photon pulses from g2(0)") taken as the
+    /// multi-photon pulses of the reference experiment (Wang et al. 2026) taken as the
     /// model's value.
     pub fn p_two_photons(&self) -> f64 {
         self.mu * self.mu * self.g2 / 2.0

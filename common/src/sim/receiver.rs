@@ -11,7 +11,7 @@
 //!   [`TimingModel`]; likewise for bin L.
 //! * X branch, unbalanced interferometer (delay = bin separation) and detectors D+ and D-: the
 //!   photon leaves in slot 0, 1 or 2 with probabilities 1/2, 1/2, 0 for |E>; 0, 1/2, 1/2 for |L>;
-//!   1/4, 1/2, 1/4 for |+> and |-> (seed-experiment.md, "Simulation model"). Only the central
+//!   1/4, 1/2, 1/4 for |+> and |-> (the model of the reference experiment, Wang et al. 2026). Only the central
 //!   slot's window is used. A central-slot photon lands in it with probability `p_own` and goes to
 //!   D+ with probability (1 + V cos dphi)/2 for |+>, (1 - V cos dphi)/2 for |->, 1/2 for |E>, |L>.
 //!   A slot-0 photon reaches the central window through its T1 tail (`p_e_to_l`), a slot-2 photon

@@ -7,7 +7,7 @@
 //! are the clicks where Alice sent Z and Bob measured Z, in pulse order: Alice's bit is
 //! 0 for |E>, 1 for |L>; Bob's is 0 for an early arrival, 1 for a late one. Z-sent/X-measured
 //! and X-sent/X-measured clicks are counted by (state sent, outcome) into [`XCounts`], which the
-//! phase-error estimate needs (seed-experiment.md, "Phase error of the single-photon Z key").
+//! phase-error estimate needs (the model of the reference experiment, Wang et al. 2026).
 
 use crate::bits::BitVec;
 use crate::postproc::finite_key::XCounts;
