@@ -83,10 +83,9 @@ pub struct BlockSecurity {
     /// the test sample.
     pub eve_split_test_clicks: u64,
     /// Under photon-number splitting, the key length (bits, before rounding to key units) that the
-    /// finite-key formula gives at the split of multi-photon pulses Eve actually realised
-    /// (`eve_known_key_bits` in the key, `eve_split_test_clicks` in the test sample), which the
-    /// length at the worst split must never exceed; `None` without that attack or when the
-    /// estimate failed.
+    /// finite-key formula gives with only the multi-photon pulses Eve actually holds in the key
+    /// (`eve_known_key_bits`) tagged, which the length with every possible multi-photon pulse
+    /// tagged must never exceed; `None` without that attack or when the estimate failed.
     pub key_length_at_actual_split: Option<f64>,
 }
 

@@ -262,14 +262,13 @@ impl AliceCore {
         Ok(response)
     }
 
-    /// Closes error correction and reveals Alice's verification tag under a fresh hash key.
+    /// Closes error correction and reveals Alice's verification tags, each under a fresh hash key
+    /// (as many as keep eps_cor for the block's length).
     pub fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
         let eps_cor = EpsBudget::from_total(self.security.eps_qkd).eps_cor;
-        let block_id = parse_uuid(&req.block_id, "block id")?;
-        let Self { session, rng, .. } = self;
-        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+        let n_tags = n_tags_for(self.block_mut(&req.block_id)?.stats.n_key_bits, eps_cor);
+        let hash_keys: Vec<u64> = (0..n_tags).map(|_| self.rng.next_u64()).collect();
+        let block = self.block_mut(&req.block_id)?;
         if block.n_corrected.is_some() {
             return Err(LinkError::State("block already verified".into()));
         }
@@ -277,8 +276,6 @@ impl AliceCore {
             return Err(LinkError::Malformed("more corrections than bits".into()));
         }
         block.n_corrected = Some(req.n_corrected);
-        let n_tags = n_tags_for(block.stats.n_key_bits, eps_cor);
-        let hash_keys: Vec<u64> = (0..n_tags).map(|_| rng.next_u64()).collect();
         let tags = hash_keys.iter().map(|&hash_key| poly_hash_tag(&block.key, hash_key)).collect();
         let response = VerifyResponse { hash_keys, tags };
         block.transcript.absorb("Verify", req, &response);

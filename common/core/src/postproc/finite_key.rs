@@ -242,8 +242,6 @@ pub struct SourceMonitor {
     pub n_frames: u64,
     /// Sum over frames of the measured mean photon number.
     pub mu_sum: f64,
-    /// Largest measured mean photon number of one frame.
-    pub mu_max_seen: f64,
     /// Sum over frames of the measured g2(0).
     pub g2_sum: f64,
 }
@@ -263,15 +261,6 @@ impl SourceMonitor {
         self.n_frames += 1;
         self.mu_sum += reading.mu;
         self.g2_sum += reading.g2;
-        self.mu_max_seen = self.mu_max_seen.max(reading.mu);
-    }
-
-    /// Adds another block part's readings.
-    pub fn add(&mut self, other: &SourceMonitor) {
-        self.n_frames += other.n_frames;
-        self.mu_sum += other.mu_sum;
-        self.g2_sum += other.g2_sum;
-        self.mu_max_seen = self.mu_max_seen.max(other.mu_max_seen);
     }
 
     /// Mean measured photon number over the frames (0 without readings).

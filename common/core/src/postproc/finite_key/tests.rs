@@ -121,7 +121,7 @@ fn each_step_is_the_bound_it_claims() {
     assert!((b.test_errors_expected_upper - expected).abs() < 1e-6, "{b:?}");
     assert_eq!(b.test_errors_upper, count_upper(expected, eps));
     assert_eq!(b.n_multi_photon_upper, count_upper(n * 0.5 * p_multi, eps));
-    // The sampling step at the reported worst split.
+    // The sampling step.
     assert_eq!(b.key_bad_upper, key_errors_upper(1_000_000, 200_000, b.test_bad_upper, eps));
     assert!(b.single_photon_rate_upper * b.n_single_photon_lower <= b.key_bad_upper as f64 + 1e-9);
     // The key length is the formula.
