@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Fuzzes the ETSI GS QKD 014 key delivery API with schemathesis against docs/openapi.yaml.
 #
-# Installs schemathesis from PyPI into a throw-away virtualenv, starts two KMEs in-process (the
-# ignored integration test `etsi::fuzz_target`: real HTTPS with mutual TLS, real peer channel,
-# 40000 ready units), and runs schemathesis as SAE `sae-a1` against KME A.
+# Installs schemathesis from PyPI into a throw-away virtualenv, starts two KMEs (`qkdctl keys
+# pair`: real HTTPS with mutual TLS, real peer channel, real sled stores, 40000 ready units), and
+# runs schemathesis as SAE `sae-a1` against KME A.
 #
 # Checks left out, and why:
 # - positive_data_acceptance: a schema-valid request is refused when the SAE IDs are not a
@@ -21,12 +21,8 @@ work="$(mktemp -d)"
 kme_pid=""
 cleanup() {
     if [[ -n "$kme_pid" ]] && kill -0 "$kme_pid" 2>/dev/null; then
-        touch "$work/stop"
-        for _ in $(seq 1 100); do
-            kill -0 "$kme_pid" 2>/dev/null || break
-            sleep 0.1
-        done
-        kill "$kme_pid" 2>/dev/null || true
+        kill -TERM "$kme_pid" 2>/dev/null || true
+        wait "$kme_pid" 2>/dev/null || true
     fi
     rm -rf "$work"
 }
@@ -38,9 +34,9 @@ python3 -m venv "$work/venv"
 "$work/venv/bin/st" --version
 
 echo "== schemathesis: build and start two KMEs"
-cargo test --quiet -p tests --test integration --no-run
-QKD_ETSI_FUZZ_DIR="$work" cargo test --quiet -p tests --test integration etsi::fuzz_target \
-    -- --ignored --exact --nocapture >"$work/kme.log" 2>&1 &
+cargo build --quiet -p qkdctl
+target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
+"$target_dir/debug/qkdctl" keys pair --dir "$work" --units 40000 >"$work/kme.log" 2>&1 &
 kme_pid=$!
 for _ in $(seq 1 600); do
     [[ -e "$work/ready" ]] && break
@@ -70,8 +66,8 @@ status=0
     --no-color \
     "${seed_args[@]}" || status=$?
 
-touch "$work/stop"
+kill -TERM "$kme_pid"
 wait "$kme_pid" || { echo "the KME process failed:" >&2; cat "$work/kme.log" >&2; exit 1; }
 kme_pid=""
-grep -E "fuzz target stopping" "$work/kme.log" || true
+grep -E "stopping the KME pair" "$work/kme.log" || true
 exit "$status"

@@ -17,18 +17,13 @@ units=${3:-200000}
 
 echo "building (release)..." >&2
 cargo build --release -q -p qkdctl
-bin=$(cargo test --release -q -p tests --test integration --no-run --message-format=json 2>/dev/null |
-    python3 -c 'import json,sys
-for line in sys.stdin:
-    m = json.loads(line)
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "integration":
-        print(m["executable"])')
 target_dir=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 
 dir=$(mktemp -d)
-trap 'touch "$dir/stop"; wait; rm -rf "$dir"' EXIT
 echo "starting two KMEs with $units units in $dir..." >&2
-QKD_ETSI_FUZZ_DIR=$dir QKD_ETSI_UNITS=$units "$bin" --ignored --exact etsi::fuzz_target >"$dir/kmes.log" 2>&1 &
+"$target_dir/release/qkdctl" keys pair --dir "$dir" --units "$units" >"$dir/kmes.log" 2>&1 &
+pair_pid=$!
+trap 'kill -TERM "$pair_pid" 2>/dev/null; wait; rm -rf "$dir"' EXIT
 for _ in $(seq 600); do
     [ -f "$dir/ready" ] && break
     sleep 0.2

@@ -9,12 +9,12 @@ use anyhow::Context;
 use common::config::AliceConfig;
 use common::fibre::{encode_frame, write_frame};
 use common::grpc::status_from_link_error;
-use common::link::LinkError;
-use common::link::alice::{AliceCore, AliceEvent};
-use common::sim::{FrameSecret, LinkParams, Source};
-use common::store::SledStore;
 use proto::link::link_server::{Link, LinkServer};
 use proto::link::*;
+use qkd_core::link::LinkError;
+use qkd_core::link::alice::{AliceCore, AliceEvent};
+use qkd_sim::{FrameSecret, LinkParams, Source};
+use qkd_store::SledStore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tokio::net::{TcpListener, TcpStream};
@@ -141,8 +141,7 @@ pub async fn run(
             match kme_cfg {
                 Some(kme_cfg) => {
                     let result =
-                        common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Alice, &tls, store, shutdown.clone())
-                            .await;
+                        qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Alice, &tls, store, shutdown.clone()).await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "key management entity failed; stopping");
                         shutdown.cancel();
@@ -182,7 +181,7 @@ impl LinkService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        if common::tls::peer_has_name(leaf, &self.peer_name) {
+        if qkd_tls::peer_has_name(leaf, &self.peer_name) {
             Ok(())
         } else {
             warn!(expected = %self.peer_name, "refused a classical-channel client whose certificate names another peer");

@@ -36,7 +36,7 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
-    common::tls::install_crypto_provider();
+    qkd_tls::install_crypto_provider();
     common::logging::init();
     let args = Args::parse();
     if let Some(path) = args.check_config {

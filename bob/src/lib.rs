@@ -8,13 +8,13 @@ use anyhow::{Context, anyhow};
 use common::config::BobConfig;
 use common::fibre::{decode_frame, read_frame};
 use common::grpc::link_error_from_status;
-use common::link::LinkError;
-use common::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
-use common::sim::{LinkParams, Receiver};
-use common::store::SledStore;
-use common::tls::TlsMaterial;
 use proto::link::link_client::LinkClient;
 use proto::link::*;
+use qkd_core::link::LinkError;
+use qkd_core::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
+use qkd_sim::{LinkParams, Receiver};
+use qkd_store::SledStore;
+use qkd_tls::TlsMaterial;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
@@ -78,8 +78,7 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let kme = cfg.kme.clone().map(|kme_cfg| {
         let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let result =
-                common::etsi::run_kme(&kme_cfg, common::etsi::KmeSide::Bob, &tls, store, shutdown.clone()).await;
+            let result = qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Bob, &tls, store, shutdown.clone()).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "key management entity failed; stopping");
                 shutdown.cancel();

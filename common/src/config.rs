@@ -4,10 +4,10 @@
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
-use crate::link::ProtocolParams;
-use crate::postproc::finite_key::{DEFAULT_EPS_QKD, SecurityParams};
-use crate::sim::{LinkParams, SourceBounds};
-use crate::tls::TlsFiles;
+use qkd_core::link::ProtocolParams;
+use qkd_core::postproc::finite_key::{DEFAULT_EPS_QKD, SecurityParams};
+use qkd_sim::{LinkParams, SourceBounds};
+use qkd_tls::TlsFiles;
 
 /// Errors loading a configuration.
 #[derive(Debug, thiserror::Error)]
@@ -43,11 +43,6 @@ pub struct LinkSection {
 }
 
 impl LinkSection {
-    /// Resolves the physical parameters.
-    pub fn resolve(&self, base_dir: &Path) -> Result<LinkParams, String> {
-        self.resolve_with_bounds(base_dir).map(|(params, _)| params)
-    }
-
     /// Resolves the physical parameters and the source calibration the preset file ships (its
     /// `[security]` table), if any.
     pub fn resolve_with_bounds(&self, base_dir: &Path) -> Result<(LinkParams, Option<SourceBounds>), String> {
@@ -167,7 +162,7 @@ pub struct AliceConfig {
     /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
     /// KME-to-KME channel. Off when absent.
     #[serde(default)]
-    pub kme: Option<crate::etsi::KmeConfig>,
+    pub kme: Option<qkd_kme::KmeConfig>,
 }
 
 /// Alice's classical-channel server.
@@ -231,7 +226,7 @@ pub struct BobConfig {
     /// The key management entity: ETSI GS QKD 014 key delivery to applications and the
     /// KME-to-KME channel. Off when absent.
     #[serde(default)]
-    pub kme: Option<crate::etsi::KmeConfig>,
+    pub kme: Option<qkd_kme::KmeConfig>,
 }
 
 /// Bob's classical-channel client.
@@ -277,7 +272,7 @@ impl AliceConfig {
         let mut cfg: Self = load(path, "ALICE")?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.rebase(base);
-        let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, base)?;
+        let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, cfg.kme.as_ref(), base)?;
         Ok((cfg, link))
     }
 
@@ -302,7 +297,7 @@ impl BobConfig {
                 message: "classical.max_backoff_s must be positive".into(),
             });
         }
-        let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, base)?;
+        let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, cfg.kme.as_ref(), base)?;
         Ok((cfg, link))
     }
 }
@@ -312,13 +307,29 @@ fn validate(
     link: &LinkSection,
     protocol: &ProtocolParams,
     security: &mut SecuritySection,
+    kme: Option<&qkd_kme::KmeConfig>,
     base: &Path,
 ) -> Result<LinkParams, ConfigError> {
     let invalid = |message| ConfigError::Invalid { file: path.to_owned(), message };
     protocol.validate().map_err(|m| invalid(format!("protocol.{m}")))?;
+    check_unit_size(protocol, kme).map_err(invalid)?;
     let (link, bounds) = link.resolve_with_bounds(base).map_err(invalid)?;
     security.complete(bounds).map_err(invalid)?;
     Ok(link)
+}
+
+/// The key delivery serves keys made of whole stored units of [`qkd_store::kme::UNIT_BYTES`]
+/// bytes, so with a `[kme]` section the link must cut its keys into units of that size.
+fn check_unit_size(protocol: &ProtocolParams, kme: Option<&qkd_kme::KmeConfig>) -> Result<(), String> {
+    let kme_bits = 8 * qkd_store::kme::UNIT_BYTES as u32;
+    match kme {
+        Some(_) if protocol.key_unit_bits != kme_bits => Err(format!(
+            "protocol.key_unit_bits = {} but the key delivery ([kme]) serves {kme_bits}-bit units; \
+             set key_unit_bits = {kme_bits} or remove the [kme] section",
+            protocol.key_unit_bits
+        )),
+        _ => Ok(()),
+    }
 }
 
 fn rebase_path(path: &mut PathBuf, base: &Path) {
@@ -327,7 +338,7 @@ fn rebase_path(path: &mut PathBuf, base: &Path) {
     }
 }
 
-fn rebase_kme(kme: &mut Option<crate::etsi::KmeConfig>, base: &Path) {
+fn rebase_kme(kme: &mut Option<qkd_kme::KmeConfig>, base: &Path) {
     if let Some(kme) = kme {
         rebase_tls(&mut kme.tls, base);
     }

@@ -7,8 +7,8 @@
 use prost::Message;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::sim::{Photon, State};
-use crate::wire::{WireError, decode_deltas, encode_deltas};
+use qkd_core::wire::{WireError, decode_deltas, encode_deltas};
+use qkd_sim::{Photon, State};
 
 /// Largest frame accepted from the fibre, in bytes (a 2^22-pulse frame at 0 km is about 10 MB).
 pub const MAX_FRAME_BYTES: usize = 64 << 20;
@@ -84,7 +84,7 @@ pub async fn read_frame<R: AsyncReadExt + Unpin>(input: &mut R) -> Result<Option
 
 /// An intercept-resend eavesdropper on the fibre: accepts the receiver's connection on
 /// `listener`, connects to the source at `source_addr`, and measures and resends `fraction` of
-/// the photons of every frame (see [`crate::sim::InterceptResend`]), until `stop`.
+/// the photons of every frame (see [`qkd_sim::InterceptResend`]), until `stop`.
 pub async fn intercept_resend_tap(
     listener: tokio::net::TcpListener,
     source_addr: String,
@@ -93,7 +93,7 @@ pub async fn intercept_resend_tap(
     stop: tokio_util::sync::CancellationToken,
 ) {
     use rand::SeedableRng;
-    let eve = crate::sim::InterceptResend { fraction };
+    let eve = qkd_sim::InterceptResend { fraction };
     let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
     loop {
         let accepted = tokio::select! {

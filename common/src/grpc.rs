@@ -4,7 +4,7 @@
 
 use tonic::{Code, Status};
 
-use crate::link::LinkError;
+use qkd_core::link::LinkError;
 
 /// The gRPC status Alice's service answers for `error`.
 pub fn status_from_link_error(error: LinkError) -> Status {

@@ -1,32 +1,25 @@
-//! What the daemons, the planning tool and the tests share beyond the protocol core: the
-//! simulator, the durable key store, the transports (gRPC, TLS, the ETSI key delivery) and the
-//! configuration.
+//! The node: what a daemon runs around the protocol core. The crates below it:
 //!
-//! The transport-free protocol core is the `qkd-core` crate ([`qkd_core`]); its modules are
-//! re-exported here at their old paths: [`bits`], [`wire`], [`sifting`], [`link`], and
-//! [`postproc`] (with the benchmark added here).
+//! * `qkd-core` ([`qkd_core`]): the transport-free protocol (states, sifting, post-processing,
+//!   the link's state machines, the key-store trait).
+//! * `qkd-sim` ([`qkd_sim`]): the physics of the simulated quantum channel, the planner, the
+//!   post-processing benchmark.
+//! * `qkd-store` ([`qkd_store`]): the durable key store (sled).
+//! * `qkd-tls` ([`qkd_tls`]): mutual TLS and the lab PKI.
+//! * `qkd-kme` ([`qkd_kme`]): ETSI GS QKD 014 key delivery.
 //!
-//! * [`sim`]: the physics of the simulated quantum channel (source, fibre, receiver, eavesdroppers).
-//! * [`store`]: the durable key store (sled) implementing [`store::KeyStore`].
-//! * [`grpc`]: the gRPC status of each link error and back.
-//! * [`tls`]: the mutual-TLS configuration and the PKI for labs.
-//! * [`fibre`]: the simulated fibre's frames as a byte stream.
+//! This crate adds:
 //! * [`config`]: the daemons' configuration files.
-
-pub use qkd_core::{bits, link, sifting, wire};
+//! * [`grpc`]: the gRPC status of each link error and back.
+//! * [`fibre`]: the simulated fibre's frames as a byte stream.
+//! * [`logging`], [`service`], [`status`]: logs, systemd notification, the status file.
 
 pub mod config;
-pub mod etsi;
 pub mod fibre;
 pub mod grpc;
 pub mod logging;
-pub mod planner;
-pub mod postproc;
 pub mod service;
-pub mod sim;
 pub mod status;
-pub mod store;
-pub mod tls;
 
 #[cfg(test)]
 mod link_tests;

@@ -9,15 +9,15 @@ use proto::link::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use crate::link::alice::AliceCore;
-use crate::link::bob::{BobLink, LinkPeer};
-use crate::link::memory::MemoryAlice;
-use crate::link::reconcile::LDPC_REVEAL_STEPS;
-use crate::link::{LinkError, ProtocolParams, Reconciliation};
-use crate::postproc::binary_entropy;
-use crate::postproc::finite_key::SecurityParams;
-use crate::sim::{FrameSecret, LinkParams, Receiver, Source};
-use crate::store::{KeyStore, SledStore};
+use qkd_core::link::alice::AliceCore;
+use qkd_core::link::bob::{BobLink, LinkPeer};
+use qkd_core::link::memory::MemoryAlice;
+use qkd_core::link::reconcile::LDPC_REVEAL_STEPS;
+use qkd_core::link::{LinkError, ProtocolParams, Reconciliation};
+use qkd_core::postproc::binary_entropy;
+use qkd_core::postproc::finite_key::SecurityParams;
+use qkd_sim::{FrameSecret, LinkParams, Receiver, Source};
+use qkd_store::{KeyStore, SledStore};
 
 /// Where a test makes the connection to Alice fail during a commit.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]

@@ -1,13 +1,13 @@
 //! `qkdctl bench-postproc`: reconciliation efficiency, frame error rate, round trips and
 //! throughput of every post-processing stage, beside the published Cascade curve.
 //!
-//! The measuring code lives in `common::postproc::bench` (shared with
-//! `cargo bench -p common --bench postproc`); this module parses the flags, supplies the clock
+//! The measuring code lives in `qkd_sim::bench` (shared with
+//! `cargo bench -p qkd-sim --bench postproc`); this module parses the flags, supplies the clock
 //! (the thread's CPU time, so that "per core" holds on a shared machine) and prints.
 
 use std::time::{Duration, Instant};
 
-use common::postproc::bench::{self, BenchOptions, BenchRow};
+use qkd_sim::bench::{self, BenchOptions, BenchRow};
 
 /// Flags of `qkdctl bench-postproc`.
 #[derive(clap::Args, Debug)]

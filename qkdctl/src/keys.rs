@@ -2,7 +2,8 @@
 //!
 //! `status`, `get` and `get-by-id` print the KME's JSON answer on stdout (the keys included:
 //! fetching them is this tool's purpose). A non-200 answer is printed too, and the command
-//! fails. `bench` measures Get key plus Get key with key IDs across two KMEs.
+//! fails. `bench` measures Get key plus Get key with key IDs across two KMEs; `pair` serves two
+//! KMEs with test units to run them against.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -65,6 +66,10 @@ pub enum KeysCommand {
     /// key with key IDs at --peer-kme as --slave, for --duration-s. Prints requests per second
     /// and the 50th and 99th latency percentiles of each call.
     Bench(BenchArgs),
+    /// Serve two KMEs on loopback with a throw-away PKI and a pool of random test units (not
+    /// quantum keys), for SAE client development, API fuzzing and `keys bench`; writes the
+    /// client's files into --dir and serves until SIGINT or SIGTERM.
+    Pair(crate::kme_pair::PairArgs),
 }
 
 /// Where the KME is and how this SAE authenticates.
@@ -127,7 +132,7 @@ pub struct BenchArgs {
 
 /// Runs a `keys` subcommand on its own tokio runtime.
 pub fn run(command: KeysCommand) -> anyhow::Result<()> {
-    common::tls::install_crypto_provider();
+    qkd_tls::install_crypto_provider();
     let runtime = tokio::runtime::Runtime::new()?;
     runtime.block_on(async move {
         match command {
@@ -170,6 +175,7 @@ pub fn run(command: KeysCommand) -> anyhow::Result<()> {
                 print_answer(answer)
             }
             KeysCommand::Bench(args) => bench(args).await,
+            KeysCommand::Pair(args) => crate::kme_pair::serve(args).await,
         }
     })
 }

@@ -23,8 +23,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use common::store::{KeyStore, SledStore};
-use common::tls::LabPki;
+use qkd_store::{KeyStore, SledStore};
+use qkd_tls::LabPki;
 
 /// Options of `qkdctl lab`.
 #[derive(clap::Args, Debug)]
@@ -64,7 +64,7 @@ impl LabSettings {
             distance_km: args.distance_km,
             block_bits: args.block_bits.unwrap_or(100_000),
         };
-        let mut link = common::sim::LinkParams::preset(&settings.preset)
+        let mut link = qkd_sim::LinkParams::preset(&settings.preset)
             .map_err(|e| anyhow::anyhow!("--preset {}: {e}", settings.preset))?;
         if let Some(km) = settings.distance_km {
             if !(km.is_finite() && km >= 0.0) {
@@ -73,8 +73,10 @@ impl LabSettings {
             link.distance_km = km;
             link.validate().map_err(|e| anyhow::anyhow!("--distance-km {km}: {e}"))?;
         }
-        let protocol =
-            common::link::ProtocolParams { block_bits: settings.block_bits, ..common::link::ProtocolParams::default() };
+        let protocol = qkd_core::link::ProtocolParams {
+            block_bits: settings.block_bits,
+            ..qkd_core::link::ProtocolParams::default()
+        };
         protocol.validate().map_err(|e| anyhow::anyhow!("--block-bits {}: {e}", settings.block_bits))?;
         Ok(settings)
     }
@@ -282,8 +284,8 @@ fn issue_lab_saes(pki: &LabPki) -> anyhow::Result<()> {
             continue;
         }
         let read = |f: &str| std::fs::read_to_string(pki.dir.join(f)).with_context(|| format!("reading {f}"));
-        let ca = common::tls::CertAuthority::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
-        common::tls::write_issued(&pki.dir, sae, &ca.issue_client(sae)?)?;
+        let ca = qkd_tls::CertAuthority::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
+        qkd_tls::write_issued(&pki.dir, sae, &ca.issue_client(sae)?)?;
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench_postproc;
 mod demo;
 mod keys;
+mod kme_pair;
 mod lab;
 mod pki;
 mod plot;
@@ -131,7 +132,7 @@ fn probe(url: &str) -> anyhow::Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
-    common::tls::install_crypto_provider();
+    qkd_tls::install_crypto_provider();
     common::logging::init();
     let cli = Cli::parse();
     let result = match cli.command {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
-use common::tls::{CertAuthority, write_issued, write_pem};
+use qkd_tls::{CertAuthority, write_issued, write_pem};
 
 /// `qkdctl pki` subcommands.
 #[derive(clap::Subcommand, Debug)]

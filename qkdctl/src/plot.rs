@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use common::planner::SimulationReport;
 use plotters::prelude::*;
+use qkd_sim::planner::SimulationReport;
 
 use crate::simulate::{PAPER_MAX_DISTANCE_KM, PAPER_QBER_120KM, PAPER_RATE_POINTS};
 

@@ -8,10 +8,10 @@ use std::io::IsTerminal;
 
 use anyhow::{Context, bail};
 use common::config::SecuritySection;
-use common::link::{ProtocolParams, Reconciliation};
-use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
-use common::postproc::finite_key::SecurityParams;
-use common::sim::{InterceptResend, LinkParams, SourceBounds, analytic};
+use qkd_core::link::{ProtocolParams, Reconciliation};
+use qkd_core::postproc::finite_key::SecurityParams;
+use qkd_sim::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
+use qkd_sim::{InterceptResend, LinkParams, SourceBounds, analytic};
 
 /// The reference experiment's published points (Wang et al., Light Sci. Appl. (2026)): (distance km, secret key
 /// rate bit/s) at 120 km, and the maximum distance with positive key.
@@ -67,7 +67,7 @@ pub struct ModelArgs {
     seed: u64,
     /// Overall security parameter eps_QKD of every block's key, as `[security] eps_qkd` of the
     /// daemons.
-    #[arg(long, default_value_t = common::postproc::finite_key::DEFAULT_EPS_QKD)]
+    #[arg(long, default_value_t = qkd_core::postproc::finite_key::DEFAULT_EPS_QKD)]
     eps_qkd: f64,
     /// Calibrated upper bound on the mean photon number that the key length assumes (default:
     /// the preset's `[security]` table). `--set mu=...` changes the simulated source instead,

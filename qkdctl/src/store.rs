@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
-use common::store::{KeyStore, SledStore};
+use qkd_store::{KeyStore, SledStore};
 
 /// Prints the store summary of the daemon whose data directory is `data_dir`.
 pub fn summary(data_dir: &Path, json: bool) -> anyhow::Result<()> {

@@ -8,10 +8,10 @@ use std::time::{Duration, Instant};
 use common::config::{
     AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, LinkSection, SecuritySection,
 };
-use common::link::ProtocolParams;
-use common::sim::LinkParams;
-use common::store::{KeyStore, SledStore, StoreSummary};
-use common::tls::LabPki;
+use qkd_core::link::ProtocolParams;
+use qkd_sim::LinkParams;
+use qkd_store::{KeyStore, SledStore, StoreSummary};
+use qkd_tls::LabPki;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -35,7 +35,7 @@ impl Drop for TempDir {
 
 /// Installs the crypto provider and a test log subscriber (once).
 pub fn init() {
-    common::tls::install_crypto_provider();
+    qkd_tls::install_crypto_provider();
     let _ = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()))
         .with_test_writer()

@@ -42,6 +42,9 @@ fn broken_config_names_the_file_and_the_key() {
         (good.replace("mu_max = 4.0e-3", "mu_max = -1.0"), "mu_max"),
         (good.replace("listen = \"0.0.0.0:7000\"", "listen = \"nowhere\""), "listen"),
         (good.replace("preset = \"wang2026-120km\"", "preset = \"no-such-preset\""), "preset"),
+        // The key delivery serves 256-bit units: a smaller unit with [kme] is refused at load,
+        // not at the first Get key.
+        (good.replace("key_unit_bits = 256", "key_unit_bits = 128"), "key_unit_bits"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.0.join(format!("alice-{i}.toml"));

@@ -4,17 +4,16 @@
 //! REST-based key delivery API").
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use base64::Engine;
-use common::etsi::api::{MSG_EXTENSION_MANDATORY_UNSUPPORTED, MSG_KEYS_NOT_FOUND, MSG_SIZE_NOT_MULTIPLE_OF_8};
-use common::etsi::{IdentitySource, KmeConfig, KmeError, KmeSide, SaeEntry};
-use common::store::kme::UNIT_BYTES;
-use common::store::{BlockMeta, KeyStore, KeyUnit, SledStore};
-use common::tls::{CertAuthority, IssuedCert, TlsFiles, TlsMaterial};
+use qkd_kme::KmeSide;
+use qkd_kme::api::{MSG_EXTENSION_MANDATORY_UNSUPPORTED, MSG_KEYS_NOT_FOUND, MSG_SIZE_NOT_MULTIPLE_OF_8};
+use qkd_kme::pair::{KmePair, PairOptions, RunningKme};
+use qkd_store::KeyStore;
+use qkd_store::kme::UNIT_BYTES;
+use qkd_tls::{CertAuthority, IssuedCert};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 
@@ -25,63 +24,18 @@ const A_SAES: [&str; 2] = ["sae-a1", "sae-a2"];
 /// SAEs attached to KME B (one with characters that need URL encoding).
 const B_SAES: [&str; 3] = ["sae-b1", "sae-b2", "SAE b/3 é+%"];
 
-/// The throw-away PKI of a test: one CA for nodes, KME servers and SAEs, plus a foreign CA.
-struct Pki {
-    dir: TempDir,
-    ca: CertAuthority,
-}
-
-impl Pki {
-    fn new() -> Self {
-        init();
-        let dir = TempDir::new("etsi");
-        let ca = CertAuthority::generate("etsi test ca").expect("ca");
-        common::tls::write_pem(&dir.0.join("ca.crt"), ca.cert_pem(), false).expect("write ca");
-        Self { dir, ca }
-    }
-
-    /// A node certificate (KME-to-KME channel) for `name`, in memory.
-    fn node(&self, name: &str) -> TlsMaterial {
-        let issued = self.ca.issue(name, &[name, "localhost"], true).expect("node cert");
-        TlsMaterial { ca_pem: self.ca.cert_pem().to_owned(), cert_pem: issued.cert_pem, key_pem: issued.key_pem }
-    }
-
-    /// The HTTPS server files of KME `name` (valid for 127.0.0.1).
-    fn https_files(&self, name: &str) -> TlsFiles {
-        let issued = self.ca.issue(name, &["localhost"], true).expect("kme cert");
-        let (cert, key) = common::tls::write_issued(&self.dir.0, name, &issued).expect("write kme cert");
-        TlsFiles { ca_cert: self.dir.0.join("ca.crt"), cert, key }
-    }
-
-    /// A client certificate whose CN is `sae_id`.
-    fn sae(&self, sae_id: &str) -> IssuedCert {
-        self.ca.issue(sae_id, &[], false).expect("sae cert")
-    }
-}
-
-/// A running KME.
-struct Kme {
-    addr: SocketAddr,
-    peer_addr: SocketAddr,
-    store: Arc<SledStore>,
-    shutdown: CancellationToken,
-    task: tokio::task::JoinHandle<Result<(), KmeError>>,
-}
-
-impl Kme {
-    async fn stop(self) {
-        self.shutdown.cancel();
-        self.task.await.expect("kme task panicked").expect("kme failed");
-    }
-}
-
-/// Two KMEs (A on Alice's side, B on Bob's) sharing the same ready units, and the PKI.
+/// Two KMEs on loopback sharing the same ready units ([`KmePair`]), and the directory of their
+/// PKI, removed with the net.
 struct Net {
-    pki: Pki,
-    a: Kme,
-    b: Kme,
-    /// The units, in the order given to the stores.
-    units: Vec<KeyUnit>,
+    pair: KmePair,
+    _dir: TempDir,
+}
+
+impl std::ops::Deref for Net {
+    type Target = KmePair;
+    fn deref(&self) -> &KmePair {
+        &self.pair
+    }
 }
 
 /// Options of a test network.
@@ -98,86 +52,26 @@ impl Default for NetOptions {
 
 impl Net {
     async fn start(options: NetOptions) -> Self {
-        let pki = Pki::new();
-        // Units alternate the parity of their last byte: each KME owns exactly half.
-        let units: Vec<KeyUnit> = (0..options.n_units)
-            .map(|i| {
-                let mut id = *Uuid::new_v4().as_bytes();
-                id[15] = (id[15] & 0xfe) | (i % 2) as u8;
-                let key = [Uuid::new_v4().into_bytes(), Uuid::new_v4().into_bytes()].concat();
-                KeyUnit { key_id: Uuid::from_bytes(id), key: key.into() }
-            })
-            .collect();
-        assert_eq!(units[0].key.len(), UNIT_BYTES);
-        let meta = BlockMeta {
-            block_id: Uuid::new_v4(),
-            created_unix_ms: 0,
-            n_sifted_bits: 0,
-            qber_z: 0.0,
-            qber_x: 0.0,
-            phase_error_upper: 0.0,
-            leak_bits: 0,
-            final_bits: 256 * options.n_units as u64,
-        };
-        let bind = || async { TcpListener::bind("127.0.0.1:0").await.expect("bind") };
-        let (https_a, peer_a, https_b, peer_b) = (bind().await, bind().await, bind().await, bind().await);
-        let peer_addr_a = peer_a.local_addr().unwrap();
-        let peer_addr_b = peer_b.local_addr().unwrap();
-        let saes: Vec<SaeEntry> = A_SAES
-            .iter()
-            .map(|s| SaeEntry { sae_id: s.to_string(), kme_id: "KME_A".into() })
-            .chain(B_SAES.iter().map(|s| SaeEntry { sae_id: s.to_string(), kme_id: "KME_B".into() }))
-            .collect();
-        let config = |me: &str,
-                      peer: &str,
-                      https: &TcpListener,
-                      peer_listen: SocketAddr,
-                      peer_addr: SocketAddr,
-                      peer_name: &str| KmeConfig {
-            listen: https.local_addr().unwrap(),
-            tls: pki.https_files(me),
-            peer_listen,
-            peer_addr: peer_addr.to_string(),
-            peer_name: peer_name.into(),
-            kme_id: me.into(),
-            peer_kme_id: peer.into(),
-            saes: saes.clone(),
-            identity: IdentitySource::Cn,
-            key_size: 256,
-            min_key_size: 64,
-            max_key_size: 1024,
+        init();
+        let dir = TempDir::new("etsi");
+        let options = PairOptions {
+            n_units: options.n_units,
             max_key_per_request: options.max_key_per_request,
-            max_key_count: 100_000,
-            max_sae_id_count: 0,
-            peer_timeout_ms: 3000,
-            reservation_ttl_s: 0,
+            a_saes: A_SAES.iter().map(|s| s.to_string()).collect(),
+            b_saes: B_SAES.iter().map(|s| s.to_string()).collect(),
         };
-        let cfg_a = config("KME_A", "KME_B", &https_a, peer_addr_a, peer_addr_b, "bob");
-        let cfg_b = config("KME_B", "KME_A", &https_b, peer_addr_b, peer_addr_a, "alice");
-        let start = |cfg: KmeConfig, side: KmeSide, node: TlsMaterial, https: TcpListener, peer: TcpListener| {
-            let store = Arc::new(SledStore::temporary().expect("store"));
-            store.put_ready(&meta, &units).expect("fill store");
-            let shutdown = CancellationToken::new();
-            let (addr, peer_addr) = (https.local_addr().unwrap(), peer.local_addr().unwrap());
-            let task = tokio::spawn({
-                let (store, shutdown) = (store.clone(), shutdown.clone());
-                async move { common::etsi::run_kme_with_listeners(&cfg, side, &node, store, https, peer, shutdown).await }
-            });
-            Kme { addr, peer_addr, store, shutdown, task }
-        };
-        let a = start(cfg_a, KmeSide::Alice, pki.node("alice"), https_a, peer_a);
-        let b = start(cfg_b, KmeSide::Bob, pki.node("bob"), https_b, peer_b);
-        Self { pki, a, b, units }
+        let pair = KmePair::start(&options, &dir.0).await.expect("start the kme pair");
+        assert_eq!(pair.units[0].key.len(), UNIT_BYTES);
+        Self { pair, _dir: dir }
     }
 
     async fn stop(self) {
-        self.a.stop().await;
-        self.b.stop().await;
+        self.pair.stop().await.expect("kme failed");
     }
 
     /// An HTTPS client presenting `sae_id`'s certificate.
     fn client(&self, sae_id: &str) -> Client {
-        client_with(self.pki.ca.cert_pem(), Some(&self.pki.sae(sae_id)), |b| b)
+        client_with(self.pki.ca.cert_pem(), Some(&self.pki.sae(sae_id).unwrap()), |b| b)
     }
 }
 
@@ -212,7 +106,7 @@ fn enc(id: &str) -> String {
         .collect()
 }
 
-fn url(kme: &Kme, sae_id: &str, endpoint: &str) -> String {
+fn url(kme: &RunningKme, sae_id: &str, endpoint: &str) -> String {
     format!("https://{}/api/v1/keys/{}/{endpoint}", kme.addr, enc(sae_id))
 }
 
@@ -247,14 +141,14 @@ impl Client {
     }
 
     /// `stored_key_count` of the pair (caller, slave) at `kme`.
-    async fn stored_key_count(&self, kme: &Kme, slave: &str) -> u64 {
+    async fn stored_key_count(&self, kme: &RunningKme, slave: &str) -> u64 {
         let (code, status) = self.get(&url(kme, slave, "status")).await;
         assert_eq!(code, 200, "{status}");
         status["stored_key_count"].as_u64().expect("stored_key_count is an unsigned integer")
     }
 
     /// Get key with key IDs (POST), expecting 200.
-    async fn dec_keys(&self, kme: &Kme, master: &str, key_ids: &[String]) -> Vec<(String, Vec<u8>)> {
+    async fn dec_keys(&self, kme: &RunningKme, master: &str, key_ids: &[String]) -> Vec<(String, Vec<u8>)> {
         let body = json!({ "key_IDs": key_ids.iter().map(|id| json!({ "key_ID": id })).collect::<Vec<_>>() });
         let (code, container) = self.post(&url(kme, master, "dec_keys"), Body::Json(body)).await;
         assert_eq!(code, 200, "{container}");
@@ -305,7 +199,7 @@ async fn tls_requires_an_sae_certificate_and_accepts_tls12_and_tls13() {
     let foreign = client_with(net.pki.ca.cert_pem(), Some(&foreign_ca.issue("sae-a1", &[], false).unwrap()), |b| b);
     assert!(foreign.0.get(&status_url).send().await.is_err(), "a certificate of a foreign CA was accepted");
 
-    let sae = net.pki.sae("sae-a1");
+    let sae = net.pki.sae("sae-a1").unwrap();
     for (label, client) in [
         (
             "TLS 1.2",
@@ -571,43 +465,51 @@ async fn peer_kme_down_gives_503_and_loses_no_key() {
     let (code, _) = master.get(&url(&net.a, "sae-b1", "enc_keys")).await;
     assert_eq!(code, 200);
     let before = master.stored_key_count(&net.a, "sae-b1").await;
-    let Net { pki: _pki, a, b, .. } = net;
-    b.stop().await;
+    let Net { pair: KmePair { a, b, .. }, _dir } = net;
+    b.stop().await.expect("kme b failed");
     let answer = master.get(&format!("{}?number=2", url(&a, "sae-b1", "enc_keys"))).await;
     assert_error(&answer, 503, None);
     assert!(answer.1["message"].as_str().unwrap().contains("peer KME"), "{}", answer.1);
     assert_eq!(master.stored_key_count(&a, "sae-b1").await, before);
-    a.stop().await;
+    a.stop().await.expect("kme a failed");
 }
 
 /// The KME-to-KME channel serves only the configured peer node: a node certificate of the
 /// same CA with another name is refused, the real peer is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_channel_refuses_a_node_with_another_name() {
-    use common::etsi::{GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
+    use qkd_kme::{GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
     let net = Net::start(NetOptions::default()).await;
     let owned_by_alice = net.units.iter().find(|u| KmeSide::Alice.owns(&u.key_id)).unwrap().key_id;
     let request = ReserveRequest {
-        source_kme_id: common::etsi::KmeId("KME_A".into()),
-        master: common::etsi::SaeId("sae-a1".into()),
-        slaves: vec![common::etsi::SaeId("sae-b1".into())],
+        source_kme_id: qkd_kme::KmeId("KME_A".into()),
+        master: qkd_kme::SaeId("sae-a1".into()),
+        slaves: vec![qkd_kme::SaeId("sae-b1".into())],
         size_bits: 256,
         keys: vec![(Uuid::new_v4(), vec![owned_by_alice])],
     };
-    let mallory =
-        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3))
-            .unwrap();
+    let mallory = GrpcPeer::connect_lazy(
+        &net.b.peer_addr.to_string(),
+        "bob",
+        &net.pki.node("mallory").unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     assert!(mallory.ping().await.is_err());
     assert!(matches!(mallory.reserve(request.clone()).await, Err(ReserveError::Refused(_))));
     // A reservation naming B's own units, or a foreign KME, is refused even from the real peer.
-    let alice =
-        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3))
-            .unwrap();
+    let alice = GrpcPeer::connect_lazy(
+        &net.b.peer_addr.to_string(),
+        "bob",
+        &net.pki.node("alice").unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     assert_eq!(alice.ping().await.unwrap().0, "KME_B");
     let owned_by_bob = net.units.iter().find(|u| KmeSide::Bob.owns(&u.key_id)).unwrap().key_id;
     let own_unit = ReserveRequest { keys: vec![(Uuid::new_v4(), vec![owned_by_bob])], ..request.clone() };
     assert!(matches!(alice.reserve(own_unit).await, Err(ReserveError::Refused(_))));
-    let foreign = ReserveRequest { source_kme_id: common::etsi::KmeId("KME_X".into()), ..request.clone() };
+    let foreign = ReserveRequest { source_kme_id: qkd_kme::KmeId("KME_X".into()), ..request.clone() };
     assert!(matches!(alice.reserve(foreign).await, Err(ReserveError::Refused(_))));
     assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
     // The well-formed request from the real peer is recorded.
@@ -621,32 +523,38 @@ async fn peer_channel_refuses_a_node_with_another_name() {
 /// when its reservation arrives late, and asking again gives the same answers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn peer_channel_cancels_reservations_for_the_peer_only() {
-    use common::etsi::{
-        CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest,
-    };
+    use qkd_kme::{CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
     let net = Net::start(NetOptions::default()).await;
     let mut owned_by_alice = net.units.iter().filter(|u| KmeSide::Alice.owns(&u.key_id)).map(|u| u.key_id);
     let reserve = |unit: Uuid| ReserveRequest {
-        source_kme_id: common::etsi::KmeId("KME_A".into()),
-        master: common::etsi::SaeId("sae-a1".into()),
-        slaves: vec![common::etsi::SaeId("sae-b1".into())],
+        source_kme_id: qkd_kme::KmeId("KME_A".into()),
+        master: qkd_kme::SaeId("sae-a1".into()),
+        slaves: vec![qkd_kme::SaeId("sae-b1".into())],
         size_bits: 256,
         keys: vec![(Uuid::new_v4(), vec![unit])],
     };
     let (recorded, late) = (reserve(owned_by_alice.next().unwrap()), reserve(owned_by_alice.next().unwrap()));
-    let alice =
-        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("alice"), Duration::from_secs(3))
-            .unwrap();
+    let alice = GrpcPeer::connect_lazy(
+        &net.b.peer_addr.to_string(),
+        "bob",
+        &net.pki.node("alice").unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     alice.reserve(recorded.clone()).await.unwrap();
     let cancel = CancelRequest {
-        source_kme_id: common::etsi::KmeId("KME_A".into()),
+        source_kme_id: qkd_kme::KmeId("KME_A".into()),
         key_ids: vec![recorded.keys[0].0, late.keys[0].0],
     };
-    let mallory =
-        GrpcPeer::connect_lazy(&net.b.peer_addr.to_string(), "bob", &net.pki.node("mallory"), Duration::from_secs(3))
-            .unwrap();
+    let mallory = GrpcPeer::connect_lazy(
+        &net.b.peer_addr.to_string(),
+        "bob",
+        &net.pki.node("mallory").unwrap(),
+        Duration::from_secs(3),
+    )
+    .unwrap();
     assert!(matches!(mallory.cancel(cancel.clone()).await, Err(CancelError::Refused(_))));
-    let foreign = CancelRequest { source_kme_id: common::etsi::KmeId("KME_X".into()), ..cancel.clone() };
+    let foreign = CancelRequest { source_kme_id: qkd_kme::KmeId("KME_X".into()), ..cancel.clone() };
     assert!(matches!(alice.cancel(foreign).await, Err(CancelError::Refused(_))));
     assert_eq!(net.b.store.reserved_key_count().unwrap(), 1);
     let summary_b = net.b.store.summary().unwrap();
@@ -771,9 +679,9 @@ async fn concurrent_clients_at_both_kmes_never_share_a_key() {
 /// live server (not 404 or 405); the server serves the document itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openapi_document_lists_every_route_served() {
-    let documented = openapi_operations(common::etsi::server::OPENAPI_YAML);
+    let documented = openapi_operations(qkd_kme::server::OPENAPI_YAML);
     let served: BTreeSet<(String, String)> =
-        common::etsi::server::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
+        qkd_kme::server::ROUTES.iter().map(|(m, p)| (m.to_string(), p.to_string())).collect();
     assert_eq!(documented, served, "docs/openapi.yaml and the router differ");
 
     let net = Net::start(NetOptions::default()).await;
@@ -787,7 +695,7 @@ async fn openapi_document_lists_every_route_served() {
     }
     let response = client.0.get(format!("https://{}/api/v1/openapi.yaml", net.a.addr)).send().await.unwrap();
     assert_eq!(response.status().as_u16(), 200);
-    assert_eq!(response.text().await.unwrap(), common::etsi::server::OPENAPI_YAML);
+    assert_eq!(response.text().await.unwrap(), qkd_kme::server::OPENAPI_YAML);
     // Anything else is 404 or 405, still with an Error body.
     assert_error(&client.get(&format!("https://{}/api/v1/keys/sae-b1/other", net.a.addr)).await, 404, None);
     let (code, _) = client.send(client.0.delete(url(&net.a, "sae-b1", "enc_keys"))).await;
@@ -827,39 +735,51 @@ fn openapi_operations(yaml: &str) -> BTreeSet<(String, String)> {
     out
 }
 
-/// Not a test: a KME pair for `.ci/schemathesis.sh` and for the key-delivery benchmark
-/// (`qkdctl keys bench`, see the README), run with `--ignored` and `QKD_ETSI_FUZZ_DIR` set.
-/// Writes `ca.crt`, `client.pem` (certificate and key of SAE `sae-a1` at KME A), `slave.pem`
-/// (SAE `sae-b1` at KME B), `url` and `peer_url` (the base URLs of KMEs A and B) and then
-/// `ready` into that directory, and serves until a file `stop` appears there (or an hour has
-/// passed).
+/// `qkdctl keys pair` serves a KME pair that `qkdctl keys` reaches with the files it wrote: Get
+/// key at KME A as sae-a1, then Get key with key IDs at KME B as sae-b1, the same key; SIGTERM
+/// stops it cleanly.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "fuzz target of .ci/schemathesis.sh"]
-async fn fuzz_target() {
-    let Ok(dir) = std::env::var("QKD_ETSI_FUZZ_DIR") else {
-        eprintln!("QKD_ETSI_FUZZ_DIR is not set; nothing to serve");
-        return;
+async fn keys_pair_serves_qkdctl_keys() {
+    let qkdctl = workspace_binary("qkdctl");
+    let dir = TempDir::new("keys-pair");
+    let d = |name: &str| dir.0.join(name).display().to_string();
+    let pair = std::process::Command::new(&qkdctl)
+        .args(["keys", "pair", "--dir", &d(""), "--units", "16"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start qkdctl keys pair");
+    wait_for("the pair's ready file", Duration::from_secs(60), || dir.0.join("ready").exists().then_some(())).await;
+    let read = |name: &str| std::fs::read_to_string(dir.0.join(name)).unwrap();
+    let keys = |args: &[&str]| {
+        let out = std::process::Command::new(&qkdctl).arg("keys").args(args).output().expect("run qkdctl keys");
+        assert!(out.status.success(), "qkdctl keys {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice::<Value>(&out.stdout).expect("json answer")
     };
-    let dir = std::path::PathBuf::from(dir);
-    // QKD_ETSI_UNITS: ready 256-bit units in the pool (the benchmark of `qkdctl keys bench` needs
-    // more than the fuzzer).
-    let n_units = std::env::var("QKD_ETSI_UNITS").ok().and_then(|v| v.parse().ok()).unwrap_or(40_000);
-    let net = Net::start(NetOptions { n_units, ..NetOptions::default() }).await;
-    let client = net.pki.sae("sae-a1");
-    std::fs::write(dir.join("ca.crt"), net.pki.ca.cert_pem()).unwrap();
-    common::tls::write_pem(&dir.join("client.pem"), &format!("{}{}", client.cert_pem, client.key_pem.as_str()), true)
-        .unwrap();
-    let slave = net.pki.sae("sae-b1");
-    common::tls::write_pem(&dir.join("slave.pem"), &format!("{}{}", slave.cert_pem, slave.key_pem.as_str()), true)
-        .unwrap();
-    std::fs::write(dir.join("url"), format!("https://127.0.0.1:{}", net.a.addr.port())).unwrap();
-    std::fs::write(dir.join("peer_url"), format!("https://127.0.0.1:{}", net.b.addr.port())).unwrap();
-    std::fs::write(dir.join("ready"), "").unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(3600);
-    while !dir.join("stop").exists() && std::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    let left = net.client("sae-a1").stored_key_count(&net.a, "sae-b1").await;
-    eprintln!("fuzz target stopping; {left} keys of 256 bits left at KME A");
-    net.stop().await;
+    let (ca, client, slave) = (d("ca.crt"), d("client.pem"), d("slave.pem"));
+    let (url, peer_url) = (read("url"), read("peer_url"));
+    let got = keys(&["get", "--kme", &url, "--ca", &ca, "--cert", &client, "--key", &client, "--slave", "sae-b1"]);
+    let key = &got["keys"][0];
+    let id = key["key_ID"].as_str().expect("key_ID");
+    let fetched = keys(&[
+        "get-by-id",
+        "--kme",
+        &peer_url,
+        "--ca",
+        &ca,
+        "--cert",
+        &slave,
+        "--key",
+        &slave,
+        "--master",
+        "sae-a1",
+        "--key-id",
+        id,
+    ]);
+    assert_eq!(&fetched["keys"][0], key, "the slave's key differs from the master's");
+    let term = std::process::Command::new("kill").args(["-TERM", &pair.id().to_string()]).status().unwrap();
+    assert!(term.success());
+    let out = pair.wait_with_output().expect("wait for the pair");
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "the pair failed: {log}");
+    assert!(log.contains("not quantum keys"), "no warning that the keys are test data: {log}");
 }

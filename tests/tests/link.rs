@@ -17,7 +17,7 @@ async fn keys_flow_and_both_stores_hold_the_same_keys() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_flow_with_ldpc_reconciliation_and_both_stores_agree() {
     let mut lab = Lab::new("ldpc");
-    lab.protocol.reconciliation = common::link::Reconciliation::Ldpc;
+    lab.protocol.reconciliation = qkd_core::link::Reconciliation::Ldpc;
     lab.protocol.ldpc_frame_bits = 16_384;
     let status = two_blocks_and_identical_stores(&lab).await;
     // One syndrome message plus at most ten reveal rounds (Cascade takes hundreds).
@@ -91,7 +91,7 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     let grpc_addr = grpc.local_addr().unwrap();
     let alice = spawn_alice(&lab, grpc, fibre);
 
-    let hello = |material: common::tls::TlsMaterial| async move {
+    let hello = |material: qkd_tls::TlsMaterial| async move {
         let channel = tonic::transport::Endpoint::from_shared(format!("https://{grpc_addr}"))
             .unwrap()
             .tls_config(material.tonic_client("alice"))
@@ -109,9 +109,9 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     };
 
     // A client certificate from a foreign CA: the TLS handshake fails.
-    let foreign = common::tls::CertAuthority::generate("foreign ca").unwrap();
+    let foreign = qkd_tls::CertAuthority::generate("foreign ca").unwrap();
     let issued = foreign.issue("bob", &["bob"], true).unwrap();
-    let material = common::tls::TlsMaterial {
+    let material = qkd_tls::TlsMaterial {
         ca_pem: std::fs::read_to_string(lab.pki.files("bob").ca_cert).unwrap(),
         cert_pem: issued.cert_pem,
         key_pem: issued.key_pem,
@@ -122,10 +122,10 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     // A certificate from the lab CA but for another name: refused by the name check.
     let ca_key = std::fs::read_to_string(lab.pki.dir.join("ca.key")).unwrap();
     let ca_pem = std::fs::read_to_string(lab.pki.dir.join("ca.crt")).unwrap();
-    let ca = common::tls::CertAuthority::from_pem(&ca_pem, &ca_key).unwrap();
+    let ca = qkd_tls::CertAuthority::from_pem(&ca_pem, &ca_key).unwrap();
     let mallory = ca.issue("mallory", &["mallory"], true).unwrap();
     let material =
-        common::tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
+        qkd_tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
     let err = hello(material).await.expect_err("a client with another name was accepted");
     assert!(err.contains("PermissionDenied"), "unexpected refusal: {err}");
 

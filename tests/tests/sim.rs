@@ -1,16 +1,16 @@
 //! The simulated link against the reference experiment (J. Wang et al., Light Sci. Appl. 2026,
 //! 120 km with a quantum-dot source), through the planner: the same source, fibre, receiver and
-//! post-processing code as the daemons, in simulated time (`common::planner`, what
+//! post-processing code as the daemons, in simulated time (`qkd_sim::planner`, what
 //! `qkdctl simulate` runs).
 //!
 //! Each test runs one seeded scenario; the figures it asserts are the paper's published ones
 //! (QBER Z 6.85 % and X 9.60 %, about 15 bit/s of finite key at 120 km, 127 km maximum distance,
 //! six hours of stable operation).
 
-use common::link::ProtocolParams;
-use common::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
-use common::postproc::finite_key::SecurityParams;
-use common::sim::{InterceptResend, LinkParams, expected};
+use qkd_core::link::ProtocolParams;
+use qkd_core::postproc::finite_key::SecurityParams;
+use qkd_sim::planner::{Eavesdropper, Scenario, SimulationReport, simulate};
+use qkd_sim::{InterceptResend, LinkParams, expected};
 
 /// The planning tool's finite-key block (`qkdctl simulate --block-bits` default), sifted bits.
 const PLANNING_BLOCK_BITS: u64 = 2_000_000;

@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use common::store::{BlockMeta, BlockState, KeyStore, KeyUnit, SledStore};
+use qkd_store::{BlockMeta, BlockState, KeyStore, KeyUnit, SledStore};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 

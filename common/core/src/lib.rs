@@ -20,3 +20,27 @@ pub mod quantum;
 pub mod sifting;
 pub mod store;
 pub mod wire;
+
+/// Runs a future to completion on this thread, without an async runtime: the driver for links
+/// whose peer never waits (the in-memory [`link::memory::MemoryAlice`] of the planning tool and
+/// the tests). A future that did wait would be woken by unparking this thread.
+pub fn block_on<F: Future>(future: F) -> F::Output {
+    use std::sync::Arc;
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        match future.as_mut().poll(&mut cx) {
+            Poll::Ready(out) => return out,
+            Poll::Pending => std::thread::park(),
+        }
+    }
+}

@@ -2,7 +2,7 @@
 //! and the two bases, her per-frame secret and the state of each pulse (a pure function of the
 //! secret and the pulse index), and Bob's detections.
 //!
-//! These are the types sifting and the link speak; the simulator (`common::sim`) produces them
+//! These are the types sifting and the link speak; the simulator (`qkd_sim`) produces them
 //! (Alice's photons, Bob's receiver), and a real source and receiver would do the same.
 
 use aes::Aes256;
@@ -90,11 +90,6 @@ impl FrameSecret {
     /// The secret with these bytes.
     pub fn from_bytes(bytes: [u8; 32]) -> Self {
         Self(bytes)
-    }
-
-    /// The secret's bytes, for a caller that must persist or hand them to a device.
-    pub fn expose_bytes(&self) -> &[u8; 32] {
-        &self.0
     }
 }
 

@@ -10,7 +10,7 @@ use zeroize::Zeroizing;
 use super::{BlockMeta, BlockState, KeyStore, KeyUnit, StoreError, StoreSummary};
 
 /// A [`KeyStore`] held in memory: nothing survives the process, so "durably" means "before
-/// returning". It keeps the layout and the answers of the durable store (`common::store::SledStore`):
+/// returning". It keeps the layout and the answers of the durable store (`qkd_store::SledStore`):
 /// block records by block ID, pending and ready units by key ID, duplicate blocks refused, only
 /// ready units summarised, and the same [`StoreSummary::digest`] for the same ready keys, so the
 /// summaries of two implementations can be compared. Key bytes are wiped when dropped.

@@ -5,7 +5,7 @@
 //! A block's keys go through two states (the two-ended commit of ARCHITECTURE.md): *pending*
 //! (stored durably at Bob, not servable) and *ready* (servable). Only ready keys are ever listed
 //! or served. The durable implementation (sled, in the daemons' data directories) is
-//! `common::store::SledStore`.
+//! `qkd_store::SledStore`.
 
 use uuid::Uuid;
 use zeroize::Zeroizing;

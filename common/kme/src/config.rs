@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::identity::{IdentitySource, KmeId, SaeId};
-use crate::tls::TlsFiles;
+use qkd_tls::TlsFiles;
 
 /// Largest key size this implementation accepts in configuration, bits (256 units of 256 bits).
 pub const MAX_SUPPORTED_KEY_SIZE: u32 = 65_536;

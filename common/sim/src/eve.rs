@@ -137,7 +137,7 @@ impl PhotonNumberSplitting {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::sim::alice_state;
+    use crate::alice_state;
     use rand::SeedableRng;
     use rand_chacha::ChaCha20Rng;
 

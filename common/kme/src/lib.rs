@@ -8,12 +8,14 @@
 //! * [`peer`]: the KME-to-KME gRPC channel (`proto/kme.proto`).
 //! * [`identity`]: SAE IDs from client certificates, unit ownership.
 //! * [`config`]: the `[kme]` configuration section.
+//! * [`pair`]: two KMEs on loopback with a throw-away PKI (`qkdctl keys pair`, the tests).
 //!
 //! The daemons call [`run_kme`] (or [`run_kme_with_listeners`] with bound sockets).
 
 pub mod api;
 pub mod config;
 pub mod identity;
+pub mod pair;
 pub mod peer;
 pub mod pool;
 pub mod server;
@@ -32,8 +34,8 @@ pub use peer::{CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError
 pub use pool::KmeState;
 pub use server::serve_etsi;
 
-use crate::store::SledStore;
-use crate::tls::{TlsError, TlsMaterial};
+use qkd_store::SledStore;
+use qkd_tls::{TlsError, TlsMaterial};
 
 /// Errors that stop a KME.
 #[derive(Debug, thiserror::Error)]

@@ -19,7 +19,7 @@ use uuid::Uuid;
 
 use super::identity::{KmeId, SaeId};
 use super::pool::KmeState;
-use crate::tls::TlsMaterial;
+use qkd_tls::TlsMaterial;
 
 /// A reservation asked of the peer KME: ETSI keys, each made of units, for a master and slaves.
 #[derive(Clone, Debug, PartialEq)]
@@ -257,7 +257,7 @@ impl PeerService {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-        if crate::tls::peer_has_name(leaf, &self.peer_name) {
+        if qkd_tls::peer_has_name(leaf, &self.peer_name) {
             Ok(())
         } else {
             warn!(expected = %self.peer_name, "refused a KME peer whose certificate names another node");

@@ -1,9 +1,9 @@
 //! Measurements of the post-processing stages: reconciliation efficiency, frame error rate,
 //! round trips and throughput of Cascade and LDPC, and the throughput of the verification hash,
 //! Toeplitz hashing and sifting. Shared by `qkdctl bench-postproc` and
-//! `cargo bench -p common --bench postproc`.
+//! `cargo bench -p qkd-sim --bench postproc`.
 //!
-//! Like the rest of [`crate::postproc`], this module never reads a clock: the caller passes one
+//! Like the rest of [`qkd_core::postproc`], this module never reads a clock: the caller passes one
 //! (thread CPU time where the platform has it, so that "per core" means per core even on a busy
 //! machine). Frames are simulated with exactly round(Q n) errors at uniformly random positions;
 //! Bob's QBER estimate is Q (the link estimates it from recent blocks). Efficiency is
@@ -16,14 +16,14 @@ use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 use serde::Serialize;
 
-use crate::bits::BitVec;
-use crate::postproc::binary_entropy;
-use crate::postproc::cascade::{CascadeOutcome, FrameParityQuery, MultiCascadeAlice, MultiCascadeBob};
-use crate::postproc::ldpc::{self, LdpcFamily, default_start_efficiency};
-use crate::postproc::toeplitz::toeplitz_hash;
-use crate::postproc::verify::{poly_hash_tag, tags_match};
-use crate::sifting::{alice_sift, announce, bob_sift};
-use crate::sim::{Detection, FrameSecret, FrameStates, Measurement, State};
+use crate::{Detection, FrameSecret, FrameStates, Measurement, State};
+use qkd_core::bits::BitVec;
+use qkd_core::postproc::binary_entropy;
+use qkd_core::postproc::cascade::{CascadeOutcome, FrameParityQuery, MultiCascadeAlice, MultiCascadeBob};
+use qkd_core::postproc::ldpc::{self, LdpcFamily, default_start_efficiency};
+use qkd_core::postproc::toeplitz::toeplitz_hash;
+use qkd_core::postproc::verify::{poly_hash_tag, tags_match};
+use qkd_core::sifting::{alice_sift, announce, bob_sift};
 
 /// QBERs of the standard run (fractions).
 pub const QBERS: [f64; 7] = [0.01, 0.02, 0.03, 0.05, 0.08, 0.10, 0.11];

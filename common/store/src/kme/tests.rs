@@ -1,5 +1,5 @@
 use super::*;
-use crate::store::{BlockMeta, KeyStore};
+use crate::{BlockMeta, KeyStore};
 
 fn meta() -> BlockMeta {
     BlockMeta {

@@ -10,8 +10,8 @@ use super::config::{KmeConfig, SaeEntry};
 use super::identity::{IdentitySource, KmeSide, SaeId, sae_id_from_certificate};
 use super::peer::{BoxFuture, CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
 use super::pool::KmeState;
-use crate::store::kme::UNIT_BYTES;
-use crate::store::{BlockMeta, KeyStore, KeyUnit, SledStore};
+use qkd_store::kme::UNIT_BYTES;
+use qkd_store::{BlockMeta, KeyStore, KeyUnit, SledStore};
 
 fn message(result: Result<impl std::fmt::Debug, EtsiError>) -> (u16, String) {
     match result {

@@ -2,7 +2,7 @@
 //! 120 km of the reference preset (`presets/wang2026-120km.toml`), with the full post-processing
 //! and the planning tool's blocks of 10^6 sifted bits.
 //!
-//! `cargo bench -p common --bench planner` (release profile). A plain `harness = false` binary
+//! `cargo bench -p qkd-sim --bench planner` (release profile). A plain `harness = false` binary
 //! timed with `std::time::Instant`: the workspace carries no benchmark framework. The cost is
 //! dominated by the work per photon and per detection (Alice's AES state of each pulse,
 //! Bob's optics), so the throughput falls roughly as the detection rate rises.
@@ -12,10 +12,10 @@
 
 use std::time::Instant;
 
-use common::link::ProtocolParams;
-use common::planner::{Eavesdropper, Scenario, simulate};
-use common::postproc::finite_key::SecurityParams;
-use common::sim::LinkParams;
+use qkd_core::link::ProtocolParams;
+use qkd_core::postproc::finite_key::SecurityParams;
+use qkd_sim::LinkParams;
+use qkd_sim::planner::{Eavesdropper, Scenario, simulate};
 
 /// (distance in km, simulated duration in s): about the same wall time each.
 const POINTS: [(f64, f64); 3] = [(0.0, 30.0), (60.0, 900.0), (120.0, 7200.0)];

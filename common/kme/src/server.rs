@@ -27,7 +27,7 @@ use super::KmeError;
 use super::api::{self, EtsiError, KeyRequest};
 use super::identity::{IdentitySource, SaeId, sae_id_from_certificate};
 use super::pool::KmeState;
-use crate::tls::TlsMaterial;
+use qkd_tls::TlsMaterial;
 
 /// The OpenAPI 3 document of this API, served at `GET /api/v1/openapi.yaml`.
 pub const OPENAPI_YAML: &str = include_str!("../../../docs/openapi.yaml");

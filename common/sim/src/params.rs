@@ -356,10 +356,10 @@ impl LinkParams {
     /// What Bob's side-slot monitor expects from this receiver (its calibration: the timing
     /// model and the dark counts; `x_side_slot_efficiency` is a fault the calibration does not
     /// know, so it is left out), with a 5 % tolerance for dead time, squashing and after-pulses.
-    pub fn side_slot_calibration(&self) -> crate::postproc::finite_key::SideSlotCalibration {
+    pub fn side_slot_calibration(&self) -> qkd_core::postproc::finite_key::SideSlotCalibration {
         let tm = self.timing();
         let (c_min, c_max) = (tm.p_e_to_l.min(tm.p_l_to_e), tm.p_e_to_l.max(tm.p_l_to_e));
-        crate::postproc::finite_key::SideSlotCalibration {
+        qkd_core::postproc::finite_key::SideSlotCalibration {
             ratio_low: tm.p_own / (tm.p_own + c_max),
             ratio_high: tm.p_own / (tm.p_own + c_min),
             p_dark: self.dark_probability(),

@@ -45,8 +45,8 @@ use super::api::{self, EtsiError, Key, KeyContainer, KeyRequest, StatusBody};
 use super::config::{Attachment, KmeSettings, MAX_SUPPORTED_KEY_SIZE, MAX_SUPPORTED_KEYS_PER_REQUEST};
 use super::identity::{KmeSide, SaeId};
 use super::peer::{CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
-use crate::store::kme::{KeyReservation, KmeStoreError, UNIT_BYTES, combine_units};
-use crate::store::{KeyUnit, SledStore, StoreError};
+use qkd_store::kme::{KeyReservation, KmeStoreError, UNIT_BYTES, combine_units};
+use qkd_store::{KeyUnit, SledStore, StoreError};
 
 /// Bits in one key unit.
 const UNIT_BITS: u32 = 8 * UNIT_BYTES as u32;

@@ -17,6 +17,11 @@
 //! * [`eve`]: attacks on the photons in the fibre ([`InterceptResend`],
 //!   [`PhotonNumberSplitting`]).
 //! * [`analytic`]: closed-form expectations ([`expected`]).
+//! * [`planner`]: the whole link (source, receiver, Alice's core and Bob's driver over the
+//!   in-memory peer, [`qkd_core::store::MemoryStore`]s) in simulated time, as fast as the CPU
+//!   allows: `qkdctl simulate`.
+//! * [`bench`](mod@bench): the post-processing benchmark behind `qkdctl bench-postproc` and
+//!   `cargo bench -p qkd-sim`.
 //!
 //! Work is proportional to photons and clicks, never to pulses: photons and dark counts are placed
 //! by geometric skipping over pulse indices.
@@ -34,9 +39,11 @@
 //! * F1 (feedback): sin(phi - c) = (p- - p+) / (2 b sin delta), see [`receiver`].
 
 pub mod analytic;
+pub mod bench;
 pub mod eve;
 mod math;
 pub mod params;
+pub mod planner;
 pub mod receiver;
 pub mod source;
 #[cfg(test)]

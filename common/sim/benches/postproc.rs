@@ -1,9 +1,9 @@
 //! Post-processing benchmark: reconciliation efficiency, frame error rate, round trips and
 //! throughput of Cascade, LDPC, the verification hash, Toeplitz hashing and sifting, beside the
 //! published Cascade curve. The same measurements as `qkdctl bench-postproc`
-//! (`common::postproc::bench`).
+//! (`qkd_sim::bench`).
 //!
-//! `cargo bench -p common --bench postproc` (release profile). A plain `harness = false` binary:
+//! `cargo bench -p qkd-sim --bench postproc` (release profile). A plain `harness = false` binary:
 //! the workspace carries no benchmark framework. Timing is the thread's CPU time
 //! (`/proc/thread-self/schedstat`, wall time where it is missing), so the throughputs are per
 //! core even on a shared machine. Environment:
@@ -14,7 +14,7 @@
 
 use std::time::{Duration, Instant};
 
-use common::postproc::bench::{self, BenchOptions};
+use qkd_sim::bench::{self, BenchOptions};
 
 fn env_usize(name: &str) -> Option<usize> {
     std::env::var(name).ok().and_then(|v| v.parse().ok())

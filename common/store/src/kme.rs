@@ -1,4 +1,4 @@
-//! Key-pool operations of the ETSI GS QKD 014 key delivery (`crate::etsi`).
+//! Key-pool operations of the ETSI GS QKD 014 key delivery (the KME, crate `qkd-kme`).
 //!
 //! Ready 256-bit units leave the pool in two ways, each one sled transaction:
 //! * the KME that answers a master SAE removes the units it handed out
@@ -159,7 +159,7 @@ impl SledStore {
     /// reservation of these units, durable before this is called, is what prevents a second
     /// delivery. Should this KME die before the removal reaches the disk, the units are back in
     /// its pool after the restart, and the first reservation naming them is answered "missing"
-    /// by the peer, which makes this KME discard them ([`crate::etsi`] pool, life cycle). Saving
+    /// by the peer, which makes this KME discard them (the KME pool's life cycle, crate `qkd-kme`). Saving
     /// the fsync here takes one of the two fsyncs off the Get key path.
     pub fn take_ready_units(&self, unit_ids: &[Uuid]) -> Result<(), KmeStoreError> {
         let result = self.ready.transaction(|ready| {

@@ -6,7 +6,7 @@ use rand::Rng;
 
 use super::math::{standard_normal, successes, uniform};
 use super::params::LinkParams;
-use crate::postproc::finite_key::SourceReading;
+use qkd_core::postproc::finite_key::SourceReading;
 pub use qkd_core::quantum::{Basis, FrameSecret, FrameStates, State, alice_state};
 
 /// A pulse that reached the end of the fibre with at least one photon in it.

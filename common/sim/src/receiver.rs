@@ -59,7 +59,7 @@ use super::analytic::expected_with_phase;
 use super::math::{standard_normal, successes, uniform};
 use super::params::{LinkParams, TimingModel};
 use super::source::{Photon, State};
-use crate::postproc::finite_key::XSlotCounts;
+use qkd_core::postproc::finite_key::XSlotCounts;
 pub use qkd_core::quantum::{Detection, Measurement};
 
 /// Detector numbers.
@@ -229,11 +229,6 @@ impl Receiver {
     /// side-slot monitor counts.
     pub fn x_slot_counts(&self) -> XSlotCounts {
         self.x_slots
-    }
-
-    /// Bob's phase-shifter setting c (the loop's correction, without dither), in rad.
-    pub fn correction_rad(&self) -> f64 {
-        self.fb.correction
     }
 
     /// Number of correction steps the feedback loop has taken.

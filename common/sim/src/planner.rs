@@ -13,20 +13,20 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use crate::link::alice::AliceCore;
-use crate::link::bob::{BlockReport, BobLink};
-use crate::link::memory::MemoryAlice;
-use crate::link::{LinkError, ProtocolParams};
-use crate::postproc::finite_key::{
-    BlockStats, EpsBudget, SecurityParams, XCounts, n_tags_for, phase_error_bounds, phase_error_bounds_at_split,
-};
-use crate::sim::{
+use crate::{
     Detection, FrameSecret, FrameStates, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting, Receiver,
     Source, State, analytic,
 };
-use crate::store::{KeyStore, SledStore};
+use qkd_core::link::alice::AliceCore;
+use qkd_core::link::bob::{BlockReport, BobLink};
+use qkd_core::link::memory::MemoryAlice;
+use qkd_core::link::{LinkError, ProtocolParams};
+use qkd_core::postproc::finite_key::{
+    BlockStats, EpsBudget, SecurityParams, XCounts, n_tags_for, phase_error_bounds, phase_error_bounds_at_split,
+};
+use qkd_core::store::{KeyStore, MemoryStore};
 
-/// An eavesdropper on the fibre (see [`crate::sim::eve`]).
+/// An eavesdropper on the fibre (see [`crate::eve`]).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub enum Eavesdropper {
     /// No attack.
@@ -143,9 +143,9 @@ pub enum PlannerError {
     /// The protocol failed (a bug, or inconsistent parameters).
     #[error(transparent)]
     Link(#[from] LinkError),
-    /// The stores could not be created.
+    /// A store failed.
     #[error(transparent)]
-    Store(#[from] crate::store::StoreError),
+    Store(#[from] qkd_core::store::StoreError),
     /// The two ends' stores differ at the end (never expected).
     #[error("alice's and bob's stores differ after the run")]
     StoresDiffer,
@@ -153,9 +153,7 @@ pub enum PlannerError {
 
 /// Runs a scenario; `progress(done_fraction)` is called about a hundred times.
 pub fn simulate(scenario: &Scenario, mut progress: impl FnMut(f64)) -> Result<SimulationReport, PlannerError> {
-    let runtime =
-        tokio::runtime::Builder::new_current_thread().build().map_err(|e| LinkError::Transport(e.to_string()))?;
-    runtime.block_on(simulate_async(scenario, &mut progress))
+    qkd_core::block_on(simulate_async(scenario, &mut progress))
 }
 
 /// The photons of one frame and, under photon-number splitting, the pulses Eve split.
@@ -165,7 +163,7 @@ fn fibre_frame(
     pns: Option<&PhotonNumberSplitting>,
     secret: &FrameSecret,
     rng: &mut ChaCha20Rng,
-) -> (Vec<crate::sim::Photon>, Vec<u64>) {
+) -> (Vec<crate::Photon>, Vec<u64>) {
     let n_pulses = scenario.protocol.frame_pulses;
     if let Some(pns) = pns {
         let frame = pns.emit_frame(secret, n_pulses, rng);
@@ -220,8 +218,8 @@ impl EveTally {
 
 async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> Result<SimulationReport, PlannerError> {
     let Scenario { link, protocol, security, duration_s, seed, .. } = scenario;
-    let alice_store = Arc::new(SledStore::temporary()?);
-    let bob_store = SledStore::temporary()?;
+    let alice_store = Arc::new(MemoryStore::new());
+    let bob_store = MemoryStore::new();
     let core = AliceCore::new("alice".into(), protocol.clone(), security.clone(), ChaCha20Rng::seed_from_u64(*seed));
     let alice = MemoryAlice::new(core, alice_store.clone());
     let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store).await?;
@@ -278,7 +276,7 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
                     let tags = n_tags_for(stats.n_key_bits, budget.eps_cor);
                     b.entropy_bits()
                         - stats.leak_ec_bits as f64
-                        - (crate::postproc::finite_key::TAG_BITS * u64::from(tags)) as f64
+                        - (qkd_core::postproc::finite_key::TAG_BITS * u64::from(tags)) as f64
                         - budget.pa_cost_bits()
                 });
             block_security.push(BlockSecurity {
@@ -347,7 +345,7 @@ fn report(
         committed
             .iter()
             .map(|r| {
-                let h = crate::postproc::binary_entropy(r.qber_z);
+                let h = qkd_core::postproc::binary_entropy(r.qber_z);
                 let leak_ec = r.security.as_ref().map_or(0, |s| s.leak_ec_bits);
                 if h > 0.0 { leak_ec as f64 / (r.n_bits as f64 * h) } else { 0.0 }
             })

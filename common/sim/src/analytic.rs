@@ -53,7 +53,7 @@ pub struct Expected {
     pub e_ph: f64,
     /// Upper bound on the phase error of the Z key's pulses with at most one photon, as the
     /// finite-key analysis computes it in the limit of infinite blocks
-    /// ([`crate::postproc::finite_key`], steps 1 and 3), with every multi-photon Z pulse in the
+    /// ([`qkd_core::postproc::finite_key`], steps 1 and 3), with every multi-photon Z pulse in the
     /// test sample: [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+) + p_multi] / [Y(.|E) + Y(.|L) - 2 p_multi].
     pub e_ph_single_upper: f64,
     /// Probability per pulse of a multi-photon pulse, p_multi = mu^2 g2 / 2.
@@ -92,12 +92,6 @@ impl Expected {
         }
     }
 
-    /// Probability per pulse that Alice sends `sent` and Bob records `m` (0 for |->).
-    pub fn joint_of(&self, sent: State, m: Measurement) -> f64 {
-        let (b, o) = Self::measurement_index(m);
-        Self::state_index(sent).map_or(0.0, |s| self.joint[s][b][o])
-    }
-
     /// Yield Y(m|sent): probability that Bob records `m` given that Alice sent `sent`
     /// (0 for |->, never sent, or a state sent with probability 0).
     pub fn yield_of(&self, sent: State, m: Measurement) -> f64 {
@@ -109,7 +103,7 @@ impl Expected {
     }
 
     /// Asymptotic secret key per pulse for error-correction efficiency `f`: the limit of the
-    /// finite-key length of [`crate::postproc::finite_key`] for infinite blocks, at least 0.
+    /// finite-key length of [`qkd_core::postproc::finite_key`] for infinite blocks, at least 0.
     /// Per Z-sent pulse, with y_key = P(Z click | Z sent), y_test = P(X click | Z sent),
     /// errors e = [Y(-|+) + Y(+|E) + Y(+|L) - Y(+|+) + p_multi] / 2 (linearity with the
     /// multi-photon |+> term, step 1) and the multi-photon Z pulses split as

@@ -1,0 +1,233 @@
+//! Two KMEs on loopback that share a pool of ready units, with a throw-away PKI: what
+//! `qkdctl keys pair` serves to SAE client developers, the API fuzzer and the key-delivery
+//! benchmark, and what the integration tests start.
+//!
+//! The units are random bytes from the operating system, not keys from a quantum channel: a pair
+//! is for exercising the API, never for protecting data. Both KMEs are the real thing otherwise
+//! (HTTPS with client certificates, the KME-to-KME gRPC channel with mutual TLS, sled stores on
+//! disk, in temporary directories that are removed when the stores are dropped).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use qkd_store::kme::UNIT_BYTES;
+use qkd_store::{BlockMeta, KeyStore, KeyUnit, SledStore, StoreError};
+use qkd_tls::{CertAuthority, IssuedCert, TlsError, TlsFiles, TlsMaterial};
+use rand::RngCore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use crate::{IdentitySource, KmeConfig, KmeError, KmeSide, SaeEntry};
+
+/// KME IDs of the pair (source_KME_ID and target_KME_ID in Get status).
+pub const KME_A: &str = "KME_A";
+/// See [`KME_A`].
+pub const KME_B: &str = "KME_B";
+
+/// What a pair serves.
+#[derive(Clone, Debug)]
+pub struct PairOptions {
+    /// Ready 256-bit units in each store (the same units at both KMEs); each KME owns half.
+    pub n_units: usize,
+    /// `max_key_per_request` of both KMEs.
+    pub max_key_per_request: u32,
+    /// SAEs attached to KME A.
+    pub a_saes: Vec<String>,
+    /// SAEs attached to KME B.
+    pub b_saes: Vec<String>,
+}
+
+impl Default for PairOptions {
+    fn default() -> Self {
+        Self {
+            n_units: 64,
+            max_key_per_request: 128,
+            a_saes: vec!["sae-a1".into(), "sae-a2".into()],
+            b_saes: vec!["sae-b1".into(), "sae-b2".into()],
+        }
+    }
+}
+
+/// Errors of starting a pair.
+#[derive(Debug, thiserror::Error)]
+pub enum PairError {
+    /// The PKI could not be made or written.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// A store could not be created or filled.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// A loopback port could not be bound.
+    #[error("cannot bind a loopback port: {0}")]
+    Bind(std::io::Error),
+}
+
+/// The pair's PKI: one CA for nodes, KME servers and SAEs, its files in a directory.
+pub struct PairPki {
+    dir: PathBuf,
+    /// The CA.
+    pub ca: CertAuthority,
+}
+
+impl PairPki {
+    /// A new CA, its certificate written to `dir/ca.crt`.
+    pub fn new(dir: &Path) -> Result<Self, TlsError> {
+        let ca = CertAuthority::generate("qkd kme pair ca")?;
+        qkd_tls::write_pem(&dir.join("ca.crt"), ca.cert_pem(), false)?;
+        Ok(Self { dir: dir.to_owned(), ca })
+    }
+
+    /// The directory holding the PKI's files.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A node certificate (KME-to-KME channel) for `name`, in memory.
+    pub fn node(&self, name: &str) -> Result<TlsMaterial, TlsError> {
+        let issued = self.ca.issue(name, &[name, "localhost"], true)?;
+        Ok(TlsMaterial { ca_pem: self.ca.cert_pem().to_owned(), cert_pem: issued.cert_pem, key_pem: issued.key_pem })
+    }
+
+    /// The HTTPS server files of KME `name` (valid for localhost and 127.0.0.1).
+    pub fn https_files(&self, name: &str) -> Result<TlsFiles, TlsError> {
+        let issued = self.ca.issue(name, &["localhost"], true)?;
+        let (cert, key) = qkd_tls::write_issued(&self.dir, name, &issued)?;
+        Ok(TlsFiles { ca_cert: self.dir.join("ca.crt"), cert, key })
+    }
+
+    /// A client certificate whose CN is `sae_id`.
+    pub fn sae(&self, sae_id: &str) -> Result<IssuedCert, TlsError> {
+        self.ca.issue(sae_id, &[], false)
+    }
+
+    /// Writes `sae_id`'s certificate and key into one PEM file at `path` (owner-only).
+    pub fn write_sae_pem(&self, sae_id: &str, path: &Path) -> Result<(), TlsError> {
+        let issued = self.sae(sae_id)?;
+        let pem = Zeroizing::new(format!("{}{}", issued.cert_pem, issued.key_pem.as_str()));
+        qkd_tls::write_pem(path, &pem, true)
+    }
+}
+
+/// One running KME of the pair.
+pub struct RunningKme {
+    /// Its HTTPS address (SAEs).
+    pub addr: SocketAddr,
+    /// Its KME-to-KME gRPC address.
+    pub peer_addr: SocketAddr,
+    /// Its store.
+    pub store: Arc<SledStore>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<Result<(), KmeError>>,
+}
+
+impl RunningKme {
+    /// Stops the KME and waits for it; its error, if it failed.
+    pub async fn stop(self) -> Result<(), KmeError> {
+        self.shutdown.cancel();
+        self.task.await.map_err(|e| KmeError::Tls(format!("kme task: {e}")))?
+    }
+}
+
+/// Two KMEs (A on Alice's side, B on Bob's) sharing the same ready units.
+pub struct KmePair {
+    /// The PKI.
+    pub pki: PairPki,
+    /// Alice's KME.
+    pub a: RunningKme,
+    /// Bob's KME.
+    pub b: RunningKme,
+    /// The units, in the order given to the stores.
+    pub units: Vec<KeyUnit>,
+}
+
+impl KmePair {
+    /// Starts a pair on loopback (ports chosen by the system), its PKI files in `pki_dir`. Must
+    /// run inside a tokio runtime.
+    pub async fn start(options: &PairOptions, pki_dir: &Path) -> Result<Self, PairError> {
+        let pki = PairPki::new(pki_dir)?;
+        let units = random_units(options.n_units);
+        let meta = BlockMeta {
+            block_id: Uuid::new_v4(),
+            created_unix_ms: 0,
+            n_sifted_bits: 0,
+            qber_z: 0.0,
+            qber_x: 0.0,
+            phase_error_upper: 0.0,
+            leak_bits: 0,
+            final_bits: 8 * (UNIT_BYTES * options.n_units) as u64,
+        };
+        let bind = || async { TcpListener::bind("127.0.0.1:0").await.map_err(PairError::Bind) };
+        let (https_a, peer_a, https_b, peer_b) = (bind().await?, bind().await?, bind().await?, bind().await?);
+        let (peer_addr_a, peer_addr_b) = (local(&peer_a)?, local(&peer_b)?);
+        let saes: Vec<SaeEntry> = (options.a_saes.iter().map(|s| (s, KME_A)))
+            .chain(options.b_saes.iter().map(|s| (s, KME_B)))
+            .map(|(s, kme)| SaeEntry { sae_id: s.clone(), kme_id: kme.into() })
+            .collect();
+        let config = |me: &str, peer: &str, https: &TcpListener, listen: SocketAddr, to: SocketAddr, name: &str| {
+            Ok::<_, PairError>(KmeConfig {
+                listen: local(https)?,
+                tls: pki.https_files(me)?,
+                peer_listen: listen,
+                peer_addr: to.to_string(),
+                peer_name: name.into(),
+                kme_id: me.into(),
+                peer_kme_id: peer.into(),
+                saes: saes.clone(),
+                identity: IdentitySource::Cn,
+                key_size: 256,
+                min_key_size: 64,
+                max_key_size: 1024,
+                max_key_per_request: options.max_key_per_request,
+                max_key_count: 100_000,
+                max_sae_id_count: 0,
+                peer_timeout_ms: 3000,
+                reservation_ttl_s: 0,
+            })
+        };
+        let cfg_a = config(KME_A, KME_B, &https_a, peer_addr_a, peer_addr_b, "bob")?;
+        let cfg_b = config(KME_B, KME_A, &https_b, peer_addr_b, peer_addr_a, "alice")?;
+        let start = |cfg: KmeConfig, side: KmeSide, node: TlsMaterial, https: TcpListener, peer: TcpListener| {
+            let store = Arc::new(SledStore::temporary()?);
+            store.put_ready(&meta, &units)?;
+            let shutdown = CancellationToken::new();
+            let (addr, peer_addr) = (local(&https)?, local(&peer)?);
+            let task = tokio::spawn({
+                let (store, shutdown) = (store.clone(), shutdown.clone());
+                async move { crate::run_kme_with_listeners(&cfg, side, &node, store, https, peer, shutdown).await }
+            });
+            Ok::<_, PairError>(RunningKme { addr, peer_addr, store, shutdown, task })
+        };
+        let a = start(cfg_a, KmeSide::Alice, pki.node("alice")?, https_a, peer_a)?;
+        let b = start(cfg_b, KmeSide::Bob, pki.node("bob")?, https_b, peer_b)?;
+        Ok(Self { pki, a, b, units })
+    }
+
+    /// Stops both KMEs; the first error, if one failed.
+    pub async fn stop(self) -> Result<(), KmeError> {
+        let a = self.a.stop().await;
+        let b = self.b.stop().await;
+        a.and(b)
+    }
+}
+
+fn local(listener: &TcpListener) -> Result<SocketAddr, PairError> {
+    listener.local_addr().map_err(PairError::Bind)
+}
+
+/// `n` units of random bytes with random UUIDs whose last byte alternates parity, so that each
+/// KME owns exactly half (ownership: ARCHITECTURE.md, key delivery).
+fn random_units(n: usize) -> Vec<KeyUnit> {
+    let mut rng = rand::rng();
+    (0..n)
+        .map(|i| {
+            let mut id = *Uuid::new_v4().as_bytes();
+            id[15] = (id[15] & 0xfe) | (i % 2) as u8;
+            let mut key = Zeroizing::new(vec![0u8; UNIT_BYTES]);
+            rng.fill_bytes(&mut key);
+            KeyUnit { key_id: Uuid::from_bytes(id), key }
+        })
+        .collect()
+}
