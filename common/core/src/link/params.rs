@@ -32,12 +32,11 @@ pub struct ProtocolParams {
     /// LDPC: a syndrome and a few reveals, for links where round trips are expensive).
     pub reconciliation: Reconciliation,
     /// Cascade: the block is cut into frames of about this many bits, all reconciled in the
-    /// same round trips (0: one frame, the whole block). Longer frames leak a little less
-    /// (f 1.029 at 1e5 bits, 1.027 at 1e6, QBER 3 %) but are slower (29 and 11 Mbit/s per
-    /// core, `qkdctl bench-postproc` on a quiet machine). The default 2^20 keeps blocks of up to about 1.5 10^6 bits (the 120 km preset's
-    /// 10^6) in one frame, where the key rate at high QBER gains most from the smaller leak, and
-    /// bounds the shuffles' memory (about 30 bytes per bit of a frame at each end) for longer
-    /// blocks.
+    /// same round trips (0: one frame, the whole block). Longer frames leak a little less but
+    /// are slower (figures: docs/postprocessing.md). The default 2^20 keeps blocks of up to
+    /// about 1.5 10^6 bits (the 120 km preset's 10^6) in one frame, where the key rate at high
+    /// QBER gains most from the smaller leak, and bounds the shuffles' memory (about 30 bytes per
+    /// bit of a frame at each end) for longer blocks.
     pub cascade_frame_bits: u64,
     /// LDPC: frame length in bits (the last frame of a block is shorter); one code family
     /// per length is built when the first block starts.

@@ -25,8 +25,8 @@
 //!
 //! The parameter s must not depend on the data, so each bound is taken over a fixed grid of
 //! [`GRID_POINTS`] values of s, each failing with eps / [`GRID_POINTS`] (a union bound), and
-//! the tightest is used. These replace the Chernoff and Bernstein forms for independent pulses
-//! (Yin et al., Sci. Rep. 10, 14312 (2020)) that the estimate used before; they play the role of
+//! the tightest is used. Unlike the Chernoff and Bernstein forms for independent pulses (Yin et
+//! al., Sci. Rep. 10, 14312 (2020)), these hold against coherent attacks; they play the role of
 //! Kato's inequality (G. Kato, arXiv:2002.04357), which needs a prediction of L fixed before the
 //! block and a fixed number of rounds, where these need neither. The tests compare them with
 //! exact binomial tails (independent rounds are one strategy of the adversary, so the bounds

@@ -24,12 +24,12 @@
 //! ratio of successive terms, with the remainder bounded by a geometric series, so the computed
 //! tail is an upper bound of the true one up to rounding; [`NUMERICAL_MARGIN`] absorbs the
 //! rounding in the conservative direction (a tail is taken as below eps only when it is below
-//! eps (1 - margin)). Cost: about 25 tail sums of a few hundred terms each, microseconds even
-//! for populations of 10^7.
+//! eps (1 - margin)). Cost: about 25 tail sums of a few hundred terms each, even for populations
+//! of 10^7 (timing: docs/postprocessing.md).
 //!
-//! This replaces the closed-form Gaussian/Stirling correction of Fung, Ma & Chau, PRA 81,
-//! 012318 (2010), which is an approximation, not a bound: summed exactly, it fails with about
-//! 40 times its nominal eps at 10^6-bit blocks (tests: `sampling::tests`).
+//! The closed-form Gaussian/Stirling correction of Fung, Ma & Chau, PRA 81, 012318 (2010), is
+//! not used: it is an approximation, not a bound; summed exactly, it fails with about 40 times
+//! its nominal eps at 10^6-bit blocks (tests: `sampling::tests`).
 
 /// Relative margin on eps that absorbs floating-point rounding in the tail sums: a tail counts
 /// as at most eps only when its computed value is at most eps (1 - `NUMERICAL_MARGIN`). The

@@ -16,10 +16,7 @@
 //!   about n^1.3 for the pointwise products. It computes only the m-bit window, with a cyclic
 //!   convolution as short as the seed (the wrap-around lands below the window).
 //!
-//! Measured with `cargo bench -p common --bench postproc` (m = n/2; 2.3 GHz Xeon, no target-cpu
-//! flags, best of three rounds): about 230, 180, 145 and 66 Mbit/s of input at n = 1e4, 1e5, 1e6
-//! and 1e7 bits (up to a third less while other jobs share the machine). The pointwise products
-//! are still about two thirds of the time at 1e6 and nine tenths at 1e7.
+//! Throughput and the measurements behind the thresholds: docs/postprocessing.md.
 //!
 //! Both are exact GF(2) arithmetic, so the output is bit for bit that of
 //! [`toeplitz_hash_reference`] (checked on random inputs by the tests). No `unsafe` and no
@@ -32,15 +29,11 @@ use crate::bits::BitVec;
 mod ternary;
 
 /// Operand length (64-bit words) at or below which Karatsuba hands over to the schoolbook product
-/// (the comb of [`comb_fixed`]; measured on a 2.3 GHz Xeon: comb products of up to 8-10 words
-/// run at 3-4 ns per 64 x 64-bit word product, longer ones at 5 ns and more, so that Karatsuba
-/// down to 10 words beats thresholds of 8, 12, 16 and 64 words at every length from 12 to 114
-/// words, by up to 1.8x at 12 and 114 words).
+/// (the comb of [`comb_fixed`]), chosen by measurement (docs/postprocessing.md).
 const KARATSUBA_THRESHOLD_WORDS: usize = 10;
 
 /// Input length (bits) above which [`toeplitz_hash`] switches from Karatsuba to the ternary FFT
-/// (measured crossover on a 2.3 GHz Xeon with m = n/2: about 220 Mbit/s for both at 8000 bits;
-/// at 12000 bits the FFT is 1.6 times faster).
+/// (near the measured crossover, docs/postprocessing.md).
 pub const FFT_THRESHOLD_BITS: usize = 1 << 13;
 
 /// Multiplies the n-bit `input` by the m x n Toeplitz matrix defined by `seed` (n + m - 1 bits,

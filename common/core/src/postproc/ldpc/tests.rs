@@ -2,6 +2,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::*;
+use crate::postproc::binary_entropy;
 
 use crate::postproc::test_support::{random_key, with_errors};
 
