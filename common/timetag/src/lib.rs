@@ -4,5 +4,10 @@
 //! sifting consumes.
 //!
 //! * [`tags`]: tags, stream records (tag, gap, marker) and the channel map.
+//! * [`clock`]: clock recovery (sync-based, or from the data alone) and the per-tag map from
+//!   tagger time to pulse coordinate.
+//! * [`synth`]: synthetic streams with known truth, for tests and the benchmark.
 
+pub mod clock;
+pub mod synth;
 pub mod tags;
