@@ -6,8 +6,11 @@
 //! * [`tags`]: tags, stream records (tag, gap, marker) and the channel map.
 //! * [`clock`]: clock recovery (sync-based, or from the data alone) and the per-tag map from
 //!   tagger time to pulse coordinate.
+//! * [`assign`]: acceptance windows from phase histograms, pulse and time-bin assignment,
+//!   per-frame squashing into detections and counters.
 //! * [`synth`]: synthetic streams with known truth, for tests and the benchmark.
 
+pub mod assign;
 pub mod clock;
 pub mod synth;
 pub mod tags;
