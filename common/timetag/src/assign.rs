@@ -453,6 +453,13 @@ impl FrameBuilder {
         }
     }
 
+    /// Forgets the clicks collected (a dropped frame).
+    pub(crate) fn clear(&mut self) {
+        self.entries.clear();
+        self.sorted = true;
+        self.by_code = [0; 6];
+    }
+
     /// The frame's detections, ascending by pulse, with squashing (module docs), and its
     /// counters. Leaves the builder empty (its buffer kept for reuse).
     pub(crate) fn finish(&mut self, coin: &mut dyn FnMut() -> bool) -> (Vec<Detection>, FrameCounters) {

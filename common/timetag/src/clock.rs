@@ -553,7 +553,7 @@ impl SyncTracker {
                 return;
             }
             self.locked = true;
-            self.track.final_pulse = Some(obs[0].pulse);
+            self.track.final_pulse = Some(obs[0].pulse - BACK_PULSES);
         }
         let obs = &self.track.obs;
         if obs.len() > self.cfg.lookahead {
@@ -659,6 +659,10 @@ impl DataConfig {
         (margin / (self.max_offset_ppm.max(1e-3) * 1e-6 * p)) as u64
     }
 }
+
+/// Pulses before the first observation that the model covers at lock (so that the tags of
+/// the first pulses, which may precede the first sync by a fraction of a period, are mapped).
+pub const BACK_PULSES: i64 = 2;
 
 /// Phase of the early bin within the pulse period chosen by [`DataTracker`] (the origin of the
 /// pulse coordinate is arbitrary without a sync).
@@ -834,7 +838,7 @@ impl DataTracker {
             return Err(ClockError::LockLost { time_ps: now, reason: "acquisition gave too few observations".into() });
         }
         self.locked = true;
-        self.track.final_pulse = Some(0);
+        self.track.final_pulse = Some(-BACK_PULSES);
         self.finalise(out);
         Ok(())
     }
@@ -1135,11 +1139,12 @@ mod tests {
         assert!(tr.final_time().is_none());
         let (tr, segs, _, _) = run_sync(100.0, 1 << 22, 3, &[], 5);
         assert!(tr.locked());
+        // Lookahead 2: final up to the first sync (from BACK_PULSES before it).
         assert_eq!(tr.final_pulse(), Some(0));
-        assert!(segs.is_empty());
+        assert_eq!(segs.len(), 1);
         let (tr, segs, _, _) = run_sync(100.0, 1 << 22, 4, &[], 5);
         assert_eq!(tr.final_pulse(), Some(1 << 22));
-        assert_eq!(segs.len(), 256);
+        assert_eq!(segs.len(), 257);
         // Syncs 3 and 4 lost: the count continues.
         let (tr, _, _, verdicts) = run_sync(-100.0, 1 << 22, 10, &[3, 4], 6);
         assert_eq!(verdicts[3], SyncVerdict::Accepted(5 << 22));

@@ -8,9 +8,14 @@
 //!   tagger time to pulse coordinate.
 //! * [`assign`]: acceptance windows from phase histograms, pulse and time-bin assignment,
 //!   per-frame squashing into detections and counters.
+//! * [`gap`]: frames touched by lost data are dropped whole.
+//! * [`pipeline`]: the streaming processor that wires these together: records in, frame
+//!   events (ready or dropped) out.
 //! * [`synth`]: synthetic streams with known truth, for tests and the benchmark.
 
 pub mod assign;
 pub mod clock;
+pub mod gap;
+pub mod pipeline;
 pub mod synth;
 pub mod tags;

@@ -147,6 +147,9 @@ pub struct GeneratorConfig {
     pub resolution_ps: u64,
     /// Probability per pulse of a detected signal photon.
     pub p_click: f64,
+    /// Probability that a pulse with a signal click has a second, independent photon click
+    /// (a two-photon pulse; the state is the same, the path is drawn again).
+    pub p_second: f64,
     /// Probability that a detected photon goes to the Z detector.
     pub q_z: f64,
     /// Probability per pulse of a dark count on each detector (uniform over the period).
@@ -184,6 +187,7 @@ impl Default for GeneratorConfig {
             jitter_ps: 20.0,
             resolution_ps: 1,
             p_click: 0.05,
+            p_second: 0.0,
             q_z: 0.9,
             p_dark: 1e-6,
             sync_every: 1 << 22,
@@ -336,8 +340,16 @@ impl Generator {
     /// X gives slot 0/1 for |E>, 1/2 for |L>, 0/1/2 with 1/4, 1/2, 1/4 for |+>, and the central
     /// slot of |+> always reaches D+ (visibility 1), other slots a random detector.
     fn signal_click(&mut self, k: u64) {
-        let tau = self.cfg.bin_separation_ps;
         let state = (self.rng.next_u64() % 3) as u8; // 0 E, 1 L, 2 +
+        self.photon(k, state);
+        if self.rng.uniform() < self.cfg.p_second {
+            self.photon(k, state);
+        }
+    }
+
+    /// One photon of pulse `k` in `state` (0 |E>, 1 |L>, 2 |+>) through Bob's optics.
+    fn photon(&mut self, k: u64, state: u8) {
+        let tau = self.cfg.bin_separation_ps;
         let (det, offset, outcome) = if self.rng.uniform() < self.cfg.q_z {
             let late = match state {
                 0 => false,
