@@ -11,11 +11,13 @@
 //! * [`gap`]: frames touched by lost data are dropped whole.
 //! * [`pipeline`]: the streaming processor that wires these together: records in, frame
 //!   events (ready or dropped) out.
+//! * [`ptu`]: streaming reader for PicoQuant PTU files (T2 and T3 record formats).
 //! * [`synth`]: synthetic streams with known truth, for tests and the benchmark.
 
 pub mod assign;
 pub mod clock;
 pub mod gap;
 pub mod pipeline;
+pub mod ptu;
 pub mod synth;
 pub mod tags;
