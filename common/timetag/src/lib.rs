@@ -12,6 +12,7 @@
 //! * [`pipeline`]: the streaming processor that wires these together: records in, frame
 //!   events (ready or dropped) out.
 //! * [`ptu`]: streaming reader for PicoQuant PTU files (T2 and T3 record formats).
+//! * [`text`]: plain-text tag files and `role = channel` channel-map files.
 //! * [`synth`]: synthetic streams with known truth, for tests and the benchmark.
 
 pub mod assign;
@@ -21,3 +22,4 @@ pub mod pipeline;
 pub mod ptu;
 pub mod synth;
 pub mod tags;
+pub mod text;
