@@ -371,7 +371,7 @@ impl Assigner {
 
     /// The pulse (before subtracting nothing more: global index) and outcome code of a tag of
     /// detector `det` (0 Z, 1 D+, 2 D-) at pulse coordinate (`pulse`, `frac` in 2^-64).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn classify(&self, det: usize, pulse: i64, frac: u64) -> (i64, u8) {
         let s = &self.slots[det];
         let (f, borrow) = frac.overflowing_sub(s.shift_frac);
@@ -429,9 +429,11 @@ pub struct FrameCounters {
 /// Collects one frame's clicks and turns them into detections.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct FrameBuilder {
-    /// (pulse within the frame << 2) | outcome code, for clicks in a measurement window.
+    /// (pulse within the frame << 2) | outcome code, for clicks in a measurement window; kept
+    /// sorted by insertion while clicks arrive nearly in order (the usual case: detectors with
+    /// different delays and dark counts displace a click by a few places at most).
     entries: Vec<u64>,
-    /// Whether `entries` is non-decreasing so far.
+    /// Whether `entries` is still sorted (false once a click came too far out of order).
     sorted: bool,
     /// Clicks per outcome code.
     by_code: [u64; 6],
@@ -443,14 +445,34 @@ impl FrameBuilder {
     }
 
     /// Adds a click of pulse `pulse` (within the frame) with outcome `code`.
-    #[inline]
+    #[inline(always)]
     pub(crate) fn push(&mut self, pulse: u64, code: u8) {
         self.by_code[usize::from(code)] += 1;
         if code < SIDE {
             let e = (pulse << 2) | u64::from(code);
-            self.sorted &= self.entries.last().is_none_or(|&l| l <= e);
-            self.entries.push(e);
+            match self.entries.last() {
+                Some(&last) if last > e => self.insert_back(e),
+                _ => self.entries.push(e),
+            }
         }
+    }
+
+    /// Inserts `e`, smaller than the last entry, in its place if that is near the end; else
+    /// appends it and leaves the sorting to [`FrameBuilder::finish`].
+    #[cold]
+    fn insert_back(&mut self, e: u64) {
+        const REACH: usize = 64;
+        if self.sorted {
+            let n = self.entries.len();
+            let floor = n.saturating_sub(REACH);
+            let i = floor + self.entries[floor..].partition_point(|&x| x <= e);
+            if i > floor || floor == 0 {
+                self.entries.insert(i, e);
+                return;
+            }
+            self.sorted = false;
+        }
+        self.entries.push(e);
     }
 
     /// Forgets the clicks collected (a dropped frame).
@@ -477,10 +499,24 @@ impl FrameBuilder {
             x_slots: XSlotCounts { side: c[usize::from(SIDE)], central: c[usize::from(PLUS)] + c[usize::from(MINUS)] },
             ..FrameCounters::default()
         };
+        const SINGLE: [Measurement; 4] = [
+            Measurement::Z { late: false },
+            Measurement::Z { late: true },
+            Measurement::X { minus: false },
+            Measurement::X { minus: true },
+        ];
         let mut out = Vec::with_capacity(self.entries.len());
+        let n = self.entries.len();
         let mut i = 0;
-        while i < self.entries.len() {
-            let pulse = self.entries[i] >> 2;
+        while i < n {
+            let e = self.entries[i];
+            let pulse = e >> 2;
+            if i + 1 == n || self.entries[i + 1] >> 2 != pulse {
+                // One click: no squashing.
+                out.push(Detection { pulse_idx: pulse, measurement: SINGLE[(e & 3) as usize] });
+                i += 1;
+                continue;
+            }
             let mut mask = 0u8;
             let mut clicks = 0;
             while i < self.entries.len() && self.entries[i] >> 2 == pulse {
@@ -724,5 +760,29 @@ mod tests {
         let (d, c) = b.finish(&mut || rng.coin());
         assert!(d.is_empty());
         assert_eq!(c, FrameCounters::default());
+    }
+
+    #[test]
+    fn frame_builder_orders_clicks_near_and_far_out_of_order() {
+        let mut rng = SplitMix64::new(2);
+        for far in [false, true] {
+            let mut b = FrameBuilder::new();
+            let mut pulses: Vec<u64> = (0..300).map(|i| 10 * i).collect();
+            // Local disorder (swapped neighbours), and optionally one click 250 places late.
+            for i in (0..298).step_by(7) {
+                pulses.swap(i, i + 1);
+            }
+            if far {
+                let p = pulses.remove(20);
+                pulses.insert(270, p);
+            }
+            for &p in &pulses {
+                b.push(p, EARLY);
+            }
+            assert_eq!(b.sorted, !far);
+            let (d, _) = b.finish(&mut || rng.coin());
+            let got: Vec<u64> = d.iter().map(|x| x.pulse_idx).collect();
+            assert_eq!(got, (0..300).map(|i| 10 * i).collect::<Vec<_>>(), "far {far}");
+        }
     }
 }

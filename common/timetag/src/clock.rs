@@ -743,8 +743,10 @@ impl DataTracker {
         if self.locked { self.track.final_pulse } else { None }
     }
 
-    /// Feeds one Z click (in time order); appends newly final segments to `out`.
-    pub fn observe(&mut self, time_ps: u64, out: &mut VecDeque<Segment>) -> Result<(), ClockError> {
+    /// Feeds one Z click (in time order); appends newly final segments to `out`. Returns
+    /// whether this click closed an acquisition or a block (only then can segments appear).
+    #[inline]
+    pub fn observe(&mut self, time_ps: u64, out: &mut VecDeque<Segment>) -> Result<bool, ClockError> {
         if let Some(last) = self.last_time
             && self.locked
             && time_ps.saturating_sub(last) > self.cfg.max_gap_ps
@@ -759,11 +761,13 @@ impl DataTracker {
         if !self.locked {
             if self.buf.len() >= self.cfg.acquisition_tags {
                 self.acquire(out, time_ps)?;
+                return Ok(true);
             }
         } else if self.buf.len() >= self.cfg.block_tags {
             self.block(out, time_ps)?;
+            return Ok(true);
         }
-        Ok(())
+        Ok(false)
     }
 
     /// Data lost from `from_ps` to `to_ps`: closes the current block (if long enough) and

@@ -265,7 +265,7 @@ pub struct Pipeline {
     segs: VecDeque<Segment>,
     cursor: usize,
     /// Detector tags not yet final; `channel` holds the detector index.
-    pending: Vec<Tag>,
+    pending: VecDeque<Tag>,
     gaps: PendingGaps,
     gap_frames: Vec<RangeInclusive<i64>>,
     assigner: Option<Assigner>,
@@ -350,7 +350,7 @@ impl Pipeline {
             tracker,
             segs: VecDeque::new(),
             cursor: 0,
-            pending: Vec::new(),
+            pending: VecDeque::new(),
             gaps: PendingGaps::new(),
             gap_frames: Vec::new(),
             assigner,
@@ -414,22 +414,12 @@ impl Pipeline {
         }
     }
 
-    /// Feeds records.
+    /// Feeds records (in time order).
     pub fn push_records(&mut self, records: &[Record]) -> Result<(), PipelineError> {
-        let mut i = 0;
-        while i < records.len() {
-            // Runs of tags go through the fast path.
-            let run = records[i..].iter().take_while(|r| matches!(r, Record::Tag(_))).count();
-            if run > 0 {
-                for r in &records[i..i + run] {
-                    if let Record::Tag(t) = r {
-                        self.push_tag(*t)?;
-                    }
-                }
-                i += run;
-            } else {
-                self.push(&records[i])?;
-                i += 1;
+        for r in records {
+            match r {
+                Record::Tag(t) => self.push_tag(*t)?,
+                other => self.push(other)?,
             }
         }
         Ok(())
@@ -524,17 +514,17 @@ impl Pipeline {
             return self.push_other(t, code);
         }
         self.stats.detector_tags += 1;
-        self.pending.push(Tag { channel: code, time_ps: t.time_ps });
+        self.pending.push_back(Tag { channel: code, time_ps: t.time_ps });
         if self.first_time.is_none() {
             self.first_time = Some(t.time_ps);
         }
         self.last_time = self.last_time.max(t.time_ps);
         match &mut self.tracker {
-            Tracker::Data(d) if code == 0 => {
-                let r = d.observe(t.time_ps, &mut self.segs);
-                self.fail_on(r.map_err(PipelineError::from))?;
-                self.after_clock()
-            }
+            Tracker::Data(d) if code == 0 => match d.observe(t.time_ps, &mut self.segs) {
+                Ok(false) => Ok(()),
+                Ok(true) => self.after_clock(),
+                Err(e) => self.fail_on(Err(e.into())),
+            },
             _ => {
                 if self.last_final.is_none() && self.pending.len() > self.cfg.max_unlocked_tags {
                     self.discard_unlocked();
@@ -657,7 +647,7 @@ impl Pipeline {
 
     /// Calibration phase: the first `n` buffered tags into the histograms and `held`.
     fn histogram(&mut self, n: usize) {
-        for t in &self.pending[..n] {
+        for t in self.pending.range(..n) {
             match Self::locate(&self.segs, &mut self.cursor, t.time_ps) {
                 Some((k, f)) => {
                     self.hists[usize::from(t.channel)].add(f);
@@ -749,16 +739,25 @@ impl Pipeline {
         self.frames.cur = (0, 0, usize::MAX);
     }
 
-    /// Assigns the first `n` buffered tags: the hot loop.
+    /// Assigns the first `n` buffered tags: the hot loop. The current segment and the start of
+    /// the next are kept in locals; only a tag beyond them looks the segments up again.
     fn assign_pending(&mut self, n: usize) {
         let Self { pending, segs, cursor, assigner, frames, stats, cfg, first_frame, .. } = self;
         let a = assigner.as_ref().expect("calibrated");
         let first_pulse = first_frame.expect("started") * cfg.frame_pulses as i64;
-        for t in &pending[..n] {
-            let Some((k, f)) = Self::locate(segs, cursor, t.time_ps) else {
-                stats.discarded_before_start += 1;
-                continue;
-            };
+        let (mut seg, mut lo, mut hi) = (Segment { start_ps: u64::MAX, pulse: 0, frac: 0, slope: 0 }, u64::MAX, 0u64);
+        for t in pending.range(..n) {
+            let time = t.time_ps;
+            if time < lo || time >= hi {
+                if Self::locate(segs, cursor, time).is_none() {
+                    stats.discarded_before_start += 1;
+                    continue;
+                }
+                seg = segs[*cursor];
+                lo = seg.start_ps;
+                hi = segs.get(*cursor + 1).map_or(u64::MAX, |s| s.start_ps);
+            }
+            let (k, f) = seg.coordinate(time);
             let (pulse, code) = a.classify(usize::from(t.channel), k, f);
             place(frames, stats, cfg.frame_pulses, first_pulse, pulse, code);
         }
@@ -827,7 +826,7 @@ impl Pipeline {
 }
 
 /// Adds a click of global pulse `pulse` with outcome `code` to its frame.
-#[inline]
+#[inline(always)]
 fn place(frames: &mut Frames, stats: &mut PipelineStats, frame_pulses: u64, first_pulse: i64, pulse: i64, code: u8) {
     let (lo, hi, pos) = frames.cur;
     let pos = if pulse >= lo && pulse < hi && pos != usize::MAX {
