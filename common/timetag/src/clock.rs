@@ -390,7 +390,8 @@ impl Track {
         Some(ClockEstimate {
             period_ps: period,
             offset_ppm: (period / nominal - 1.0) * 1e6,
-            drift_ppm_per_pulse: 2.0 * fit.c / nominal * 1e6,
+            // d(period)/d(pulse) = 2c; per second: times the pulses per second.
+            drift_ppm_per_s: 2.0 * fit.c / period * 1e6 * (1e12 / period),
             rms_ps: fit.rms_ps,
             observations: fit.points,
             locked,
@@ -405,8 +406,8 @@ pub struct ClockEstimate {
     pub period_ps: f64,
     /// Frequency offset of the tagger against the nominal period, in ppm.
     pub offset_ppm: f64,
-    /// Change of that offset per pulse, in ppm (times pulses per second: ppm/s).
-    pub drift_ppm_per_pulse: f64,
+    /// Rate of change of that offset, in ppm/s (from the fit's curvature).
+    pub drift_ppm_per_s: f64,
     /// Root-mean-square residual of the fit, in ps.
     pub rms_ps: f64,
     /// Observations in the fit.
@@ -1119,6 +1120,7 @@ mod tests {
             let est = tr.estimate().unwrap();
             let true_ppm = (c.period_at(11 << 22) / PERIOD_76MHZ_PS - 1.0) * 1e6;
             assert!((est.offset_ppm - true_ppm).abs() < 0.01, "seed {seed}: {} vs {true_ppm}", est.offset_ppm);
+            assert!((est.drift_ppm_per_s - 1.0).abs() < 0.05, "seed {seed}: drift {}", est.drift_ppm_per_s);
             // Final up to the third-to-last sync (lookahead 2).
             assert_eq!(tr.final_pulse(), Some(9 << 22));
             let mut rng = SplitMix64::new(seed + 100);
