@@ -82,8 +82,12 @@ fn run(name: &str, cfg: PipelineConfig, map: &ChannelMap, sync_every: u64, tags:
 
 fn main() {
     let tags: u64 = std::env::var("QKD_BENCH_TAGS").ok().and_then(|s| s.parse().ok()).unwrap_or(50_000_000);
-    println!("{:<10} {:>12} {:>9} {:>14} {:>9} {:>7} {:>12}", "clock", "tags", "cpu s", "M tags/s/core", "ns/tag", "frames", "detections");
-    let map = ChannelMap::new(&[(Role::Sync, 0), (Role::Z, 1), (Role::XPlus, 2), (Role::XMinus, 3)]).expect("valid map");
+    println!(
+        "{:<10} {:>12} {:>9} {:>14} {:>9} {:>7} {:>12}",
+        "clock", "tags", "cpu s", "M tags/s/core", "ns/tag", "frames", "detections"
+    );
+    let map =
+        ChannelMap::new(&[(Role::Sync, 0), (Role::Z, 1), (Role::XPlus, 2), (Role::XMinus, 3)]).expect("valid map");
     run("sync", PipelineConfig::default(), &map, 1 << 22, tags);
     let data_map = ChannelMap::without_sync(&[(Role::Z, 1), (Role::XPlus, 2), (Role::XMinus, 3)]).expect("valid map");
     let data = PipelineConfig { clock: ClockMode::Data(DataConfig::default()), ..PipelineConfig::default() };

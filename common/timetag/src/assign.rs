@@ -70,7 +70,9 @@ pub enum WindowError {
     #[error("window configuration: {0}")]
     Config(String),
     /// A channel's histogram shows no usable peaks.
-    #[error("no clear {role} peaks: {counts} tags, {in_windows:.1} % in the best windows against {uniform:.1} % for no peaks")]
+    #[error(
+        "no clear {role} peaks: {counts} tags, {in_windows:.1} % in the best windows against {uniform:.1} % for no peaks"
+    )]
     NoPeaks {
         /// The channel's role.
         role: Role,
@@ -124,7 +126,13 @@ impl WindowConfig {
     /// Checks that the windows of one pattern neither overlap nor exceed a period.
     pub fn validate(&self) -> Result<(), WindowError> {
         let bad = |m: &str| Err(WindowError::Config(m.to_string()));
-        if !(self.period_ps >= 10.0) {
+        if ![self.period_ps, self.bin_separation_ps, self.before_ps, self.after_ps, self.search_ps]
+            .iter()
+            .all(|x| x.is_finite())
+        {
+            return bad("times must be finite numbers");
+        }
+        if self.period_ps < 10.0 {
             return bad("period_ps must be at least 10 ps");
         }
         if !(self.before_ps >= 0.0 && self.after_ps >= 0.0 && self.before_ps + self.after_ps > 0.0) {
@@ -186,7 +194,14 @@ impl PhaseHistogram {
 ///
 /// `counts`: the histogram (circular); `peaks`: 2 or 3; phases in fractions of the period.
 /// Returns the peaks and the fraction of the tags inside their windows.
-pub fn find_peaks(counts: &[u32], peaks: usize, tau: f64, before: f64, after: f64, search: f64) -> Option<(Vec<f64>, f64)> {
+pub fn find_peaks(
+    counts: &[u32],
+    peaks: usize,
+    tau: f64,
+    before: f64,
+    after: f64,
+    search: f64,
+) -> Option<(Vec<f64>, f64)> {
     let n = counts.len();
     let total: u64 = counts.iter().map(|&c| u64::from(c)).sum();
     if n == 0 || total == 0 || peaks == 0 {
@@ -274,8 +289,14 @@ impl Calibration {
         for &(role, h) in hists {
             let k = WindowConfig::peaks_of(role);
             let uniform = k as f64 * (cfg.before_ps + cfg.after_ps) / p;
-            let found =
-                find_peaks(h.counts(), k, cfg.bin_separation_ps / p, cfg.before_ps / p, cfg.after_ps / p, cfg.search_ps / p);
+            let found = find_peaks(
+                h.counts(),
+                k,
+                cfg.bin_separation_ps / p,
+                cfg.before_ps / p,
+                cfg.after_ps / p,
+                cfg.search_ps / p,
+            );
             let (phases, inside) = found.unwrap_or((Vec::new(), 0.0));
             if h.total() < cfg.min_counts || inside < 2.0 * uniform {
                 return Err(WindowError::NoPeaks {
@@ -427,7 +448,7 @@ pub struct FrameCounters {
 }
 
 /// Collects one frame's clicks and turns them into detections.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct FrameBuilder {
     /// (pulse within the frame << 2) | outcome code, for clicks in a measurement window; kept
     /// sorted by insertion while clicks arrive nearly in order (the usual case: detectors with
@@ -437,6 +458,12 @@ pub(crate) struct FrameBuilder {
     sorted: bool,
     /// Clicks per outcome code.
     by_code: [u64; 6],
+}
+
+impl Default for FrameBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
 }
 
 impl FrameBuilder {
@@ -594,7 +621,8 @@ mod tests {
         let tau = cfg.bin_separation_ps / P;
         for (seed, first) in [(1u64, 0.3), (2, 0.97), (3, 0.01), (4, 0.5)] {
             let z = histogram(&[(first, 1.0), (first + tau, 1.0)], 25.0, 20_000, 2000, seed);
-            let x = histogram(&[(first, 1.0), (first + tau, 2.0), (first + 2.0 * tau, 1.0)], 25.0, 20_000, 2000, seed + 10);
+            let x =
+                histogram(&[(first, 1.0), (first + tau, 2.0), (first + 2.0 * tau, 1.0)], 25.0, 20_000, 2000, seed + 10);
             let cal = Calibration::from_histograms(&cfg, &[(Role::Z, &z), (Role::XPlus, &x)]).unwrap();
             for (role, n) in [(Role::Z, 2), (Role::XPlus, 3)] {
                 let peaks = cal.peaks_of(role).unwrap();
@@ -654,6 +682,7 @@ mod tests {
             WindowConfig { bin_separation_ps: 6600.0, before_ps: 100.0, after_ps: 100.0, ..WindowConfig::default() },
             WindowConfig { before_ps: 0.0, after_ps: 0.0, ..WindowConfig::default() },
             WindowConfig { histogram_bins: 8, ..WindowConfig::default() },
+            WindowConfig { search_ps: f64::NAN, ..WindowConfig::default() },
         ] {
             assert!(matches!(bad.validate(), Err(WindowError::Config(_))), "{bad:?}");
         }

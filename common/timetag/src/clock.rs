@@ -113,7 +113,7 @@ impl ClockFit {
         let a = big_a - big_b * q + big_c * q * q;
         let b = big_b * r - 2.0 * big_c * q * r;
         let c = big_c * r * r;
-        if !(b > 0.0) {
+        if b.is_nan() || b <= 0.0 {
             return None;
         }
         let mut fit = Self { pulse_ref: k_ref, time_ref: t_ref, a, b, c, rms_ps: 0.0, points: obs.len() };
@@ -201,8 +201,9 @@ fn solve3(mut m: [[f64; 3]; 3], mut v: [f64; 3]) -> Option<[f64; 3]> {
         v.swap(col, piv);
         for row in col + 1..3 {
             let f = m[row][col] / m[col][col];
-            for k in col..3 {
-                m[row][k] -= f * m[col][k];
+            let pivot_row = m[col];
+            for (x, p) in m[row][col..].iter_mut().zip(&pivot_row[col..]) {
+                *x -= f * p;
             }
             v[row] -= f * v[col];
         }
@@ -315,7 +316,11 @@ impl SyncConfig {
     /// Checks that the settings can work.
     pub fn validate(&self) -> Result<(), ClockError> {
         let bad = |m: &str| Err(ClockError::Config(m.to_string()));
-        if !(self.nominal_period_ps >= 10.0) {
+        let numbers = [self.nominal_period_ps, self.max_offset_ppm, self.max_drift_ppm_per_s, self.max_residual_ps];
+        if !numbers.iter().all(|x| x.is_finite()) {
+            return bad("settings must be finite numbers");
+        }
+        if self.nominal_period_ps < 10.0 {
             return bad("nominal_period_ps must be at least 10 ps");
         }
         if self.sync_every == 0 {
@@ -328,7 +333,8 @@ impl SyncConfig {
             return bad("lookahead must be below window - 1");
         }
         let slip = self.max_offset_ppm * 1e-6 * self.sync_every as f64 * self.nominal_period_ps;
-        if !(self.max_offset_ppm >= 0.0) || slip + self.max_residual_ps >= 0.4 * self.sync_every as f64 * self.nominal_period_ps
+        if self.max_offset_ppm < 0.0
+            || slip + self.max_residual_ps >= 0.4 * self.sync_every as f64 * self.nominal_period_ps
         {
             return bad("max_offset_ppm and max_residual_ps leave the sync count ambiguous");
         }
@@ -631,10 +637,14 @@ impl DataConfig {
     pub fn validate(&self) -> Result<(), ClockError> {
         let bad = |m: &str| Err(ClockError::Config(m.to_string()));
         let p = self.nominal_period_ps;
-        if !(p >= 10.0) {
+        let numbers = [p, self.bin_separation_ps, self.max_offset_ppm, self.tolerance_ps, self.min_accept_fraction];
+        if !numbers.iter().all(|x| x.is_finite()) {
+            return bad("settings must be finite numbers");
+        }
+        if p < 10.0 {
             return bad("nominal_period_ps must be at least 10 ps");
         }
-        if !(self.tolerance_ps > 0.0) || !(self.bin_separation_ps >= 2.0 * self.tolerance_ps) {
+        if self.tolerance_ps <= 0.0 || self.bin_separation_ps < 2.0 * self.tolerance_ps {
             return bad("need 0 < 2 tolerance_ps <= bin_separation_ps");
         }
         if self.bin_separation_ps + 2.0 * self.tolerance_ps >= p / 2.0 {
@@ -1205,6 +1215,7 @@ mod tests {
             SyncConfig { lock_syncs: 1, ..SyncConfig::default() },
             SyncConfig { lookahead: 7, ..SyncConfig::default() },
             SyncConfig { sync_every: 1, max_residual_ps: 6000.0, ..SyncConfig::default() },
+            SyncConfig { max_residual_ps: f64::NAN, ..SyncConfig::default() },
         ] {
             assert!(matches!(SyncTracker::new(bad), Err(ClockError::Config(_))));
         }
@@ -1299,6 +1310,7 @@ mod tests {
             DataConfig { bin_separation_ps: 6500.0, ..DataConfig::default() },
             DataConfig { block_tags: 4, ..DataConfig::default() },
             DataConfig { max_offset_ppm: 1e6, ..DataConfig::default() },
+            DataConfig { tolerance_ps: f64::NAN, ..DataConfig::default() },
         ] {
             assert!(matches!(DataTracker::new(bad), Err(ClockError::Config(_))));
         }

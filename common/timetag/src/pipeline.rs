@@ -247,7 +247,7 @@ impl Frames {
         let front = self.open.front().map_or(self.next, |s| s.index);
         while self.open.back().map_or(front - 1, |s| s.index) < f {
             let index = self.open.back().map_or(front, |s| s.index + 1);
-            let builder = self.spare.pop().unwrap_or_else(FrameBuilder::new);
+            let builder = self.spare.pop().unwrap_or_default();
             self.open.push_back(Slot { index, builder, dropped: None });
         }
         (f - front) as usize

@@ -349,7 +349,11 @@ impl PtuReader<BufReader<File>> {
     pub fn open(path: impl AsRef<Path>, opts: PtuOptions) -> Result<Self, PtuError> {
         let path = path.as_ref();
         let name = path.display().to_string();
-        let f = File::open(path).map_err(|e| PtuError { file: name.clone(), offset: 0, kind: PtuErrorKind::Io(e.to_string()) })?;
+        let f = File::open(path).map_err(|e| PtuError {
+            file: name.clone(),
+            offset: 0,
+            kind: PtuErrorKind::Io(e.to_string()),
+        })?;
         PtuReader::new(BufReader::with_capacity(1 << 16, f), &name, opts)
     }
 }
@@ -463,7 +467,9 @@ impl<R: Read> PtuReader<R> {
                         None
                     }
                     0 => Some(Record::Tag(Tag::new(0, self.t2_unit.ps(self.overflow + timetag)))),
-                    1..=15 => Some(Record::Marker { marker: channel, time_ps: self.t2_unit.ps(self.overflow + timetag) }),
+                    1..=15 => {
+                        Some(Record::Marker { marker: channel, time_ps: self.t2_unit.ps(self.overflow + timetag) })
+                    }
                     _ => None,
                 }
             }
@@ -788,12 +794,12 @@ mod tests {
     fn hydraharp_v2_t2_unwraps_counted_overflows() {
         const W: u64 = 33_554_432;
         let recs = [
-            hh_t2(0, 0, 100),      // input 0 -> channel 1
-            hh_t2(1, 0, 200),      // sync -> channel 0
-            hh_t2(1, 63, 3),       // three overflows
-            hh_t2(0, 5, 7),        // input 5 -> channel 6
-            hh_t2(1, 63, 0),       // old-style single overflow
-            hh_t2(1, 2, 50),       // marker 2
+            hh_t2(0, 0, 100),         // input 0 -> channel 1
+            hh_t2(1, 0, 200),         // sync -> channel 0
+            hh_t2(1, 63, 3),          // three overflows
+            hh_t2(0, 5, 7),           // input 5 -> channel 6
+            hh_t2(1, 63, 0),          // old-style single overflow
+            hh_t2(1, 2, 50),          // marker 2
             hh_t2(0, 63, 0x1FF_FFFF), // input 63 -> channel 64, largest time tag
         ];
         let bytes = Writer::header(0x0101_0204, Some(recs.len() as i64), 1e-12, None).records(&recs);
@@ -831,7 +837,12 @@ mod tests {
         let bytes = Writer::header(0x0001_0203, Some(6), 4e-12, None).records(&recs);
         assert_eq!(
             read_all(&bytes, PtuOptions::default()).unwrap(),
-            vec![tag(1, 4000), tag(0, 20), tag(1, 4 * (2 * W + 3)), Record::Marker { marker: 5, time_ps: 4 * (2 * W + 0x45) }]
+            vec![
+                tag(1, 4000),
+                tag(0, 20),
+                tag(1, 4 * (2 * W + 3)),
+                Record::Marker { marker: 5, time_ps: 4 * (2 * W + 0x45) }
+            ]
         );
     }
 
@@ -843,7 +854,10 @@ mod tests {
         let bytes = Writer::header(0x0001_0303, Some(4), sync * 1e-12, Some(4e-12)).records(&recs);
         let got = read_all(&bytes, PtuOptions::default()).unwrap();
         let t = |n: u64, d: u64| ((n as f64) * sync + d as f64 * 4.0).round() as u64;
-        assert_eq!(got, vec![tag(1, t(10, 100)), tag(2, t(65_539, 7)), Record::Marker { marker: 4, time_ps: t(65_545, 0) }]);
+        assert_eq!(
+            got,
+            vec![tag(1, t(10, 100)), tag(2, t(65_539, 7)), Record::Marker { marker: 4, time_ps: t(65_545, 0) }]
+        );
     }
 
     #[test]
@@ -888,7 +902,8 @@ mod tests {
         }
         let recs: Vec<u32> = (0..1000).map(|i| hh_t2(0, i % 4, i * 1000)).collect();
         let bytes = Writer::header(0x0101_0204, None, 1e-12, None).records(&recs);
-        let slow: Vec<Record> = PtuReader::new(Trickle(&bytes), "t", PtuOptions::default()).unwrap().map(Result::unwrap).collect();
+        let slow: Vec<Record> =
+            PtuReader::new(Trickle(&bytes), "t", PtuOptions::default()).unwrap().map(Result::unwrap).collect();
         assert_eq!(slow, read_all(&bytes, PtuOptions::default()).unwrap());
         assert_eq!(slow.len(), 1000);
         assert_eq!(slow[999], tag(4, 999_000));
@@ -931,11 +946,17 @@ mod tests {
         assert!(e.to_string().contains("unknown record type 0x00010299"), "{e}");
         // Missing entries.
         let no_res = Writer::header(0x0101_0304, Some(0), 1e-8, None).records(&[]);
-        assert_eq!(read_all(&no_res, PtuOptions::default()).unwrap_err().kind, PtuErrorKind::MissingTag("MeasDesc_Resolution"));
+        assert_eq!(
+            read_all(&no_res, PtuOptions::default()).unwrap_err().kind,
+            PtuErrorKind::MissingTag("MeasDesc_Resolution")
+        );
         let mut w = Writer::new();
         w.entry("Header_End", -1, tag_type::EMPTY8, [0; 8]);
         let bytes = w.records(&[]);
-        assert_eq!(read_all(&bytes, PtuOptions::default()).unwrap_err().kind, PtuErrorKind::MissingTag("TTResultFormat_TTTRRecType"));
+        assert_eq!(
+            read_all(&bytes, PtuOptions::default()).unwrap_err().kind,
+            PtuErrorKind::MissingTag("TTResultFormat_TTTRRecType")
+        );
         // A corrupt length and an unknown entry type.
         let mut w = Writer::new();
         w.entry("Huge", -1, tag_type::BINARY_BLOB, (-5i64).to_le_bytes());

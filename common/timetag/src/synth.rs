@@ -239,16 +239,7 @@ impl Generator {
             })
             .collect();
         gaps.sort_unstable();
-        Self {
-            cfg,
-            rng,
-            next_pulse: 0,
-            next_signal,
-            next_dark,
-            next_sync: 0,
-            held: Vec::new(),
-            gaps: gaps.into(),
-        }
+        Self { cfg, rng, next_pulse: 0, next_signal, next_dark, next_sync: 0, held: Vec::new(), gaps: gaps.into() }
     }
 
     /// Whether every pulse has been generated and emitted.

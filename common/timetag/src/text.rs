@@ -82,7 +82,8 @@ impl<R: BufRead> TextReader<R> {
         let time = |s: &str, what: &str| {
             s.parse::<u64>().map_err(|_| self.err(format!("{what} {s:?} is not a non-negative integer number of ps")))
         };
-        let small = |s: &str, what: &str| s.parse::<u8>().map_err(|_| self.err(format!("{what} {s:?} is not in 0..=255")));
+        let small =
+            |s: &str, what: &str| s.parse::<u8>().map_err(|_| self.err(format!("{what} {s:?} is not in 0..=255")));
         match fields {
             ["gap", from, to] => {
                 let (from_ps, to_ps) = (time(from, "gap start")?, time(to, "gap end")?);
@@ -123,7 +124,11 @@ impl<R: BufRead> Iterator for TextReader<R> {
                     }
                     let r = self.parse(&f).and_then(|r| {
                         if r.time_ps() < self.last_time {
-                            return Err(self.err(format!("time {} ps goes back (previous {} ps)", r.time_ps(), self.last_time)));
+                            return Err(self.err(format!(
+                                "time {} ps goes back (previous {} ps)",
+                                r.time_ps(),
+                                self.last_time
+                            )));
                         }
                         Ok(r)
                     });
@@ -195,7 +200,8 @@ fn check_duplicates(entries: &[(Role, u8)]) -> Result<(), ChannelMapError> {
 pub fn read_channel_map(path: impl AsRef<Path>, require_sync: bool) -> Result<ChannelMap, TextError> {
     let path = path.as_ref();
     let name = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|e| TextError { file: name.clone(), line: 0, message: e.to_string() })?;
+    let text =
+        std::fs::read_to_string(path).map_err(|e| TextError { file: name.clone(), line: 0, message: e.to_string() })?;
     parse_channel_map(&text, &name, require_sync)
 }
 
@@ -231,7 +237,11 @@ mod tests {
         let cases = [
             ("0,10\n1,x\n", 2, "time \"x\" is not a non-negative integer number of ps"),
             ("# c\n256,10\n", 2, "channel \"256\" is not in 0..=255"),
-            ("1,10\n\n1,2,3\n", 3, "expected \"channel, time_ps\", \"gap from_ps to_ps\" or \"marker m time_ps\", found 3 fields"),
+            (
+                "1,10\n\n1,2,3\n",
+                3,
+                "expected \"channel, time_ps\", \"gap from_ps to_ps\" or \"marker m time_ps\", found 3 fields",
+            ),
             ("1,10\n1,-4\n", 2, "time \"-4\" is not a non-negative integer number of ps"),
             ("gap 10 5\n", 1, "gap ends (5) before it starts (10)"),
             ("1,10\n1,9\n", 2, "time 9 ps goes back (previous 10 ps)"),
@@ -262,12 +272,27 @@ mod tests {
         let cases = [
             ("sync = 0\nz = 1\nx_plus = 1\n", true, 3, "channel 1 is assigned twice: as z and as x_plus"),
             ("sync = 0\nz = 1\nz = 2\n", true, 3, "role z is assigned twice: to channel 1 and to channel 2"),
-            ("sync = 0\ndetector = 1\n", true, 2, "unknown role \"detector\" (expected one of z, x_plus, x_minus, sync, clock)"),
+            (
+                "sync = 0\ndetector = 1\n",
+                true,
+                2,
+                "unknown role \"detector\" (expected one of z, x_plus, x_minus, sync, clock)",
+            ),
             ("z = 300\n", true, 1, "channel \"300\" is not in 0..=255"),
             ("z 1\n", true, 1, "expected \"role = channel\", found \"z 1\""),
-            ("z = 1\n", true, 0, "no channel is the sync (role sync); clock recovery from the data alone needs a map built for it"),
+            (
+                "z = 1\n",
+                true,
+                0,
+                "no channel is the sync (role sync); clock recovery from the data alone needs a map built for it",
+            ),
             ("sync = 0\n", false, 0, "no channel is the Z detector (role z)"),
-            ("z = 1\nx_plus = 2\n", false, 0, "role x_plus is assigned but x_minus is not: the X detectors come in pairs"),
+            (
+                "z = 1\nx_plus = 2\n",
+                false,
+                0,
+                "role x_plus is assigned but x_minus is not: the X detectors come in pairs",
+            ),
         ];
         for (text, sync, line, msg) in cases {
             let e = parse_channel_map(text, "map.txt", sync).unwrap_err();

@@ -199,9 +199,19 @@ fn end_to_end_exact_with_offset_drift_and_gap() {
         // Dark counts within a few ps of a window edge may be labelled differently.
         assert!(c.extra <= 1, "seed {seed}, frame {}: {c:?}", f.index);
         let side = t.side.get(&f.index).copied().unwrap_or(0);
-        assert!(f.counters.x_slots.side.abs_diff(side) <= 1, "seed {seed}, frame {}: side {} vs {side}", f.index, f.counters.x_slots.side);
+        assert!(
+            f.counters.x_slots.side.abs_diff(side) <= 1,
+            "seed {seed}, frame {}: side {} vs {side}",
+            f.index,
+            f.counters.x_slots.side
+        );
         let multi = t.multi.get(&f.index).copied().unwrap_or(0);
-        assert!(f.counters.multi_click_pulses.abs_diff(multi) <= 1, "seed {seed}, frame {}: {multi}, {:?}", f.index, f.counters);
+        assert!(
+            f.counters.multi_click_pulses.abs_diff(multi) <= 1,
+            "seed {seed}, frame {}: {multi}, {:?}",
+            f.index,
+            f.counters
+        );
         assert!(f.counters.basis_conflicts > 0);
         total.add(c);
     }
@@ -235,8 +245,11 @@ fn end_to_end_large_jitter_and_boundary_gap() {
     let (events, p) = run(cfg, &map(), &records);
     assert_contiguous(&events);
     assert_eq!(p.first_frame(), Some(0));
-    let dropped: Vec<u64> =
-        events.iter().filter(|e| matches!(e, FrameEvent::Dropped { reason: DropReason::Gap, .. })).map(FrameEvent::frame).collect();
+    let dropped: Vec<u64> = events
+        .iter()
+        .filter(|e| matches!(e, FrameEvent::Dropped { reason: DropReason::Gap, .. }))
+        .map(FrameEvent::frame)
+        .collect();
     assert_eq!(dropped, vec![2, 3], "seed {seed}");
     let mut total = Cmp::default();
     for f in ready(&events) {
@@ -261,17 +274,15 @@ fn end_to_end_data_only_mode() {
     let (records, clicks) = Generator::new(gcfg).generate_all();
     let t = truth(&clicks, fp);
     let map = ChannelMap::without_sync(&[(Role::Z, 1), (Role::XPlus, 2), (Role::XMinus, 3)]).unwrap();
-    let cfg = PipelineConfig { frame_pulses: fp, clock: ClockMode::Data(DataConfig::default()), ..PipelineConfig::default() };
+    let cfg =
+        PipelineConfig { frame_pulses: fp, clock: ClockMode::Data(DataConfig::default()), ..PipelineConfig::default() };
     let (events, p) = run(cfg, &map, &records);
     assert_contiguous(&events);
     let frames = ready(&events);
     assert!(frames.len() >= 20, "seed {seed}: {} frames, first {:?}", frames.len(), p.first_frame());
     // Pulse 0 is the pulse of the first Z click, give or take one (the pattern's centring).
     let first_z = clicks.iter().find(|c| matches!(c.outcome, TrueOutcome::Early | TrueOutcome::Late)).unwrap().pulse;
-    let offset = (-2..=2)
-        .map(|d| first_z as i64 + d)
-        .max_by_key(|&o| compare(frames[0], fp, &t, o).single_ok)
-        .unwrap();
+    let offset = (-2..=2).map(|d| first_z as i64 + d).max_by_key(|&o| compare(frames[0], fp, &t, o).single_ok).unwrap();
     let mut total = Cmp::default();
     for f in &frames {
         let c = compare(f, fp, &t, offset);
@@ -330,7 +341,8 @@ fn other_records_are_counted() {
             mixed.push(Record::Marker { marker: 1, time_ps: t });
         }
     }
-    let m = ChannelMap::new(&[(Role::Sync, 0), (Role::Z, 1), (Role::XPlus, 2), (Role::XMinus, 3), (Role::Clock, 5)]).unwrap();
+    let m = ChannelMap::new(&[(Role::Sync, 0), (Role::Z, 1), (Role::XPlus, 2), (Role::XMinus, 3), (Role::Clock, 5)])
+        .unwrap();
     let (events, p) = run(PipelineConfig::default(), &m, &mixed);
     let (base, _) = run(PipelineConfig::default(), &map(), &records);
     assert_eq!(events, base);
