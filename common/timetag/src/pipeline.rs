@@ -21,6 +21,11 @@
 //! (`first_sync_pulse`) or, in data mode, counts from the first Z click (see
 //! [`crate::clock::DataTracker`]).
 //!
+//! Records must come in time order, to within a pulse period (tags further out of order may be
+//! discarded, and are counted). Latency: a frame is emitted once the clock is final past its
+//! end, i.e. `lookahead` syncs later (with the defaults and one sync per frame, about three
+//! frames, 165 ms; with frequent syncs, little more than a frame).
+//!
 //! # Cost
 //! Per detector tag: a channel lookup and a copy into the buffer; later one segment lookup
 //! (a cursor that moves forward), one 64 x 64-bit multiplication, up to three window
@@ -140,7 +145,7 @@ impl FrameEvent {
 pub struct PipelineStats {
     /// Detector tags received.
     pub detector_tags: u64,
-    /// Sync tags received, and of those rejected by the tracking loop.
+    /// Sync tags received.
     pub sync_tags: u64,
     /// Sync tags rejected as inconsistent.
     pub syncs_rejected: u64,
@@ -154,7 +159,8 @@ pub struct PipelineStats {
     pub unknown_channel: u64,
     /// Gap records.
     pub gaps: u64,
-    /// Detector tags discarded before the model or the first reported frame began.
+    /// Detector tags discarded before the model or the first reported frame began (or too far
+    /// out of time order to be mapped, or dropped from the buffer while the clock was unlocked).
     pub discarded_before_start: u64,
     /// Detector tags that arrived after their frame had been emitted (out of order).
     pub discarded_late: u64,

@@ -668,23 +668,24 @@ fn parse_header(input: &mut impl Read, file: &str) -> Result<PtuHeader, PtuError
     })
 }
 
+/// A PTU writer for tests (this crate's and the pipeline's replay tests).
 #[cfg(test)]
-mod tests {
+pub(crate) mod testing {
     use super::*;
 
     /// A minimal PTU writer following PicoQuant's format description, for tests.
-    struct Writer {
-        buf: Vec<u8>,
+    pub(crate) struct Writer {
+        pub(crate) buf: Vec<u8>,
     }
 
     impl Writer {
-        fn new() -> Self {
+        pub(crate) fn new() -> Self {
             let mut buf = MAGIC.to_vec();
             buf.extend_from_slice(b"1.0.00\0\0");
             Self { buf }
         }
 
-        fn entry(&mut self, ident: &str, index: i32, typ: u32, value: [u8; 8]) -> &mut Self {
+        pub(crate) fn entry(&mut self, ident: &str, index: i32, typ: u32, value: [u8; 8]) -> &mut Self {
             let mut id = [0u8; 32];
             id[..ident.len()].copy_from_slice(ident.as_bytes());
             self.buf.extend_from_slice(&id);
@@ -694,22 +695,22 @@ mod tests {
             self
         }
 
-        fn int(&mut self, ident: &str, v: i64) -> &mut Self {
+        pub(crate) fn int(&mut self, ident: &str, v: i64) -> &mut Self {
             self.entry(ident, -1, tag_type::INT8, v.to_le_bytes())
         }
 
-        fn float(&mut self, ident: &str, v: f64) -> &mut Self {
+        pub(crate) fn float(&mut self, ident: &str, v: f64) -> &mut Self {
             self.entry(ident, -1, tag_type::FLOAT8, v.to_le_bytes())
         }
 
-        fn var(&mut self, ident: &str, typ: u32, data: &[u8]) -> &mut Self {
+        pub(crate) fn var(&mut self, ident: &str, typ: u32, data: &[u8]) -> &mut Self {
             self.entry(ident, -1, typ, (data.len() as i64).to_le_bytes());
             self.buf.extend_from_slice(data);
             self
         }
 
         /// A complete header for `rec_type` with `n` records (None: no count).
-        fn header(rec_type: u32, n: Option<i64>, glob_s: f64, res_s: Option<f64>) -> Self {
+        pub(crate) fn header(rec_type: u32, n: Option<i64>, glob_s: f64, res_s: Option<f64>) -> Self {
             let mut w = Self::new();
             w.var("File_Comment", tag_type::ANSI_STRING, b"qkd test\0\0\0\0");
             w.int("TTResultFormat_TTTRRecType", i64::from(rec_type));
@@ -724,7 +725,7 @@ mod tests {
             w
         }
 
-        fn records(&mut self, recs: &[u32]) -> Vec<u8> {
+        pub(crate) fn records(&mut self, recs: &[u32]) -> Vec<u8> {
             for r in recs {
                 self.buf.extend_from_slice(&r.to_le_bytes());
             }
@@ -733,9 +734,39 @@ mod tests {
     }
 
     /// HydraHarp-layout T2 record.
-    fn hh_t2(special: u32, channel: u32, timetag: u32) -> u32 {
+    pub(crate) fn hh_t2(special: u32, channel: u32, timetag: u32) -> u32 {
         (special << 31) | (channel << 25) | timetag
     }
+
+    /// HydraHarp V2 T2 records (1 ps units) of a stream: sync as special channel 0, channel
+    /// c >= 1 as input c - 1, markers as special channels, overflows with counts; gaps have no
+    /// PTU form and are left out.
+    pub(crate) fn encode_hh_v2_t2(records: &[Record]) -> Vec<u32> {
+        const WRAP: u64 = 33_554_432;
+        let mut out = Vec::new();
+        let mut base = 0u64;
+        for r in records {
+            let (special, channel, t) = match *r {
+                Record::Tag(t) if t.channel == 0 => (1, 0, t.time_ps),
+                Record::Tag(t) => (0, u32::from(t.channel) - 1, t.time_ps),
+                Record::Marker { marker, time_ps } => (1, u32::from(marker), time_ps),
+                Record::Gap { .. } => continue,
+            };
+            while t / WRAP > base {
+                let n = (t / WRAP - base).min(0x1FF_FFFF);
+                out.push(hh_t2(1, 63, n as u32));
+                base += n;
+            }
+            out.push(hh_t2(special, channel, (t - base * WRAP) as u32));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{Writer, hh_t2};
+    use super::*;
 
     /// HydraHarp-layout T3 record.
     fn hh_t3(special: u32, channel: u32, dtime: u32, nsync: u32) -> u32 {
