@@ -151,7 +151,7 @@ pub struct PipelineStats {
     pub syncs_rejected: u64,
     /// Acquisition restarts (spurious first sync).
     pub acquisition_restarts: u64,
-    /// Tags of the reference-clock channel (not used yet).
+    /// Tags of the reference-clock channel (not used yet), and in data mode of a sync channel.
     pub clock_tags: u64,
     /// Marker records.
     pub markers: u64,
