@@ -417,11 +417,6 @@ pub struct PhaseErrorBounds {
 }
 
 impl PhaseErrorBounds {
-    /// The sampling correction: the key's phase-error bound minus the test's (fraction).
-    pub fn sampling_correction(&self) -> f64 {
-        self.single_photon_rate_upper - self.test_rate_upper
-    }
-
     /// n_Z1 (1 - h(phi_1)), the single-photon key's smooth min-entropy bound, in bits.
     pub fn entropy_bits(&self) -> f64 {
         self.n_single_photon_lower * (1.0 - binary_entropy(self.single_photon_rate_upper))

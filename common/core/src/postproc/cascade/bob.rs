@@ -257,11 +257,6 @@ impl CascadeBob {
         &self.leak_by_pass
     }
 
-    /// True once [`CascadeBob::next_queries`] has returned None.
-    pub fn is_finished(&self) -> bool {
-        self.finished && self.outstanding.is_none()
-    }
-
     /// Bob's key and counters; call it once [`CascadeBob::next_queries`] has returned None.
     pub fn finish(self) -> CascadeOutcome {
         CascadeOutcome {

@@ -99,11 +99,6 @@ impl LdpcCode {
         self.mother_rate
     }
 
-    /// Number of edges of the lifted graph.
-    pub fn n_edges(&self) -> usize {
-        self.rows.iter().map(Vec::len).sum::<usize>() * self.z
-    }
-
     /// The leak (bits) when `n_punctured` adaptation bits are punctured: m - p.
     pub fn leak_with_punctured(&self, n_punctured: usize) -> u64 {
         (self.n_checks() - n_punctured.min(self.n_adaptation())) as u64
