@@ -10,10 +10,9 @@
 //!
 //! # Block writes: the record is the commit point
 //! A block brings tens of thousands of 256-bit units (20 000 for 10^7 sifted bits). Writing them
-//! in one sled transaction or batch costs about 4.5 KB of memory per unit (90 MB for 20 000
-//! units, 160 MB for the move from pending to ready, against 10 MB as plain inserts; measured
-//! with sled 0.34), so block writes are plain inserts ordered by flushes, and the block record
-//! is the commit point:
+//! in one sled transaction or batch costs kilobytes of memory per unit, many times what plain
+//! inserts cost (figures: docs/store.md), so block writes are plain inserts ordered by flushes,
+//! and the block record is the commit point:
 //! * a block's units are first written to the `pending` tree, which nothing serves, and flushed;
 //! * then its record is written (with `compare_and_swap`, so a block is stored once) and flushed:
 //!   from then on the block exists, pending or ready;
@@ -51,7 +50,7 @@ pub(crate) fn db_error(e: sled::Error) -> StoreError {
     StoreError::backend(e)
 }
 
-/// `.db()?` for sled results where `?` used to convert `sled::Error` into [`StoreError`].
+/// `.db()?` on sled results: a `sled::Error` becomes [`StoreError::Backend`].
 pub(crate) trait DbResult<T> {
     /// The result with a sled error turned into [`StoreError::Backend`].
     fn db(self) -> Result<T, StoreError>;
@@ -428,7 +427,7 @@ impl KeyStore for SledStore {
     }
 
     fn n_units(&self) -> Result<u64, StoreError> {
-        // sled counts by iterating: about 50 ms for 2 10^5 units (measured), once per block.
+        // sled counts by iterating (docs/store.md), once per block.
         Ok((self.ready.len() + self.pending.len()) as u64)
     }
 
