@@ -9,8 +9,8 @@ use anyhow::Context;
 use common::config::AliceConfig;
 use common::fibre::{encode_frame, write_frame};
 use common::grpc::status_from_link_error;
-use common::link::LinkError;
 use common::link::alice::{AliceCore, AliceEvent};
+use common::link::{HandleContext, LinkError, Request, Response};
 use common::sim::{FrameSecret, LinkParams, Source};
 use common::store::SledStore;
 use proto::link::link_server::{Link, LinkServer};
@@ -19,7 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use tracing::{info, warn};
 
 /// Alice's counters, written to `status.json` in the data directory every second.
@@ -169,6 +169,9 @@ pub async fn run(
     Ok(())
 }
 
+/// What every RPC returns.
+type RpcResult<T> = Result<tonic::Response<T>, Status>;
+
 /// The gRPC service: checks the caller's certificate name, then hands each request to the core.
 struct LinkService {
     core: Arc<Mutex<AliceCore>>,
@@ -179,7 +182,7 @@ struct LinkService {
 
 impl LinkService {
     /// Refuses a caller whose (CA-verified) certificate is not valid for the configured peer name.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn authorize<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         if common::tls::peer_has_name(leaf, &self.peer_name) {
@@ -190,16 +193,32 @@ impl LinkService {
         }
     }
 
-    fn with_core<R>(&self, f: impl FnOnce(&mut AliceCore) -> Result<R, LinkError>) -> Result<R, Status> {
-        // Invariant: no code panics while holding the lock, so it is never poisoned.
-        let mut core = self.core.lock().expect("alice core lock poisoned");
-        f(&mut core).map_err(status_from_link_error)
+    /// Every RPC: checks the caller, hands the request to the core, records what the core
+    /// reports, and answers.
+    async fn serve<Q, A>(&self, request: tonic::Request<Q>) -> RpcResult<A>
+    where
+        Q: Into<Request>,
+        A: TryFrom<Response, Error = LinkError>,
+    {
+        self.authorize(&request)?;
+        let request = request.into_inner().into();
+        let (response, event) = {
+            // Invariant: no code panics while holding the lock, so it is never poisoned.
+            let mut core = self.core.lock().expect("alice core lock poisoned");
+            let ctx = HandleContext { store: self.store.as_ref(), now_unix_ms: now_unix_ms() };
+            core.handle(request, &ctx).map_err(status_from_link_error)?
+        };
+        self.record(event);
+        Ok(tonic::Response::new(A::try_from(response).map_err(status_from_link_error)?))
     }
 
     fn record(&self, event: Option<AliceEvent>) {
         let Some(event) = event else { return };
         let mut status = self.status.lock().expect("status lock poisoned");
         match event {
+            AliceEvent::SessionOpened { bob_id, session_id, settled_ready } => {
+                info!(bob = %bob_id, session = %session_id, settled_ready, "session opened");
+            }
             AliceEvent::Committed(meta, security) => {
                 info!(
                     block = %meta.block_id,
@@ -229,76 +248,47 @@ fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Each RPC is one call of [`LinkService::serve`].
 #[tonic::async_trait]
 impl Link for LinkService {
-    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let resp = self.with_core(|core| core.hello(&req, self.store.as_ref()))?;
-        info!(bob = %req.bob_id, session = %resp.session_id, settled_ready = resp.ready_block_ids.len(), "session opened");
-        Ok(Response::new(resp))
+    async fn hello(&self, request: tonic::Request<HelloRequest>) -> RpcResult<HelloResponse> {
+        self.serve(request).await
     }
 
-    async fn sift(&self, request: Request<SiftRequest>) -> Result<Response<SiftResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.sift(&req))?))
+    async fn sift(&self, request: tonic::Request<SiftRequest>) -> RpcResult<SiftResponse> {
+        self.serve(request).await
     }
 
-    async fn start_block(&self, request: Request<StartBlockRequest>) -> Result<Response<StartBlockResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.start_block(&req))?;
-        self.record(event);
-        Ok(Response::new(resp))
+    async fn start_block(&self, request: tonic::Request<StartBlockRequest>) -> RpcResult<StartBlockResponse> {
+        self.serve(request).await
     }
 
-    async fn parities(&self, request: Request<ParityRequest>) -> Result<Response<ParityResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.parities(&req))?))
+    async fn parities(&self, request: tonic::Request<ParityRequest>) -> RpcResult<ParityResponse> {
+        self.serve(request).await
     }
 
-    async fn syndromes(&self, request: Request<SyndromeRequest>) -> Result<Response<SyndromeResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.syndromes(&req))?))
+    async fn syndromes(&self, request: tonic::Request<SyndromeRequest>) -> RpcResult<SyndromeResponse> {
+        self.serve(request).await
     }
 
-    async fn reveal(&self, request: Request<RevealRequest>) -> Result<Response<RevealResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.reveal(&req))?))
+    async fn reveal(&self, request: tonic::Request<RevealRequest>) -> RpcResult<RevealResponse> {
+        self.serve(request).await
     }
 
-    async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.verify(&req))?))
+    async fn verify(&self, request: tonic::Request<VerifyRequest>) -> RpcResult<VerifyResponse> {
+        self.serve(request).await
     }
 
-    async fn amplify(&self, request: Request<AmplifyRequest>) -> Result<Response<AmplifyResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.amplify(&req, now_unix_ms()))?;
-        self.record(event);
-        Ok(Response::new(resp))
+    async fn amplify(&self, request: tonic::Request<AmplifyRequest>) -> RpcResult<AmplifyResponse> {
+        self.serve(request).await
     }
 
-    async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.commit(&req, self.store.as_ref()))?;
-        self.record(Some(event));
-        Ok(Response::new(resp))
+    async fn commit(&self, request: tonic::Request<CommitRequest>) -> RpcResult<CommitResponse> {
+        self.serve(request).await
     }
 
-    async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.abort(&req))?;
-        self.record(Some(event));
-        Ok(Response::new(resp))
+    async fn abort(&self, request: tonic::Request<AbortRequest>) -> RpcResult<AbortResponse> {
+        self.serve(request).await
     }
 }
 

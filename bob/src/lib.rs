@@ -8,13 +8,12 @@ use anyhow::{Context, anyhow};
 use common::config::BobConfig;
 use common::fibre::{decode_frame, read_frame};
 use common::grpc::link_error_from_status;
-use common::link::LinkError;
 use common::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
+use common::link::{LinkError, Request, Response};
 use common::sim::{LinkParams, Receiver};
 use common::store::SledStore;
 use common::tls::TlsMaterial;
 use proto::link::link_client::LinkClient;
-use proto::link::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
@@ -291,34 +290,20 @@ struct GrpcPeer {
 }
 
 impl LinkPeer for GrpcPeer {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        Ok(self.client.hello(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        Ok(self.client.sift(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        Ok(self.client.start_block(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        Ok(self.client.parities(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        Ok(self.client.syndromes(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        Ok(self.client.reveal(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        Ok(self.client.verify(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        Ok(self.client.amplify(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        Ok(self.client.commit(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        Ok(self.client.abort(req).await.map_err(link_error_from_status)?.into_inner())
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+        let client = &mut self.client;
+        let response = match request {
+            Request::Hello(req) => client.hello(req).await.map(|r| r.into_inner().into()),
+            Request::Sift(req) => client.sift(req).await.map(|r| r.into_inner().into()),
+            Request::StartBlock(req) => client.start_block(req).await.map(|r| r.into_inner().into()),
+            Request::Parities(req) => client.parities(req).await.map(|r| r.into_inner().into()),
+            Request::Syndromes(req) => client.syndromes(req).await.map(|r| r.into_inner().into()),
+            Request::Reveal(req) => client.reveal(req).await.map(|r| r.into_inner().into()),
+            Request::Verify(req) => client.verify(req).await.map(|r| r.into_inner().into()),
+            Request::Amplify(req) => client.amplify(req).await.map(|r| r.into_inner().into()),
+            Request::Commit(req) => client.commit(req).await.map(|r| r.into_inner().into()),
+            Request::Abort(req) => client.abort(req).await.map(|r| r.into_inner().into()),
+        };
+        response.map_err(link_error_from_status)
     }
 }

@@ -5,74 +5,19 @@
 
 use std::sync::Arc;
 
-use proto::link::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use crate::link::alice::AliceCore;
-use crate::link::bob::{BobLink, LinkPeer};
+use crate::link::bob::BobLink;
 use crate::link::memory::MemoryAlice;
 use crate::link::reconcile::LDPC_REVEAL_STEPS;
+use crate::link::testing::{Crash, FlakyAlice};
 use crate::link::{LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::SecurityParams;
 use crate::sim::{FrameSecret, LinkParams, Receiver, Source};
 use crate::store::{KeyStore, SledStore};
-
-/// Where a test makes the connection to Alice fail during a commit.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Crash {
-    None,
-    /// Bob's commit request never reaches Alice.
-    BeforeAliceCommits,
-    /// Alice commits but her answer never reaches Bob.
-    AfterAliceCommits,
-}
-
-struct FlakyAlice {
-    alice: MemoryAlice,
-    crash: Crash,
-}
-
-impl LinkPeer for FlakyAlice {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        self.alice.hello(req).await
-    }
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        self.alice.sift(req).await
-    }
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        self.alice.start_block(req).await
-    }
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        self.alice.parities(req).await
-    }
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        self.alice.syndromes(req).await
-    }
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        self.alice.reveal(req).await
-    }
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        self.alice.verify(req).await
-    }
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        self.alice.amplify(req).await
-    }
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        match self.crash {
-            Crash::None => self.alice.commit(req).await,
-            Crash::BeforeAliceCommits => Err(LinkError::Transport("connection lost".into())),
-            Crash::AfterAliceCommits => {
-                self.alice.commit(req).await?;
-                Err(LinkError::Transport("connection lost".into()))
-            }
-        }
-    }
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        self.alice.abort(req).await
-    }
-}
 
 struct Rig {
     security: SecurityParams,

@@ -9,6 +9,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::reconcile::AliceReconciler;
+use super::request::{HandleContext, Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
@@ -60,9 +61,19 @@ struct Block {
     amplified: Option<(BlockMeta, Vec<KeyUnit>, Box<KeyLength>)>,
 }
 
-/// What Alice reports about a block she finished (for logs and progress).
+/// What Alice reports about a session she opened or a block she finished (for logs and
+/// progress).
 #[derive(Clone, Debug)]
 pub enum AliceEvent {
+    /// Bob opened a session.
+    SessionOpened {
+        /// Bob's node identifier, as he announced it.
+        bob_id: String,
+        /// The new session.
+        session_id: Uuid,
+        /// How many of Bob's pending blocks Alice holds as ready.
+        settled_ready: usize,
+    },
     /// A block was committed with its keys, and its security report.
     Committed(BlockMeta, Box<KeyLength>),
     /// A block was dropped, with the reason.
@@ -105,9 +116,45 @@ impl AliceCore {
         }
     }
 
+    /// Answers one of Bob's requests: the one entry point of every driver (the gRPC service,
+    /// the in-memory peer). Returns the answer and what Alice has to report, if anything.
+    pub fn handle(
+        &mut self,
+        request: Request,
+        ctx: &HandleContext<'_>,
+    ) -> Result<(Response, Option<AliceEvent>), LinkError> {
+        Ok(match request {
+            Request::Hello(req) => {
+                let (resp, event) = self.hello(&req, ctx.store)?;
+                (resp.into(), Some(event))
+            }
+            Request::Sift(req) => (self.sift(&req)?.into(), None),
+            Request::StartBlock(req) => {
+                let (resp, event) = self.start_block(&req)?;
+                (resp.into(), event)
+            }
+            Request::Parities(req) => (self.parities(&req)?.into(), None),
+            Request::Syndromes(req) => (self.syndromes(&req)?.into(), None),
+            Request::Reveal(req) => (self.reveal(&req)?.into(), None),
+            Request::Verify(req) => (self.verify(&req)?.into(), None),
+            Request::Amplify(req) => {
+                let (resp, event) = self.amplify(&req, ctx.now_unix_ms)?;
+                (resp.into(), event)
+            }
+            Request::Commit(req) => {
+                let (resp, event) = self.commit(&req, ctx.store)?;
+                (resp.into(), Some(event))
+            }
+            Request::Abort(req) => {
+                let (resp, event) = self.abort(&req)?;
+                (resp.into(), Some(event))
+            }
+        })
+    }
+
     /// Opens a new session, dropping every unfinished block of the previous one, and says which
     /// of Bob's pending blocks are ready here.
-    pub fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<HelloResponse, LinkError> {
+    fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<(HelloResponse, AliceEvent), LinkError> {
         if req.params_digest != self.digest {
             return Err(LinkError::ParamsMismatch(
                 "protocol version, [protocol] or [security] settings (block size, key unit, frame length, eps_qkd, p_z, mu_max, g2_max) differ; run the same release and use the same preset, [protocol] and [security] sections at both ends".into(),
@@ -130,16 +177,19 @@ impl AliceCore {
             acc_monitor: SourceMonitor::default(),
             blocks: HashMap::new(),
         });
-        Ok(HelloResponse {
+        let event =
+            AliceEvent::SessionOpened { bob_id: req.bob_id.clone(), session_id: id, settled_ready: ready_block_ids.len() };
+        let response = HelloResponse {
             session_id: id.to_string(),
             alice_id: self.alice_id.clone(),
             ready_block_ids,
             next_frame_idx: self.frames.last_key_value().map_or(0, |(k, _)| k + 1),
-        })
+        };
+        Ok((response, event))
     }
 
     /// Sifts one frame against Bob's announcement; the frame's secret is erased afterwards.
-    pub fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
+    fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
         let p_z = self.security.p_z;
         let session = session_mut(&mut self.session, &req.session_id)?;
         let Some((secret, n_pulses, reading)) = self.frames.remove(&req.frame_idx) else {
@@ -156,7 +206,7 @@ impl AliceCore {
     }
 
     /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
-    pub fn start_block(
+    fn start_block(
         &mut self,
         req: &StartBlockRequest,
     ) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
@@ -217,7 +267,7 @@ impl AliceCore {
     }
 
     /// Discloses the parities Bob asks for (each one counted as leak).
-    pub fn parities(&mut self, req: &ParityRequest) -> Result<ParityResponse, LinkError> {
+    fn parities(&mut self, req: &ParityRequest) -> Result<ParityResponse, LinkError> {
         let block = self.block_mut(&req.block_id)?;
         if block.n_corrected.is_some() {
             return Err(LinkError::State("error correction of this block is closed".into()));
@@ -234,7 +284,7 @@ impl AliceCore {
     }
 
     /// Blind LDPC: the syndrome of every frame under the codes Bob names (leak m - p each).
-    pub fn syndromes(&mut self, req: &SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
+    fn syndromes(&mut self, req: &SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
         let Self { session, rng, .. } = self;
         let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
@@ -251,7 +301,7 @@ impl AliceCore {
     }
 
     /// Blind LDPC: reveals more punctured bits of the frames Bob names (one bit of leak each).
-    pub fn reveal(&mut self, req: &RevealRequest) -> Result<RevealResponse, LinkError> {
+    fn reveal(&mut self, req: &RevealRequest) -> Result<RevealResponse, LinkError> {
         let block = self.block_mut(&req.block_id)?;
         if block.n_corrected.is_some() {
             return Err(LinkError::State("error correction of this block is closed".into()));
@@ -264,7 +314,7 @@ impl AliceCore {
 
     /// Closes error correction and reveals Alice's verification tags, each under a fresh hash key
     /// (as many as keep eps_cor for the block's length).
-    pub fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
+    fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
         let eps_cor = EpsBudget::from_total(self.security.eps_qkd).eps_cor;
         let n_tags = n_tags_for(self.block_mut(&req.block_id)?.stats.n_key_bits, eps_cor);
         let hash_keys: Vec<u64> = (0..n_tags).map(|_| self.rng.next_u64()).collect();
@@ -283,7 +333,7 @@ impl AliceCore {
     }
 
     /// Computes the final key length and the Toeplitz seed, and prepares the block's key units.
-    pub fn amplify(
+    fn amplify(
         &mut self,
         req: &AmplifyRequest,
         now_unix_ms: u64,
@@ -368,7 +418,7 @@ impl AliceCore {
     }
 
     /// Bob holds the block as pending: store it as ready (durably) and confirm.
-    pub fn commit(
+    fn commit(
         &mut self,
         req: &CommitRequest,
         store: &dyn KeyStore,
@@ -389,7 +439,7 @@ impl AliceCore {
     }
 
     /// Bob gave up on a block: forget it.
-    pub fn abort(&mut self, req: &AbortRequest) -> Result<(AbortResponse, AliceEvent), LinkError> {
+    fn abort(&mut self, req: &AbortRequest) -> Result<(AbortResponse, AliceEvent), LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
         if let Some(session) = self.session.as_mut() {
             session.blocks.remove(&block_id);

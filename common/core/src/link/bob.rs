@@ -6,6 +6,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::Reconciliation;
+use super::request::{Request, Response};
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
@@ -23,30 +24,55 @@ use crate::quantum::Detection;
 use crate::sifting::{announce, bob_sift};
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
-/// Alice as Bob sees her: one call per round. The daemon implements it over gRPC with mutual
-/// TLS; the planning tool and tests with an in-memory [`AliceCore`](super::alice::AliceCore).
+/// Alice as Bob sees her: one method, [`LinkPeer::call`], carries any request. The daemon
+/// implements it over gRPC with mutual TLS; the planning tool and tests with an in-memory
+/// [`AliceCore`](super::alice::AliceCore) ([`MemoryAlice`](super::memory::MemoryAlice)). The
+/// typed helpers, one per RPC, are provided.
 #[allow(async_fn_in_trait)]
 pub trait LinkPeer {
+    /// Sends one request to Alice and returns her answer.
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError>;
+
     /// Opens a session.
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError>;
+    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Sifts a frame.
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError>;
+    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Starts a block.
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError>;
+    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks parities (Cascade).
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError>;
+    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks the frames' syndromes (LDPC).
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError>;
+    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks more punctured bits (LDPC).
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError>;
+    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks Alice's verification tag.
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError>;
+    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks the privacy-amplification parameters.
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError>;
+    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Acknowledges the pending block.
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError>;
+    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Gives up a block.
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError>;
+    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
 }
 
 /// The public outcome of one block (no key material).

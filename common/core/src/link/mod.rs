@@ -3,6 +3,9 @@
 //! [`alice::AliceCore`] answers Bob's requests (it is what Alice's gRPC service calls);
 //! [`bob::BobLink`] drives a session through any [`bob::LinkPeer`]: the gRPC client in the
 //! daemon, or an in-memory [`AliceCore`](alice::AliceCore) in the planning tool and the tests.
+//! The request surface exists once, as [`Request`] and [`Response`]: Alice's core answers
+//! one with [`AliceCore::handle`](alice::AliceCore::handle), and each transport carries one
+//! with [`LinkPeer::call`](bob::LinkPeer::call).
 //! Neither reads the clock: times come in as arguments. Randomness is injected. No transport
 //! either: [`LinkError`] knows nothing of gRPC.
 
@@ -11,10 +14,14 @@ pub mod bob;
 pub mod memory;
 pub mod params;
 pub mod reconcile;
+pub mod request;
+#[doc(hidden)]
+pub mod testing;
 pub mod transcript;
 
 pub use params::ProtocolParams;
 pub use reconcile::Reconciliation;
+pub use request::{HandleContext, Request, Response};
 
 /// Errors of the post-processing protocol. Each maps to one gRPC status (the mapping lives with
 /// the transport, in `common::grpc`).

@@ -8,14 +8,14 @@ use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Wake, Waker};
 
-use proto::link::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::alice::AliceCore;
-use super::bob::{BobLink, LinkPeer};
+use super::bob::BobLink;
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
+use super::testing::{Crash, FlakyAlice};
 use super::{LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
@@ -73,61 +73,6 @@ fn detect(secret: &FrameSecret, n_pulses: u64, rng: &mut ChaCha20Rng) -> Vec<Det
         };
         out.push(Detection { pulse_idx, measurement });
         pulse_idx += 1;
-    }
-}
-
-/// Where a test makes the connection to Alice fail during a commit.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Crash {
-    None,
-    /// Bob's commit request never reaches Alice.
-    BeforeAliceCommits,
-    /// Alice commits but her answer never reaches Bob.
-    AfterAliceCommits,
-}
-
-struct FlakyAlice {
-    alice: MemoryAlice,
-    crash: Crash,
-}
-
-impl LinkPeer for FlakyAlice {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        self.alice.hello(req).await
-    }
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        self.alice.sift(req).await
-    }
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        self.alice.start_block(req).await
-    }
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        self.alice.parities(req).await
-    }
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        self.alice.syndromes(req).await
-    }
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        self.alice.reveal(req).await
-    }
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        self.alice.verify(req).await
-    }
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        self.alice.amplify(req).await
-    }
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        match self.crash {
-            Crash::None => self.alice.commit(req).await,
-            Crash::BeforeAliceCommits => Err(LinkError::Transport("connection lost".into())),
-            Crash::AfterAliceCommits => {
-                self.alice.commit(req).await?;
-                Err(LinkError::Transport("connection lost".into()))
-            }
-        }
-    }
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        self.alice.abort(req).await
     }
 }
 
