@@ -56,9 +56,89 @@ struct Block {
     key: BitVec,
     reconciler: AliceReconciler,
     transcript: Transcript,
-    n_corrected: Option<u64>,
-    verified_tag: bool,
-    amplified: Option<(BlockMeta, Vec<KeyUnit>, Box<KeyLength>)>,
+    stage: Stage,
+}
+
+/// A block's phase at Alice. StartBlock opens it in [`BlockPhase::Reconciling`]; Verify closes
+/// error correction ([`BlockPhase::Verified`]); Amplify fixes the final key
+/// ([`BlockPhase::Amplified`]); Commit stores it. A committed block, and one dropped by Abort, a
+/// failed Amplify or a refused Commit, leaves the session. Each request about a block is
+/// accepted in one phase only ([`BlockRequest::expects`]); any other is refused with
+/// [`LinkError::Phase`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPhase {
+    /// Error correction is open: parities, syndromes and reveals are answered.
+    Reconciling,
+    /// Error correction is closed and the verification tags are sent.
+    Verified,
+    /// The final key is computed and waits for Bob's commit.
+    Amplified,
+}
+
+impl std::fmt::Display for BlockPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BlockPhase::Reconciling => "reconciling",
+            BlockPhase::Verified => "verified",
+            BlockPhase::Amplified => "amplified",
+        })
+    }
+}
+
+/// The requests about a block in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRequest {
+    /// Cascade parities.
+    Parities,
+    /// LDPC syndromes.
+    Syndromes,
+    /// LDPC reveals.
+    Reveal,
+    /// Closing error correction.
+    Verify,
+    /// Privacy amplification.
+    Amplify,
+    /// The two-ended commit.
+    Commit,
+}
+
+impl BlockRequest {
+    /// The phase the request needs: the block's transitions in one table (Verify moves a
+    /// reconciling block to verified, Amplify a verified one to amplified, Commit stores an
+    /// amplified one).
+    pub fn expects(self) -> BlockPhase {
+        match self {
+            BlockRequest::Parities | BlockRequest::Syndromes | BlockRequest::Reveal | BlockRequest::Verify => {
+                BlockPhase::Reconciling
+            }
+            BlockRequest::Amplify => BlockPhase::Verified,
+            BlockRequest::Commit => BlockPhase::Amplified,
+        }
+    }
+}
+
+/// A block's phase with what the phase holds.
+enum Stage {
+    Reconciling,
+    Verified {
+        /// Bits Bob's error correction flipped.
+        n_corrected: u64,
+    },
+    Amplified {
+        meta: BlockMeta,
+        keys: Vec<KeyUnit>,
+        length: Box<KeyLength>,
+    },
+}
+
+impl Stage {
+    fn phase(&self) -> BlockPhase {
+        match self {
+            Stage::Reconciling => BlockPhase::Reconciling,
+            Stage::Verified { .. } => BlockPhase::Verified,
+            Stage::Amplified { .. } => BlockPhase::Amplified,
+        }
+    }
 }
 
 /// What Alice reports about a session she opened or a block she finished (for logs and
@@ -259,19 +339,13 @@ impl AliceCore {
         let mut transcript = Transcript::default();
         transcript.absorb("StartBlock", req, &response);
         let reconciler = AliceReconciler::new(&self.params, &key, cascade_seed);
-        session.blocks.insert(
-            block_id,
-            Block { stats, key, reconciler, transcript, n_corrected: None, verified_tag: false, amplified: None },
-        );
+        session.blocks.insert(block_id, Block { stats, key, reconciler, transcript, stage: Stage::Reconciling });
         Ok((response, None))
     }
 
     /// Discloses the parities Bob asks for (each one counted as leak).
     fn parities(&mut self, req: &ParityRequest) -> Result<ParityResponse, LinkError> {
-        let block = self.block_mut(&req.block_id)?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("error correction of this block is closed".into()));
-        }
+        let (_, block) = block_for(&mut self.session, &req.block_id, BlockRequest::Parities)?;
         let queries: Vec<FrameParityQuery> = req
             .queries
             .iter()
@@ -285,14 +359,8 @@ impl AliceCore {
 
     /// Blind LDPC: the syndrome of every frame under the codes Bob names (leak m - p each).
     fn syndromes(&mut self, req: &SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        let block_id = parse_uuid(&req.block_id, "block id")?;
         let Self { session, rng, .. } = self;
-        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("error correction of this block is closed".into()));
-        }
+        let (_, block) = block_for(session, &req.block_id, BlockRequest::Syndromes)?;
         let starts: Vec<(u32, u32)> = req.frames.iter().map(|f| (f.rate_index, f.n_punctured)).collect();
         let syndromes = block.reconciler.syndromes(&starts, rng)?;
         let response = SyndromeResponse { syndromes: syndromes.iter().map(BitVec::to_bytes).collect() };
@@ -302,10 +370,7 @@ impl AliceCore {
 
     /// Blind LDPC: reveals more punctured bits of the frames Bob names (one bit of leak each).
     fn reveal(&mut self, req: &RevealRequest) -> Result<RevealResponse, LinkError> {
-        let block = self.block_mut(&req.block_id)?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("error correction of this block is closed".into()));
-        }
+        let (_, block) = block_for(&mut self.session, &req.block_id, BlockRequest::Reveal)?;
         let values = block.reconciler.reveal(&req.counts)?;
         let response = RevealResponse { values: values.iter().map(|v| BitVec::from_bools(v).to_bytes()).collect() };
         block.transcript.absorb("Reveal", req, &response);
@@ -316,16 +381,14 @@ impl AliceCore {
     /// (as many as keep eps_cor for the block's length).
     fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
         let eps_cor = EpsBudget::from_total(self.security.eps_qkd).eps_cor;
-        let n_tags = n_tags_for(self.block_mut(&req.block_id)?.stats.n_key_bits, eps_cor);
-        let hash_keys: Vec<u64> = (0..n_tags).map(|_| self.rng.next_u64()).collect();
-        let block = self.block_mut(&req.block_id)?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("block already verified".into()));
-        }
+        let Self { session, rng, .. } = self;
+        let (_, block) = block_for(session, &req.block_id, BlockRequest::Verify)?;
+        let n_tags = n_tags_for(block.stats.n_key_bits, eps_cor);
+        let hash_keys: Vec<u64> = (0..n_tags).map(|_| rng.next_u64()).collect();
         if req.n_corrected > block.stats.n_key_bits {
             return Err(LinkError::Malformed("more corrections than bits".into()));
         }
-        block.n_corrected = Some(req.n_corrected);
+        block.stage = Stage::Verified { n_corrected: req.n_corrected };
         let tags = hash_keys.iter().map(|&hash_key| poly_hash_tag(&block.key, hash_key)).collect();
         let response = VerifyResponse { hash_keys, tags };
         block.transcript.absorb("Verify", req, &response);
@@ -338,15 +401,12 @@ impl AliceCore {
         req: &AmplifyRequest,
         now_unix_ms: u64,
     ) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
-        let block_id = parse_uuid(&req.block_id, "block id")?;
         let security = self.security.clone();
         let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
         let Self { session, rng, .. } = self;
-        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        let Some(n_corrected) = block.n_corrected else {
-            return Err(LinkError::State("block not verified yet".into()));
+        let (block_id, block) = block_for(session, &req.block_id, BlockRequest::Amplify)?;
+        let Stage::Verified { n_corrected } = block.stage else {
+            return Err(phase_error(block_id, block, BlockRequest::Amplify));
         };
         let n = block.stats.n_key_bits;
         let qber_z = n_corrected as f64 / n.max(1) as f64;
@@ -374,7 +434,7 @@ impl AliceCore {
         let length = match outcome {
             Ok(length) => length,
             Err(reason) => {
-                session.blocks.remove(&block_id);
+                remove_block(session, block_id);
                 let response = AmplifyResponse { abort_reason: reason.clone(), ..Default::default() };
                 return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
             }
@@ -412,8 +472,7 @@ impl AliceCore {
             abort_reason: String::new(),
         };
         block.transcript.absorb("Amplify", req, &response);
-        block.amplified = Some((meta, keys, Box::new(length)));
-        block.verified_tag = true;
+        block.stage = Stage::Amplified { meta, keys, length: Box::new(length) };
         Ok((response, None))
     }
 
@@ -423,19 +482,19 @@ impl AliceCore {
         req: &CommitRequest,
         store: &dyn KeyStore,
     ) -> Result<(CommitResponse, AliceEvent), LinkError> {
-        let block_id = parse_uuid(&req.block_id, "block id")?;
-        let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.remove(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        let Some((meta, keys, security)) = block.amplified.as_ref().filter(|_| block.verified_tag) else {
-            return Err(LinkError::State("block not amplified".into()));
+        let (block_id, _) = block_for(&mut self.session, &req.block_id, BlockRequest::Commit)?;
+        // The block leaves the session whatever the outcome (a store failure included).
+        let Some(Block { stage: Stage::Amplified { meta, keys, length }, transcript, .. }) =
+            remove_block(&mut self.session, block_id)
+        else {
+            return Err(LinkError::State(format!("block {block_id} vanished during its commit")));
         };
-        if block.transcript.digest().as_slice() != req.transcript_digest.as_slice() {
+        if transcript.digest().as_slice() != req.transcript_digest.as_slice() {
             let reason = "transcripts differ: the two ends did not see the same messages".to_owned();
             return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, reason }));
         }
-        store.put_ready(meta, keys)?;
-        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta.clone(), security.clone())))
+        store.put_ready(&meta, &keys)?;
+        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta, length)))
     }
 
     /// Bob gave up on a block: forget it.
@@ -447,15 +506,36 @@ impl AliceCore {
         Ok((AbortResponse {}, AliceEvent::Aborted { block_id, reason: format!("Bob aborted: {}", req.reason) }))
     }
 
-    fn block_mut(&mut self, block_id: &str) -> Result<&mut Block, LinkError> {
-        let block_id = parse_uuid(block_id, "block id")?;
-        let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))
-    }
-
     fn uuid(&mut self) -> Uuid {
         uuid::Builder::from_random_bytes(self.rng.random()).into_uuid()
     }
+}
+
+/// The block `block_id` names, if `request` fits its phase: the one place where a request meets
+/// a block's phase.
+fn block_for<'a>(
+    session: &'a mut Option<Session>,
+    block_id: &str,
+    request: BlockRequest,
+) -> Result<(Uuid, &'a mut Block), LinkError> {
+    let block_id = parse_uuid(block_id, "block id")?;
+    let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+    let block =
+        session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+    if block.stage.phase() != request.expects() {
+        return Err(phase_error(block_id, block, request));
+    }
+    Ok((block_id, block))
+}
+
+/// The error for `request` arriving while `block` is in another phase than the one it needs.
+fn phase_error(block_id: Uuid, block: &Block, request: BlockRequest) -> LinkError {
+    LinkError::Phase { block_id, request, expected: request.expects(), actual: block.stage.phase() }
+}
+
+/// Drops a block from the session (committed or aborted), returning it.
+fn remove_block(session: &mut Option<Session>, block_id: Uuid) -> Option<Block> {
+    session.as_mut().and_then(|s| s.blocks.remove(&block_id))
 }
 
 fn session_mut<'a>(session: &'a mut Option<Session>, id: &str) -> Result<&'a mut Session, LinkError> {

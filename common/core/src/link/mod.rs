@@ -30,6 +30,19 @@ pub enum LinkError {
     /// The request does not fit the protocol state (unknown session, block or frame).
     #[error("{0}")]
     State(String),
+    /// A request about a block arrived in another phase than the one it needs (a state error:
+    /// the request does not fit the block's state).
+    #[error("block {block_id}: {request:?} expects the block {expected}, but it is {actual}")]
+    Phase {
+        /// The block.
+        block_id: uuid::Uuid,
+        /// The request.
+        request: alice::BlockRequest,
+        /// The phase the request needs.
+        expected: alice::BlockPhase,
+        /// The block's phase.
+        actual: alice::BlockPhase,
+    },
     /// The request is malformed.
     #[error("malformed request: {0}")]
     Malformed(String),

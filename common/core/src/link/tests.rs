@@ -5,20 +5,24 @@
 //! receiver and sled stores.)
 
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::alice::AliceCore;
-use super::bob::BobLink;
+use super::alice::{BlockPhase, BlockRequest};
+use super::bob::{BobLink, LinkPeer};
+use super::request::{Request, Response};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
 use super::testing::{Crash, FlakyAlice};
 use super::{LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
+use proto::link::{AmplifyRequest, ParityRequest};
+
 use crate::quantum::{Basis, Detection, FrameSecret, FrameStates, Measurement, State};
 use crate::store::{KeyStore, MemoryStore};
 
@@ -113,7 +117,7 @@ impl Rig {
     }
 
     /// Emits, detects and sifts frames until a block is ready.
-    async fn fill_block(&mut self, bob: &mut BobLink<FlakyAlice>) {
+    async fn fill_block<P: LinkPeer>(&mut self, bob: &mut BobLink<P>) {
         while !bob.block_ready() {
             let n_pulses = self.params.frame_pulses;
             let secret = FrameSecret::random(&mut self.rng);
@@ -256,5 +260,90 @@ fn mismatched_parameters_are_refused_at_hello() {
         let err =
             BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.err().unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
+    });
+}
+
+/// An in-memory Alice to whom requests out of a block's phase are sent alongside Bob's own:
+/// before Verify, an Amplify and a Commit; after it, Parities and Verify again; before the
+/// Commit, a second Amplify. Each is refused, and it records the refusals.
+struct OutOfPhase {
+    alice: MemoryAlice,
+    refused: Arc<Mutex<Vec<LinkError>>>,
+}
+
+impl OutOfPhase {
+    async fn probe(&mut self, request: Request) {
+        let refusal = self.alice.call(request).await.expect_err("a request out of phase was answered");
+        self.refused.lock().unwrap().push(refusal);
+    }
+}
+
+impl LinkPeer for OutOfPhase {
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+        match &request {
+            Request::Verify(verify) => {
+                let block_id = verify.block_id.clone();
+                self.probe(AmplifyRequest { block_id: block_id.clone(), verified: true }.into()).await;
+                self.probe(proto::link::CommitRequest { block_id: block_id.clone(), ..Default::default() }.into())
+                    .await;
+                let response = self.alice.call(request.clone()).await?;
+                self.probe(ParityRequest { block_id, queries: vec![] }.into()).await;
+                self.probe(request).await;
+                Ok(response)
+            }
+            Request::Commit(commit) => {
+                self.probe(AmplifyRequest { block_id: commit.block_id.clone(), verified: true }.into()).await;
+                self.alice.call(request).await
+            }
+            _ => self.alice.call(request).await,
+        }
+    }
+}
+
+#[test]
+fn requests_out_of_a_blocks_phase_are_refused_naming_both_phases_and_change_nothing() {
+    use BlockPhase::*;
+    block_on(async {
+        // The same block twice, once with the probes: the same keys at the end.
+        let mut plain = Rig::new(6);
+        let mut bob = plain.open(Crash::None).await;
+        plain.fill_block(&mut bob).await;
+        assert_eq!(bob.process_block(&plain.bob_store, 0).await.unwrap().abort_reason, None);
+
+        let mut rig = Rig::new(6);
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let peer = OutOfPhase { alice: rig.alice.clone(), refused: refused.clone() };
+        let (mut bob, _) =
+            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.unwrap();
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason, None, "{report:?}");
+        let phases: Vec<_> = refused
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                LinkError::Phase { block_id, request, expected, actual } => {
+                    assert_eq!(*block_id, report.block_id);
+                    assert!(e.to_string().contains(&format!("expects the block {expected}, but it is {actual}")), "{e}");
+                    (*request, *expected, *actual)
+                }
+                other => panic!("not a phase error: {other}"),
+            })
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                (BlockRequest::Amplify, Verified, Reconciling),
+                (BlockRequest::Commit, Amplified, Reconciling),
+                (BlockRequest::Parities, Reconciling, Verified),
+                (BlockRequest::Verify, Reconciling, Verified),
+                (BlockRequest::Amplify, Verified, Amplified),
+            ]
+        );
+        let summary = rig.alice_store.summary().unwrap();
+        assert!(summary.n_keys > 0);
+        assert_eq!(summary, rig.bob_store.summary().unwrap());
+        assert_eq!(summary, plain.alice_store.summary().unwrap(), "the refused requests changed the keys");
     });
 }
