@@ -235,10 +235,16 @@ impl LinkService {
                 status.keys_stored += meta.final_bits / 256;
                 status.secret_bits += meta.final_bits;
             }
-            AliceEvent::Aborted { block_id, reason } => {
-                warn!(block = %block_id, %reason, "block aborted: no key stored");
+            AliceEvent::Aborted { block_id, abort, by_bob } => {
+                warn!(
+                    block = %block_id,
+                    reason = %abort.reason,
+                    detail = abort.detail(),
+                    by_bob,
+                    "block aborted: no key stored"
+                );
                 status.blocks_aborted += 1;
-                status.last_abort_reason = Some(reason);
+                status.last_abort_reason = Some(if by_bob { format!("Bob aborted: {abort}") } else { abort.to_string() });
             }
         }
     }

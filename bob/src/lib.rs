@@ -257,14 +257,15 @@ fn log_block(report: &BlockReport) {
             security = %report.security.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()).unwrap_or_default(),
             "block committed: keys stored as ready"
         ),
-        Some(reason) => warn!(
+        Some(abort) => warn!(
             block = %report.block_id,
             sifted_bits = report.n_bits,
             qber_z = format_args!("{:.3}%", 100.0 * report.qber_z),
             qber_x = format_args!("{:.3}%", 100.0 * report.qber_x),
             monitor_mu = report.monitor_mu,
             monitor_g2 = report.monitor_g2,
-            %reason,
+            reason = %abort.reason,
+            detail = abort.detail(),
             "block aborted: no key stored"
         ),
     }

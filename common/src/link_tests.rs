@@ -112,7 +112,7 @@ fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
         bob.set_max_stored_units(held);
         rig.fill_block(&mut bob).await;
         let full = bob.process_block(&rig.bob_store, 0).await.unwrap();
-        let reason = full.abort_reason.clone().unwrap_or_default();
+        let reason = full.abort_reason.as_ref().map(ToString::to_string).unwrap_or_default();
         assert!(reason.contains("key store is full"), "{full:?}");
         assert_eq!(full.n_keys, 0);
         let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());

@@ -8,6 +8,7 @@ use rand_chacha::ChaCha20Rng;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::abort::{Abort, AbortReason};
 use super::reconcile::AliceReconciler;
 use super::request::{HandleContext, Request, Response};
 use super::transcript::Transcript;
@@ -161,7 +162,9 @@ pub enum AliceEvent {
         /// The block.
         block_id: Uuid,
         /// Why.
-        reason: String,
+        abort: Abort,
+        /// Bob gave the block up (his Abort request), rather than Alice.
+        by_bob: bool,
     },
 }
 
@@ -319,20 +322,20 @@ impl AliceCore {
         let (monitor_mu, monitor_g2) = (monitor.mu_mean(), monitor.g2_mean());
         let estimate = monitor.check(&security).and_then(|()| phase_error_upper(&stats, &security));
         if let Err(e) = estimate {
-            let reason = format!("parameter estimation: {e}");
+            let abort = Abort::from_key_length_error(&e);
             let response = StartBlockResponse {
                 block_id: block_id.to_string(),
                 cascade_seed: vec![],
-                abort_reason: reason.clone(),
+                abort: Some(abort.to_wire()),
                 monitor_mu,
                 monitor_g2,
             };
-            return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
+            return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
         }
         let response = StartBlockResponse {
             block_id: block_id.to_string(),
             cascade_seed: cascade_seed.to_vec(),
-            abort_reason: String::new(),
+            abort: None,
             monitor_mu,
             monitor_g2,
         };
@@ -418,25 +421,28 @@ impl AliceCore {
             leak_ec_bits: block.reconciler.leak_bits(),
         };
         let outcome = if !req.verified {
-            Err("verification failed: the corrected keys differ".to_owned())
+            Err(Abort::new(AbortReason::VerificationFailed, "the corrected keys differ"))
         } else if qber_z > max_qber_z {
-            Err(format!("QBER in Z {:.2} % exceeds the limit {:.2} %", 100.0 * qber_z, 100.0 * max_qber_z))
+            Err(Abort::new(
+                AbortReason::QberTooHigh,
+                format!("QBER in Z {:.2} % exceeds the limit {:.2} %", 100.0 * qber_z, 100.0 * max_qber_z),
+            ))
         } else {
             match secret_key_length(&stats, &security) {
                 Ok(length) if length.final_bits / unit_bits > 0 => Ok(length),
-                Ok(length) => Err(format!(
-                    "finite-key length {} bits is below one key unit of {unit_bits} bits",
-                    length.final_bits
+                Ok(length) => Err(Abort::new(
+                    AbortReason::NoSecretKey,
+                    format!("finite-key length {} bits is below one key unit of {unit_bits} bits", length.final_bits),
                 )),
-                Err(e) => Err(format!("finite-key analysis: {e}")),
+                Err(e) => Err(Abort::from_key_length_error(&e)),
             }
         };
         let length = match outcome {
             Ok(length) => length,
-            Err(reason) => {
+            Err(abort) => {
                 remove_block(session, block_id);
-                let response = AmplifyResponse { abort_reason: reason.clone(), ..Default::default() };
-                return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
+                let response = AmplifyResponse { abort: Some(abort.to_wire()), ..Default::default() };
+                return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
             }
         };
         let final_bits = (length.final_bits / unit_bits) * unit_bits;
@@ -469,7 +475,7 @@ impl AliceCore {
             final_bits,
             toeplitz_seed: seed.to_bytes(),
             key_ids: keys.iter().map(|k| k.key_id.to_string()).collect(),
-            abort_reason: String::new(),
+            abort: None,
         };
         block.transcript.absorb("Amplify", req, &response);
         block.stage = Stage::Amplified { meta, keys, length: Box::new(length) };
@@ -490,8 +496,8 @@ impl AliceCore {
             return Err(LinkError::State(format!("block {block_id} vanished during its commit")));
         };
         if transcript.digest().as_slice() != req.transcript_digest.as_slice() {
-            let reason = "transcripts differ: the two ends did not see the same messages".to_owned();
-            return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, reason }));
+            let abort = Abort::new(AbortReason::TranscriptMismatch, "the two ends did not see the same messages");
+            return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, abort, by_bob: false }));
         }
         store.put_ready(&meta, &keys)?;
         Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta, length)))
@@ -503,7 +509,8 @@ impl AliceCore {
         if let Some(session) = self.session.as_mut() {
             session.blocks.remove(&block_id);
         }
-        Ok((AbortResponse {}, AliceEvent::Aborted { block_id, reason: format!("Bob aborted: {}", req.reason) }))
+        let abort = req.abort.as_ref().map_or(Abort::new(AbortReason::Unknown(0), ""), Abort::from_wire);
+        Ok((AbortResponse {}, AliceEvent::Aborted { block_id, abort, by_bob: true }))
     }
 
     fn uuid(&mut self) -> Uuid {

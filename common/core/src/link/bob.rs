@@ -6,6 +6,7 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::Reconciliation;
+use super::abort::{Abort, AbortReason};
 use super::request::{Request, Response};
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
 use super::transcript::Transcript;
@@ -99,7 +100,7 @@ pub struct BlockReport {
     /// Key units stored.
     pub n_keys: u64,
     /// Why no key was stored, if none was.
-    pub abort_reason: Option<String>,
+    pub abort_reason: Option<Abort>,
     /// The transmitter's monitored mean photon number over the block (mean of frame readings).
     pub monitor_mu: f64,
     /// The transmitter's monitored g2(0) over the block.
@@ -293,29 +294,33 @@ impl<P: LinkPeer> BobLink<P> {
             monitor_g2: started.monitor_g2,
             security: None,
         };
-        if !started.abort_reason.is_empty() {
-            report.abort_reason = Some(started.abort_reason);
+        if let Some(abort) = &started.abort {
+            report.abort_reason = Some(Abort::from_wire(abort));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
         if let Some(calibration) = &self.side_slots
-            && let Err(reason) = calibration.check(&x_slots, stats.n_pulses)
+            && let Err(detail) = calibration.check(&x_slots, stats.n_pulses)
         {
-            self.abort(&started.block_id, &reason).await?;
-            report.abort_reason = Some(reason);
+            let abort = Abort::new(AbortReason::DetectorSideSlots, detail);
+            self.abort(&started.block_id, &abort).await?;
+            report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
         if self.max_stored_units > 0 {
             let held = store.n_units()?;
             if held >= self.max_stored_units {
-                let reason = format!(
-                    "Bob's key store is full ({held} key units held, limit {}): no key distilled until keys are \
-                     fetched or max_stored_units is raised",
-                    self.max_stored_units
+                let abort = Abort::new(
+                    AbortReason::StoreFull,
+                    format!(
+                        "Bob's key store is full ({held} key units held, limit {}): no key distilled until keys are \
+                         fetched or max_stored_units is raised",
+                        self.max_stored_units
+                    ),
                 );
-                self.abort(&started.block_id, &reason).await?;
-                report.abort_reason = Some(reason);
+                self.abort(&started.block_id, &abort).await?;
+                report.abort_reason = Some(abort);
                 self.counters.blocks_aborted += 1;
                 return Ok(report);
             }
@@ -361,8 +366,8 @@ impl<P: LinkPeer> BobLink<P> {
 
         let req = AmplifyRequest { block_id: started.block_id.clone(), verified };
         let amplify = self.peer.amplify(req.clone()).await?;
-        if !amplify.abort_reason.is_empty() {
-            report.abort_reason = Some(amplify.abort_reason);
+        if let Some(abort) = &amplify.abort {
+            report.abort_reason = Some(Abort::from_wire(abort));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -378,9 +383,12 @@ impl<P: LinkPeer> BobLink<P> {
         let expected_bits = expected.final_bits / unit_bits * unit_bits;
         report.security = Some(Box::new(expected));
         if amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_bits / unit_bits {
-            let reason = format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits);
-            self.abort(&started.block_id, &reason).await?;
-            report.abort_reason = Some(reason);
+            let abort = Abort::new(
+                AbortReason::KeyLengthMismatch,
+                format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits),
+            );
+            self.abort(&started.block_id, &abort).await?;
+            report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -416,7 +424,7 @@ impl<P: LinkPeer> BobLink<P> {
             .await?;
         if !commit.ready {
             store.drop_pending(block_id)?;
-            report.abort_reason = Some("Alice refused the commit: transcripts differ".into());
+            report.abort_reason = Some(Abort::new(AbortReason::TranscriptMismatch, "Alice refused the commit"));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -559,8 +567,8 @@ impl<P: LinkPeer> BobLink<P> {
         Ok(Reconciled { key: corrected, n_corrected, leak_bits, round_trips, observed_qber })
     }
 
-    async fn abort(&mut self, block_id: &str, reason: &str) -> Result<(), LinkError> {
-        self.peer.abort(AbortRequest { block_id: block_id.to_owned(), reason: reason.to_owned() }).await?;
+    async fn abort(&mut self, block_id: &str, abort: &Abort) -> Result<(), LinkError> {
+        self.peer.abort(AbortRequest { block_id: block_id.to_owned(), abort: Some(abort.to_wire()) }).await?;
         Ok(())
     }
 }

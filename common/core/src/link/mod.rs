@@ -9,6 +9,7 @@
 //! Neither reads the clock: times come in as arguments. Randomness is injected. No transport
 //! either: [`LinkError`] knows nothing of gRPC.
 
+pub mod abort;
 pub mod alice;
 pub mod bob;
 pub mod memory;
@@ -19,6 +20,7 @@ pub mod request;
 pub mod testing;
 pub mod transcript;
 
+pub use abort::{Abort, AbortReason};
 pub use params::ProtocolParams;
 pub use reconcile::Reconciliation;
 pub use request::{HandleContext, Request, Response};

@@ -11,14 +11,14 @@ use std::task::{Context, Poll, Wake, Waker};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use super::alice::AliceCore;
+use super::alice::{AliceCore, AliceEvent};
 use super::alice::{BlockPhase, BlockRequest};
 use super::bob::{BobLink, LinkPeer};
 use super::request::{Request, Response};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
 use super::testing::{Crash, FlakyAlice};
-use super::{LinkError, ProtocolParams, Reconciliation};
+use super::{AbortReason, LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
 use proto::link::{AmplifyRequest, ParityRequest};
@@ -179,9 +179,17 @@ fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
         bob.set_max_stored_units(held);
         rig.fill_block(&mut bob).await;
         let full = bob.process_block(&rig.bob_store, 0).await.unwrap();
-        let reason = full.abort_reason.clone().unwrap_or_default();
+        let reason = full.abort_reason.as_ref().map(ToString::to_string).unwrap_or_default();
         assert!(reason.contains("key store is full"), "{full:?}");
         assert_eq!(full.n_keys, 0);
+        // The reason is typed at both ends: Bob's report, and Alice's event for his Abort.
+        assert_eq!(full.abort_reason.as_ref().map(|a| a.reason), Some(AbortReason::StoreFull));
+        match rig.alice.lock().events.last() {
+            Some(AliceEvent::Aborted { block_id, abort, by_bob: true }) => {
+                assert_eq!((*block_id, abort), (full.block_id, full.abort_reason.as_ref().unwrap()));
+            }
+            other => panic!("Alice did not report Bob's abort: {other:?}"),
+        }
         let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
         assert_eq!(a, b);
         assert_eq!((b.n_keys, b.n_ready_blocks, b.n_pending_blocks), (held, 1, 0));
