@@ -160,7 +160,7 @@ async fn session(
     let _ = fibre.set_nodelay(true);
     let peer = GrpcPeer { client: LinkClient::new(channel) };
     let (mut bob, (ready, dropped)) =
-        BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store).await?;
+        off_the_workers(BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store)).await?;
     bob.set_max_stored_units(cfg.max_stored_units);
     bob.set_side_slot_monitor(link.side_slot_calibration());
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
@@ -218,7 +218,7 @@ async fn session(
         receiver.feedback(x_counts.plus_plus + x_counts.plus_minus, x_counts.plus_minus);
         let mut report = None;
         if bob.block_ready() {
-            match bob.process_block(store, now_unix_ms()).await {
+            match off_the_workers(bob.process_block(store, now_unix_ms())).await {
                 Ok(r) => report = Some(r),
                 Err(e) => break Err(anyhow!(e).context("block post-processing")),
             }
@@ -238,6 +238,20 @@ async fn session(
     reader_stop.cancel();
     let _ = reader.await;
     result
+}
+
+/// Runs `future` (a block's post-processing, or the settling of pending blocks) without holding
+/// an async worker: error correction, hashing and the store's fsyncs take from milliseconds to
+/// seconds of CPU and disk, during which this worker's other tasks (the fibre reader, and
+/// Alice's when both run in one process) move to another worker. On a current-thread runtime,
+/// where there is no other worker, it is simply awaited.
+async fn off_the_workers<F: Future>(future: F) -> F::Output {
+    let runtime = tokio::runtime::Handle::current();
+    if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| runtime.block_on(future))
+    } else {
+        future.await
+    }
 }
 
 fn log_block(report: &BlockReport) {
