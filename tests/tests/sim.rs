@@ -130,7 +130,8 @@ fn without_feedback_the_x_error_walks_past_the_abort_threshold() {
     // Blocks of 10^6 bits (about an hour each) show the drift block by block.
     let off = run(reference_link(120.0, false), 1_000_000, duration_s, Eavesdropper::None, seed);
     let x_errors: Vec<f64> = off.block_reports.iter().map(|b| b.qber_x).collect();
-    let aborted: Vec<String> = off.block_reports.iter().filter_map(|b| b.abort_reason.as_ref().map(ToString::to_string)).collect();
+    let aborted: Vec<String> =
+        off.block_reports.iter().filter_map(|b| b.abort_reason.as_ref().map(ToString::to_string)).collect();
     let summary = format!("seed {seed}: floor {floor:.4}, X error per block {x_errors:.4?}, aborts {aborted:?}");
     assert!(off.blocks >= 2, "{summary}");
     assert!(x_errors.windows(2).all(|w| w[1] > w[0]), "the X error should grow block by block: {summary}");

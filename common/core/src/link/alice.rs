@@ -260,8 +260,11 @@ impl AliceCore {
             acc_monitor: SourceMonitor::default(),
             blocks: HashMap::new(),
         });
-        let event =
-            AliceEvent::SessionOpened { bob_id: req.bob_id.clone(), session_id: id, settled_ready: ready_block_ids.len() };
+        let event = AliceEvent::SessionOpened {
+            bob_id: req.bob_id.clone(),
+            session_id: id,
+            settled_ready: ready_block_ids.len(),
+        };
         let response = HelloResponse {
             session_id: id.to_string(),
             alice_id: self.alice_id.clone(),
@@ -289,10 +292,7 @@ impl AliceCore {
     }
 
     /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
-    fn start_block(
-        &mut self,
-        req: &StartBlockRequest,
-    ) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
+    fn start_block(&mut self, req: &StartBlockRequest) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
         if self.draining {
             return Err(LinkError::State("alice is shutting down; no new block".into()));
         }
@@ -483,11 +483,7 @@ impl AliceCore {
     }
 
     /// Bob holds the block as pending: store it as ready (durably) and confirm.
-    fn commit(
-        &mut self,
-        req: &CommitRequest,
-        store: &dyn KeyStore,
-    ) -> Result<(CommitResponse, AliceEvent), LinkError> {
+    fn commit(&mut self, req: &CommitRequest, store: &dyn KeyStore) -> Result<(CommitResponse, AliceEvent), LinkError> {
         let (block_id, _) = block_for(&mut self.session, &req.block_id, BlockRequest::Commit)?;
         // The block leaves the session whatever the outcome (a store failure included).
         let Some(Block { stage: Stage::Amplified { meta, keys, length }, transcript, .. }) =

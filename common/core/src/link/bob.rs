@@ -7,8 +7,8 @@ use zeroize::Zeroizing;
 
 use super::Reconciliation;
 use super::abort::{Abort, AbortReason};
-use super::request::{Request, Response};
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
+use super::request::{Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;

@@ -14,9 +14,9 @@ use rand_chacha::ChaCha20Rng;
 use super::alice::{AliceCore, AliceEvent};
 use super::alice::{BlockPhase, BlockRequest};
 use super::bob::{BobLink, LinkPeer};
-use super::request::{Request, Response};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
+use super::request::{Request, Response};
 use super::testing::{Crash, FlakyAlice};
 use super::{AbortReason, LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
@@ -333,7 +333,10 @@ fn requests_out_of_a_blocks_phase_are_refused_naming_both_phases_and_change_noth
             .map(|e| match e {
                 LinkError::Phase { block_id, request, expected, actual } => {
                     assert_eq!(*block_id, report.block_id);
-                    assert!(e.to_string().contains(&format!("expects the block {expected}, but it is {actual}")), "{e}");
+                    assert!(
+                        e.to_string().contains(&format!("expects the block {expected}, but it is {actual}")),
+                        "{e}"
+                    );
                     (*request, *expected, *actual)
                 }
                 other => panic!("not a phase error: {other}"),
