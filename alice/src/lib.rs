@@ -11,15 +11,17 @@ use common::fibre::{encode_frame, write_frame};
 use common::grpc::status_from_link_error;
 use proto::link::link_server::{Link, LinkServer};
 use proto::link::*;
-use qkd_core::link::LinkError;
 use qkd_core::link::alice::{AliceCore, AliceEvent};
+use qkd_core::link::{HandleContext, LinkError, Request, Response};
+use qkd_core::postproc::finite_key::SourceReading;
 use qkd_sim::{FrameSecret, LinkParams, Source};
 use qkd_store::SledStore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Response, Status};
+use tonic::Status;
 use tracing::{info, warn};
 
 /// Alice's counters, written to `status.json` in the data directory every second.
@@ -41,6 +43,10 @@ pub struct AliceStatus {
     pub secret_bits: u64,
     /// The last abort reason, if any.
     pub last_abort_reason: Option<String>,
+    /// Frame periods in which the source emitted nothing although a receiver was connected: the
+    /// emitter fell behind the clock (a stalled worker, a fibre write that took too long). 0 in
+    /// a healthy run; each skip is logged at warn.
+    pub frames_missed: u64,
 }
 
 /// Loads `config` (with `data_dir` overriding its data directory), binds the listeners and runs
@@ -74,7 +80,7 @@ pub async fn run(
     let tls = cfg.tls.load().context("loading TLS material")?;
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
     let core = AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng());
-    let core = Arc::new(Mutex::new(core));
+    let (core, core_thread) = CoreHandle::spawn(core, store.clone()).context("starting the core's thread")?;
     let status = Arc::new(Mutex::new(AliceStatus::default()));
     info!(
         node = %cfg.node_id,
@@ -96,22 +102,16 @@ pub async fn run(
         let (core, shutdown, server_stop) = (core.clone(), shutdown.clone(), server_stop.clone());
         async move {
             shutdown.cancelled().await;
-            core.lock().expect("alice core lock poisoned").drain();
+            core.drain();
             let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-            while core.lock().expect("alice core lock poisoned").blocks_in_progress() > 0
-                && tokio::time::Instant::now() < deadline
-            {
+            while core.blocks_in_progress().await > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             server_stop.cancel();
         }
     };
-    let service = LinkService {
-        core: core.clone(),
-        store: store.clone(),
-        peer_name: cfg.classical.peer_name.clone(),
-        status: status.clone(),
-    };
+    let service =
+        LinkService { core: core.clone(), peer_name: cfg.classical.peer_name.clone(), status: status.clone() };
     let grpc = tonic::transport::Server::builder()
         .tls_config(tls.tonic_server())
         .context("TLS configuration of the classical channel")?
@@ -152,7 +152,8 @@ pub async fn run(
             }
         }
     };
-    let emitter = emit_frames(fibre_listener, core, link, cfg.protocol.frame_pulses, status.clone(), shutdown.clone());
+    let emitter =
+        emit_frames(fibre_listener, core.clone(), link, cfg.protocol.frame_pulses, status.clone(), shutdown.clone());
     let status_writer = common::status::write_periodically(cfg.data_dir.join("status.json"), status, shutdown.clone());
 
     let stopping = async {
@@ -161,6 +162,12 @@ pub async fn run(
     };
     let (grpc_result, kme_result, (), (), (), (), ()) =
         tokio::join!(grpc, kme, emitter, status_writer, drainer, health_server, stopping);
+    // The core's thread ends after the requests already queued; the store is then ours alone.
+    core.stop();
+    tokio::task::spawn_blocking(move || core_thread.join())
+        .await
+        .context("joining the core's thread")?
+        .map_err(|_| anyhow::anyhow!("the core's thread panicked"))?;
     grpc_result.context("classical channel server")?;
     kme_result?;
     store.flush().context("flushing the key store")?;
@@ -168,17 +175,104 @@ pub async fn run(
     Ok(())
 }
 
+/// What every RPC returns.
+type RpcResult<T> = Result<tonic::Response<T>, Status>;
+
+/// What the core's thread is asked to do.
+enum Command {
+    /// Record a frame's secret (the source, before the frame's photons leave).
+    Frame { frame_idx: u64, secret: FrameSecret, n_pulses: u64, reading: SourceReading },
+    /// Answer one of Bob's requests.
+    Handle { request: Request, reply: oneshot::Sender<Result<(Response, Option<AliceEvent>), LinkError>> },
+    /// Accept no new block (shutdown).
+    Drain,
+    /// Say how many blocks are in progress.
+    BlocksInProgress { reply: oneshot::Sender<usize> },
+    /// End the thread.
+    Stop,
+}
+
+/// Alice's core on a thread of its own, reached through a channel. Answering Cascade, hashing
+/// a block and writing it to the store with fsyncs take from milliseconds to seconds; on the
+/// thread they hold neither an async worker nor a lock the source needs, so the source keeps
+/// its clock. Frames and requests reach the core in the order they were sent: a frame is
+/// registered before its photons leave, hence before Bob can ask to sift it.
+#[derive(Clone)]
+struct CoreHandle {
+    commands: std::sync::mpsc::Sender<Command>,
+}
+
+impl CoreHandle {
+    /// Moves `core` to a new thread that answers with `store`.
+    fn spawn(core: AliceCore, store: Arc<SledStore>) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        let (commands, inbox) = std::sync::mpsc::channel();
+        let thread = std::thread::Builder::new().name("alice-core".into()).spawn(move || {
+            let mut core = core;
+            for command in inbox {
+                match command {
+                    Command::Frame { frame_idx, secret, n_pulses, reading } => {
+                        core.register_frame(frame_idx, secret, n_pulses, reading);
+                    }
+                    Command::Handle { request, reply } => {
+                        let ctx = HandleContext { store: store.as_ref(), now_unix_ms: now_unix_ms() };
+                        // Bob may have gone meanwhile: nobody to answer is not an error.
+                        let _ = reply.send(core.handle(request, &ctx));
+                    }
+                    Command::Drain => core.drain(),
+                    Command::BlocksInProgress { reply } => {
+                        let _ = reply.send(core.blocks_in_progress());
+                    }
+                    Command::Stop => break,
+                }
+            }
+        })?;
+        Ok((Self { commands }, thread))
+    }
+
+    /// Registers a frame's secret; never waits.
+    fn register_frame(&self, frame_idx: u64, secret: FrameSecret, n_pulses: u64, reading: SourceReading) {
+        // After Stop nobody sifts any more: a frame then has nowhere to go, and needs none.
+        let _ = self.commands.send(Command::Frame { frame_idx, secret, n_pulses, reading });
+    }
+
+    /// Answers `request` on the core's thread.
+    async fn handle(&self, request: Request) -> Result<(Response, Option<AliceEvent>), Status> {
+        let stopped = || Status::unavailable("alice is stopping");
+        let (reply, answer) = oneshot::channel();
+        self.commands.send(Command::Handle { request, reply }).map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?.map_err(status_from_link_error)
+    }
+
+    /// Accepts no new block from now on.
+    fn drain(&self) {
+        let _ = self.commands.send(Command::Drain);
+    }
+
+    /// Blocks started and not yet committed or aborted (0 once the thread has stopped).
+    async fn blocks_in_progress(&self) -> usize {
+        let (reply, answer) = oneshot::channel();
+        if self.commands.send(Command::BlocksInProgress { reply }).is_err() {
+            return 0;
+        }
+        answer.await.unwrap_or(0)
+    }
+
+    /// Ends the thread once the commands already sent are done.
+    fn stop(&self) {
+        let _ = self.commands.send(Command::Stop);
+    }
+}
+
 /// The gRPC service: checks the caller's certificate name, then hands each request to the core.
 struct LinkService {
-    core: Arc<Mutex<AliceCore>>,
-    store: Arc<SledStore>,
+    core: CoreHandle,
     peer_name: String,
     status: Arc<Mutex<AliceStatus>>,
 }
 
 impl LinkService {
     /// Refuses a caller whose (CA-verified) certificate is not valid for the configured peer name.
-    fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
+    fn authorize<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         if qkd_tls::peer_has_name(leaf, &self.peer_name) {
@@ -189,16 +283,26 @@ impl LinkService {
         }
     }
 
-    fn with_core<R>(&self, f: impl FnOnce(&mut AliceCore) -> Result<R, LinkError>) -> Result<R, Status> {
-        // Invariant: no code panics while holding the lock, so it is never poisoned.
-        let mut core = self.core.lock().expect("alice core lock poisoned");
-        f(&mut core).map_err(status_from_link_error)
+    /// Every RPC: checks the caller, hands the request to the core, records what the core
+    /// reports, and answers.
+    async fn serve<Q, A>(&self, request: tonic::Request<Q>) -> RpcResult<A>
+    where
+        Q: Into<Request>,
+        A: TryFrom<Response, Error = LinkError>,
+    {
+        self.authorize(&request)?;
+        let (response, event) = self.core.handle(request.into_inner().into()).await?;
+        self.record(event);
+        Ok(tonic::Response::new(A::try_from(response).map_err(status_from_link_error)?))
     }
 
     fn record(&self, event: Option<AliceEvent>) {
         let Some(event) = event else { return };
         let mut status = self.status.lock().expect("status lock poisoned");
         match event {
+            AliceEvent::SessionOpened { bob_id, session_id, settled_ready } => {
+                info!(bob = %bob_id, session = %session_id, settled_ready, "session opened");
+            }
             AliceEvent::Committed(meta, security) => {
                 info!(
                     block = %meta.block_id,
@@ -215,10 +319,17 @@ impl LinkService {
                 status.keys_stored += meta.final_bits / 256;
                 status.secret_bits += meta.final_bits;
             }
-            AliceEvent::Aborted { block_id, reason } => {
-                warn!(block = %block_id, %reason, "block aborted: no key stored");
+            AliceEvent::Aborted { block_id, abort, by_bob } => {
+                warn!(
+                    block = %block_id,
+                    reason = %abort.reason,
+                    detail = abort.detail(),
+                    by_bob,
+                    "block aborted: no key stored"
+                );
                 status.blocks_aborted += 1;
-                status.last_abort_reason = Some(reason);
+                status.last_abort_reason =
+                    Some(if by_bob { format!("Bob aborted: {abort}") } else { abort.to_string() });
             }
         }
     }
@@ -228,84 +339,57 @@ fn now_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
+/// Each RPC is one call of [`LinkService::serve`].
 #[tonic::async_trait]
 impl Link for LinkService {
-    async fn hello(&self, request: Request<HelloRequest>) -> Result<Response<HelloResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let resp = self.with_core(|core| core.hello(&req, self.store.as_ref()))?;
-        info!(bob = %req.bob_id, session = %resp.session_id, settled_ready = resp.ready_block_ids.len(), "session opened");
-        Ok(Response::new(resp))
+    async fn hello(&self, request: tonic::Request<HelloRequest>) -> RpcResult<HelloResponse> {
+        self.serve(request).await
     }
 
-    async fn sift(&self, request: Request<SiftRequest>) -> Result<Response<SiftResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.sift(&req))?))
+    async fn sift(&self, request: tonic::Request<SiftRequest>) -> RpcResult<SiftResponse> {
+        self.serve(request).await
     }
 
-    async fn start_block(&self, request: Request<StartBlockRequest>) -> Result<Response<StartBlockResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.start_block(&req))?;
-        self.record(event);
-        Ok(Response::new(resp))
+    async fn start_block(&self, request: tonic::Request<StartBlockRequest>) -> RpcResult<StartBlockResponse> {
+        self.serve(request).await
     }
 
-    async fn parities(&self, request: Request<ParityRequest>) -> Result<Response<ParityResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.parities(&req))?))
+    async fn parities(&self, request: tonic::Request<ParityRequest>) -> RpcResult<ParityResponse> {
+        self.serve(request).await
     }
 
-    async fn syndromes(&self, request: Request<SyndromeRequest>) -> Result<Response<SyndromeResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.syndromes(&req))?))
+    async fn syndromes(&self, request: tonic::Request<SyndromeRequest>) -> RpcResult<SyndromeResponse> {
+        self.serve(request).await
     }
 
-    async fn reveal(&self, request: Request<RevealRequest>) -> Result<Response<RevealResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.reveal(&req))?))
+    async fn reveal(&self, request: tonic::Request<RevealRequest>) -> RpcResult<RevealResponse> {
+        self.serve(request).await
     }
 
-    async fn verify(&self, request: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        Ok(Response::new(self.with_core(|core| core.verify(&req))?))
+    async fn verify(&self, request: tonic::Request<VerifyRequest>) -> RpcResult<VerifyResponse> {
+        self.serve(request).await
     }
 
-    async fn amplify(&self, request: Request<AmplifyRequest>) -> Result<Response<AmplifyResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.amplify(&req, now_unix_ms()))?;
-        self.record(event);
-        Ok(Response::new(resp))
+    async fn amplify(&self, request: tonic::Request<AmplifyRequest>) -> RpcResult<AmplifyResponse> {
+        self.serve(request).await
     }
 
-    async fn commit(&self, request: Request<CommitRequest>) -> Result<Response<CommitResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.commit(&req, self.store.as_ref()))?;
-        self.record(Some(event));
-        Ok(Response::new(resp))
+    async fn commit(&self, request: tonic::Request<CommitRequest>) -> RpcResult<CommitResponse> {
+        self.serve(request).await
     }
 
-    async fn abort(&self, request: Request<AbortRequest>) -> Result<Response<AbortResponse>, Status> {
-        self.authorize(&request)?;
-        let req = request.into_inner();
-        let (resp, event) = self.with_core(|core| core.abort(&req))?;
-        self.record(Some(event));
-        Ok(Response::new(resp))
+    async fn abort(&self, request: tonic::Request<AbortRequest>) -> RpcResult<AbortResponse> {
+        self.serve(request).await
     }
 }
 
 /// The source: while a receiver is connected, emits one frame per frame period (wall clock),
-/// registering each frame's secret with the core before its photons leave.
+/// registering each frame's secret with the core before its photons leave. A period in which
+/// it could not emit (it fell behind the clock by a whole period or more) is not made up for:
+/// it is counted in [`AliceStatus::frames_missed`] and logged.
 async fn emit_frames(
     listener: TcpListener,
-    core: Arc<Mutex<AliceCore>>,
+    core: CoreHandle,
     link: LinkParams,
     frame_pulses: u64,
     status: Arc<Mutex<AliceStatus>>,
@@ -316,6 +400,7 @@ async fn emit_frames(
     let period = Duration::from_secs_f64(frame_pulses as f64 / link.clock_hz);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut last_tick: Option<tokio::time::Instant> = None;
     let mut receiver: Option<TcpStream> = None;
     let mut frame_idx = 0u64;
     loop {
@@ -333,13 +418,21 @@ async fn emit_frames(
                 }
                 Err(e) => warn!(error = %e, "fibre: accept failed"),
             },
-            _ = ticker.tick() => {
+            tick = ticker.tick() => {
+                // The ticks are whole periods apart; more than one means skipped periods.
+                let skipped = last_tick.map_or(0, |last| periods_between(last, tick, period).saturating_sub(1));
+                last_tick = Some(tick);
                 let Some(stream) = receiver.as_mut() else { continue };
+                if skipped > 0 {
+                    let mut status = status.lock().expect("status lock poisoned");
+                    status.frames_missed += skipped;
+                    warn!(skipped, total = status.frames_missed, "fibre: the source fell behind its clock; frame periods skipped");
+                }
                 let secret = FrameSecret::random(&mut rng);
                 let photons = source.emit_frame(&secret, frame_pulses, &mut rng);
                 let frame = encode_frame(frame_idx, frame_pulses, &photons);
                 let reading = source.monitor_reading(&mut rng);
-                core.lock().expect("alice core lock poisoned").register_frame(frame_idx, secret, frame_pulses, reading);
+                core.register_frame(frame_idx, secret, frame_pulses, reading);
                 frame_idx += 1;
                 let sent = tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &frame)).await;
                 let mut status = status.lock().expect("status lock poisoned");
@@ -364,4 +457,9 @@ async fn emit_frames(
             }
         }
     }
+}
+
+/// Whole periods from `earlier` to `later` (rounded: the interval's ticks are whole periods apart).
+fn periods_between(earlier: tokio::time::Instant, later: tokio::time::Instant, period: Duration) -> u64 {
+    (later.saturating_duration_since(earlier).as_secs_f64() / period.as_secs_f64()).round() as u64
 }

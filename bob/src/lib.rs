@@ -9,9 +9,8 @@ use common::config::BobConfig;
 use common::fibre::{decode_frame, read_frame};
 use common::grpc::link_error_from_status;
 use proto::link::link_client::LinkClient;
-use proto::link::*;
-use qkd_core::link::LinkError;
 use qkd_core::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
+use qkd_core::link::{LinkError, Request, Response};
 use qkd_sim::{LinkParams, Receiver};
 use qkd_store::SledStore;
 use qkd_tls::TlsMaterial;
@@ -160,7 +159,7 @@ async fn session(
     let _ = fibre.set_nodelay(true);
     let peer = GrpcPeer { client: LinkClient::new(channel) };
     let (mut bob, (ready, dropped)) =
-        BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store).await?;
+        off_the_workers(BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store)).await?;
     bob.set_max_stored_units(cfg.max_stored_units);
     bob.set_side_slot_monitor(link.side_slot_calibration());
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
@@ -218,7 +217,7 @@ async fn session(
         receiver.feedback(x_counts.plus_plus + x_counts.plus_minus, x_counts.plus_minus);
         let mut report = None;
         if bob.block_ready() {
-            match bob.process_block(store, now_unix_ms()).await {
+            match off_the_workers(bob.process_block(store, now_unix_ms())).await {
                 Ok(r) => report = Some(r),
                 Err(e) => break Err(anyhow!(e).context("block post-processing")),
             }
@@ -240,6 +239,20 @@ async fn session(
     result
 }
 
+/// Runs `future` (a block's post-processing, or the settling of pending blocks) without holding
+/// an async worker: error correction, hashing and the store's fsyncs take from milliseconds to
+/// seconds of CPU and disk, during which this worker's other tasks (the fibre reader, and
+/// Alice's when both run in one process) move to another worker. On a current-thread runtime,
+/// where there is no other worker, it is simply awaited.
+async fn off_the_workers<F: Future>(future: F) -> F::Output {
+    let runtime = tokio::runtime::Handle::current();
+    if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+        tokio::task::block_in_place(|| runtime.block_on(future))
+    } else {
+        future.await
+    }
+}
+
 fn log_block(report: &BlockReport) {
     match &report.abort_reason {
         None => info!(
@@ -257,14 +270,15 @@ fn log_block(report: &BlockReport) {
             security = %report.security.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()).unwrap_or_default(),
             "block committed: keys stored as ready"
         ),
-        Some(reason) => warn!(
+        Some(abort) => warn!(
             block = %report.block_id,
             sifted_bits = report.n_bits,
             qber_z = format_args!("{:.3}%", 100.0 * report.qber_z),
             qber_x = format_args!("{:.3}%", 100.0 * report.qber_x),
             monitor_mu = report.monitor_mu,
             monitor_g2 = report.monitor_g2,
-            %reason,
+            reason = %abort.reason,
+            detail = abort.detail(),
             "block aborted: no key stored"
         ),
     }
@@ -290,34 +304,20 @@ struct GrpcPeer {
 }
 
 impl LinkPeer for GrpcPeer {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        Ok(self.client.hello(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        Ok(self.client.sift(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        Ok(self.client.start_block(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        Ok(self.client.parities(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        Ok(self.client.syndromes(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        Ok(self.client.reveal(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        Ok(self.client.verify(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        Ok(self.client.amplify(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        Ok(self.client.commit(req).await.map_err(link_error_from_status)?.into_inner())
-    }
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        Ok(self.client.abort(req).await.map_err(link_error_from_status)?.into_inner())
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+        let client = &mut self.client;
+        let response = match request {
+            Request::Hello(req) => client.hello(req).await.map(|r| r.into_inner().into()),
+            Request::Sift(req) => client.sift(req).await.map(|r| r.into_inner().into()),
+            Request::StartBlock(req) => client.start_block(req).await.map(|r| r.into_inner().into()),
+            Request::Parities(req) => client.parities(req).await.map(|r| r.into_inner().into()),
+            Request::Syndromes(req) => client.syndromes(req).await.map(|r| r.into_inner().into()),
+            Request::Reveal(req) => client.reveal(req).await.map(|r| r.into_inner().into()),
+            Request::Verify(req) => client.verify(req).await.map(|r| r.into_inner().into()),
+            Request::Amplify(req) => client.amplify(req).await.map(|r| r.into_inner().into()),
+            Request::Commit(req) => client.commit(req).await.map(|r| r.into_inner().into()),
+            Request::Abort(req) => client.abort(req).await.map(|r| r.into_inner().into()),
+        };
+        response.map_err(link_error_from_status)
     }
 }

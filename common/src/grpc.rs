@@ -10,6 +10,7 @@ use qkd_core::link::LinkError;
 pub fn status_from_link_error(error: LinkError) -> Status {
     match error {
         LinkError::State(m) => Status::failed_precondition(m),
+        e @ LinkError::Phase { .. } => Status::failed_precondition(e.to_string()),
         LinkError::Malformed(m) => Status::invalid_argument(m),
         LinkError::ParamsMismatch(m) => Status::failed_precondition(format!("protocol parameters differ: {m}")),
         LinkError::Store(e) => Status::unavailable(e.to_string()),
@@ -31,11 +32,21 @@ pub fn link_error_from_status(status: Status) -> LinkError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use qkd_core::link::alice::{BlockPhase, BlockRequest};
 
     #[test]
     fn each_link_error_maps_to_its_status_and_back() {
         let cases = [
             (LinkError::State("no session".into()), Code::FailedPrecondition),
+            (
+                LinkError::Phase {
+                    block_id: uuid::Uuid::nil(),
+                    request: BlockRequest::Amplify,
+                    expected: BlockPhase::Verified,
+                    actual: BlockPhase::Reconciling,
+                },
+                Code::FailedPrecondition,
+            ),
             (LinkError::Malformed("bad".into()), Code::InvalidArgument),
             (LinkError::ParamsMismatch("p_z".into()), Code::FailedPrecondition),
             (LinkError::Transport("gone".into()), Code::Unavailable),

@@ -5,74 +5,19 @@
 
 use std::sync::Arc;
 
-use proto::link::*;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
 use qkd_core::link::alice::AliceCore;
-use qkd_core::link::bob::{BobLink, LinkPeer};
+use qkd_core::link::bob::BobLink;
 use qkd_core::link::memory::MemoryAlice;
 use qkd_core::link::reconcile::LDPC_REVEAL_STEPS;
+use qkd_core::link::testing::{Crash, FlakyAlice};
 use qkd_core::link::{LinkError, ProtocolParams, Reconciliation};
 use qkd_core::postproc::binary_entropy;
 use qkd_core::postproc::finite_key::SecurityParams;
 use qkd_sim::{FrameSecret, LinkParams, Receiver, Source};
 use qkd_store::{KeyStore, SledStore};
-
-/// Where a test makes the connection to Alice fail during a commit.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Crash {
-    None,
-    /// Bob's commit request never reaches Alice.
-    BeforeAliceCommits,
-    /// Alice commits but her answer never reaches Bob.
-    AfterAliceCommits,
-}
-
-struct FlakyAlice {
-    alice: MemoryAlice,
-    crash: Crash,
-}
-
-impl LinkPeer for FlakyAlice {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        self.alice.hello(req).await
-    }
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        self.alice.sift(req).await
-    }
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        self.alice.start_block(req).await
-    }
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        self.alice.parities(req).await
-    }
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        self.alice.syndromes(req).await
-    }
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        self.alice.reveal(req).await
-    }
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        self.alice.verify(req).await
-    }
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        self.alice.amplify(req).await
-    }
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        match self.crash {
-            Crash::None => self.alice.commit(req).await,
-            Crash::BeforeAliceCommits => Err(LinkError::Transport("connection lost".into())),
-            Crash::AfterAliceCommits => {
-                self.alice.commit(req).await?;
-                Err(LinkError::Transport("connection lost".into()))
-            }
-        }
-    }
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        self.alice.abort(req).await
-    }
-}
 
 struct Rig {
     security: SecurityParams,
@@ -167,7 +112,7 @@ fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
         bob.set_max_stored_units(held);
         rig.fill_block(&mut bob).await;
         let full = bob.process_block(&rig.bob_store, 0).await.unwrap();
-        let reason = full.abort_reason.clone().unwrap_or_default();
+        let reason = full.abort_reason.as_ref().map(ToString::to_string).unwrap_or_default();
         assert!(reason.contains("key store is full"), "{full:?}");
         assert_eq!(full.n_keys, 0);
         let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());

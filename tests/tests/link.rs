@@ -202,3 +202,50 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
     assert_eq!(b.n_pending_blocks, 0, "bob kept a pending block: {b:?}");
     assert_eq!((a.n_keys, &a.digest), (b.n_keys, &b.digest), "stores differ after the kills");
 }
+
+/// Sifted bits of the block in [`the_source_misses_no_frame_while_a_large_block_is_post_processed`].
+const LARGE_BLOCK_BITS: u64 = 10_000_000;
+
+/// A block of 10^7 bits is reconciled (Cascade over ten frames), verified, hashed and stored
+/// at both ends while Alice's source keeps emitting a frame every 55 ms: the post-processing
+/// runs off the async workers (Alice's core on its own thread, Bob's block in `block_in_place`),
+/// so the source skips no frame period although both daemons share one runtime of two workers.
+/// The link is made brighter than the lab's (no fibre, a source of mu 0.012 with its honest
+/// calibration, Bob's splitter at 90 % Z) so that the block fills in about half a minute.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_source_misses_no_frame_while_a_large_block_is_post_processed() {
+    let mut lab = Lab::new("large-block");
+    lab.protocol.block_bits = LARGE_BLOCK_BITS;
+    lab.link.distance_km = 0.0;
+    lab.link.mu = 0.012;
+    lab.security.mu_max = Some(0.0125);
+    lab.link.q_z = 0.9;
+    let started = std::time::Instant::now();
+    let (grpc, fibre) = bind_pair().await;
+    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    let alice = spawn_alice(&lab, grpc, fibre);
+    let bob = spawn_bob(&lab, grpc_addr, fibre_addr);
+    // Alice's status after she has stored the block (her commit); Bob's once he has too.
+    let alice_status = wait_for("the large block committed at Alice", Duration::from_secs(600), || {
+        lab.status("alice").filter(|s| counter(s, "/blocks_committed") + counter(s, "/blocks_aborted") >= 1)
+    })
+    .await;
+    let bob_status = wait_for("the large block committed at Bob", Duration::from_secs(60), || {
+        lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") + counter(s, "/total/blocks_aborted") >= 1)
+    })
+    .await;
+    let elapsed = started.elapsed();
+    bob.stop().await.unwrap();
+    alice.stop().await.unwrap();
+    println!(
+        "block of {} bits: committed after {elapsed:.1?}; Alice emitted {} frames, missed {}; round trips {}",
+        counter(&bob_status, "/last_block/n_bits"),
+        counter(&alice_status, "/frames_emitted"),
+        counter(&alice_status, "/frames_missed"),
+        counter(&bob_status, "/last_block/round_trips"),
+    );
+    assert_eq!(counter(&alice_status, "/blocks_committed"), 1, "the block was not committed: {alice_status}");
+    assert!(counter(&bob_status, "/last_block/n_bits") >= LARGE_BLOCK_BITS, "{bob_status}");
+    assert!(counter(&bob_status, "/last_block/final_bits") > 0, "{bob_status}");
+    assert_eq!(counter(&alice_status, "/frames_missed"), 0, "the source skipped frame periods: {alice_status}");
+}

@@ -63,7 +63,7 @@ fn a_source_brighter_than_its_calibration_aborts_every_block() {
     assert_eq!(r.aborted_blocks, r.blocks, "seed {seed}: {r:?}");
     assert_eq!(r.secret_bits, 0);
     for b in &r.block_reports {
-        let reason = b.abort_reason.as_deref().unwrap_or_default();
+        let reason = b.abort_reason.as_ref().map(ToString::to_string).unwrap_or_default();
         assert!(reason.contains("source monitor: measured mean photon number"), "{reason}");
         assert!(reason.contains("exceeds mu_max 3.8900e-3"), "{reason}");
         assert!((b.monitor_mu / 0.02 - 1.0).abs() < 0.02, "{b:?}");
@@ -88,7 +88,7 @@ fn a_detection_efficiency_mismatch_is_caught_by_the_side_slot_monitor() {
     assert!(r.blocks >= 3, "seed {seed}: {r:?}");
     assert_eq!(r.aborted_blocks, r.blocks, "seed {seed}: {r:?}");
     for b in &r.block_reports {
-        let reason = b.abort_reason.as_deref().unwrap_or_default();
+        let reason = b.abort_reason.as_ref().map(ToString::to_string).unwrap_or_default();
         assert!(reason.starts_with("detector side-slot monitor"), "{reason}");
         assert_eq!(b.leak_bits, 0, "aborted before error correction: {b:?}");
     }
@@ -130,7 +130,8 @@ fn without_feedback_the_x_error_walks_past_the_abort_threshold() {
     // Blocks of 10^6 bits (about an hour each) show the drift block by block.
     let off = run(reference_link(120.0, false), 1_000_000, duration_s, Eavesdropper::None, seed);
     let x_errors: Vec<f64> = off.block_reports.iter().map(|b| b.qber_x).collect();
-    let aborted: Vec<&str> = off.block_reports.iter().filter_map(|b| b.abort_reason.as_deref()).collect();
+    let aborted: Vec<String> =
+        off.block_reports.iter().filter_map(|b| b.abort_reason.as_ref().map(ToString::to_string)).collect();
     let summary = format!("seed {seed}: floor {floor:.4}, X error per block {x_errors:.4?}, aborts {aborted:?}");
     assert!(off.blocks >= 2, "{summary}");
     assert!(x_errors.windows(2).all(|w| w[1] > w[0]), "the X error should grow block by block: {summary}");

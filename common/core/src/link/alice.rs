@@ -8,7 +8,9 @@ use rand_chacha::ChaCha20Rng;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use super::abort::{Abort, AbortReason};
 use super::reconcile::AliceReconciler;
+use super::request::{HandleContext, Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
@@ -55,14 +57,104 @@ struct Block {
     key: BitVec,
     reconciler: AliceReconciler,
     transcript: Transcript,
-    n_corrected: Option<u64>,
-    verified_tag: bool,
-    amplified: Option<(BlockMeta, Vec<KeyUnit>, Box<KeyLength>)>,
+    stage: Stage,
 }
 
-/// What Alice reports about a block she finished (for logs and progress).
+/// A block's phase at Alice. StartBlock opens it in [`BlockPhase::Reconciling`]; Verify closes
+/// error correction ([`BlockPhase::Verified`]); Amplify fixes the final key
+/// ([`BlockPhase::Amplified`]); Commit stores it. A committed block, and one dropped by Abort, a
+/// failed Amplify or a refused Commit, leaves the session. Each request about a block is
+/// accepted in one phase only ([`BlockRequest::expects`]); any other is refused with
+/// [`LinkError::Phase`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockPhase {
+    /// Error correction is open: parities, syndromes and reveals are answered.
+    Reconciling,
+    /// Error correction is closed and the verification tags are sent.
+    Verified,
+    /// The final key is computed and waits for Bob's commit.
+    Amplified,
+}
+
+impl std::fmt::Display for BlockPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            BlockPhase::Reconciling => "reconciling",
+            BlockPhase::Verified => "verified",
+            BlockPhase::Amplified => "amplified",
+        })
+    }
+}
+
+/// The requests about a block in progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BlockRequest {
+    /// Cascade parities.
+    Parities,
+    /// LDPC syndromes.
+    Syndromes,
+    /// LDPC reveals.
+    Reveal,
+    /// Closing error correction.
+    Verify,
+    /// Privacy amplification.
+    Amplify,
+    /// The two-ended commit.
+    Commit,
+}
+
+impl BlockRequest {
+    /// The phase the request needs: the block's transitions in one table (Verify moves a
+    /// reconciling block to verified, Amplify a verified one to amplified, Commit stores an
+    /// amplified one).
+    pub fn expects(self) -> BlockPhase {
+        match self {
+            BlockRequest::Parities | BlockRequest::Syndromes | BlockRequest::Reveal | BlockRequest::Verify => {
+                BlockPhase::Reconciling
+            }
+            BlockRequest::Amplify => BlockPhase::Verified,
+            BlockRequest::Commit => BlockPhase::Amplified,
+        }
+    }
+}
+
+/// A block's phase with what the phase holds.
+enum Stage {
+    Reconciling,
+    Verified {
+        /// Bits Bob's error correction flipped.
+        n_corrected: u64,
+    },
+    Amplified {
+        meta: BlockMeta,
+        keys: Vec<KeyUnit>,
+        length: Box<KeyLength>,
+    },
+}
+
+impl Stage {
+    fn phase(&self) -> BlockPhase {
+        match self {
+            Stage::Reconciling => BlockPhase::Reconciling,
+            Stage::Verified { .. } => BlockPhase::Verified,
+            Stage::Amplified { .. } => BlockPhase::Amplified,
+        }
+    }
+}
+
+/// What Alice reports about a session she opened or a block she finished (for logs and
+/// progress).
 #[derive(Clone, Debug)]
 pub enum AliceEvent {
+    /// Bob opened a session.
+    SessionOpened {
+        /// Bob's node identifier, as he announced it.
+        bob_id: String,
+        /// The new session.
+        session_id: Uuid,
+        /// How many of Bob's pending blocks Alice holds as ready.
+        settled_ready: usize,
+    },
     /// A block was committed with its keys, and its security report.
     Committed(BlockMeta, Box<KeyLength>),
     /// A block was dropped, with the reason.
@@ -70,7 +162,9 @@ pub enum AliceEvent {
         /// The block.
         block_id: Uuid,
         /// Why.
-        reason: String,
+        abort: Abort,
+        /// Bob gave the block up (his Abort request), rather than Alice.
+        by_bob: bool,
     },
 }
 
@@ -105,9 +199,45 @@ impl AliceCore {
         }
     }
 
+    /// Answers one of Bob's requests: the one entry point of every driver (the gRPC service,
+    /// the in-memory peer). Returns the answer and what Alice has to report, if anything.
+    pub fn handle(
+        &mut self,
+        request: Request,
+        ctx: &HandleContext<'_>,
+    ) -> Result<(Response, Option<AliceEvent>), LinkError> {
+        Ok(match request {
+            Request::Hello(req) => {
+                let (resp, event) = self.hello(&req, ctx.store)?;
+                (resp.into(), Some(event))
+            }
+            Request::Sift(req) => (self.sift(&req)?.into(), None),
+            Request::StartBlock(req) => {
+                let (resp, event) = self.start_block(&req)?;
+                (resp.into(), event)
+            }
+            Request::Parities(req) => (self.parities(&req)?.into(), None),
+            Request::Syndromes(req) => (self.syndromes(&req)?.into(), None),
+            Request::Reveal(req) => (self.reveal(&req)?.into(), None),
+            Request::Verify(req) => (self.verify(&req)?.into(), None),
+            Request::Amplify(req) => {
+                let (resp, event) = self.amplify(&req, ctx.now_unix_ms)?;
+                (resp.into(), event)
+            }
+            Request::Commit(req) => {
+                let (resp, event) = self.commit(&req, ctx.store)?;
+                (resp.into(), Some(event))
+            }
+            Request::Abort(req) => {
+                let (resp, event) = self.abort(&req)?;
+                (resp.into(), Some(event))
+            }
+        })
+    }
+
     /// Opens a new session, dropping every unfinished block of the previous one, and says which
     /// of Bob's pending blocks are ready here.
-    pub fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<HelloResponse, LinkError> {
+    fn hello(&mut self, req: &HelloRequest, store: &dyn KeyStore) -> Result<(HelloResponse, AliceEvent), LinkError> {
         if req.params_digest != self.digest {
             return Err(LinkError::ParamsMismatch(
                 "protocol version, [protocol] or [security] settings (block size, key unit, frame length, eps_qkd, p_z, mu_max, g2_max) differ; run the same release and use the same preset, [protocol] and [security] sections at both ends".into(),
@@ -130,16 +260,22 @@ impl AliceCore {
             acc_monitor: SourceMonitor::default(),
             blocks: HashMap::new(),
         });
-        Ok(HelloResponse {
+        let event = AliceEvent::SessionOpened {
+            bob_id: req.bob_id.clone(),
+            session_id: id,
+            settled_ready: ready_block_ids.len(),
+        };
+        let response = HelloResponse {
             session_id: id.to_string(),
             alice_id: self.alice_id.clone(),
             ready_block_ids,
             next_frame_idx: self.frames.last_key_value().map_or(0, |(k, _)| k + 1),
-        })
+        };
+        Ok((response, event))
     }
 
     /// Sifts one frame against Bob's announcement; the frame's secret is erased afterwards.
-    pub fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
+    fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
         let p_z = self.security.p_z;
         let session = session_mut(&mut self.session, &req.session_id)?;
         let Some((secret, n_pulses, reading)) = self.frames.remove(&req.frame_idx) else {
@@ -156,10 +292,7 @@ impl AliceCore {
     }
 
     /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
-    pub fn start_block(
-        &mut self,
-        req: &StartBlockRequest,
-    ) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
+    fn start_block(&mut self, req: &StartBlockRequest) -> Result<(StartBlockResponse, Option<AliceEvent>), LinkError> {
         if self.draining {
             return Err(LinkError::State("alice is shutting down; no new block".into()));
         }
@@ -189,39 +322,33 @@ impl AliceCore {
         let (monitor_mu, monitor_g2) = (monitor.mu_mean(), monitor.g2_mean());
         let estimate = monitor.check(&security).and_then(|()| phase_error_upper(&stats, &security));
         if let Err(e) = estimate {
-            let reason = format!("parameter estimation: {e}");
+            let abort = Abort::from_key_length_error(&e);
             let response = StartBlockResponse {
                 block_id: block_id.to_string(),
                 cascade_seed: vec![],
-                abort_reason: reason.clone(),
+                abort: Some(abort.to_wire()),
                 monitor_mu,
                 monitor_g2,
             };
-            return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
+            return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
         }
         let response = StartBlockResponse {
             block_id: block_id.to_string(),
             cascade_seed: cascade_seed.to_vec(),
-            abort_reason: String::new(),
+            abort: None,
             monitor_mu,
             monitor_g2,
         };
         let mut transcript = Transcript::default();
         transcript.absorb("StartBlock", req, &response);
         let reconciler = AliceReconciler::new(&self.params, &key, cascade_seed);
-        session.blocks.insert(
-            block_id,
-            Block { stats, key, reconciler, transcript, n_corrected: None, verified_tag: false, amplified: None },
-        );
+        session.blocks.insert(block_id, Block { stats, key, reconciler, transcript, stage: Stage::Reconciling });
         Ok((response, None))
     }
 
     /// Discloses the parities Bob asks for (each one counted as leak).
-    pub fn parities(&mut self, req: &ParityRequest) -> Result<ParityResponse, LinkError> {
-        let block = self.block_mut(&req.block_id)?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("error correction of this block is closed".into()));
-        }
+    fn parities(&mut self, req: &ParityRequest) -> Result<ParityResponse, LinkError> {
+        let (_, block) = block_for(&mut self.session, &req.block_id, BlockRequest::Parities)?;
         let queries: Vec<FrameParityQuery> = req
             .queries
             .iter()
@@ -234,15 +361,9 @@ impl AliceCore {
     }
 
     /// Blind LDPC: the syndrome of every frame under the codes Bob names (leak m - p each).
-    pub fn syndromes(&mut self, req: &SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        let block_id = parse_uuid(&req.block_id, "block id")?;
+    fn syndromes(&mut self, req: &SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
         let Self { session, rng, .. } = self;
-        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("error correction of this block is closed".into()));
-        }
+        let (_, block) = block_for(session, &req.block_id, BlockRequest::Syndromes)?;
         let starts: Vec<(u32, u32)> = req.frames.iter().map(|f| (f.rate_index, f.n_punctured)).collect();
         let syndromes = block.reconciler.syndromes(&starts, rng)?;
         let response = SyndromeResponse { syndromes: syndromes.iter().map(BitVec::to_bytes).collect() };
@@ -251,11 +372,8 @@ impl AliceCore {
     }
 
     /// Blind LDPC: reveals more punctured bits of the frames Bob names (one bit of leak each).
-    pub fn reveal(&mut self, req: &RevealRequest) -> Result<RevealResponse, LinkError> {
-        let block = self.block_mut(&req.block_id)?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("error correction of this block is closed".into()));
-        }
+    fn reveal(&mut self, req: &RevealRequest) -> Result<RevealResponse, LinkError> {
+        let (_, block) = block_for(&mut self.session, &req.block_id, BlockRequest::Reveal)?;
         let values = block.reconciler.reveal(&req.counts)?;
         let response = RevealResponse { values: values.iter().map(|v| BitVec::from_bools(v).to_bytes()).collect() };
         block.transcript.absorb("Reveal", req, &response);
@@ -264,18 +382,16 @@ impl AliceCore {
 
     /// Closes error correction and reveals Alice's verification tags, each under a fresh hash key
     /// (as many as keep eps_cor for the block's length).
-    pub fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
+    fn verify(&mut self, req: &VerifyRequest) -> Result<VerifyResponse, LinkError> {
         let eps_cor = EpsBudget::from_total(self.security.eps_qkd).eps_cor;
-        let n_tags = n_tags_for(self.block_mut(&req.block_id)?.stats.n_key_bits, eps_cor);
-        let hash_keys: Vec<u64> = (0..n_tags).map(|_| self.rng.next_u64()).collect();
-        let block = self.block_mut(&req.block_id)?;
-        if block.n_corrected.is_some() {
-            return Err(LinkError::State("block already verified".into()));
-        }
+        let Self { session, rng, .. } = self;
+        let (_, block) = block_for(session, &req.block_id, BlockRequest::Verify)?;
+        let n_tags = n_tags_for(block.stats.n_key_bits, eps_cor);
+        let hash_keys: Vec<u64> = (0..n_tags).map(|_| rng.next_u64()).collect();
         if req.n_corrected > block.stats.n_key_bits {
             return Err(LinkError::Malformed("more corrections than bits".into()));
         }
-        block.n_corrected = Some(req.n_corrected);
+        block.stage = Stage::Verified { n_corrected: req.n_corrected };
         let tags = hash_keys.iter().map(|&hash_key| poly_hash_tag(&block.key, hash_key)).collect();
         let response = VerifyResponse { hash_keys, tags };
         block.transcript.absorb("Verify", req, &response);
@@ -283,20 +399,17 @@ impl AliceCore {
     }
 
     /// Computes the final key length and the Toeplitz seed, and prepares the block's key units.
-    pub fn amplify(
+    fn amplify(
         &mut self,
         req: &AmplifyRequest,
         now_unix_ms: u64,
     ) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
-        let block_id = parse_uuid(&req.block_id, "block id")?;
         let security = self.security.clone();
         let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
         let Self { session, rng, .. } = self;
-        let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        let Some(n_corrected) = block.n_corrected else {
-            return Err(LinkError::State("block not verified yet".into()));
+        let (block_id, block) = block_for(session, &req.block_id, BlockRequest::Amplify)?;
+        let Stage::Verified { n_corrected } = block.stage else {
+            return Err(phase_error(block_id, block, BlockRequest::Amplify));
         };
         let n = block.stats.n_key_bits;
         let qber_z = n_corrected as f64 / n.max(1) as f64;
@@ -308,25 +421,28 @@ impl AliceCore {
             leak_ec_bits: block.reconciler.leak_bits(),
         };
         let outcome = if !req.verified {
-            Err("verification failed: the corrected keys differ".to_owned())
+            Err(Abort::new(AbortReason::VerificationFailed, "the corrected keys differ"))
         } else if qber_z > max_qber_z {
-            Err(format!("QBER in Z {:.2} % exceeds the limit {:.2} %", 100.0 * qber_z, 100.0 * max_qber_z))
+            Err(Abort::new(
+                AbortReason::QberTooHigh,
+                format!("QBER in Z {:.2} % exceeds the limit {:.2} %", 100.0 * qber_z, 100.0 * max_qber_z),
+            ))
         } else {
             match secret_key_length(&stats, &security) {
                 Ok(length) if length.final_bits / unit_bits > 0 => Ok(length),
-                Ok(length) => Err(format!(
-                    "finite-key length {} bits is below one key unit of {unit_bits} bits",
-                    length.final_bits
+                Ok(length) => Err(Abort::new(
+                    AbortReason::NoSecretKey,
+                    format!("finite-key length {} bits is below one key unit of {unit_bits} bits", length.final_bits),
                 )),
-                Err(e) => Err(format!("finite-key analysis: {e}")),
+                Err(e) => Err(Abort::from_key_length_error(&e)),
             }
         };
         let length = match outcome {
             Ok(length) => length,
-            Err(reason) => {
-                session.blocks.remove(&block_id);
-                let response = AmplifyResponse { abort_reason: reason.clone(), ..Default::default() };
-                return Ok((response, Some(AliceEvent::Aborted { block_id, reason })));
+            Err(abort) => {
+                remove_block(session, block_id);
+                let response = AmplifyResponse { abort: Some(abort.to_wire()), ..Default::default() };
+                return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
             }
         };
         let final_bits = (length.final_bits / unit_bits) * unit_bits;
@@ -359,53 +475,70 @@ impl AliceCore {
             final_bits,
             toeplitz_seed: seed.to_bytes(),
             key_ids: keys.iter().map(|k| k.key_id.to_string()).collect(),
-            abort_reason: String::new(),
+            abort: None,
         };
         block.transcript.absorb("Amplify", req, &response);
-        block.amplified = Some((meta, keys, Box::new(length)));
-        block.verified_tag = true;
+        block.stage = Stage::Amplified { meta, keys, length: Box::new(length) };
         Ok((response, None))
     }
 
     /// Bob holds the block as pending: store it as ready (durably) and confirm.
-    pub fn commit(
-        &mut self,
-        req: &CommitRequest,
-        store: &dyn KeyStore,
-    ) -> Result<(CommitResponse, AliceEvent), LinkError> {
-        let block_id = parse_uuid(&req.block_id, "block id")?;
-        let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        let block =
-            session.blocks.remove(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
-        let Some((meta, keys, security)) = block.amplified.as_ref().filter(|_| block.verified_tag) else {
-            return Err(LinkError::State("block not amplified".into()));
+    fn commit(&mut self, req: &CommitRequest, store: &dyn KeyStore) -> Result<(CommitResponse, AliceEvent), LinkError> {
+        let (block_id, _) = block_for(&mut self.session, &req.block_id, BlockRequest::Commit)?;
+        // The block leaves the session whatever the outcome (a store failure included).
+        let Some(Block { stage: Stage::Amplified { meta, keys, length }, transcript, .. }) =
+            remove_block(&mut self.session, block_id)
+        else {
+            return Err(LinkError::State(format!("block {block_id} vanished during its commit")));
         };
-        if block.transcript.digest().as_slice() != req.transcript_digest.as_slice() {
-            let reason = "transcripts differ: the two ends did not see the same messages".to_owned();
-            return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, reason }));
+        if transcript.digest().as_slice() != req.transcript_digest.as_slice() {
+            let abort = Abort::new(AbortReason::TranscriptMismatch, "the two ends did not see the same messages");
+            return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, abort, by_bob: false }));
         }
-        store.put_ready(meta, keys)?;
-        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta.clone(), security.clone())))
+        store.put_ready(&meta, &keys)?;
+        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta, length)))
     }
 
     /// Bob gave up on a block: forget it.
-    pub fn abort(&mut self, req: &AbortRequest) -> Result<(AbortResponse, AliceEvent), LinkError> {
+    fn abort(&mut self, req: &AbortRequest) -> Result<(AbortResponse, AliceEvent), LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
         if let Some(session) = self.session.as_mut() {
             session.blocks.remove(&block_id);
         }
-        Ok((AbortResponse {}, AliceEvent::Aborted { block_id, reason: format!("Bob aborted: {}", req.reason) }))
-    }
-
-    fn block_mut(&mut self, block_id: &str) -> Result<&mut Block, LinkError> {
-        let block_id = parse_uuid(block_id, "block id")?;
-        let session = self.session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
-        session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))
+        let abort = req.abort.as_ref().map_or(Abort::new(AbortReason::Unknown(0), ""), Abort::from_wire);
+        Ok((AbortResponse {}, AliceEvent::Aborted { block_id, abort, by_bob: true }))
     }
 
     fn uuid(&mut self) -> Uuid {
         uuid::Builder::from_random_bytes(self.rng.random()).into_uuid()
     }
+}
+
+/// The block `block_id` names, if `request` fits its phase: the one place where a request meets
+/// a block's phase.
+fn block_for<'a>(
+    session: &'a mut Option<Session>,
+    block_id: &str,
+    request: BlockRequest,
+) -> Result<(Uuid, &'a mut Block), LinkError> {
+    let block_id = parse_uuid(block_id, "block id")?;
+    let session = session.as_mut().ok_or_else(|| LinkError::State("no session".into()))?;
+    let block =
+        session.blocks.get_mut(&block_id).ok_or_else(|| LinkError::State(format!("unknown block {block_id}")))?;
+    if block.stage.phase() != request.expects() {
+        return Err(phase_error(block_id, block, request));
+    }
+    Ok((block_id, block))
+}
+
+/// The error for `request` arriving while `block` is in another phase than the one it needs.
+fn phase_error(block_id: Uuid, block: &Block, request: BlockRequest) -> LinkError {
+    LinkError::Phase { block_id, request, expected: request.expects(), actual: block.stage.phase() }
+}
+
+/// Drops a block from the session (committed or aborted), returning it.
+fn remove_block(session: &mut Option<Session>, block_id: Uuid) -> Option<Block> {
+    session.as_mut().and_then(|s| s.blocks.remove(&block_id))
 }
 
 fn session_mut<'a>(session: &'a mut Option<Session>, id: &str) -> Result<&'a mut Session, LinkError> {

@@ -6,7 +6,9 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::Reconciliation;
+use super::abort::{Abort, AbortReason};
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
+use super::request::{Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
 use crate::bits::BitVec;
@@ -23,30 +25,55 @@ use crate::quantum::Detection;
 use crate::sifting::{announce, bob_sift};
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
-/// Alice as Bob sees her: one call per round. The daemon implements it over gRPC with mutual
-/// TLS; the planning tool and tests with an in-memory [`AliceCore`](super::alice::AliceCore).
+/// Alice as Bob sees her: one method, [`LinkPeer::call`], carries any request. The daemon
+/// implements it over gRPC with mutual TLS; the planning tool and tests with an in-memory
+/// [`AliceCore`](super::alice::AliceCore) ([`MemoryAlice`](super::memory::MemoryAlice)). The
+/// typed helpers, one per RPC, are provided.
 #[allow(async_fn_in_trait)]
 pub trait LinkPeer {
+    /// Sends one request to Alice and returns her answer.
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError>;
+
     /// Opens a session.
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError>;
+    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Sifts a frame.
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError>;
+    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Starts a block.
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError>;
+    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks parities (Cascade).
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError>;
+    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks the frames' syndromes (LDPC).
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError>;
+    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks more punctured bits (LDPC).
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError>;
+    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks Alice's verification tag.
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError>;
+    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Asks the privacy-amplification parameters.
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError>;
+    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Acknowledges the pending block.
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError>;
+    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
     /// Gives up a block.
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError>;
+    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
+        self.call(req.into()).await?.try_into()
+    }
 }
 
 /// The public outcome of one block (no key material).
@@ -73,7 +100,7 @@ pub struct BlockReport {
     /// Key units stored.
     pub n_keys: u64,
     /// Why no key was stored, if none was.
-    pub abort_reason: Option<String>,
+    pub abort_reason: Option<Abort>,
     /// The transmitter's monitored mean photon number over the block (mean of frame readings).
     pub monitor_mu: f64,
     /// The transmitter's monitored g2(0) over the block.
@@ -267,29 +294,33 @@ impl<P: LinkPeer> BobLink<P> {
             monitor_g2: started.monitor_g2,
             security: None,
         };
-        if !started.abort_reason.is_empty() {
-            report.abort_reason = Some(started.abort_reason);
+        if let Some(abort) = &started.abort {
+            report.abort_reason = Some(Abort::from_wire(abort));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
         if let Some(calibration) = &self.side_slots
-            && let Err(reason) = calibration.check(&x_slots, stats.n_pulses)
+            && let Err(detail) = calibration.check(&x_slots, stats.n_pulses)
         {
-            self.abort(&started.block_id, &reason).await?;
-            report.abort_reason = Some(reason);
+            let abort = Abort::new(AbortReason::DetectorSideSlots, detail);
+            self.abort(&started.block_id, &abort).await?;
+            report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
         if self.max_stored_units > 0 {
             let held = store.n_units()?;
             if held >= self.max_stored_units {
-                let reason = format!(
-                    "Bob's key store is full ({held} key units held, limit {}): no key distilled until keys are \
-                     fetched or max_stored_units is raised",
-                    self.max_stored_units
+                let abort = Abort::new(
+                    AbortReason::StoreFull,
+                    format!(
+                        "Bob's key store is full ({held} key units held, limit {}): no key distilled until keys are \
+                         fetched or max_stored_units is raised",
+                        self.max_stored_units
+                    ),
                 );
-                self.abort(&started.block_id, &reason).await?;
-                report.abort_reason = Some(reason);
+                self.abort(&started.block_id, &abort).await?;
+                report.abort_reason = Some(abort);
                 self.counters.blocks_aborted += 1;
                 return Ok(report);
             }
@@ -335,8 +366,8 @@ impl<P: LinkPeer> BobLink<P> {
 
         let req = AmplifyRequest { block_id: started.block_id.clone(), verified };
         let amplify = self.peer.amplify(req.clone()).await?;
-        if !amplify.abort_reason.is_empty() {
-            report.abort_reason = Some(amplify.abort_reason);
+        if let Some(abort) = &amplify.abort {
+            report.abort_reason = Some(Abort::from_wire(abort));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -352,9 +383,12 @@ impl<P: LinkPeer> BobLink<P> {
         let expected_bits = expected.final_bits / unit_bits * unit_bits;
         report.security = Some(Box::new(expected));
         if amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_bits / unit_bits {
-            let reason = format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits);
-            self.abort(&started.block_id, &reason).await?;
-            report.abort_reason = Some(reason);
+            let abort = Abort::new(
+                AbortReason::KeyLengthMismatch,
+                format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits),
+            );
+            self.abort(&started.block_id, &abort).await?;
+            report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -390,7 +424,7 @@ impl<P: LinkPeer> BobLink<P> {
             .await?;
         if !commit.ready {
             store.drop_pending(block_id)?;
-            report.abort_reason = Some("Alice refused the commit: transcripts differ".into());
+            report.abort_reason = Some(Abort::new(AbortReason::TranscriptMismatch, "Alice refused the commit"));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -533,8 +567,8 @@ impl<P: LinkPeer> BobLink<P> {
         Ok(Reconciled { key: corrected, n_corrected, leak_bits, round_trips, observed_qber })
     }
 
-    async fn abort(&mut self, block_id: &str, reason: &str) -> Result<(), LinkError> {
-        self.peer.abort(AbortRequest { block_id: block_id.to_owned(), reason: reason.to_owned() }).await?;
+    async fn abort(&mut self, block_id: &str, abort: &Abort) -> Result<(), LinkError> {
+        self.peer.abort(AbortRequest { block_id: block_id.to_owned(), abort: Some(abort.to_wire()) }).await?;
         Ok(())
     }
 }

@@ -2,11 +2,10 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use proto::link::*;
-
 use super::LinkError;
 use super::alice::{AliceCore, AliceEvent};
 use super::bob::LinkPeer;
+use super::request::{HandleContext, Request, Response};
 use crate::store::KeyStore;
 
 /// Alice's state when she runs in Bob's process.
@@ -42,59 +41,12 @@ impl MemoryAlice {
 }
 
 impl LinkPeer for MemoryAlice {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        let mut a = self.lock();
-        let store = a.store.clone();
-        a.core.hello(&req, store.as_ref())
-    }
-
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        self.lock().core.sift(&req)
-    }
-
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        let mut a = self.lock();
-        let (resp, event) = a.core.start_block(&req)?;
-        a.events.extend(event);
-        Ok(resp)
-    }
-
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        self.lock().core.parities(&req)
-    }
-
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        self.lock().core.syndromes(&req)
-    }
-
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        self.lock().core.reveal(&req)
-    }
-
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        self.lock().core.verify(&req)
-    }
-
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        let mut a = self.lock();
-        let now = a.now_unix_ms;
-        let (resp, event) = a.core.amplify(&req, now)?;
-        a.events.extend(event);
-        Ok(resp)
-    }
-
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        let mut a = self.lock();
-        let store = a.store.clone();
-        let (resp, event) = a.core.commit(&req, store.as_ref())?;
-        a.events.push(event);
-        Ok(resp)
-    }
-
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        let mut a = self.lock();
-        let (resp, event) = a.core.abort(&req)?;
-        a.events.push(event);
-        Ok(resp)
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+        let mut guard = self.lock();
+        let alice = &mut *guard;
+        let ctx = HandleContext { store: alice.store.as_ref(), now_unix_ms: alice.now_unix_ms };
+        let (response, event) = alice.core.handle(request, &ctx)?;
+        alice.events.extend(event);
+        Ok(response)
     }
 }

@@ -3,18 +3,27 @@
 //! [`alice::AliceCore`] answers Bob's requests (it is what Alice's gRPC service calls);
 //! [`bob::BobLink`] drives a session through any [`bob::LinkPeer`]: the gRPC client in the
 //! daemon, or an in-memory [`AliceCore`](alice::AliceCore) in the planning tool and the tests.
+//! The request surface exists once, as [`Request`] and [`Response`]: Alice's core answers
+//! one with [`AliceCore::handle`](alice::AliceCore::handle), and each transport carries one
+//! with [`LinkPeer::call`](bob::LinkPeer::call).
 //! Neither reads the clock: times come in as arguments. Randomness is injected. No transport
 //! either: [`LinkError`] knows nothing of gRPC.
 
+pub mod abort;
 pub mod alice;
 pub mod bob;
 pub mod memory;
 pub mod params;
 pub mod reconcile;
+pub mod request;
+#[doc(hidden)]
+pub mod testing;
 pub mod transcript;
 
+pub use abort::{Abort, AbortReason};
 pub use params::ProtocolParams;
 pub use reconcile::Reconciliation;
+pub use request::{HandleContext, Request, Response};
 
 /// Errors of the post-processing protocol. Each maps to one gRPC status (the mapping lives with
 /// the transport, in `common::grpc`).
@@ -23,6 +32,19 @@ pub enum LinkError {
     /// The request does not fit the protocol state (unknown session, block or frame).
     #[error("{0}")]
     State(String),
+    /// A request about a block arrived in another phase than the one it needs (a state error:
+    /// the request does not fit the block's state).
+    #[error("block {block_id}: {request:?} expects the block {expected}, but it is {actual}")]
+    Phase {
+        /// The block.
+        block_id: uuid::Uuid,
+        /// The request.
+        request: alice::BlockRequest,
+        /// The phase the request needs.
+        expected: alice::BlockPhase,
+        /// The block's phase.
+        actual: alice::BlockPhase,
+    },
     /// The request is malformed.
     #[error("malformed request: {0}")]
     Malformed(String),

@@ -12,7 +12,8 @@ use crate::postproc::finite_key::SecurityParams;
 /// 2: Cascade frames of one exchange padded to one length.
 /// 3: the rigorous finite-key analysis (one eps_QKD, calibrated source bounds, verification tags
 ///    per block size, source monitor readings checked at StartBlock).
-pub const LINK_PROTOCOL_VERSION: u32 = 3;
+/// 4: typed abort reasons on the wire (`BlockAbort`: an `AbortReason` and a bounded detail).
+pub const LINK_PROTOCOL_VERSION: u32 = 4;
 
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
 /// parameters the security analysis uses) when a session opens.

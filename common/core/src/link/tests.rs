@@ -5,20 +5,24 @@
 //! receiver and sled stores.)
 
 use std::pin::pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Wake, Waker};
 
-use proto::link::*;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use super::alice::AliceCore;
+use super::alice::{AliceCore, AliceEvent};
+use super::alice::{BlockPhase, BlockRequest};
 use super::bob::{BobLink, LinkPeer};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
-use super::{LinkError, ProtocolParams, Reconciliation};
+use super::request::{Request, Response};
+use super::testing::{Crash, FlakyAlice};
+use super::{AbortReason, LinkError, ProtocolParams, Reconciliation};
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
+use proto::link::{AmplifyRequest, ParityRequest};
+
 use crate::quantum::{Basis, Detection, FrameSecret, FrameStates, Measurement, State};
 use crate::store::{KeyStore, MemoryStore};
 
@@ -76,61 +80,6 @@ fn detect(secret: &FrameSecret, n_pulses: u64, rng: &mut ChaCha20Rng) -> Vec<Det
     }
 }
 
-/// Where a test makes the connection to Alice fail during a commit.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Crash {
-    None,
-    /// Bob's commit request never reaches Alice.
-    BeforeAliceCommits,
-    /// Alice commits but her answer never reaches Bob.
-    AfterAliceCommits,
-}
-
-struct FlakyAlice {
-    alice: MemoryAlice,
-    crash: Crash,
-}
-
-impl LinkPeer for FlakyAlice {
-    async fn hello(&mut self, req: HelloRequest) -> Result<HelloResponse, LinkError> {
-        self.alice.hello(req).await
-    }
-    async fn sift(&mut self, req: SiftRequest) -> Result<SiftResponse, LinkError> {
-        self.alice.sift(req).await
-    }
-    async fn start_block(&mut self, req: StartBlockRequest) -> Result<StartBlockResponse, LinkError> {
-        self.alice.start_block(req).await
-    }
-    async fn parities(&mut self, req: ParityRequest) -> Result<ParityResponse, LinkError> {
-        self.alice.parities(req).await
-    }
-    async fn syndromes(&mut self, req: SyndromeRequest) -> Result<SyndromeResponse, LinkError> {
-        self.alice.syndromes(req).await
-    }
-    async fn reveal(&mut self, req: RevealRequest) -> Result<RevealResponse, LinkError> {
-        self.alice.reveal(req).await
-    }
-    async fn verify(&mut self, req: VerifyRequest) -> Result<VerifyResponse, LinkError> {
-        self.alice.verify(req).await
-    }
-    async fn amplify(&mut self, req: AmplifyRequest) -> Result<AmplifyResponse, LinkError> {
-        self.alice.amplify(req).await
-    }
-    async fn commit(&mut self, req: CommitRequest) -> Result<CommitResponse, LinkError> {
-        match self.crash {
-            Crash::None => self.alice.commit(req).await,
-            Crash::BeforeAliceCommits => Err(LinkError::Transport("connection lost".into())),
-            Crash::AfterAliceCommits => {
-                self.alice.commit(req).await?;
-                Err(LinkError::Transport("connection lost".into()))
-            }
-        }
-    }
-    async fn abort(&mut self, req: AbortRequest) -> Result<AbortResponse, LinkError> {
-        self.alice.abort(req).await
-    }
-}
-
 struct Rig {
     security: SecurityParams,
     params: ProtocolParams,
@@ -168,7 +117,7 @@ impl Rig {
     }
 
     /// Emits, detects and sifts frames until a block is ready.
-    async fn fill_block(&mut self, bob: &mut BobLink<FlakyAlice>) {
+    async fn fill_block<P: LinkPeer>(&mut self, bob: &mut BobLink<P>) {
         while !bob.block_ready() {
             let n_pulses = self.params.frame_pulses;
             let secret = FrameSecret::random(&mut self.rng);
@@ -230,9 +179,17 @@ fn a_full_store_aborts_new_blocks_at_both_ends_until_there_is_room() {
         bob.set_max_stored_units(held);
         rig.fill_block(&mut bob).await;
         let full = bob.process_block(&rig.bob_store, 0).await.unwrap();
-        let reason = full.abort_reason.clone().unwrap_or_default();
+        let reason = full.abort_reason.as_ref().map(ToString::to_string).unwrap_or_default();
         assert!(reason.contains("key store is full"), "{full:?}");
         assert_eq!(full.n_keys, 0);
+        // The reason is typed at both ends: Bob's report, and Alice's event for his Abort.
+        assert_eq!(full.abort_reason.as_ref().map(|a| a.reason), Some(AbortReason::StoreFull));
+        match rig.alice.lock().events.last() {
+            Some(AliceEvent::Aborted { block_id, abort, by_bob: true }) => {
+                assert_eq!((*block_id, abort), (full.block_id, full.abort_reason.as_ref().unwrap()));
+            }
+            other => panic!("Alice did not report Bob's abort: {other:?}"),
+        }
         let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
         assert_eq!(a, b);
         assert_eq!((b.n_keys, b.n_ready_blocks, b.n_pending_blocks), (held, 1, 0));
@@ -311,5 +268,93 @@ fn mismatched_parameters_are_refused_at_hello() {
         let err =
             BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.err().unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
+    });
+}
+
+/// An in-memory Alice to whom requests out of a block's phase are sent alongside Bob's own:
+/// before Verify, an Amplify and a Commit; after it, Parities and Verify again; before the
+/// Commit, a second Amplify. Each is refused, and it records the refusals.
+struct OutOfPhase {
+    alice: MemoryAlice,
+    refused: Arc<Mutex<Vec<LinkError>>>,
+}
+
+impl OutOfPhase {
+    async fn probe(&mut self, request: Request) {
+        let refusal = self.alice.call(request).await.expect_err("a request out of phase was answered");
+        self.refused.lock().unwrap().push(refusal);
+    }
+}
+
+impl LinkPeer for OutOfPhase {
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+        match &request {
+            Request::Verify(verify) => {
+                let block_id = verify.block_id.clone();
+                self.probe(AmplifyRequest { block_id: block_id.clone(), verified: true }.into()).await;
+                self.probe(proto::link::CommitRequest { block_id: block_id.clone(), ..Default::default() }.into())
+                    .await;
+                let response = self.alice.call(request.clone()).await?;
+                self.probe(ParityRequest { block_id, queries: vec![] }.into()).await;
+                self.probe(request).await;
+                Ok(response)
+            }
+            Request::Commit(commit) => {
+                self.probe(AmplifyRequest { block_id: commit.block_id.clone(), verified: true }.into()).await;
+                self.alice.call(request).await
+            }
+            _ => self.alice.call(request).await,
+        }
+    }
+}
+
+#[test]
+fn requests_out_of_a_blocks_phase_are_refused_naming_both_phases_and_change_nothing() {
+    use BlockPhase::*;
+    block_on(async {
+        // The same block twice, once with the probes: the same keys at the end.
+        let mut plain = Rig::new(6);
+        let mut bob = plain.open(Crash::None).await;
+        plain.fill_block(&mut bob).await;
+        assert_eq!(bob.process_block(&plain.bob_store, 0).await.unwrap().abort_reason, None);
+
+        let mut rig = Rig::new(6);
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let peer = OutOfPhase { alice: rig.alice.clone(), refused: refused.clone() };
+        let (mut bob, _) =
+            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.unwrap();
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason, None, "{report:?}");
+        let phases: Vec<_> = refused
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|e| match e {
+                LinkError::Phase { block_id, request, expected, actual } => {
+                    assert_eq!(*block_id, report.block_id);
+                    assert!(
+                        e.to_string().contains(&format!("expects the block {expected}, but it is {actual}")),
+                        "{e}"
+                    );
+                    (*request, *expected, *actual)
+                }
+                other => panic!("not a phase error: {other}"),
+            })
+            .collect();
+        assert_eq!(
+            phases,
+            [
+                (BlockRequest::Amplify, Verified, Reconciling),
+                (BlockRequest::Commit, Amplified, Reconciling),
+                (BlockRequest::Parities, Reconciling, Verified),
+                (BlockRequest::Verify, Reconciling, Verified),
+                (BlockRequest::Amplify, Verified, Amplified),
+            ]
+        );
+        let summary = rig.alice_store.summary().unwrap();
+        assert!(summary.n_keys > 0);
+        assert_eq!(summary, rig.bob_store.summary().unwrap());
+        assert_eq!(summary, plain.alice_store.summary().unwrap(), "the refused requests changed the keys");
     });
 }
