@@ -358,6 +358,9 @@ impl RecordingReader {
                     std::io::ErrorKind::InvalidInput | std::io::ErrorKind::InvalidData => {
                         RecordErrorKind::Compressed(e.to_string())
                     }
+                    std::io::ErrorKind::UnexpectedEof => {
+                        RecordErrorKind::Truncated(format!("the compressed stream ends early ({e})"))
+                    }
                     _ => RecordErrorKind::Io(e.to_string()),
                 };
                 Err(self.error(self.pos, kind))

@@ -247,8 +247,9 @@ async fn clock_offset_and_drift_lock_at_once() {
         assert_eq!(run.first_frame, Some(0), "seed {seed}: lock must not cost a frame");
         assert_eq!(ready(&run.rx).len() as u64, frames, "seed {seed}");
         let est = run.clock.expect("a clock estimate");
-        // The tagger's offset at the end of the run: the initial one plus the drift.
-        let t_end = (frames + 1) as f64 * F as f64 / cfg.params.clock_hz;
+        // The tagger's offset at the last sync (the emulator's closing syncs just after the last
+        // frame): the initial one plus the drift.
+        let t_end = (frames * F) as f64 / cfg.params.clock_hz;
         let truth = ppm + drift * t_end;
         assert!(est.locked, "seed {seed}: {est:?}");
         assert!((est.offset_ppm - truth).abs() < 0.05, "seed {seed}: {} ppm vs {truth}", est.offset_ppm);
@@ -333,10 +334,8 @@ async fn record_then_replay_is_bit_for_bit() {
     let map = dir.path("bob.map");
     write_text_tags(&path, &text);
     std::fs::write(&map, "sync = 0\nz = 1\nx_plus = 2\nx_minus = 3\n").unwrap();
-    let timing = TagFileTiming {
-        acquisition_start_ps: Some(cfg.bob_clock_start_ps as u64),
-        ..TagFileTiming::from_params(&cfg.params, F, cfg.sync_every, true)
-    };
+    // The tagger started at 0, before the first pulse.
+    let timing = TagFileTiming::from_params(&cfg.params, F, cfg.sync_every, true);
     let spec = TagFileSpec { path: text, channel_map: map, timing, ptu: Default::default() };
     let mut r = ReplayReceiver::open_tag_file(&spec, options(4)).unwrap();
     let mut from_text = Vec::new();
@@ -413,14 +412,19 @@ fn small_recording(path: &Path) {
     w.finish().unwrap();
 }
 
+/// Reads a recording to the end: its header and entries, or the error.
+fn read_entries(path: &Path) -> Result<(proto::device::RecordingHeader, Vec<crate::record::Entry>), RecordError> {
+    let mut r = RecordingReader::open(path)?;
+    let mut v = Vec::new();
+    while let Some(e) = r.next_entry()? {
+        v.push(e);
+    }
+    Ok((r.header().clone(), v))
+}
+
 /// Reads a recording to the end: the number of entries, or the error.
 fn read_all(path: &Path) -> Result<usize, RecordError> {
-    let mut r = RecordingReader::open(path)?;
-    let mut n = 0;
-    while r.next_entry()?.is_some() {
-        n += 1;
-    }
-    Ok(n)
+    read_entries(path).map(|(_, v)| v.len())
 }
 
 /// Damaged recordings: every truncation and a flipped byte anywhere give an error that names
@@ -447,16 +451,27 @@ fn damaged_recordings_name_the_file_and_offset() {
         assert!(msg.contains("offset"), "cut {cut}: {msg}");
         assert!(matches!(e.kind, RecordErrorKind::Truncated(_) | RecordErrorKind::Compressed(_)), "cut {cut}: {msg}");
     }
-    // A flipped bit anywhere after the prefix.
+    // A flipped bit anywhere after the prefix: an error naming the place, or (a bit deflate
+    // ignores, such as the padding before a flush's empty stored block) the same contents.
+    let original = read_entries(&good).unwrap();
+    let mut harmless = 0;
     for pos in (12..bytes.len()).step_by(step) {
         let mut b = bytes.clone();
         b[pos] ^= 0x10;
         std::fs::write(&bad, &b).unwrap();
-        let e = read_all(&bad).expect_err(&format!("flip at {pos} must fail"));
+        let e = match read_entries(&bad) {
+            Ok(same) => {
+                assert!(same == original, "flip at {pos}: read without error but different");
+                harmless += 1;
+                continue;
+            }
+            Err(e) => e,
+        };
         let msg = e.to_string();
         assert!(msg.starts_with(&bad_name) && msg.contains("offset"), "flip at {pos}: {msg}");
         assert!(e.stream_offset.is_some(), "flip at {pos}: {msg}");
     }
+    assert!(harmless <= 3, "{harmless} flips went unnoticed");
     // Magic and version.
     let mut b = bytes.clone();
     b[1] = b'X';
@@ -566,3 +581,4 @@ async fn sim_pair_is_the_reference() {
     assert_eq!(m.frames, 3);
     assert!(t.info().simulated() && r.info().simulated());
 }
+

@@ -109,11 +109,13 @@ impl Engine {
         self.clock.time_ps(pulse, delay_ps).max(0.0).floor() as u64
     }
 
-    /// The `StreamStart` of a stream that begins with frame `frame`.
+    /// The `StreamStart` of a stream that begins with frame `frame`: the acquisition counts as
+    /// started one period before the frame's first pulse (the tags of that earlier pulse, frame
+    /// `frame - 1`'s, are not in the stream: the pipeline reports that frame dropped).
     pub fn stream_start(&self, frame: u64) -> pb::StreamStart {
         let pulse = frame * self.cfg.frame_pulses;
         pb::StreamStart {
-            acquisition_start_ps: self.bob_time(pulse, 0.0),
+            acquisition_start_ps: self.bob_time(pulse, -self.period_ps),
             first_sync_pulse: i64::try_from(pulse).unwrap_or(i64::MAX),
         }
     }
