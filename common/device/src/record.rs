@@ -105,7 +105,7 @@ pub enum Entry {
 }
 
 /// What [`RecordingWriter::finish`] wrote.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct RecordingCounts {
     /// Transmitter events.
     pub transmitter_events: u64,

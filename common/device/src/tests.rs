@@ -581,4 +581,3 @@ async fn sim_pair_is_the_reference() {
     assert_eq!(m.frames, 3);
     assert!(t.info().simulated() && r.info().simulated());
 }
-
