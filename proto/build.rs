@@ -3,7 +3,7 @@
 //! the `grpc` feature (tonic-prost-build, which generates the same messages plus the services).
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/link.proto", "proto/fibre.proto", "proto/kme.proto"];
+    let files = ["proto/link.proto", "proto/fibre.proto", "proto/kme.proto", "proto/device.proto"];
     for file in files {
         println!("cargo:rerun-if-changed={file}");
     }

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench_postproc;
 mod demo;
+mod device;
 mod keys;
 mod kme_pair;
 mod lab;
@@ -80,6 +81,11 @@ enum Command {
         /// URL, e.g. http://127.0.0.1:9000/readyz.
         url: String,
     },
+    /// Quantum devices: the emulator of the device API, recording and inspecting runs.
+    Device {
+        #[command(subcommand)]
+        command: device::DeviceCommand,
+    },
     /// Inspect a key store.
     Store {
         #[command(subcommand)]
@@ -146,6 +152,7 @@ fn main() -> std::process::ExitCode {
         Command::Simulate(args) => simulate::run_simulate(args),
         Command::Sweep(args) => simulate::run_sweep(args),
         Command::Daemon { role, config } => run_daemon(&role, &config),
+        Command::Device { command } => device::run(command),
         Command::Store { command: StoreCommand::Summary { data_dir, json } } => store::summary(&data_dir, json),
     };
     match result {
