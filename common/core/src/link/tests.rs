@@ -4,47 +4,24 @@
 //! two-ended commit. (`common`'s link tests run the same protocol with the simulated source and
 //! receiver and sled stores.)
 
-use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Wake, Waker};
 
+use proto::link::{AmplifyRequest, ParityRequest};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use super::alice::{AliceCore, AliceEvent};
-use super::alice::{BlockPhase, BlockRequest};
+use super::alice::{AliceCore, AliceEvent, BlockPhase, BlockRequest};
 use super::bob::{BobLink, LinkPeer};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
 use super::request::{Request, Response};
 use super::testing::{Crash, FlakyAlice};
 use super::{AbortReason, LinkError, ProtocolParams, Reconciliation};
+use crate::block_on;
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
-use proto::link::{AmplifyRequest, ParityRequest};
-
 use crate::quantum::{Basis, Detection, FrameSecret, FrameStates, Measurement, State};
 use crate::store::{KeyStore, MemoryStore};
-
-/// Runs a future to completion on this thread. The in-memory peer never waits, so no runtime is
-/// needed; a future that did wait would be woken by unparking this thread.
-fn block_on<F: Future>(future: F) -> F::Output {
-    struct Unpark(std::thread::Thread);
-    impl Wake for Unpark {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
-    let mut cx = Context::from_waker(&waker);
-    let mut future = pin!(future);
-    loop {
-        match future.as_mut().poll(&mut cx) {
-            Poll::Ready(out) => return out,
-            Poll::Pending => std::thread::park(),
-        }
-    }
-}
 
 /// A synthetic channel with the rates of the `lab-10km` preset: each pulse clicks with
 /// probability `P_CLICK`, Bob measures in Z or X with equal probability, and a measurement in
