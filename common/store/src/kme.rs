@@ -20,7 +20,10 @@ use tracing::error;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{CallError, DbResult, KeyUnit, SledStore, StoreError, Trees, count_down, count_entries, db_error, decode_key, until_error};
+use super::{
+    CallError, DbResult, KeyUnit, SledStore, StoreError, Trees, count_down, count_entries, db_error, decode_key,
+    until_error,
+};
 
 /// Name of the sled tree holding the reservations.
 pub(super) const RESERVATIONS_TREE: &str = "kme_reservations";
@@ -245,7 +248,11 @@ impl Trees {
     }
 
     /// See [`SledStore::count_ready_units`].
-    pub(crate) fn count_ready_units(&self, cap: usize, mut select: impl FnMut(&Uuid) -> bool) -> Result<usize, StoreError> {
+    pub(crate) fn count_ready_units(
+        &self,
+        cap: usize,
+        mut select: impl FnMut(&Uuid) -> bool,
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
         if cap == 0 {
             return Ok(0);
@@ -568,7 +575,7 @@ struct Reservation {
 /// Format version of reservation records.
 const RECORD_VERSION: u8 = 1;
 
-fn encode_reservation(reservation: &KeyReservation, key: &[u8]) -> Zeroizing<Vec<u8>> {
+pub(crate) fn encode_reservation(reservation: &KeyReservation, key: &[u8]) -> Zeroizing<Vec<u8>> {
     encode_record(&Reservation {
         created_unix_ms: reservation.created_unix_ms,
         size_bits: reservation.size_bits,
@@ -646,7 +653,7 @@ pub(crate) fn check_reservation(value: &[u8]) -> Result<(), String> {
 
 /// Tombstone: outcome byte (1: a reservation was cancelled, 0: none was recorded), then the
 /// cancellation time (u64 LE, Unix milliseconds).
-fn encode_tombstone(cancelled: bool, created_unix_ms: u64) -> [u8; 9] {
+pub(crate) fn encode_tombstone(cancelled: bool, created_unix_ms: u64) -> [u8; 9] {
     let mut out = [0u8; 9];
     out[0] = u8::from(cancelled);
     out[1..].copy_from_slice(&created_unix_ms.to_le_bytes());

@@ -344,9 +344,7 @@ impl SledStore {
 
     fn reopen_due(&self) -> bool {
         let health = self.health();
-        self.dir.is_some()
-            && health.failure.is_some()
-            && health.next_attempt.is_none_or(|next| Instant::now() >= next)
+        self.dir.is_some() && health.failure.is_some() && health.next_attempt.is_none_or(|next| Instant::now() >= next)
     }
 
     fn out_of_service(&self) -> StoreError {
@@ -493,7 +491,8 @@ impl GroupFlush {
                 return Ok(());
             }
             if state.finished >= needed {
-                let error = state.last_error.clone().unwrap_or_else(|| sled::Error::Io(std::io::Error::other("flush failed")));
+                let error =
+                    state.last_error.clone().unwrap_or_else(|| sled::Error::Io(std::io::Error::other("flush failed")));
                 return Err(db_error(error));
             }
             if !state.running {
@@ -678,7 +677,8 @@ impl Trees {
             return Err(StoreError::DuplicateBlock(meta.block_id));
         }
         for key in keys {
-            let old = self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice()).db()?;
+            let old =
+                self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice()).db()?;
             if old.is_none() {
                 self.n_pending.fetch_add(1, Ordering::Relaxed);
             }
@@ -764,7 +764,13 @@ impl Trees {
                 BlockState::Pending => n_pending_blocks += 1,
             }
         }
-        Ok(StoreSummary { n_keys, n_key_bits, n_ready_blocks, n_pending_blocks, digest: hex::encode(hasher.finalize()) })
+        Ok(StoreSummary {
+            n_keys,
+            n_key_bits,
+            n_ready_blocks,
+            n_pending_blocks,
+            digest: hex::encode(hasher.finalize()),
+        })
     }
 
     fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError> {
@@ -801,7 +807,11 @@ impl KeyStore for SledStore {
 
     fn pending_blocks(&self) -> Result<Vec<Uuid>, StoreError> {
         let blocks = self.with(|t| t.blocks())?;
-        Ok(blocks.into_iter().filter(|(_, state)| *state == BlockState::Pending).map(|(meta, _)| meta.block_id).collect())
+        Ok(blocks
+            .into_iter()
+            .filter(|(_, state)| *state == BlockState::Pending)
+            .map(|(meta, _)| meta.block_id)
+            .collect())
     }
 
     fn summary(&self) -> Result<StoreSummary, StoreError> {
@@ -832,7 +842,9 @@ fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
         match sled::Config::new().path(dir).open() {
-            Err(sled::Error::Io(e)) if e.to_string().contains("could not acquire lock") && Instant::now() < deadline => {
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
+            {
                 std::thread::sleep(Duration::from_millis(10));
             }
             result => return result,
@@ -865,7 +877,9 @@ fn open_trees(dir: &Path) -> Result<Trees, StoreError> {
     }));
     match opened {
         Ok(result) => result.map_err(|e| locate(e, dir)),
-        Err(panic) => Err(StoreError::backend(StoreFault::Damaged { path: dir.to_owned(), detail: verify::panicked(&*panic) })),
+        Err(panic) => {
+            Err(StoreError::backend(StoreFault::Damaged { path: dir.to_owned(), detail: verify::panicked(&*panic) }))
+        }
     }
 }
 

@@ -248,7 +248,11 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
         crash_before_step(Some(publish_crash));
         let finished = store.mark_ready(block).is_ok();
         crash_before_step(None);
-        assert_eq!(n_in_both(&store.trees().pending, &store.trees().ready), 0, "publish crash {publish_crash}: units in both trees");
+        assert_eq!(
+            n_in_both(&store.trees().pending, &store.trees().ready),
+            0,
+            "publish crash {publish_crash}: units in both trees"
+        );
 
         let reserved: Vec<Uuid> =
             store.select_ready_units(usize::MAX, |_| true).unwrap().iter().map(|u| u.key_id).collect();

@@ -55,7 +55,8 @@ const MARKER_PREFIX: &str = "qkd key store ";
 const MAX_PROBLEMS: usize = 1000;
 
 /// The trees this version of the store uses (and sled's default tree).
-const KNOWN_TREES: [&str; 6] = ["__sled__default", "blocks", "ready", "pending", kme::RESERVATIONS_TREE, kme::CANCELLED_TREE];
+const KNOWN_TREES: [&str; 6] =
+    ["__sled__default", "blocks", "ready", "pending", kme::RESERVATIONS_TREE, kme::CANCELLED_TREE];
 
 /// One problem verification found: where, and what.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -201,7 +202,9 @@ pub fn verify_dir(dir: &Path) -> Verification {
         Err(e) => {
             let fault = classify(e, dir, Some("opening the database".into()));
             match fault {
-                StoreFault::Damaged { .. } | StoreFault::ConfDamaged { .. } => v.problem("database", None, fault.to_string()),
+                StoreFault::Damaged { .. } | StoreFault::ConfDamaged { .. } => {
+                    v.problem("database", None, fault.to_string())
+                }
                 _ => v.blocked("database", fault.to_string()),
             }
             return v;
@@ -263,7 +266,9 @@ pub(crate) fn check_conf(dir: &Path) -> Result<Vec<String>, StoreFault> {
         let valid = match key {
             "segment_size" => value.parse::<usize>().is_ok(),
             "use_compression" => value.parse::<bool>().is_ok(),
-            "version" => value.split_once('.').is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok()),
+            "version" => {
+                value.split_once('.').is_some_and(|(a, b)| a.parse::<u32>().is_ok() && b.parse::<u32>().is_ok())
+            }
             _ => true,
         };
         if !valid {
@@ -352,7 +357,9 @@ pub(crate) fn check_marker(trees: &Trees, dir: &Path, repair: bool, v: &mut Veri
             trees.db.flush().map_err(|e| sled_at("writing the marker record", e))?;
             write_marker_file(&file_path, id)?;
         }
-        (None, None) => v.notes.push("the store has no marker yet (made by an earlier version); the next start adds one".into()),
+        (None, None) => {
+            v.notes.push("the store has no marker yet (made by an earlier version); the next start adds one".into())
+        }
     }
     Ok(())
 }
@@ -443,9 +450,10 @@ impl Trees {
         self.check_units(stage, v, &mut blocks)?;
         self.check_unlisted(v, &blocks)?;
         self.check_reservations(v)?;
-        match self.db.tree_names().into_iter().find(|name| !KNOWN_TREES.iter().any(|k| k.as_bytes() == name.as_ref())) {
-            Some(name) => v.notes.push(format!("tree {:?} is not used by this version", String::from_utf8_lossy(&name))),
-            None => {}
+        for name in self.db.tree_names() {
+            if !KNOWN_TREES.iter().any(|known| known.as_bytes() == name.as_ref()) {
+                v.notes.push(format!("tree {:?} is not used by this version", String::from_utf8_lossy(&name)));
+            }
         }
         Ok(())
     }
@@ -477,7 +485,11 @@ impl Trees {
             let mut seen = HashSet::with_capacity(key_ids.len());
             let unique: Vec<Uuid> = key_ids.iter().copied().filter(|id| seen.insert(*id)).collect();
             if unique.len() != key_ids.len() {
-                v.problem(&place, name.clone(), format!("the record lists {} key IDs twice", key_ids.len() - unique.len()));
+                v.problem(
+                    &place,
+                    name.clone(),
+                    format!("the record lists {} key IDs twice", key_ids.len() - unique.len()),
+                );
             }
             let n = key_ids.len() as u64;
             let unit_len = if n == 0 {
@@ -485,7 +497,11 @@ impl Trees {
             } else if meta.final_bits.is_multiple_of(8 * n) {
                 Some((meta.final_bits / 8 / n) as usize)
             } else {
-                v.problem(&place, name.clone(), format!("final_bits {} is not {n} units of whole bytes", meta.final_bits));
+                v.problem(
+                    &place,
+                    name.clone(),
+                    format!("final_bits {} is not {n} units of whole bytes", meta.final_bits),
+                );
                 None
             };
             let mut info = BlockInfo { state, found: 0, claimed: 0 };
@@ -497,7 +513,11 @@ impl Trees {
                 match state {
                     BlockState::Pending => {
                         if in_pending.is_none() {
-                            v.problem(&place, name.clone(), format!("unit {key_id} of this pending block is not in `pending`"));
+                            v.problem(
+                                &place,
+                                name.clone(),
+                                format!("unit {key_id} of this pending block is not in `pending`"),
+                            );
                         }
                         if in_ready.is_some() {
                             v.problem(
@@ -549,7 +569,12 @@ impl Trees {
     }
 
     /// The `pending` and `ready` trees, unit by unit.
-    fn check_units(&self, stage: Stage, v: &mut Verification, blocks: &mut HashMap<Uuid, BlockInfo>) -> Result<(), StoreError> {
+    fn check_units(
+        &self,
+        stage: Stage,
+        v: &mut Verification,
+        blocks: &mut HashMap<Uuid, BlockInfo>,
+    ) -> Result<(), StoreError> {
         let mut unrecorded: HashMap<Uuid, u64> = HashMap::new();
         let place = tree_place("pending");
         scan(&self.pending, "pending", v, |v, key, value| {
@@ -586,7 +611,9 @@ impl Trees {
                 return Ok(());
             };
             match blocks.get_mut(&owner) {
-                None => v.problem(&place, Some(key_name(key)), format!("the unit names block {owner}, which has no record")),
+                None => {
+                    v.problem(&place, Some(key_name(key)), format!("the unit names block {owner}, which has no record"))
+                }
                 Some(info) => {
                     info.claimed += 1;
                     if info.state == BlockState::Pending {
@@ -707,7 +734,8 @@ mod tests {
         assert!(message.contains("checksum does not match"), "{message}");
         assert!(!message.contains("0.29"), "{message}");
         // Right checksum, wrong contents.
-        std::fs::write(dir.join(CONF_FILE), with_crc(b"segment_size: many\nuse_compression: false\nversion: 0.34\n")).unwrap();
+        std::fs::write(dir.join(CONF_FILE), with_crc(b"segment_size: many\nuse_compression: false\nversion: 0.34\n"))
+            .unwrap();
         assert!(check_conf(&dir).unwrap_err().to_string().contains("segment_size"));
         // A file sled rewrites.
         std::fs::write(dir.join(CONF_FILE), b"seg").unwrap();
