@@ -156,6 +156,23 @@ pub fn is_disk_full(error: &StoreError) -> bool {
     false
 }
 
+/// `error` and its sources as one line, each source that says something new after a colon:
+/// what a log line or a command's error should show. (A [`StoreError::Backend`] displays its
+/// source already, so printing the whole chain, as `anyhow`'s `{:#}` does, repeats it.)
+pub fn describe(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut message = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        let text = e.to_string();
+        if !message.contains(&text) {
+            message.push_str(": ");
+            message.push_str(&text);
+        }
+        source = e.source();
+    }
+    message
+}
+
 /// A sled error with what the store was doing (a tree and a key), before the store's path is
 /// attached by [`locate`].
 #[derive(Debug, thiserror::Error)]
@@ -275,5 +292,9 @@ mod tests {
         let foreign = StoreError::backend(std::io::Error::from(std::io::ErrorKind::StorageFull));
         assert!(is_disk_full(&foreign));
         assert!(!is_disk_full(&StoreError::Corrupt("x".into())));
+        // Described once, not once per source.
+        let described = describe(&located);
+        assert!(described.starts_with("key store database error: no space left on device at /s: "), "{described}");
+        assert_eq!(described.matches("no space left on device at /s").count(), 1, "{described}");
     }
 }

@@ -87,7 +87,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-pub use fault::{StoreFault, fault_of, is_disk_full};
+pub use fault::{StoreFault, describe, fault_of, is_disk_full};
 pub use qkd_core::store::{BlockMeta, BlockState, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary};
 pub use verify::{Problem, StoreCounts, Verification, verify_dir};
 

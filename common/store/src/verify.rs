@@ -109,7 +109,9 @@ pub struct Verification {
     pub omitted: u64,
     /// Findings that are not damage: states a crash leaves, which the next start settles.
     pub notes: Vec<String>,
-    /// What the store holds.
+    /// Whether the trees were read (the database opened); `counts` is meaningful only then.
+    pub trees_read: bool,
+    /// What the store holds (as far as it could be read).
     pub counts: StoreCounts,
 }
 
@@ -131,6 +133,7 @@ impl Verification {
             problems: Vec::new(),
             omitted: 0,
             notes: Vec::new(),
+            trees_read: false,
             counts: StoreCounts::default(),
         }
     }
@@ -155,14 +158,14 @@ impl Verification {
             "problems": problems,
             "omitted_problems": self.omitted,
             "notes": self.notes,
-            "counts": {
+            "counts": self.trees_read.then(|| serde_json::json!({
                 "ready_blocks": c.ready_blocks,
                 "pending_blocks": c.pending_blocks,
                 "ready_units": c.ready_units,
                 "pending_units": c.pending_units,
                 "reservations": c.reservations,
                 "tombstones": c.tombstones,
-            },
+            })),
         })
     }
 
@@ -446,6 +449,7 @@ impl Trees {
     /// Checks the trees (check 4 of the module documentation), adding problems, notes and counts
     /// to `v`. Fails only on an I/O error.
     pub(crate) fn check(&self, stage: Stage, v: &mut Verification) -> Result<(), StoreError> {
+        v.trees_read = true;
         let mut blocks = self.check_blocks(stage, v)?;
         self.check_units(stage, v, &mut blocks)?;
         self.check_unlisted(v, &blocks)?;
