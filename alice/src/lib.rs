@@ -383,10 +383,16 @@ impl Link for LinkService {
     }
 }
 
+/// How many frame periods the source may fall behind its clock and still make up for them by
+/// emitting the late frames at once (a buffer of about 0.4 s at 76 MHz and 2^22 pulses a frame,
+/// as a device's FIFO would hold): a scheduling hiccup of the host loses nothing. Beyond it, the
+/// periods are skipped and counted as missed.
+const CATCH_UP_PERIODS: u32 = 8;
+
 /// The source: while a receiver is connected, emits one frame per frame period (wall clock),
-/// registering each frame's secret with the core before its photons leave. A period in which
-/// it could not emit (it fell behind the clock by a whole period or more) is not made up for:
-/// it is counted in [`AliceStatus::frames_missed`] and logged.
+/// registering each frame's secret with the core before its photons leave. Frames that are late
+/// by up to [`CATCH_UP_PERIODS`] are emitted at once; periods further behind are not made up
+/// for: they are counted in [`AliceStatus::frames_missed`] and logged.
 async fn emit_frames(
     listener: TcpListener,
     core: CoreHandle,
@@ -399,8 +405,7 @@ async fn emit_frames(
     let mut rng = ChaCha20Rng::from_os_rng();
     let period = Duration::from_secs_f64(frame_pulses as f64 / link.clock_hz);
     let mut ticker = tokio::time::interval(period);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut last_tick: Option<tokio::time::Instant> = None;
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut receiver: Option<TcpStream> = None;
     let mut frame_idx = 0u64;
     loop {
@@ -419,9 +424,14 @@ async fn emit_frames(
                 Err(e) => warn!(error = %e, "fibre: accept failed"),
             },
             tick = ticker.tick() => {
-                // The ticks are whole periods apart; more than one means skipped periods.
-                let skipped = last_tick.map_or(0, |last| periods_between(last, tick, period).saturating_sub(1));
-                last_tick = Some(tick);
+                // Burst: a late tick comes at once, stamped with its scheduled time.
+                let behind = tick.elapsed();
+                let skipped = if behind > period * CATCH_UP_PERIODS {
+                    ticker.reset();
+                    (behind.as_secs_f64() / period.as_secs_f64()) as u64
+                } else {
+                    0
+                };
                 let Some(stream) = receiver.as_mut() else { continue };
                 if skipped > 0 {
                     let mut status = status.lock().expect("status lock poisoned");
@@ -457,9 +467,4 @@ async fn emit_frames(
             }
         }
     }
-}
-
-/// Whole periods from `earlier` to `later` (rounded: the interval's ticks are whole periods apart).
-fn periods_between(earlier: tokio::time::Instant, later: tokio::time::Instant, period: Duration) -> u64 {
-    (later.saturating_duration_since(earlier).as_secs_f64() / period.as_secs_f64()).round() as u64
 }
