@@ -22,7 +22,7 @@
 //! [`QBER_FLOOR`] (and capped at 0.5) so that a zero, negative or NaN estimate still gives a sane
 //! schedule.
 //!
-//! Two changes, both chosen with the simulation of the benchmark (`common::postproc::bench`):
+//! Two changes, both chosen with the simulation of the benchmark (`qkd_sim::bench`):
 //! * k2 = 2^floor((alpha + 12) / 2), rounded down instead of up: half the published value for
 //!   odd alpha (Q around 1, 3 and 10 %), the published one for even alpha. With Bob's weighted
 //!   splits, pass-2 searches are cheaper and, for odd alpha, the smaller k2 leaks as little or
