@@ -146,17 +146,6 @@ pub fn receiver_description(
     }
     pb::DeviceDescription {
         role: pb::DeviceRole::Receiver as i32,
-        vendor: "qkd-device".into(),
-        model: model.into(),
-        serial: String::new(),
-        driver: format!("qkd-device {}", env!("CARGO_PKG_VERSION")),
-        simulated: true,
-        pulse_rate_hz: params.clock_hz,
-        pulse_period: exact_period(params.clock_hz),
-        timestamp_resolution_ps: 1.0,
-        bin_separation_ps: params.bin_separation_ps,
-        window_ps: params.window_ns * 1e3,
-        frame_pulses,
         sync_every_pulses: sync_every,
         max_clock_offset_ppm: 200.0,
         max_clock_drift_ppm_per_s: 2.0,
@@ -167,7 +156,8 @@ pub fn receiver_description(
             hardware_sync: sync_every > 0,
             ..Default::default()
         }),
-        details,
+        // Vendor, model, pulse train and timing as the transmitter's.
+        ..transmitter_description(params, frame_pulses, model, details)
     }
 }
 
