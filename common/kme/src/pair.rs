@@ -124,10 +124,15 @@ pub struct RunningKme {
 }
 
 impl RunningKme {
-    /// Stops the KME and waits for it; its error, if it failed.
+    /// Stops the KME and waits for it; its error, if it failed (a panic of the KME's task is
+    /// resumed here).
     pub async fn stop(self) -> Result<(), KmeError> {
         self.shutdown.cancel();
-        self.task.await.map_err(|e| KmeError::Tls(format!("kme task: {e}")))?
+        match self.task.await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(e) => Err(KmeError::Io(std::io::Error::other(e))),
+        }
     }
 }
 
