@@ -1,5 +1,5 @@
-//! Alice's daemon: the photon source on the simulated fibre and the server of the classical
-//! channel. `main.rs` only parses flags and wires; [`run`] takes bound listeners and a shutdown
+//! Alice's daemon: the source (a device through `qkd_device`, by default the in-process
+//! simulator on the simulated fibre) and the server of the classical channel. `main.rs` only parses flags and wires; [`run`] takes bound listeners and a shutdown
 //! token, so tests bind port 0 and stop it themselves.
 
 use std::sync::{Arc, Mutex};
@@ -11,10 +11,11 @@ use common::fibre::{encode_frame, write_frame};
 use common::grpc::status_from_link_error;
 use proto::link::link_server::{Link, LinkServer};
 use proto::link::*;
-use qkd_core::link::alice::{AliceCore, AliceEvent};
+use qkd_core::link::alice::{AliceCore, AliceEvent, PreparedFrame};
 use qkd_core::link::{HandleContext, LinkError, Request, Response};
-use qkd_core::postproc::finite_key::SourceReading;
-use qkd_sim::{FrameSecret, LinkParams, Source};
+use qkd_device::sim::SimTransmitter;
+use qkd_device::{AnyTransmitter, TransmitterDevice, TxEvent};
+use qkd_sim::LinkParams;
 use qkd_store::SledStore;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -43,6 +44,14 @@ pub struct AliceStatus {
     pub secret_bits: u64,
     /// The last abort reason, if any.
     pub last_abort_reason: Option<String>,
+    /// The quantum device, as it describes itself.
+    pub device: String,
+    /// Whether the quantum channel is simulated (keys marked simulated in the store).
+    pub simulated: bool,
+    /// Frames the device reported lost (their states never reached the daemon).
+    pub frames_lost: u64,
+    /// The last device error, if any.
+    pub device_error: Option<String>,
     /// Frame periods in which the source emitted nothing although a receiver was connected: the
     /// emitter fell behind the clock (a stalled worker, a fibre write that took too long). 0 in
     /// a healthy run; each skip is logged at warn.
@@ -59,33 +68,53 @@ pub async fn run_from_config(config: &std::path::Path, data_dir: Option<std::pat
     let grpc = TcpListener::bind(cfg.classical.listen)
         .await
         .with_context(|| format!("binding classical.listen {}", cfg.classical.listen))?;
-    let fibre = TcpListener::bind(cfg.fibre.listen)
-        .await
-        .with_context(|| format!("binding fibre.listen {}", cfg.fibre.listen))?;
+    let fibre = match cfg.device.driver {
+        common::config::DeviceDriver::Sim => Some(
+            TcpListener::bind(cfg.fibre.listen)
+                .await
+                .with_context(|| format!("binding fibre.listen {}", cfg.fibre.listen))?,
+        ),
+        _ => None,
+    };
     let shutdown = CancellationToken::new();
     tokio::spawn(common::shutdown_on_signal(shutdown.clone()));
     run(cfg, link, grpc, fibre, shutdown).await
 }
 
-/// Runs Alice until `shutdown` is cancelled.
+/// Runs Alice until `shutdown` is cancelled. `fibre_listener` is the simulated fibre's, for
+/// `device.driver = "sim"` (required then, unused otherwise).
 pub async fn run(
     cfg: AliceConfig,
     link: LinkParams,
     grpc_listener: TcpListener,
-    fibre_listener: TcpListener,
+    fibre_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let core = AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng());
+    let device = common::device::open_transmitter(&cfg.device, &link, cfg.protocol.frame_pulses).await?;
+    let simulated = device.info().simulated();
+    let mut core =
+        AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng());
+    core.set_simulated(simulated);
     let (core, core_thread) = CoreHandle::spawn(core, store.clone()).context("starting the core's thread")?;
-    let status = Arc::new(Mutex::new(AliceStatus::default()));
+    let status =
+        Arc::new(Mutex::new(AliceStatus { device: device.info().summary(), simulated, ..AliceStatus::default() }));
+    let fibre_addr = fibre_listener.as_ref().map(TcpListener::local_addr).transpose()?;
+    if simulated {
+        warn!(
+            device = %device.info().summary(),
+            "the quantum channel is SIMULATED: its keys are not secret from whoever runs the simulation; they are \
+             stored marked simulated, and a KME serves them only with kme.allow_simulated_keys = true"
+        );
+    }
     info!(
         node = %cfg.node_id,
         classical = %grpc_listener.local_addr()?,
-        fibre = %fibre_listener.local_addr()?,
+        fibre = ?fibre_addr,
+        device = %device.info().summary(),
         health = ?cfg.health_listen,
         distance_km = link.distance_km,
         eps_qkd = security.eps_qkd,
@@ -141,7 +170,8 @@ pub async fn run(
             match kme_cfg {
                 Some(kme_cfg) => {
                     let result =
-                        qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Alice, &tls, store, shutdown.clone()).await;
+                        qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Alice, &tls, store, simulated, shutdown.clone())
+                            .await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "key management entity failed; stopping");
                         shutdown.cancel();
@@ -152,8 +182,19 @@ pub async fn run(
             }
         }
     };
-    let emitter =
-        emit_frames(fibre_listener, core.clone(), link, cfg.protocol.frame_pulses, status.clone(), shutdown.clone());
+    let emitter = {
+        let (core, status, shutdown) = (core.clone(), status.clone(), shutdown.clone());
+        async move {
+            match (device, fibre_listener) {
+                (AnyTransmitter::Sim(sim), Some(fibre)) => emit_frames(fibre, core, sim, link, status, shutdown).await,
+                (AnyTransmitter::Sim(_), None) => {
+                    tracing::error!("the simulated source needs the fibre's listener; stopping");
+                    shutdown.cancel();
+                }
+                (device, _) => run_transmitter(device, core, status, shutdown).await,
+            }
+        }
+    };
     let status_writer = common::status::write_periodically(cfg.data_dir.join("status.json"), status, shutdown.clone());
 
     let stopping = async {
@@ -178,12 +219,20 @@ pub async fn run(
 /// What every RPC returns.
 type RpcResult<T> = Result<tonic::Response<T>, Status>;
 
+/// Where the core's answer to a request goes.
+type Reply = oneshot::Sender<Result<(Response, Option<AliceEvent>), LinkError>>;
+
+/// How long a sift request for a frame the source has not reported yet waits for it.
+const FRAME_WAIT: Duration = Duration::from_secs(2);
+
 /// What the core's thread is asked to do.
 enum Command {
-    /// Record a frame's secret (the source, before the frame's photons leave).
-    Frame { frame_idx: u64, secret: FrameSecret, n_pulses: u64, reading: SourceReading },
+    /// Record a frame's states (the source, before the frame's photons leave).
+    Frame { frame_idx: u64, frame: PreparedFrame },
+    /// The source lost these frames.
+    Lost { first: u64, count: u64 },
     /// Answer one of Bob's requests.
-    Handle { request: Request, reply: oneshot::Sender<Result<(Response, Option<AliceEvent>), LinkError>> },
+    Handle { request: Request, reply: Reply },
     /// Accept no new block (shutdown).
     Drain,
     /// Say how many blocks are in progress.
@@ -204,35 +253,73 @@ struct CoreHandle {
 
 impl CoreHandle {
     /// Moves `core` to a new thread that answers with `store`.
+    ///
+    /// A sift request for a frame newer than any the source has reported waits on the thread
+    /// (up to [`FRAME_WAIT`]) for that frame: with two device streams (a transmitter and a
+    /// receiver process, or two replays) Bob's detections of a frame can arrive before Alice's
+    /// states of it. Past the wait, the frame is answered "unavailable" and dropped at both ends.
     fn spawn(core: AliceCore, store: Arc<SledStore>) -> std::io::Result<(Self, std::thread::JoinHandle<()>)> {
+        use std::sync::mpsc::RecvTimeoutError;
         let (commands, inbox) = std::sync::mpsc::channel();
         let thread = std::thread::Builder::new().name("alice-core".into()).spawn(move || {
             let mut core = core;
-            for command in inbox {
-                match command {
-                    Command::Frame { frame_idx, secret, n_pulses, reading } => {
-                        core.register_frame(frame_idx, secret, n_pulses, reading);
-                    }
-                    Command::Handle { request, reply } => {
-                        let ctx = HandleContext { store: store.as_ref(), now_unix_ms: now_unix_ms() };
-                        // Bob may have gone meanwhile: nobody to answer is not an error.
-                        let _ = reply.send(core.handle(request, &ctx));
-                    }
-                    Command::Drain => core.drain(),
-                    Command::BlocksInProgress { reply } => {
+            // Requests waiting for their frame, with their deadlines (Bob sends one at a time).
+            let mut waiting: Vec<(std::time::Instant, Request, Reply)> = Vec::new();
+            let answer = |core: &mut AliceCore, request: Request, reply: Reply| {
+                let ctx = HandleContext { store: store.as_ref(), now_unix_ms: now_unix_ms() };
+                // Bob may have gone meanwhile: nobody to answer is not an error.
+                let _ = reply.send(core.handle(request, &ctx));
+            };
+            loop {
+                let next = match waiting.iter().map(|(deadline, ..)| *deadline).min() {
+                    None => inbox.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    Some(deadline) => inbox.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())),
+                };
+                match next {
+                    Ok(Command::Frame { frame_idx, frame }) => core.register_frame(frame_idx, frame),
+                    Ok(Command::Lost { first, count }) => core.frames_lost(first, count),
+                    Ok(Command::Handle { request, reply }) => match &request {
+                        Request::Sift(req) if !req.dropped && core.awaits_frame(req.frame_idx) => {
+                            waiting.push((std::time::Instant::now() + FRAME_WAIT, request, reply));
+                        }
+                        _ => answer(&mut core, request, reply),
+                    },
+                    Ok(Command::Drain) => core.drain(),
+                    Ok(Command::BlocksInProgress { reply }) => {
                         let _ = reply.send(core.blocks_in_progress());
                     }
-                    Command::Stop => break,
+                    Ok(Command::Stop) | Err(RecvTimeoutError::Disconnected) => break,
+                    Err(RecvTimeoutError::Timeout) => {}
+                }
+                // Answer what no longer waits: its frame came (or was lost), or time ran out.
+                let now = std::time::Instant::now();
+                let mut i = 0;
+                while i < waiting.len() {
+                    let ready = match &waiting[i].1 {
+                        Request::Sift(req) => !core.awaits_frame(req.frame_idx),
+                        _ => true,
+                    };
+                    if ready || waiting[i].0 <= now {
+                        let (_, request, reply) = waiting.swap_remove(i);
+                        answer(&mut core, request, reply);
+                    } else {
+                        i += 1;
+                    }
                 }
             }
         })?;
         Ok((Self { commands }, thread))
     }
 
-    /// Registers a frame's secret; never waits.
-    fn register_frame(&self, frame_idx: u64, secret: FrameSecret, n_pulses: u64, reading: SourceReading) {
+    /// Registers a frame's states; never waits.
+    fn register_frame(&self, frame_idx: u64, frame: PreparedFrame) {
         // After Stop nobody sifts any more: a frame then has nowhere to go, and needs none.
-        let _ = self.commands.send(Command::Frame { frame_idx, secret, n_pulses, reading });
+        let _ = self.commands.send(Command::Frame { frame_idx, frame });
+    }
+
+    /// Notes frames the source lost; never waits.
+    fn frames_lost(&self, first: u64, count: u64) {
+        let _ = self.commands.send(Command::Lost { first, count });
     }
 
     /// Answers `request` on the core's thread.
@@ -389,25 +476,24 @@ impl Link for LinkService {
 /// periods are skipped and counted as missed.
 const CATCH_UP_PERIODS: u32 = 8;
 
-/// The source: while a receiver is connected, emits one frame per frame period (wall clock),
-/// registering each frame's secret with the core before its photons leave. Frames that are late
-/// by up to [`CATCH_UP_PERIODS`] are emitted at once; periods further behind are not made up
-/// for: they are counted in [`AliceStatus::frames_missed`] and logged.
+/// The simulated source: while a receiver is connected to the simulated fibre, emits one frame
+/// per frame period (wall clock), registering each frame's states with the core before its
+/// photons leave. Frames that are late by up to [`CATCH_UP_PERIODS`] are emitted at once;
+/// periods further behind are not made up for: they are counted in
+/// [`AliceStatus::frames_missed`] and logged.
 async fn emit_frames(
     listener: TcpListener,
     core: CoreHandle,
+    mut source: SimTransmitter,
     link: LinkParams,
-    frame_pulses: u64,
     status: Arc<Mutex<AliceStatus>>,
     shutdown: CancellationToken,
 ) {
-    let source = Source::new(&link);
-    let mut rng = ChaCha20Rng::from_os_rng();
+    let frame_pulses = source.info().frame_pulses();
     let period = Duration::from_secs_f64(frame_pulses as f64 / link.clock_hz);
     let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut receiver: Option<TcpStream> = None;
-    let mut frame_idx = 0u64;
     loop {
         tokio::select! {
             () = shutdown.cancelled() => break,
@@ -438,18 +524,19 @@ async fn emit_frames(
                     status.frames_missed += skipped;
                     warn!(skipped, total = status.frames_missed, "fibre: the source fell behind its clock; frame periods skipped");
                 }
-                let secret = FrameSecret::random(&mut rng);
-                let photons = source.emit_frame(&secret, frame_pulses, &mut rng);
-                let frame = encode_frame(frame_idx, frame_pulses, &photons);
-                let reading = source.monitor_reading(&mut rng);
-                core.register_frame(frame_idx, secret, frame_pulses, reading);
-                frame_idx += 1;
-                let sent = tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &frame)).await;
+                let (frame, photons) = source.emit();
+                let wire = encode_frame(photons.index, photons.n_pulses, &photons.photons);
+                let n_photons = photons.photons.len() as u64;
+                core.register_frame(
+                    frame.index,
+                    PreparedFrame { n_pulses: frame.n_pulses, states: frame.states, reading: frame.reading },
+                );
+                let sent = tokio::time::timeout(Duration::from_secs(2), write_frame(stream, &wire)).await;
                 let mut status = status.lock().expect("status lock poisoned");
                 match sent {
                     Ok(Ok(())) => {
                         status.frames_emitted += 1;
-                        status.photons_sent += photons.len() as u64;
+                        status.photons_sent += n_photons;
                     }
                     Ok(Err(e)) => {
                         // Bob closing the fibre is routine (he stops or restarts and reconnects);
@@ -464,6 +551,49 @@ async fn emit_frames(
                         status.fibre_connected = false;
                     }
                 }
+            }
+        }
+    }
+}
+
+/// A device source (a device process, a replay): registers each frame's states with the core
+/// as the device reports them, and the frames it lost. A device error stops the daemon (the
+/// supervisor restarts it, and the session with Bob resumes); the end of a replay leaves the
+/// link idle until shutdown.
+async fn run_transmitter(
+    mut device: AnyTransmitter,
+    core: CoreHandle,
+    status: Arc<Mutex<AliceStatus>>,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = device.next_event() => event,
+        };
+        match event {
+            Ok(Some(TxEvent::Frame(frame))) => {
+                core.register_frame(
+                    frame.index,
+                    PreparedFrame { n_pulses: frame.n_pulses, states: frame.states, reading: frame.reading },
+                );
+                status.lock().expect("status lock poisoned").frames_emitted += 1;
+            }
+            Ok(Some(TxEvent::Lost { first, count, reason })) => {
+                warn!(first, count, %reason, "device: frames lost; Bob's detections of them are dropped");
+                core.frames_lost(first, count);
+                status.lock().expect("status lock poisoned").frames_lost += count;
+            }
+            Ok(None) => {
+                info!("device: the frame stream ended (end of the recording); no more frames");
+                shutdown.cancelled().await;
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "device: the transmitter failed; stopping");
+                status.lock().expect("status lock poisoned").device_error = Some(e.to_string());
+                shutdown.cancel();
+                return;
             }
         }
     }

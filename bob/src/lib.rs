@@ -1,4 +1,5 @@
-//! Bob's daemon: the receiver on the simulated fibre and the driver of the classical channel.
+//! Bob's daemon: the receiver (a device through `qkd_device`, by default the in-process
+//! simulator on the simulated fibre) and the driver of the classical channel.
 //! `main.rs` only parses flags and wires; [`run`] takes a shutdown token.
 
 use std::sync::{Arc, Mutex};
@@ -11,11 +12,11 @@ use common::grpc::link_error_from_status;
 use proto::link::link_client::LinkClient;
 use qkd_core::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
 use qkd_core::link::{LinkError, Request, Response};
-use qkd_sim::{LinkParams, Receiver};
+use qkd_device::sim::PhotonFrame;
+use qkd_device::{AnyReceiver, DeviceError, ReceiverDevice, RxEvent};
+use qkd_sim::LinkParams;
 use qkd_store::SledStore;
 use qkd_tls::TlsMaterial;
-use rand::SeedableRng;
-use rand_chacha::ChaCha20Rng;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
@@ -34,8 +35,15 @@ pub struct BobStatus {
     pub pending_bits: u64,
     /// The last block's outcome.
     pub last_block: Option<BlockReport>,
-    /// Current uncorrected phase offset of the decoder, radians.
+    /// Current uncorrected phase offset of the decoder, radians (simulated receivers only: the
+    /// simulation's truth).
     pub phase_error_rad: f64,
+    /// The quantum device, as it describes itself.
+    pub device: String,
+    /// Whether the quantum channel is simulated (keys marked simulated in the store).
+    pub simulated: bool,
+    /// The last device error, if any.
+    pub device_error: Option<String>,
     /// Why the link last went down.
     pub last_error: Option<String>,
 }
@@ -58,7 +66,16 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
-    let status = Arc::new(Mutex::new(BobStatus::default()));
+    let (device, photons) = common::device::open_receiver(&cfg.device, &link, cfg.protocol.frame_pulses).await?;
+    let simulated = device.info().simulated();
+    let status = Arc::new(Mutex::new(BobStatus { device: device.info().summary(), simulated, ..BobStatus::default() }));
+    if simulated {
+        warn!(
+            device = %device.info().summary(),
+            "the quantum channel is SIMULATED: its keys are not secret from whoever runs the simulation; they are \
+             stored marked simulated, and a KME serves them only with kme.allow_simulated_keys = true"
+        );
+    }
     let status_writer = tokio::spawn(common::status::write_periodically(
         cfg.data_dir.join("status.json"),
         status.clone(),
@@ -77,7 +94,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let kme = cfg.kme.clone().map(|kme_cfg| {
         let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let result = qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Bob, &tls, store, shutdown.clone()).await;
+            let result =
+                qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Bob, &tls, store, simulated, shutdown.clone()).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "key management entity failed; stopping");
                 shutdown.cancel();
@@ -85,16 +103,25 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
             result
         })
     });
-    let mut receiver = Receiver::new(&link);
-    let mut rng = ChaCha20Rng::from_os_rng();
-    info!(node = %cfg.node_id, alice = %cfg.classical.alice_addr, fibre = %cfg.fibre.alice_addr, "bob started");
+    info!(
+        node = %cfg.node_id,
+        alice = %cfg.classical.alice_addr,
+        fibre = ?photons.as_ref().map(|_| &cfg.fibre.alice_addr),
+        device = %device.info().summary(),
+        simulated,
+        "bob started"
+    );
+    let (events_tx, mut events) = mpsc::channel(RX_QUEUE_FRAMES);
+    let (reports, reports_rx) = mpsc::unbounded_channel();
+    let receiver_task = tokio::spawn(run_receiver(device, events_tx, reports_rx, status.clone(), shutdown.clone()));
+    let mut device = DeviceLink { events: &mut events, reports, photons, simulated };
 
     let min_backoff = Duration::from_millis(100);
     let mut backoff = min_backoff;
+    let mut device_failed = None;
     while !shutdown.is_cancelled() {
         let started = std::time::Instant::now();
-        let result =
-            session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut receiver, &mut rng, &shutdown).await;
+        let result = session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut device, &shutdown).await;
         status.lock().expect("status lock poisoned").connected = false;
         health.set_ready(false);
         match result {
@@ -102,6 +129,12 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
             // Shutting down: the session ended because this end is stopping, not a failure.
             Err(e) if shutdown.is_cancelled() => {
                 info!(reason = %format!("{e:#}"), "session closed for shutdown");
+                break;
+            }
+            Err(e) if e.is::<DeviceError>() => {
+                tracing::error!(error = %format!("{e:#}"), "the receiver failed; stopping");
+                device_failed = Some(e);
+                shutdown.cancel();
                 break;
             }
             Err(e) => {
@@ -119,17 +152,88 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         }
     }
     common::service::notify_stopping();
+    shutdown.cancel();
+    let _ = receiver_task.await;
     if let Some(kme) = kme {
         kme.await.context("key management entity task")?.context("key management entity")?;
     }
     store.flush().context("flushing the key store")?;
     let _ = status_writer.await;
     info!("bob stopped; key store flushed");
-    Ok(())
+    match device_failed {
+        Some(e) => Err(e.context("the receiver device")),
+        None => Ok(()),
+    }
 }
 
-/// One session: connect both channels, settle pending blocks, then sift frames and process
-/// blocks until an error or shutdown.
+/// Detected frames queued between the receiver and the session (a block's post-processing
+/// takes seconds, during which frames keep coming).
+const RX_QUEUE_FRAMES: usize = 4096;
+
+/// The receiver as the session sees it: its frames, the phase reports back to it, and (for
+/// the simulated receiver) where the simulated fibre's photons go.
+struct DeviceLink<'a> {
+    events: &'a mut mpsc::Receiver<Result<RxEvent, DeviceError>>,
+    /// (frame, X-basis test events, errors) for the phase stabilisation.
+    reports: mpsc::UnboundedSender<(u64, u64, u64)>,
+    photons: Option<mpsc::Sender<PhotonFrame>>,
+    simulated: bool,
+}
+
+/// The receiver's own task: takes its frames as they come (so that none waits while a block
+/// is post-processed), hands phase reports to it between frames, and reads its monitors about
+/// once a second. A device error ends the task after it is passed on.
+async fn run_receiver(
+    mut device: AnyReceiver,
+    events: mpsc::Sender<Result<RxEvent, DeviceError>>,
+    mut reports: mpsc::UnboundedReceiver<(u64, u64, u64)>,
+    status: Arc<Mutex<BobStatus>>,
+    shutdown: CancellationToken,
+) {
+    let mut last_monitors = std::time::Instant::now();
+    loop {
+        let event = tokio::select! {
+            () = shutdown.cancelled() => return,
+            event = device.next_event() => event,
+        };
+        let event = match event {
+            Ok(Some(event)) => Ok(event),
+            Ok(None) => {
+                info!("device: the detection stream ended (end of the recording); no more frames");
+                shutdown.cancelled().await;
+                return;
+            }
+            Err(e) => {
+                status.lock().expect("status lock poisoned").device_error = Some(e.to_string());
+                Err(e)
+            }
+        };
+        let failed = event.is_err();
+        if events.send(event).await.is_err() || failed {
+            return;
+        }
+        while let Ok((frame, test_events, errors)) = reports.try_recv() {
+            if let Err(e) = device.report_phase_errors(frame, test_events, errors).await {
+                warn!(frame, error = %e, "device: phase report refused");
+            }
+        }
+        if last_monitors.elapsed() >= Duration::from_secs(1) {
+            last_monitors = std::time::Instant::now();
+            match device.monitors().await {
+                Ok(m) => {
+                    if let Some(phase) = m.phase_error_rad {
+                        status.lock().expect("status lock poisoned").phase_error_rad = phase;
+                    }
+                }
+                Err(e) => warn!(error = %e, "device: reading the monitors failed"),
+            }
+        }
+    }
+}
+
+/// One session: connect the classical channel (and, for the simulated receiver, the simulated
+/// fibre), settle pending blocks, then sift frames and process blocks until an error or
+/// shutdown.
 #[allow(clippy::too_many_arguments)]
 async fn session(
     cfg: &BobConfig,
@@ -138,8 +242,7 @@ async fn session(
     tls: &TlsMaterial,
     status: &Mutex<BobStatus>,
     health: &common::service::Health,
-    receiver: &mut Receiver,
-    rng: &mut ChaCha20Rng,
+    device: &mut DeviceLink<'_>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -153,13 +256,30 @@ async fn session(
         .keep_alive_timeout(Duration::from_secs(5));
     let channel =
         endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
-    let fibre = tokio::net::TcpStream::connect(&cfg.fibre.alice_addr)
-        .await
-        .with_context(|| format!("connecting the fibre to {}", cfg.fibre.alice_addr))?;
-    let _ = fibre.set_nodelay(true);
+    // The simulated fibre is read by its own task, into the simulated receiver.
+    let reader_stop = shutdown.child_token();
+    let _stop_reader = reader_stop.clone().drop_guard();
+    let (fibre_tx, mut fibre_closed) = tokio::sync::oneshot::channel::<anyhow::Error>();
+    let reader = match &device.photons {
+        Some(photons) => {
+            let fibre = tokio::net::TcpStream::connect(&cfg.fibre.alice_addr)
+                .await
+                .with_context(|| format!("connecting the fibre to {}", cfg.fibre.alice_addr))?;
+            let _ = fibre.set_nodelay(true);
+            Some(tokio::spawn(read_fibre(fibre, photons.clone(), fibre_tx, reader_stop.clone())))
+        }
+        None => None,
+    };
     let peer = GrpcPeer { client: LinkClient::new(channel) };
-    let (mut bob, (ready, dropped)) =
-        off_the_workers(BobLink::open(peer, &cfg.node_id, cfg.protocol.clone(), security.clone(), store)).await?;
+    let (mut bob, (ready, dropped)) = off_the_workers(BobLink::open(
+        peer,
+        &cfg.node_id,
+        cfg.protocol.clone(),
+        security.clone(),
+        store,
+        device.simulated,
+    ))
+    .await?;
     bob.set_max_stored_units(cfg.max_stored_units);
     bob.set_side_slot_monitor(link.side_slot_calibration());
     info!(settled_ready = ready, settled_dropped = dropped, "session opened with Alice");
@@ -171,50 +291,36 @@ async fn session(
     }
     health.set_ready(true);
 
-    // The fibre is read by its own task so that frames keep arriving (and queue) while a block
-    // is post-processed.
-    let (frames_tx, mut frames_rx) = mpsc::channel(4096);
-    let reader_stop = shutdown.child_token();
-    let reader = tokio::spawn({
-        let stop = reader_stop.clone();
-        async move {
-            let mut fibre = fibre;
-            loop {
-                let frame = tokio::select! {
-                    () = stop.cancelled() => return,
-                    frame = read_frame(&mut fibre) => frame,
-                };
-                let done = !matches!(frame, Ok(Some(_)));
-                if frames_tx.send(frame).await.is_err() || done {
-                    return;
-                }
-            }
-        }
-    });
-    let _stop_reader = reader_stop.clone().drop_guard();
-
     let mut last = bob.counters.clone();
     let result = loop {
-        let frame = tokio::select! {
+        let event = tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
-            frame = frames_rx.recv() => frame,
+            closed = &mut fibre_closed, if reader.is_some() => {
+                break Err(closed.unwrap_or_else(|_| anyhow!("the fibre reader stopped")));
+            }
+            event = device.events.recv() => event,
         };
-        let frame = match frame {
-            Some(Ok(Some(frame))) => frame,
-            Some(Ok(None)) | None => break Err(anyhow!("the fibre was closed by the far end")),
-            Some(Err(e)) => break Err(anyhow!(e).context("fibre")),
+        let frame = match event {
+            Some(Ok(RxEvent::Ready(frame))) => frame,
+            Some(Ok(RxEvent::Dropped { index, reason })) => {
+                info!(frame = index, ?reason, "device: frame dropped at both ends");
+                if let Err(e) = bob.drop_frame(index).await {
+                    break Err(anyhow!(e).context("dropping a frame"));
+                }
+                continue;
+            }
+            Some(Err(e)) => break Err(anyhow::Error::new(e)),
+            None => break Err(anyhow::Error::new(DeviceError::Closed("the receiver's task ended".into()))),
         };
-        let photons = match decode_frame(&frame) {
-            Ok(p) => p,
-            Err(e) => break Err(anyhow!(e).context("fibre")),
-        };
-        let detections = receiver.detect_frame(&photons, frame.n_pulses, rng);
-        bob.add_x_slot_counts(&receiver.x_slot_counts());
-        let x_counts = match bob.sift_frame(frame.frame_idx, frame.n_pulses, &detections).await {
-            Ok(c) => c,
+        bob.add_x_slot_counts(&frame.x_slots);
+        match bob.sift_frame(frame.index, frame.n_pulses, &frame.detections).await {
+            Ok(Some(x_counts)) => {
+                let _ =
+                    device.reports.send((frame.index, x_counts.plus_plus + x_counts.plus_minus, x_counts.plus_minus));
+            }
+            Ok(None) => info!(frame = frame.index, "Alice does not hold the frame; dropped at both ends"),
             Err(e) => break Err(anyhow!(e).context("sifting")),
-        };
-        receiver.feedback(x_counts.plus_plus + x_counts.plus_minus, x_counts.plus_minus);
+        }
         let mut report = None;
         if bob.block_ready() {
             match off_the_workers(bob.process_block(store, now_unix_ms())).await {
@@ -229,14 +335,46 @@ async fn session(
         add_counters(&mut s.total, &bob.counters, &last);
         last = bob.counters.clone();
         s.pending_bits = bob.pending_bits();
-        s.phase_error_rad = receiver.phase_error_rad();
         if report.is_some() {
             s.last_block = report;
         }
     };
     reader_stop.cancel();
-    let _ = reader.await;
+    if let Some(reader) = reader {
+        let _ = reader.await;
+    }
     result
+}
+
+/// The simulated fibre's reader: decodes each photon frame and hands it to the simulated
+/// receiver, until the fibre closes (reported on `closed`) or `stop`.
+async fn read_fibre(
+    mut fibre: tokio::net::TcpStream,
+    photons: mpsc::Sender<PhotonFrame>,
+    closed: tokio::sync::oneshot::Sender<anyhow::Error>,
+    stop: CancellationToken,
+) {
+    let error = loop {
+        let frame = tokio::select! {
+            () = stop.cancelled() => return,
+            frame = read_frame(&mut fibre) => frame,
+        };
+        let frame = match frame {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break anyhow!("the fibre was closed by the far end"),
+            Err(e) => break anyhow!(e).context("fibre"),
+        };
+        let decoded = match decode_frame(&frame) {
+            Ok(p) => p,
+            Err(e) => break anyhow!(e).context("fibre"),
+        };
+        let photon_frame = PhotonFrame { index: frame.frame_idx, n_pulses: frame.n_pulses, photons: decoded };
+        tokio::select! {
+            () = stop.cancelled() => return,
+            sent = photons.send(photon_frame) => if sent.is_err() { return },
+        }
+    };
+    let _ = closed.send(error);
 }
 
 /// Runs `future` (a block's post-processing, or the settling of pending blocks) without holding
@@ -286,6 +424,7 @@ fn log_block(report: &BlockReport) {
 
 fn add_counters(total: &mut LinkCounters, now: &LinkCounters, before: &LinkCounters) {
     total.frames += now.frames - before.frames;
+    total.frames_dropped += now.frames_dropped - before.frames_dropped;
     total.detections += now.detections - before.detections;
     total.sifted_bits += now.sifted_bits - before.sifted_bits;
     total.blocks_committed += now.blocks_committed - before.blocks_committed;

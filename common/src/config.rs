@@ -131,6 +131,62 @@ impl SecuritySection {
     }
 }
 
+/// Which driver gives the daemon its quantum channel (`[device]`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceDriver {
+    /// The in-process simulator: photons over the simulated fibre (`[fibre]`).
+    #[default]
+    Sim,
+    /// A device process serving the device API (`proto/device.proto`): a vendor driver, or
+    /// `qkdctl device emulate`.
+    Grpc,
+    /// A recording made by `qkdctl device record` (or `qkdctl device emulate --record`).
+    Replay,
+}
+
+/// The quantum device: where the daemon's frames (Alice) or detections (Bob) come from.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceSection {
+    /// `sim` (default), `grpc` or `replay`.
+    #[serde(default)]
+    pub driver: DeviceDriver,
+    /// `grpc`: the device process, `HOST:PORT` or `unix:PATH`.
+    #[serde(default)]
+    pub address: Option<String>,
+    /// `replay`: the recording.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+}
+
+impl DeviceSection {
+    /// Checks that the driver has what it needs.
+    fn validate(&self) -> Result<(), String> {
+        match self.driver {
+            DeviceDriver::Sim => Ok(()),
+            DeviceDriver::Grpc => match &self.address {
+                None => Err("device.driver = \"grpc\" needs device.address (HOST:PORT or unix:PATH)".into()),
+                Some(a) => {
+                    qkd_device::grpc::DeviceAddress::parse(a).map(|_| ()).map_err(|e| format!("device.address: {e}"))
+                }
+            },
+            DeviceDriver::Replay if self.file.is_none() => {
+                Err("device.driver = \"replay\" needs device.file (a recording)".into())
+            }
+            DeviceDriver::Replay => Ok(()),
+        }
+    }
+}
+
+fn default_alice_fibre() -> AliceFibre {
+    AliceFibre { listen: SocketAddr::from(([127, 0, 0, 1], 7001)) }
+}
+
+fn default_bob_fibre() -> BobFibre {
+    BobFibre { alice_addr: "127.0.0.1:7001".into() }
+}
+
 /// Alice's daemon configuration.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -146,7 +202,12 @@ pub struct AliceConfig {
     pub health_listen: Option<SocketAddr>,
     /// The classical channel's gRPC server.
     pub classical: AliceClassical,
-    /// The simulated fibre's transmitter.
+    /// The quantum device (default: the in-process simulator).
+    #[serde(default)]
+    pub device: DeviceSection,
+    /// The simulated fibre's transmitter (`device.driver = "sim"` only). Default: listens on
+    /// 127.0.0.1:7001, since the simulated fibre carries Alice's states in clear.
+    #[serde(default = "default_alice_fibre")]
     pub fibre: AliceFibre,
     /// TLS material for the classical channel.
     pub tls: TlsFiles,
@@ -210,7 +271,12 @@ pub struct BobConfig {
     pub health_listen: Option<SocketAddr>,
     /// The classical channel's gRPC client.
     pub classical: BobClassical,
-    /// The simulated fibre's receiving end.
+    /// The quantum device (default: the in-process simulator).
+    #[serde(default)]
+    pub device: DeviceSection,
+    /// The simulated fibre's receiving end (`device.driver = "sim"` only). Default:
+    /// 127.0.0.1:7001.
+    #[serde(default = "default_bob_fibre")]
     pub fibre: BobFibre,
     /// TLS material for the classical channel.
     pub tls: TlsFiles,
@@ -272,6 +338,7 @@ impl AliceConfig {
         let mut cfg: Self = load(path, "ALICE")?;
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.rebase(base);
+        cfg.device.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
         let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, cfg.kme.as_ref(), base)?;
         Ok((cfg, link))
     }
@@ -280,6 +347,7 @@ impl AliceConfig {
         rebase_path(&mut self.data_dir, base);
         rebase_tls(&mut self.tls, base);
         rebase_kme(&mut self.kme, base);
+        rebase_device(&mut self.device, base);
     }
 }
 
@@ -291,6 +359,8 @@ impl BobConfig {
         rebase_path(&mut cfg.data_dir, base);
         rebase_tls(&mut cfg.tls, base);
         rebase_kme(&mut cfg.kme, base);
+        rebase_device(&mut cfg.device, base);
+        cfg.device.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
         if cfg.classical.max_backoff_s.is_nan() || cfg.classical.max_backoff_s <= 0.0 {
             return Err(ConfigError::Invalid {
                 file: path.to_owned(),
@@ -335,6 +405,12 @@ fn check_unit_size(protocol: &ProtocolParams, kme: Option<&qkd_kme::KmeConfig>) 
 fn rebase_path(path: &mut PathBuf, base: &Path) {
     if path.is_relative() {
         *path = base.join(&*path);
+    }
+}
+
+fn rebase_device(device: &mut DeviceSection, base: &Path) {
+    if let Some(file) = &mut device.file {
+        rebase_path(file, base);
     }
 }
 

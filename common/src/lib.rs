@@ -11,10 +11,12 @@
 //! This crate adds:
 //! * [`config`]: the daemons' configuration files.
 //! * [`grpc`]: the gRPC status of each link error and back.
+//! * [`device`]: the quantum devices (`qkd-device` drivers) as `[device]` chooses them.
 //! * [`fibre`]: the simulated fibre's frames as a byte stream.
 //! * [`logging`], [`service`], [`status`]: logs, systemd notification, the status file.
 
 pub mod config;
+pub mod device;
 pub mod fibre;
 pub mod grpc;
 pub mod logging;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
 
-use qkd_core::link::alice::AliceCore;
+use qkd_core::link::alice::{AliceCore, PreparedFrame};
 use qkd_core::link::bob::BobLink;
 use qkd_core::link::memory::MemoryAlice;
 use qkd_core::link::reconcile::LDPC_REVEAL_STEPS;
@@ -16,6 +16,7 @@ use qkd_core::link::testing::{Crash, FlakyAlice};
 use qkd_core::link::{LinkError, ProtocolParams, Reconciliation};
 use qkd_core::postproc::binary_entropy;
 use qkd_core::postproc::finite_key::SecurityParams;
+use qkd_core::prepared::TxStates;
 use qkd_sim::{FrameSecret, LinkParams, Receiver, Source};
 use qkd_store::{KeyStore, SledStore};
 
@@ -59,7 +60,7 @@ impl Rig {
 
     async fn open(&mut self, crash: Crash) -> BobLink<FlakyAlice> {
         let peer = FlakyAlice { alice: self.alice.clone(), crash };
-        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store).await.unwrap().0
+        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store, true).await.unwrap().0
     }
 
     /// Emits, detects and sifts frames until a block is ready.
@@ -69,7 +70,12 @@ impl Rig {
             let secret = FrameSecret::random(&mut self.rng);
             let photons = self.source.emit_frame(&secret, n_pulses, &mut self.rng);
             let reading = self.source.monitor_reading(&mut self.rng);
-            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses, reading);
+            let frame = PreparedFrame {
+                n_pulses,
+                states: TxStates::derived(secret, self.security.p_z),
+                reading: Some(reading),
+            };
+            self.alice.lock().core.register_frame(self.frame_idx, frame);
             let detections = self.receiver.detect_frame(&photons, n_pulses, &mut self.rng);
             bob.sift_frame(self.frame_idx, n_pulses, &detections).await.unwrap();
             self.frame_idx += 1;
@@ -200,8 +206,10 @@ fn mismatched_parameters_are_refused_at_hello() {
         let mut rig = Rig::new(3);
         rig.params.block_bits += 1;
         let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
-        let err =
-            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.err().unwrap();
+        let err = BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, true)
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
     });
 }

@@ -45,6 +45,9 @@ pub struct EmulateArgs {
     /// Link preset (presets/*.toml).
     #[arg(long, default_value = "lab-10km")]
     preset: String,
+    /// Fibre length, km [default: the preset's].
+    #[arg(long)]
+    distance_km: Option<f64>,
     /// Seed of every random draw (default: a random one, printed).
     #[arg(long)]
     seed: Option<u64>,
@@ -108,6 +111,10 @@ pub fn run(command: DeviceCommand) -> anyhow::Result<()> {
 async fn emulate(args: EmulateArgs) -> anyhow::Result<()> {
     let seed = args.seed.unwrap_or_else(rand::random);
     let mut cfg = EmulatorConfig::from_preset(&args.preset, seed)?;
+    if let Some(km) = args.distance_km {
+        cfg.params.distance_km = km;
+        cfg.params.validate().map_err(|e| anyhow::anyhow!("--distance-km {km}: {e}"))?;
+    }
     cfg.clock_offset_ppm = args.clock_ppm;
     cfg.drift_ppm_per_s = args.drift_ppm_per_s;
     if let Some(j) = args.jitter_ps {

@@ -1,4 +1,10 @@
-//! `qkdctl lab`: a local Alice+Bob pair over a simulated fibre on loopback.
+//! `qkdctl lab`: a local Alice+Bob pair on loopback, over the simulated fibre (`--device sim`,
+//! the default) or through the device API served by the emulator (`--device emulator`: a
+//! `qkdctl device emulate` process serves Alice's transmitter and Bob's receiver at the
+//! time-tag level, and the daemons use their `grpc` device drivers, as with hardware).
+//!
+//! Either way the quantum channel is simulated: the keys are stored marked simulated, and the
+//! lab's KMEs serve them because their configs set `allow_simulated_keys = true`.
 //!
 //! Layout of the lab directory (created on first run, reused afterwards):
 //!
@@ -6,11 +12,11 @@
 //! DIR/pki/        ca.crt ca.key alice.crt alice.key bob.crt bob.key  (keys mode 0600)
 //! DIR/alice.toml  DIR/bob.toml                                      (daemon configs)
 //! DIR/alice/      DIR/bob/        data directories: store/ and status.json
-//! DIR/logs/       alice.log bob.log
+//! DIR/logs/       alice.log bob.log (and emulator.log)
 //! DIR/lab.json    for scripts: CA path, each KME's ETSI address and ID, each SAE's ID, KME,
 //!                 certificate and key (SAEs app-a at Alice's KME, app-b at Bob's), and whether
 //!                 the lab is running (`running`, `pid`)
-//! DIR/lab-args.json  the preset, distance and block size the lab was created with
+//! DIR/lab-args.json  the preset, distance, block size and device the lab was created with
 //! DIR/lab.pid     the PID of the `qkdctl lab` running on the directory (removed when it stops)
 //! ```
 //!
@@ -45,6 +51,22 @@ pub struct LabArgs {
     /// Stop by itself after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     duration_s: Option<f64>,
+    /// The quantum channel of a new lab [default: sim]: `sim`, the in-process simulator over
+    /// the simulated fibre; `emulator`, the device emulator serving the device API at the
+    /// time-tag level, the daemons connected to it as to hardware.
+    #[arg(long, value_enum)]
+    device: Option<LabDevice>,
+}
+
+/// The quantum channel of a lab.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LabDevice {
+    /// The in-process simulator, photons over the simulated fibre.
+    #[default]
+    Sim,
+    /// The device emulator (`qkdctl device emulate`), through the device API.
+    Emulator,
 }
 
 /// The settings a lab is created with (`DIR/lab-args.json`).
@@ -53,6 +75,11 @@ struct LabSettings {
     preset: String,
     distance_km: Option<f64>,
     block_bits: u64,
+    #[serde(default)]
+    device: LabDevice,
+    /// The emulator's transmitter and receiver addresses (`--device emulator`).
+    #[serde(default)]
+    emulator: Option<(String, String)>,
 }
 
 impl LabSettings {
@@ -63,6 +90,8 @@ impl LabSettings {
             preset: args.preset.clone().unwrap_or_else(|| "lab-10km".into()),
             distance_km: args.distance_km,
             block_bits: args.block_bits.unwrap_or(100_000),
+            device: args.device.unwrap_or_default(),
+            emulator: None,
         };
         let mut link = qkd_sim::LinkParams::preset(&settings.preset)
             .map_err(|e| anyhow::anyhow!("--preset {}: {e}", settings.preset))?;
@@ -93,6 +122,9 @@ impl LabSettings {
         }
         if let Some(bits) = args.block_bits.filter(|b| *b != self.block_bits) {
             out.push(format!("--block-bits {bits} (the lab has {})", self.block_bits));
+        }
+        if let Some(device) = args.device.filter(|d| *d != self.device) {
+            out.push(format!("--device {device:?} (the lab has {:?})", self.device).to_lowercase());
         }
         out
     }
@@ -143,7 +175,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         PidFile::check(dir)?;
     }
     let settings_path = dir.join("lab-args.json");
-    let settings = if existing {
+    let mut settings = if existing {
         let recorded: Option<LabSettings> =
             std::fs::read(&settings_path).ok().and_then(|bytes| serde_json::from_slice(&bytes).ok());
         match recorded {
@@ -159,7 +191,11 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
                 }
                 recorded
             }
-            None if args.preset.is_some() || args.distance_km.is_some() || args.block_bits.is_some() => {
+            None if args.preset.is_some()
+                || args.distance_km.is_some()
+                || args.block_bits.is_some()
+                || args.device.is_some() =>
+            {
                 anyhow::bail!(
                     "{} holds a lab whose settings are not recorded (made by an older qkdctl): its configs \
                      stay as they are; delete the directory for a new lab with these flags, or run without them",
@@ -182,7 +218,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     if existing {
         println!("lab: reusing {} (delete it for a fresh lab)", dir.display());
     } else {
-        write_configs(&dir, &pki, &settings)?;
+        write_configs(&dir, &pki, &mut settings)?;
         let path = dir.join("lab-args.json");
         std::fs::write(&path, serde_json::to_string_pretty(&settings)?)
             .with_context(|| format!("writing {}", path.display()))?;
@@ -190,14 +226,35 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     }
 
     mark_running(&dir, true)?;
-    let alice = spawn("alice", &alice_cfg, &dir.join("logs/alice.log"))?;
-    let bob = spawn("bob", &bob_cfg, &dir.join("logs/bob.log"))?;
-    let mut children = Children(vec![alice, bob]);
+    let mut children = Children(Vec::new());
+    if settings.device == LabDevice::Emulator {
+        let (alice_dev, bob_dev) = settings.emulator.clone().context("lab-args.json names no emulator addresses")?;
+        let mut args = vec![
+            "device".to_string(),
+            "emulate".into(),
+            "--listen-alice".into(),
+            alice_dev,
+            "--listen-bob".into(),
+            bob_dev,
+            "--preset".into(),
+            settings.preset.clone(),
+        ];
+        if let Some(km) = settings.distance_km {
+            args.extend(["--distance-km".into(), km.to_string()]);
+        }
+        children.0.push(("emulator", spawn_with(&args, "emulator", &dir.join("logs/emulator.log"))?));
+    }
+    children.0.push(("alice", spawn("alice", &alice_cfg, &dir.join("logs/alice.log"))?));
+    children.0.push(("bob", spawn("bob", &bob_cfg, &dir.join("logs/bob.log"))?));
+    let pids: Vec<String> = children.0.iter().map(|(name, c)| format!("{name} pid {}", c.id())).collect();
+    println!("lab: {}; logs in {}/logs; Ctrl-C to stop", pids.join(", "), dir.display());
     println!(
-        "lab: alice pid {}, bob pid {}; logs in {}/logs; Ctrl-C to stop",
-        children.0[0].id(),
-        children.0[1].id(),
-        dir.display()
+        "lab: the quantum channel is SIMULATED ({}): keys are marked simulated, and the lab's KMEs serve them \
+         because their configs set allow_simulated_keys = true",
+        match settings.device {
+            LabDevice::Sim => "in-process simulator over the simulated fibre",
+            LabDevice::Emulator => "device emulator through the device API",
+        }
     );
 
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -224,7 +281,7 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
             last_detections = progress(&dir, start.elapsed(), dt, last_detections);
         }
     };
-    println!("lab: stopping alice and bob");
+    println!("lab: stopping {}", children.0.iter().rev().map(|(n, _)| *n).collect::<Vec<_>>().join(", "));
     children.terminate();
     mark_running(&dir, false)?;
     result?;
@@ -290,8 +347,35 @@ fn issue_lab_saes(pki: &LabPki) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn write_configs(dir: &Path, pki: &LabPki, args: &LabSettings) -> anyhow::Result<()> {
+fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Result<()> {
     let (grpc, fibre) = (free_port()?, free_port()?);
+    let (alice_device, bob_device) = match args.device {
+        LabDevice::Sim => (
+            format!(
+                "# The quantum channel: the in-process simulator. Its photons go over the simulated fibre,\n\
+                 # a TCP connection that carries Alice's states in clear: it listens on loopback only.\n\
+                 [device]\ndriver = \"sim\"\n\n\
+                 # Where Bob's receiver connects to the simulated fibre.\n[fibre]\nlisten = \"127.0.0.1:{fibre}\"\n\n"
+            ),
+            format!(
+                "# The quantum channel: the in-process simulator, photons from Alice's simulated fibre.\n\
+                 [device]\ndriver = \"sim\"\n\n\
+                 # Alice's end of the simulated fibre.\n[fibre]\nalice_addr = \"127.0.0.1:{fibre}\"\n\n"
+            ),
+        ),
+        LabDevice::Emulator => {
+            let (a, b) = (format!("127.0.0.1:{}", free_port()?), format!("127.0.0.1:{}", free_port()?));
+            args.emulator = Some((a.clone(), b.clone()));
+            let device = |role: &str, addr: &str| {
+                format!(
+                    "# The quantum channel: the {role} served by the device emulator (qkdctl device emulate)\n\
+                     # through the device API (proto/device.proto), as a vendor's driver process would.\n\
+                     [device]\ndriver = \"grpc\"\naddress = \"{addr}\"\n\n"
+                )
+            };
+            (device("transmitter", &a), device("receiver", &b))
+        }
+    };
     let (etsi_a, etsi_b, peer_a, peer_b) = (free_port()?, free_port()?, free_port()?, free_port()?);
     let distance = args.distance_km.map_or(String::new(), |d| format!("distance_km = {d}\n"));
     let shared = format!(
@@ -326,7 +410,10 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabSettings) -> anyhow::Result
             "# Key delivery to applications (ETSI GS QKD 014) and the KME-to-KME channel.\n\
              [kme]\nlisten = \"127.0.0.1:{etsi}\"\npeer_listen = \"127.0.0.1:{peer_listen}\"\n\
              peer_addr = \"127.0.0.1:{peer_port}\"\npeer_name = \"{peer}\"\n\
-             kme_id = \"{node}-kme\"\npeer_kme_id = \"{peer}-kme\"\n\n\
+             kme_id = \"{node}-kme\"\npeer_kme_id = \"{peer}-kme\"\n\
+             # The lab's quantum channel is simulated: its keys are not secret from whoever runs the\n\
+             # simulation. A KME serves such keys only when told to.\n\
+             allow_simulated_keys = true\n\n\
              # HTTPS server: the CA of the applications' client certificates, and this KME's certificate.\n\
              [kme.tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
              # The applications (SAEs) and the KME each is attached to.\n{saes}",
@@ -339,8 +426,7 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabSettings) -> anyhow::Result
         "# Alice (transmitter) of the qkdctl lab. Relative paths are relative to this file.\n\
          node_id = \"alice\"\n# Key store and status file.\ndata_dir = \"alice\"\n\n\
          # gRPC server of the classical channel; Bob's certificate must be valid for peer_name.\n\
-         [classical]\nlisten = \"127.0.0.1:{grpc}\"\npeer_name = \"bob\"\n\n\
-         # Where Bob's receiver connects to the simulated fibre.\n[fibre]\nlisten = \"127.0.0.1:{fibre}\"\n\n{}{shared}{}",
+         [classical]\nlisten = \"127.0.0.1:{grpc}\"\npeer_name = \"bob\"\n\n{alice_device}{}{shared}{}",
         tls("alice"),
         kme("alice", "bob", etsi_a, peer_a, peer_b)
     );
@@ -350,8 +436,7 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &LabSettings) -> anyhow::Result
          # Most 256-bit key units the store may hold (0: no limit); while it is full, new blocks are\n\
          # aborted (\"key store is full\") until applications fetch keys.\nmax_stored_units = {max_units}\n\n\
          # Alice's classical-channel server; her certificate must be valid for alice_name.\n\
-         [classical]\nalice_addr = \"127.0.0.1:{grpc}\"\nalice_name = \"alice\"\n\n\
-         # Alice's end of the simulated fibre.\n[fibre]\nalice_addr = \"127.0.0.1:{fibre}\"\n\n{}{shared}{}",
+         [classical]\nalice_addr = \"127.0.0.1:{grpc}\"\nalice_name = \"alice\"\n\n{bob_device}{}{shared}{}",
         tls("bob"),
         kme("bob", "alice", etsi_b, peer_b, peer_a),
         max_units = common::config::DEFAULT_MAX_STORED_UNITS
@@ -395,14 +480,19 @@ fn mark_running(dir: &Path, running: bool) -> anyhow::Result<()> {
 }
 
 fn spawn(name: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
+    let args = ["daemon".to_string(), name.into(), "--config".into(), config.display().to_string()];
+    spawn_with(&args, name, log)
+}
+
+/// Starts `qkdctl ARGS`, its output appended to `log`.
+fn spawn_with(args: &[String], name: &str, log: &Path) -> anyhow::Result<Child> {
     let log_file = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log)
         .with_context(|| format!("opening {}", log.display()))?;
     Command::new(std::env::current_exe()?)
-        .args(["daemon", name, "--config"])
-        .arg(config)
+        .args(args)
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)
@@ -410,12 +500,12 @@ fn spawn(name: &str, config: &Path, log: &Path) -> anyhow::Result<Child> {
         .with_context(|| format!("starting {name}"))
 }
 
-/// The daemons, Alice then Bob; stopped when dropped.
-struct Children(Vec<Child>);
+/// The processes (the emulator if any, Alice, Bob), by name; stopped when dropped.
+struct Children(Vec<(&'static str, Child)>);
 
 impl Children {
     fn exited(&mut self) -> Option<&'static str> {
-        for (child, name) in self.0.iter_mut().zip(["alice", "bob"]) {
+        for (name, child) in self.0.iter_mut() {
             if let Ok(Some(_)) = child.try_wait() {
                 return Some(name);
             }
@@ -423,10 +513,10 @@ impl Children {
         None
     }
 
-    /// Stops Bob first (he finishes the block in progress), then Alice: SIGTERM, then SIGKILL
-    /// after 15 s.
+    /// Stops Bob first (he finishes the block in progress), then Alice, then the emulator:
+    /// SIGTERM, then SIGKILL after 15 s.
     fn terminate(&mut self) {
-        for child in self.0.iter_mut().rev() {
+        for (_, child) in self.0.iter_mut().rev() {
             if let Ok(None) = child.try_wait() {
                 let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
             }

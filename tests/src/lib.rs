@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::config::{
-    AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, LinkSection, SecuritySection,
+    AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, DeviceSection, LinkSection,
+    SecuritySection,
 };
 use qkd_core::link::ProtocolParams;
 use qkd_sim::LinkParams;
@@ -75,6 +76,7 @@ impl Lab {
             node_id: "alice".into(),
             data_dir: self.dir.0.join("alice"),
             classical: AliceClassical { listen: grpc, peer_name: "bob".into() },
+            device: DeviceSection::default(),
             fibre: AliceFibre { listen: fibre },
             tls: self.pki.files("alice"),
             link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
@@ -92,6 +94,7 @@ impl Lab {
             data_dir: self.dir.0.join("bob"),
             max_stored_units: 0,
             classical: BobClassical { alice_addr: grpc.to_string(), alice_name: "alice".into(), max_backoff_s: 0.5 },
+            device: DeviceSection::default(),
             fibre: BobFibre { alice_addr: fibre.to_string() },
             tls: self.pki.files("bob"),
             link: LinkSection { preset: Some("lab-10km".into()), file: None, distance_km: None },
@@ -138,13 +141,28 @@ pub async fn bind_pair() -> (TcpListener, TcpListener) {
 pub fn spawn_alice(lab: &Lab, grpc: TcpListener, fibre: TcpListener) -> Running {
     let cfg = lab.alice_config(grpc.local_addr().expect("addr"), fibre.local_addr().expect("addr"));
     let shutdown = CancellationToken::new();
-    let task = tokio::spawn(alice::run(cfg, lab.link.clone(), grpc, fibre, shutdown.clone()));
+    let task = tokio::spawn(alice::run(cfg, lab.link.clone(), grpc, Some(fibre), shutdown.clone()));
     Running { shutdown, task }
 }
 
 /// Starts Bob in-process against the given addresses.
 pub fn spawn_bob(lab: &Lab, grpc: std::net::SocketAddr, fibre: std::net::SocketAddr) -> Running {
     let cfg = lab.bob_config(grpc, fibre);
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(bob::run(cfg, lab.link.clone(), shutdown.clone()));
+    Running { shutdown, task }
+}
+
+/// Starts Alice in-process with the configuration `cfg` (`fibre`: the simulated fibre's
+/// listener, for `device.driver = "sim"`).
+pub fn spawn_alice_with(lab: &Lab, cfg: AliceConfig, grpc: TcpListener, fibre: Option<TcpListener>) -> Running {
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(alice::run(cfg, lab.link.clone(), grpc, fibre, shutdown.clone()));
+    Running { shutdown, task }
+}
+
+/// Starts Bob in-process with the configuration `cfg`.
+pub fn spawn_bob_with(lab: &Lab, cfg: BobConfig) -> Running {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(bob::run(cfg, lab.link.clone(), shutdown.clone()));
     Running { shutdown, task }

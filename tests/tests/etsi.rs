@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use base64::Engine;
 use qkd_kme::KmeSide;
-use qkd_kme::api::{MSG_EXTENSION_MANDATORY_UNSUPPORTED, MSG_KEYS_NOT_FOUND, MSG_SIZE_NOT_MULTIPLE_OF_8};
+use qkd_kme::api::{
+    MSG_EXTENSION_MANDATORY_UNSUPPORTED, MSG_KEYS_NOT_FOUND, MSG_SIMULATED_KEYS, MSG_SIZE_NOT_MULTIPLE_OF_8,
+};
 use qkd_kme::pair::{KmePair, PairOptions, RunningKme};
 use qkd_store::KeyStore;
 use qkd_store::kme::UNIT_BYTES;
@@ -42,11 +44,12 @@ impl std::ops::Deref for Net {
 struct NetOptions {
     n_units: usize,
     max_key_per_request: u32,
+    allow_simulated_keys: bool,
 }
 
 impl Default for NetOptions {
     fn default() -> Self {
-        Self { n_units: 64, max_key_per_request: 128 }
+        Self { n_units: 64, max_key_per_request: 128, allow_simulated_keys: true }
     }
 }
 
@@ -59,6 +62,7 @@ impl Net {
             max_key_per_request: options.max_key_per_request,
             a_saes: A_SAES.iter().map(|s| s.to_string()).collect(),
             b_saes: B_SAES.iter().map(|s| s.to_string()).collect(),
+            allow_simulated_keys: options.allow_simulated_keys,
         };
         let pair = KmePair::start(&options, &dir.0).await.expect("start the kme pair");
         assert_eq!(pair.units[0].key.len(), UNIT_BYTES);
@@ -782,4 +786,22 @@ async fn keys_pair_serves_qkdctl_keys() {
     let log = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "the pair failed: {log}");
     assert!(log.contains("not quantum keys"), "no warning that the keys are test data: {log}");
+}
+
+/// Keys of a simulated quantum channel (the pair's units are stored marked simulated) are not
+/// served by a KME without `allow_simulated_keys`: Get key and Get key with key IDs answer 503
+/// saying why, nothing is consumed, and Get status still answers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn simulated_keys_are_refused_without_allow_simulated_keys() {
+    let net = Net::start(NetOptions { allow_simulated_keys: false, ..NetOptions::default() }).await;
+    let (master, slave) = (net.client(A_SAES[0]), net.client(B_SAES[0]));
+    let before = master.stored_key_count(&net.a, B_SAES[0]).await;
+    assert!(before > 0);
+    let refused = master.get(&url(&net.a, B_SAES[0], "enc_keys")).await;
+    assert_error(&refused, 503, Some(MSG_SIMULATED_KEYS));
+    let body = json!({ "key_IDs": [{ "key_ID": Uuid::new_v4().to_string() }] });
+    let refused = slave.post(&url(&net.b, A_SAES[0], "dec_keys"), Body::Json(body)).await;
+    assert_error(&refused, 503, Some(MSG_SIMULATED_KEYS));
+    assert_eq!(master.stored_key_count(&net.a, B_SAES[0]).await, before, "a refused request consumed keys");
+    net.stop().await;
 }

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tests::*;
 
 mod deploy;
+mod device;
 mod etsi;
 mod lab;
 mod link;

@@ -37,6 +37,7 @@ fn store_crash_writer() {
             phase_error_upper: 0.05,
             leak_bits: 3000,
             final_bits: 256 * UNITS_PER_BLOCK,
+            simulated: false,
         };
         let keys: Vec<KeyUnit> = (0..UNITS_PER_BLOCK)
             .map(|u| KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![(i + u) as u8; 32]) })

@@ -16,6 +16,7 @@
 pub mod bits;
 pub mod link;
 pub mod postproc;
+pub mod prepared;
 pub mod quantum;
 pub mod sifting;
 pub mod store;

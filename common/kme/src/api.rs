@@ -16,6 +16,9 @@ pub const MSG_SIZE_NOT_MULTIPLE_OF_8: &str = "size shall be a multiple of 8";
 pub const MSG_EXTENSION_MANDATORY_UNSUPPORTED: &str = "not all extension_mandatory parameters are supported";
 /// Verbatim 400 message of the standard: a key ID unknown, already delivered or of another pair.
 pub const MSG_KEYS_NOT_FOUND: &str = "one or more keys specified are not found on KME";
+/// 503 when the keys come from a simulated quantum channel and the KME is not configured to
+/// serve them (this implementation's message).
+pub const MSG_SIMULATED_KEYS: &str = "this KME's keys come from a simulated quantum channel (simulator, emulator or replay) and are not secret; it serves them only with allow_simulated_keys = true in its [kme] section";
 
 /// An error answer: the HTTP status and the standard's Error body.
 #[derive(Debug, thiserror::Error)]

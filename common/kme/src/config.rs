@@ -71,6 +71,11 @@ pub struct KmeConfig {
     /// 0 keeps them forever. Default 86400 (one day).
     #[serde(default = "default_reservation_ttl_s")]
     pub reservation_ttl_s: u64,
+    /// Serve keys from a simulated quantum channel (the in-process simulator, the device
+    /// emulator, a replay of either). Such keys are not secret from whoever runs the
+    /// simulation; without this, Get key answers 503 saying so. Default false; the labs set it.
+    #[serde(default)]
+    pub allow_simulated_keys: bool,
 }
 
 /// One SAE of the network and the KME it is attached to.
@@ -136,6 +141,8 @@ pub struct KmeSettings {
     pub peer_timeout: Duration,
     /// Reservation lifetime; `None` keeps reservations forever.
     pub reservation_ttl: Option<Duration>,
+    /// Serve keys of a simulated quantum channel.
+    pub allow_simulated_keys: bool,
 }
 
 /// Key sizes and counts, all validated.
@@ -241,6 +248,7 @@ impl KmeConfig {
             limits,
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
             reservation_ttl: (self.reservation_ttl_s > 0).then(|| Duration::from_secs(self.reservation_ttl_s)),
+            allow_simulated_keys: self.allow_simulated_keys,
         })
     }
 }

@@ -67,11 +67,15 @@ pub enum KmeError {
 
 /// Runs the KME of a daemon until `shutdown`: binds `cfg.listen` (ETSI HTTPS) and
 /// `cfg.peer_listen` (KME-to-KME gRPC), then as [`run_kme_with_listeners`].
+///
+/// `simulated`: the link feeding `store` runs on a simulated quantum channel (see
+/// [`KmeState::set_channel_simulated`]).
 pub async fn run_kme(
     cfg: &KmeConfig,
     side: KmeSide,
     node_tls: &TlsMaterial,
     store: Arc<SledStore>,
+    simulated: bool,
     shutdown: CancellationToken,
 ) -> Result<(), KmeError> {
     let bind = |addr: SocketAddr| async move {
@@ -79,7 +83,7 @@ pub async fn run_kme(
     };
     let https = bind(cfg.listen).await?;
     let peer = bind(cfg.peer_listen).await?;
-    run_kme_with_listeners(cfg, side, node_tls, store, https, peer, shutdown).await
+    run_kme_with_listeners(cfg, side, node_tls, store, https, peer, simulated, shutdown).await
 }
 
 /// Runs the KME on bound listeners until `shutdown`: the ETSI HTTPS server on `https_listener`
@@ -88,6 +92,7 @@ pub async fn run_kme(
 /// periodic purge of expired reservations. `side` says which units this KME owns (the daemon's
 /// role). Returns once both servers have stopped and the settling of reservations in doubt
 /// ([`KmeState::shutdown`]) has ended.
+#[allow(clippy::too_many_arguments)]
 pub async fn run_kme_with_listeners(
     cfg: &KmeConfig,
     side: KmeSide,
@@ -95,12 +100,26 @@ pub async fn run_kme_with_listeners(
     store: Arc<SledStore>,
     https_listener: TcpListener,
     peer_listener: TcpListener,
+    simulated: bool,
     shutdown: CancellationToken,
 ) -> Result<(), KmeError> {
     let settings = cfg.settings()?;
     let https_tls = server::https_server_config(&cfg.tls.load()?)?;
     let peer = GrpcPeer::connect_lazy(&cfg.peer_addr, &cfg.peer_name, node_tls, settings.peer_timeout)?;
     let state = KmeState::new(settings, side, store, Arc::new(peer));
+    state.set_channel_simulated(simulated);
+    if state.serves_simulated_keys() {
+        if state.settings().allow_simulated_keys {
+            warn!(
+                "KME: serving keys of a SIMULATED quantum channel (allow_simulated_keys = true): they are not secret"
+            );
+        } else {
+            warn!(
+                "KME: the keys come from a SIMULATED quantum channel; Get key is refused (503) unless \
+                 allow_simulated_keys = true"
+            );
+        }
+    }
     info!(
         kme = %state.settings().kme_id,
         peer_kme = %state.settings().peer_kme_id,

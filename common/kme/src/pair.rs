@@ -38,6 +38,9 @@ pub struct PairOptions {
     pub a_saes: Vec<String>,
     /// SAEs attached to KME B.
     pub b_saes: Vec<String>,
+    /// `allow_simulated_keys` of both KMEs. The pair's units are random test keys, stored
+    /// marked simulated: without it, Get key answers 503. Default true.
+    pub allow_simulated_keys: bool,
 }
 
 impl Default for PairOptions {
@@ -45,6 +48,7 @@ impl Default for PairOptions {
         Self {
             n_units: 64,
             max_key_per_request: 128,
+            allow_simulated_keys: true,
             a_saes: vec!["sae-a1".into(), "sae-a2".into()],
             b_saes: vec!["sae-b1".into(), "sae-b2".into()],
         }
@@ -163,6 +167,8 @@ impl KmePair {
             phase_error_upper: 0.0,
             leak_bits: 0,
             final_bits: 8 * (UNIT_BYTES * options.n_units) as u64,
+            // Random test keys, not a QKD link's: marked (and served) as simulated.
+            simulated: true,
         };
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.map_err(PairError::Bind) };
         let (https_a, peer_a, https_b, peer_b) = (bind().await?, bind().await?, bind().await?, bind().await?);
@@ -190,6 +196,7 @@ impl KmePair {
                 max_sae_id_count: 0,
                 peer_timeout_ms: 3000,
                 reservation_ttl_s: 0,
+                allow_simulated_keys: options.allow_simulated_keys,
             })
         };
         let cfg_a = config(KME_A, KME_B, &https_a, peer_addr_a, peer_addr_b, "bob")?;
@@ -201,7 +208,7 @@ impl KmePair {
             let (addr, peer_addr) = (local(&https)?, local(&peer)?);
             let task = tokio::spawn({
                 let (store, shutdown) = (store.clone(), shutdown.clone());
-                async move { crate::run_kme_with_listeners(&cfg, side, &node, store, https, peer, shutdown).await }
+                async move { crate::run_kme_with_listeners(&cfg, side, &node, store, https, peer, true, shutdown).await }
             });
             Ok::<_, PairError>(RunningKme { addr, peer_addr, store, shutdown, task })
         };

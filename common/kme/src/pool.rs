@@ -31,7 +31,7 @@
 //! missing: B says so, and A keeps them and tries again with others.
 
 use std::collections::HashSet;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,6 +86,8 @@ struct Inner {
     tasks: TaskTracker,
     /// Stops those tasks ([`KmeState::shutdown`]).
     shutdown: CancellationToken,
+    /// The store holds, or the link now makes, keys of a simulated quantum channel.
+    simulated: AtomicBool,
 }
 
 /// A Get key that passed every check: who, how many, how big.
@@ -97,8 +99,19 @@ struct ValidKeyRequest {
 }
 
 impl KmeState {
-    /// A KME serving from `store` as `side`, reserving through `peer`.
+    /// A KME serving from `store` as `side`, reserving through `peer`. A store that holds blocks
+    /// of a simulated quantum channel (their records say so) makes it a KME of simulated keys
+    /// ([`KmeState::set_channel_simulated`]); a store that cannot be read is judged when keys
+    /// are asked for.
     pub fn new(settings: KmeSettings, side: KmeSide, store: Arc<SledStore>, peer: Arc<dyn ReservePeer>) -> Self {
+        use qkd_store::KeyStore;
+        let holds_simulated = match store.blocks() {
+            Ok(blocks) => blocks.iter().any(|(meta, _)| meta.simulated),
+            Err(e) => {
+                warn!(error = %e, "cannot list the store's blocks; assuming they may be simulated");
+                true
+            }
+        };
         Self {
             inner: Arc::new(Inner {
                 settings,
@@ -110,8 +123,32 @@ impl KmeState {
                 in_doubt: AtomicUsize::new(0),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
+                simulated: AtomicBool::new(holds_simulated),
             }),
         }
+    }
+
+    /// Says that the link feeding the store is simulated (the daemon's device says so): its keys
+    /// are then refused to applications unless `allow_simulated_keys` (see
+    /// [`KmeState::serves_simulated_keys`]). Once simulated, always: the store keeps the keys.
+    pub fn set_channel_simulated(&self, simulated: bool) {
+        self.inner.simulated.fetch_or(simulated, Ordering::SeqCst);
+    }
+
+    /// True when this KME holds keys of a simulated quantum channel.
+    pub fn serves_simulated_keys(&self) -> bool {
+        self.inner.simulated.load(Ordering::SeqCst)
+    }
+
+    /// Refuses key delivery from a store of simulated keys, unless the configuration allows it.
+    fn refuse_simulated(&self) -> Result<(), EtsiError> {
+        if self.serves_simulated_keys() && !self.inner.settings.allow_simulated_keys {
+            warn!(
+                "refused a key request: the keys come from a simulated quantum channel (allow_simulated_keys is off)"
+            );
+            return Err(EtsiError::Unavailable(api::MSG_SIMULATED_KEYS.into()));
+        }
+        Ok(())
     }
 
     /// Units held back because a reservation of them at the peer is in doubt (the Reserve call
@@ -173,6 +210,7 @@ impl KmeState {
         request: KeyRequest,
     ) -> Result<KeyContainer, EtsiError> {
         let valid = self.validate_key_request(caller, slave, request)?;
+        self.refuse_simulated()?;
         // The life cycle runs in its own task: a client that hangs up cannot stop it between
         // the peer's reservation and the local removal.
         let state = self.clone();
@@ -194,6 +232,7 @@ impl KmeState {
         if &slave == master {
             return Err(EtsiError::bad_request("master and slave SAE IDs shall differ"));
         }
+        self.refuse_simulated()?;
         let store = self.inner.store.clone();
         let master_id = master.0.clone();
         let n_keys = key_ids.len();

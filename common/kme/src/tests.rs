@@ -275,6 +275,7 @@ fn block_meta(n_units: usize) -> BlockMeta {
         phase_error_upper: 0.0,
         leak_bits: 0,
         final_bits: 256 * n_units as u64,
+        simulated: false,
     }
 }
 

@@ -23,6 +23,7 @@ use qkd_core::postproc::cascade::{CascadeOutcome, FrameParityQuery, MultiCascade
 use qkd_core::postproc::ldpc::{self, LdpcFamily, default_start_efficiency};
 use qkd_core::postproc::toeplitz::toeplitz_hash;
 use qkd_core::postproc::verify::{poly_hash_tag, tags_match};
+use qkd_core::prepared::TxStates;
 use qkd_core::sifting::{alice_sift, announce, bob_sift};
 
 /// QBERs of the standard run (fractions).
@@ -540,7 +541,9 @@ pub fn bench_sifting(n_detections: usize, n_pulses: u64, clock: &dyn Fn() -> Dur
     let (reps, per_rep) = time_repeated(clock, 0.3, &mut || {
         let (secret, deltas, codes) = std::hint::black_box((&secret, &deltas, &codes));
         // Valid by construction: the announcement comes from these detections.
-        let (answer, alice) = alice_sift(secret, p_z, n_pulses, deltas, codes).expect("valid announcement");
+        // The frame's key is expanded per call, as Alice's core does per sifted frame.
+        let states = TxStates::derived(secret.clone(), p_z);
+        let (answer, alice) = alice_sift(&states, n_pulses, deltas, codes).expect("valid announcement");
         let bob = bob_sift(std::hint::black_box(&detections), &answer).expect("valid answer");
         std::hint::black_box((alice, bob));
     });

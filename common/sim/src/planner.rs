@@ -17,13 +17,14 @@ use crate::{
     Detection, FrameSecret, FrameStates, InterceptResend, LinkParams, Measurement, PhotonNumberSplitting, Receiver,
     Source, State, analytic,
 };
-use qkd_core::link::alice::AliceCore;
+use qkd_core::link::alice::{AliceCore, PreparedFrame};
 use qkd_core::link::bob::{BlockReport, BobLink};
 use qkd_core::link::memory::MemoryAlice;
 use qkd_core::link::{LinkError, ProtocolParams};
 use qkd_core::postproc::finite_key::{
     BlockStats, EpsBudget, SecurityParams, XCounts, n_tags_for, phase_error_bounds, phase_error_bounds_at_split,
 };
+use qkd_core::prepared::TxStates;
 use qkd_core::store::{KeyStore, MemoryStore};
 
 /// An eavesdropper on the fibre (see [`crate::eve`]).
@@ -220,9 +221,12 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
     let Scenario { link, protocol, security, duration_s, seed, .. } = scenario;
     let alice_store = Arc::new(MemoryStore::new());
     let bob_store = MemoryStore::new();
-    let core = AliceCore::new("alice".into(), protocol.clone(), security.clone(), ChaCha20Rng::seed_from_u64(*seed));
+    let mut core =
+        AliceCore::new("alice".into(), protocol.clone(), security.clone(), ChaCha20Rng::seed_from_u64(*seed));
+    core.set_simulated(true);
     let alice = MemoryAlice::new(core, alice_store.clone());
-    let (mut bob, _) = BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store).await?;
+    let (mut bob, _) =
+        BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store, true).await?;
     bob.set_side_slot_monitor(link.side_slot_calibration());
     let source = Source::new(link);
     let pns =
@@ -250,8 +254,16 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
             block_eve.add(EveTally::of_frame(&secret, link.p_z, &split, &detections));
         }
         let reading = source.monitor_reading(&mut rng);
-        alice.lock().core.register_frame(frame_idx, secret, frame_pulses, reading);
-        let x_counts = bob.sift_frame(frame_idx, frame_pulses, &detections).await?;
+        let frame = PreparedFrame {
+            n_pulses: frame_pulses,
+            states: TxStates::derived(secret, link.p_z),
+            reading: Some(reading),
+        };
+        alice.lock().core.register_frame(frame_idx, frame);
+        let x_counts = bob
+            .sift_frame(frame_idx, frame_pulses, &detections)
+            .await?
+            .expect("Alice holds every frame of the simulation: it was registered just now");
         bob.add_x_slot_counts(&receiver.x_slot_counts());
         block_counts.add(&x_counts);
         receiver.feedback(x_counts.n_plus_sent(), x_counts.plus_minus);

@@ -10,6 +10,7 @@ fn meta(block_id: Uuid) -> BlockMeta {
         phase_error_upper: 0.05,
         leak_bits: 300,
         final_bits: 512,
+        simulated: false,
     }
 }
 

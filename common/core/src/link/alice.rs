@@ -21,13 +21,25 @@ use crate::postproc::finite_key::{
 };
 use crate::postproc::toeplitz::toeplitz_hash;
 use crate::postproc::verify::poly_hash_tag;
-use crate::quantum::FrameSecret;
+use crate::prepared::TxStates;
 use crate::sifting::alice_sift;
 use crate::store::{BlockMeta, KeyStore, KeyUnit};
 
-/// Frames whose secrets Alice keeps while waiting for Bob to sift them (at 55 ms a frame, about
-/// 7.5 minutes). Older secrets are erased: their frames can no longer be sifted.
+/// Frames whose states Alice keeps while waiting for Bob to sift them (at 55 ms a frame, about
+/// 7.5 minutes). Older states are erased: their frames can no longer be sifted.
 pub const MAX_UNSIFTED_FRAMES: usize = 8192;
+
+/// One frame as Alice's source prepared it, kept until Bob sifts or drops it.
+#[derive(Debug)]
+pub struct PreparedFrame {
+    /// Pulses in the frame.
+    pub n_pulses: u64,
+    /// The state of every pulse: the device's (explicit), or the simulator's (derived).
+    pub states: TxStates,
+    /// The source monitor's reading over the frame; a block needs readings of its frames
+    /// ([`SourceMonitor::check`]), so frames of a source without a monitor give no key.
+    pub reading: Option<SourceReading>,
+}
 
 /// Alice's protocol state: the secrets of frames not yet sifted and the current session with Bob.
 pub struct AliceCore {
@@ -36,9 +48,13 @@ pub struct AliceCore {
     security: SecurityParams,
     digest: Vec<u8>,
     rng: ChaCha20Rng,
-    frames: BTreeMap<u64, (FrameSecret, u64, SourceReading)>,
+    frames: BTreeMap<u64, PreparedFrame>,
     session: Option<Session>,
     draining: bool,
+    /// Alice's quantum channel is simulated (module docs of `qkd_core::store::BlockMeta`).
+    simulated: bool,
+    /// One past the newest frame the source has reported, prepared or lost.
+    next_frame: u64,
 }
 
 /// Sifted material accumulated since the last block, and the blocks in progress.
@@ -50,6 +66,8 @@ struct Session {
     acc_frames: u64,
     acc_monitor: SourceMonitor,
     blocks: HashMap<Uuid, Block>,
+    /// Either end's quantum channel is simulated: every block of the session is marked so.
+    simulated: bool,
 }
 
 struct Block {
@@ -173,7 +191,18 @@ impl AliceCore {
     /// draws block IDs, key IDs, hash keys and Toeplitz seeds.
     pub fn new(alice_id: String, params: ProtocolParams, security: SecurityParams, rng: ChaCha20Rng) -> Self {
         let digest = params.digest(&security);
-        Self { alice_id, params, security, digest, rng, frames: BTreeMap::new(), session: None, draining: false }
+        Self {
+            alice_id,
+            params,
+            security,
+            digest,
+            rng,
+            frames: BTreeMap::new(),
+            session: None,
+            draining: false,
+            simulated: false,
+            next_frame: 0,
+        }
     }
 
     /// The security parameters in use.
@@ -191,12 +220,34 @@ impl AliceCore {
         self.session.as_ref().map_or(0, |s| s.blocks.len())
     }
 
-    /// Records the secret of a frame just emitted, erasing the oldest beyond the limit.
-    pub fn register_frame(&mut self, frame_idx: u64, secret: FrameSecret, n_pulses: u64, reading: SourceReading) {
-        self.frames.insert(frame_idx, (secret, n_pulses, reading));
+    /// Says that Alice's source is simulated (the in-process simulator, an emulator, a replay):
+    /// every block is then marked simulated in the store, at both ends.
+    pub fn set_simulated(&mut self, simulated: bool) {
+        self.simulated = simulated;
+    }
+
+    /// Records the states of a frame just prepared, before its photons leave, erasing the
+    /// oldest frames beyond [`MAX_UNSIFTED_FRAMES`]. A frame the source lost is simply never
+    /// registered: Bob's sift request for it is answered "unavailable" and both ends drop it.
+    pub fn register_frame(&mut self, frame_idx: u64, frame: PreparedFrame) {
+        self.next_frame = self.next_frame.max(frame_idx.saturating_add(1));
+        self.frames.insert(frame_idx, frame);
         while self.frames.len() > MAX_UNSIFTED_FRAMES {
             self.frames.pop_first();
         }
+    }
+
+    /// Notes that the source lost frames `first..first + count` (their states never reached
+    /// the core): they are answered "unavailable" without waiting for them.
+    pub fn frames_lost(&mut self, first: u64, count: u64) {
+        self.next_frame = self.next_frame.max(first.saturating_add(count));
+    }
+
+    /// True while frame `frame_idx` is newer than anything the source reported (prepared or
+    /// lost): a driver whose receiver can run ahead of the transmitter (two device streams) may
+    /// hold Bob's request for it until the frame arrives, instead of answering "unavailable".
+    pub fn awaits_frame(&self, frame_idx: u64) -> bool {
+        frame_idx >= self.next_frame
     }
 
     /// Answers one of Bob's requests: the one entry point of every driver (the gRPC service,
@@ -259,6 +310,7 @@ impl AliceCore {
             acc_frames: 0,
             acc_monitor: SourceMonitor::default(),
             blocks: HashMap::new(),
+            simulated: self.simulated || req.simulated_channel,
         });
         let event = AliceEvent::SessionOpened {
             bob_id: req.bob_id.clone(),
@@ -270,25 +322,32 @@ impl AliceCore {
             alice_id: self.alice_id.clone(),
             ready_block_ids,
             next_frame_idx: self.frames.last_key_value().map_or(0, |(k, _)| k + 1),
+            simulated_channel: self.simulated,
         };
         Ok((response, event))
     }
 
-    /// Sifts one frame against Bob's announcement; the frame's secret is erased afterwards.
+    /// Sifts one frame against Bob's announcement; the frame's states are erased afterwards. A
+    /// frame Bob drops (his receiver lost part of it) is erased unused; a frame Alice does not
+    /// hold (her source lost it, or it expired) is answered "unavailable", and Bob drops it too:
+    /// either way neither end uses any of it.
     fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
-        let p_z = self.security.p_z;
         let session = session_mut(&mut self.session, &req.session_id)?;
-        let Some((secret, n_pulses, reading)) = self.frames.remove(&req.frame_idx) else {
-            return Err(LinkError::State(format!("frame {} is unknown or expired", req.frame_idx)));
+        let Some(frame) = self.frames.remove(&req.frame_idx) else {
+            return Ok(SiftResponse { alice_info: Vec::new(), unavailable: true });
         };
-        let (alice_info, sift) = alice_sift(&secret, p_z, n_pulses, &req.click_deltas, &req.bob_measurements)?;
-        drop(secret);
+        if req.dropped {
+            return Ok(SiftResponse { alice_info: Vec::new(), unavailable: false });
+        }
+        let (alice_info, sift) = alice_sift(&frame.states, frame.n_pulses, &req.click_deltas, &req.bob_measurements)?;
         session.acc_bits.extend_from(&sift.key_bits);
         session.acc_counts.add(&sift.x_counts);
-        session.acc_pulses += n_pulses;
+        session.acc_pulses += frame.n_pulses;
         session.acc_frames += 1;
-        session.acc_monitor.add_frame(reading);
-        Ok(SiftResponse { alice_info })
+        if let Some(reading) = frame.reading {
+            session.acc_monitor.add_frame(reading);
+        }
+        Ok(SiftResponse { alice_info, unavailable: false })
     }
 
     /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
@@ -407,6 +466,7 @@ impl AliceCore {
         let security = self.security.clone();
         let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
         let Self { session, rng, .. } = self;
+        let simulated = session.as_ref().is_some_and(|s| s.simulated);
         let (block_id, block) = block_for(session, &req.block_id, BlockRequest::Amplify)?;
         let Stage::Verified { n_corrected } = block.stage else {
             return Err(phase_error(block_id, block, BlockRequest::Amplify));
@@ -470,6 +530,7 @@ impl AliceCore {
             phase_error_upper: length.phase_error_upper(),
             leak_bits: stats.leak_ec_bits + length.leak_verification_bits,
             final_bits,
+            simulated,
         };
         let response = AmplifyResponse {
             final_bits,

@@ -115,6 +115,8 @@ pub struct BlockReport {
 pub struct LinkCounters {
     /// Frames sifted.
     pub frames: u64,
+    /// Frames dropped at both ends (lost by Bob's receiver or by Alice's source).
+    pub frames_dropped: u64,
     /// Detections announced.
     pub detections: u64,
     /// Sifted key bits.
@@ -148,18 +150,23 @@ pub struct BobLink<P: LinkPeer> {
     acc_x_slots: XSlotCounts,
     /// Running counters.
     pub counters: LinkCounters,
+    /// Either end's quantum channel is simulated: blocks are stored marked so.
+    simulated: bool,
 }
 
 impl<P: LinkPeer> BobLink<P> {
     /// Opens a session and settles blocks left pending by an earlier session: those Alice holds
     /// as ready become ready here, the others are dropped (step 3 of the two-ended commit).
-    /// Returns the link and the number of blocks (made ready, dropped).
+    /// Returns the link and the number of blocks (made ready, dropped). `simulated`: Bob's
+    /// receiver is simulated; if it is, or Alice's source is, every block of the session is
+    /// marked simulated in the store.
     pub async fn open(
         mut peer: P,
         bob_id: &str,
         params: ProtocolParams,
         security: SecurityParams,
         store: &dyn KeyStore,
+        simulated: bool,
     ) -> Result<(Self, (usize, usize)), LinkError> {
         let pending = store.pending_blocks()?;
         let hello = peer
@@ -167,6 +174,7 @@ impl<P: LinkPeer> BobLink<P> {
                 bob_id: bob_id.to_owned(),
                 params_digest: params.digest(&security),
                 pending_block_ids: pending.iter().map(Uuid::to_string).collect(),
+                simulated_channel: simulated,
             })
             .await?;
         let mut ready = 0;
@@ -200,23 +208,35 @@ impl<P: LinkPeer> BobLink<P> {
             side_slots: None,
             acc_x_slots: XSlotCounts::default(),
             counters: LinkCounters::default(),
+            simulated: simulated || hello.simulated_channel,
         };
         Ok((link, (ready, dropped)))
     }
 
     /// Sifts one frame of detections with Alice; returns the frame's test counts (for the
-    /// phase-stabilisation feedback).
+    /// phase-stabilisation feedback), or `None` when Alice does not hold the frame (her source
+    /// lost it, or it expired): the frame is then dropped at both ends.
     pub async fn sift_frame(
         &mut self,
         frame_idx: u64,
         n_pulses: u64,
         detections: &[Detection],
-    ) -> Result<XCounts, LinkError> {
+    ) -> Result<Option<XCounts>, LinkError> {
         let (click_deltas, bob_measurements) = announce(detections);
         let response = self
             .peer
-            .sift(SiftRequest { session_id: self.session_id.clone(), frame_idx, click_deltas, bob_measurements })
+            .sift(SiftRequest {
+                session_id: self.session_id.clone(),
+                frame_idx,
+                click_deltas,
+                bob_measurements,
+                dropped: false,
+            })
             .await?;
+        if response.unavailable {
+            self.counters.frames_dropped += 1;
+            return Ok(None);
+        }
         let sift = bob_sift(detections, &response.alice_info)?;
         self.acc_bits.extend_from(&sift.key_bits);
         self.acc_counts.add(&sift.x_counts);
@@ -225,7 +245,23 @@ impl<P: LinkPeer> BobLink<P> {
         self.counters.frames += 1;
         self.counters.detections += detections.len() as u64;
         self.counters.sifted_bits += sift.key_bits.len() as u64;
-        Ok(sift.x_counts)
+        Ok(Some(sift.x_counts))
+    }
+
+    /// Drops a frame at both ends (Bob's receiver lost part of it): Alice erases its states
+    /// unused, and neither end counts it in a block.
+    pub async fn drop_frame(&mut self, frame_idx: u64) -> Result<(), LinkError> {
+        self.peer
+            .sift(SiftRequest {
+                session_id: self.session_id.clone(),
+                frame_idx,
+                click_deltas: Vec::new(),
+                bob_measurements: Vec::new(),
+                dropped: true,
+            })
+            .await?;
+        self.counters.frames_dropped += 1;
+        Ok(())
     }
 
     /// True once enough sifted bits wait for a block.
@@ -410,6 +446,7 @@ impl<P: LinkPeer> BobLink<P> {
             phase_error_upper: report.phase_error_upper,
             leak_bits: report.leak_bits,
             final_bits: amplify.final_bits,
+            simulated: self.simulated,
         };
 
         // Two-ended commit: pending here (durably), then Alice stores ready, then ready here.

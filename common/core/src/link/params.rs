@@ -13,7 +13,9 @@ use crate::postproc::finite_key::SecurityParams;
 /// 3: the rigorous finite-key analysis (one eps_QKD, calibrated source bounds, verification tags
 ///    per block size, source monitor readings checked at StartBlock).
 /// 4: typed abort reasons on the wire (`BlockAbort`: an `AbortReason` and a bounded detail).
-pub const LINK_PROTOCOL_VERSION: u32 = 4;
+/// 5: frames dropped at both ends (`SiftRequest.dropped`, `SiftResponse.unavailable`) and the
+///    simulated-channel flag at `Hello`.
+pub const LINK_PROTOCOL_VERSION: u32 = 5;
 
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
 /// parameters the security analysis uses) when a session opens.

@@ -10,7 +10,7 @@ use proto::link::{AmplifyRequest, ParityRequest};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
-use super::alice::{AliceCore, AliceEvent, BlockPhase, BlockRequest};
+use super::alice::{AliceCore, AliceEvent, BlockPhase, BlockRequest, PreparedFrame};
 use super::bob::{BobLink, LinkPeer};
 use super::memory::MemoryAlice;
 use super::reconcile::LDPC_REVEAL_STEPS;
@@ -20,6 +20,7 @@ use super::{AbortReason, LinkError, ProtocolParams, Reconciliation};
 use crate::block_on;
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
+use crate::prepared::TxStates;
 use crate::quantum::{Basis, Detection, FrameSecret, FrameStates, Measurement, State};
 use crate::store::{KeyStore, MemoryStore};
 
@@ -90,7 +91,7 @@ impl Rig {
 
     async fn open(&mut self, crash: Crash) -> BobLink<FlakyAlice> {
         let peer = FlakyAlice { alice: self.alice.clone(), crash };
-        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store).await.unwrap().0
+        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store, true).await.unwrap().0
     }
 
     /// Emits, detects and sifts frames until a block is ready.
@@ -99,7 +100,8 @@ impl Rig {
             let n_pulses = self.params.frame_pulses;
             let secret = FrameSecret::random(&mut self.rng);
             let detections = detect(&secret, n_pulses, &mut self.rng);
-            self.alice.lock().core.register_frame(self.frame_idx, secret, n_pulses, READING);
+            let frame = PreparedFrame { n_pulses, states: TxStates::derived(secret, P_Z), reading: Some(READING) };
+            self.alice.lock().core.register_frame(self.frame_idx, frame);
             bob.sift_frame(self.frame_idx, n_pulses, &detections).await.unwrap();
             self.frame_idx += 1;
         }
@@ -242,8 +244,10 @@ fn mismatched_parameters_are_refused_at_hello() {
         let mut rig = Rig::new(3);
         rig.params.block_bits += 1;
         let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
-        let err =
-            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.err().unwrap();
+        let err = BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, true)
+            .await
+            .err()
+            .unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
     });
 }
@@ -299,7 +303,7 @@ fn requests_out_of_a_blocks_phase_are_refused_naming_both_phases_and_change_noth
         let refused = Arc::new(Mutex::new(Vec::new()));
         let peer = OutOfPhase { alice: rig.alice.clone(), refused: refused.clone() };
         let (mut bob, _) =
-            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store).await.unwrap();
+            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, true).await.unwrap();
         rig.fill_block(&mut bob).await;
         let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
         assert_eq!(report.abort_reason, None, "{report:?}");
@@ -333,5 +337,82 @@ fn requests_out_of_a_blocks_phase_are_refused_naming_both_phases_and_change_noth
         assert!(summary.n_keys > 0);
         assert_eq!(summary, rig.bob_store.summary().unwrap());
         assert_eq!(summary, plain.alice_store.summary().unwrap(), "the refused requests changed the keys");
+    });
+}
+
+/// Frames lost at either end are dropped at both: a frame Alice's source lost is answered
+/// "unavailable", a frame Bob's receiver lost is erased unused at Alice (sifting it afterwards
+/// finds nothing); neither end counts a dropped frame in a block (StartBlock checks that both
+/// counted the same frames and bits), and the block commits identical keys.
+#[test]
+fn frames_lost_at_either_end_are_dropped_at_both_and_blocks_still_agree() {
+    block_on(async {
+        let mut rig = Rig::new(21);
+        let mut bob = rig.open(Crash::None).await;
+        let n_pulses = rig.params.frame_pulses;
+        let (mut lost_at_alice, mut lost_at_bob, mut sifted) = (0u64, 0u64, 0u64);
+        while !bob.block_ready() {
+            let secret = FrameSecret::random(&mut rig.rng);
+            let detections = detect(&secret, n_pulses, &mut rig.rng);
+            let idx = rig.frame_idx;
+            rig.frame_idx += 1;
+            if idx % 3 == 1 {
+                // Alice's source lost it: she never had its states.
+                rig.alice.lock().core.frames_lost(idx, 1);
+                assert!(!rig.alice.lock().core.awaits_frame(idx));
+                assert_eq!(bob.sift_frame(idx, n_pulses, &detections).await.unwrap(), None);
+                lost_at_alice += 1;
+                continue;
+            }
+            let frame = PreparedFrame { n_pulses, states: TxStates::derived(secret, P_Z), reading: Some(READING) };
+            rig.alice.lock().core.register_frame(idx, frame);
+            if idx % 3 == 2 {
+                // Bob's receiver lost part of it.
+                bob.drop_frame(idx).await.unwrap();
+                lost_at_bob += 1;
+                // Erased at Alice: nothing left to sift.
+                assert_eq!(bob.sift_frame(idx, n_pulses, &detections).await.unwrap(), None);
+                continue;
+            }
+            assert!(bob.sift_frame(idx, n_pulses, &detections).await.unwrap().is_some());
+            sifted += 1;
+        }
+        assert!(lost_at_alice > 0 && lost_at_bob > 0 && sifted > 0);
+        assert_eq!(bob.counters.frames, sifted);
+        assert_eq!(bob.counters.frames_dropped, lost_at_alice + 2 * lost_at_bob);
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason, None, "{report:?}");
+        let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+        assert!(a.n_keys > 0);
+        assert_eq!(a, b);
+    });
+}
+
+/// A block is marked simulated in both stores when either end's channel is simulated, and only
+/// then.
+#[test]
+fn blocks_are_marked_simulated_at_both_ends_when_either_end_is_simulated() {
+    block_on(async {
+        for (alice_simulated, bob_simulated) in [(false, false), (true, false), (false, true), (true, true)] {
+            let mut rig = Rig::new(23);
+            rig.alice.lock().core.set_simulated(alice_simulated);
+            let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
+            let (mut bob, _) =
+                BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, bob_simulated)
+                    .await
+                    .unwrap();
+            rig.fill_block(&mut bob).await;
+            let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+            assert_eq!(report.abort_reason, None, "{report:?}");
+            let expected = alice_simulated || bob_simulated;
+            for (end, store) in [("alice", rig.alice_store.as_ref()), ("bob", &rig.bob_store)] {
+                let blocks = store.blocks().unwrap();
+                assert_eq!(blocks.len(), 1, "{end}");
+                assert_eq!(
+                    blocks[0].0.simulated, expected,
+                    "{end}: alice simulated {alice_simulated}, bob simulated {bob_simulated}"
+                );
+            }
+        }
     });
 }

@@ -11,7 +11,8 @@
 
 use crate::bits::BitVec;
 use crate::postproc::finite_key::XCounts;
-use crate::quantum::{Detection, FrameSecret, FrameStates, Measurement, State};
+use crate::prepared::TxStates;
+use crate::quantum::{Detection, Measurement, State};
 use crate::wire::{WireError, decode_deltas, encode_deltas};
 use zeroize::Zeroize;
 
@@ -57,7 +58,7 @@ pub fn announce(detections: &[Detection]) -> (Vec<u8>, Vec<u8>) {
     (deltas, codes)
 }
 
-/// Detections whose states [`alice_sift`] computes per batch ([`FrameStates::fill_states`]).
+/// Detections whose states [`alice_sift`] computes per batch ([`TxStates::fill_states`]).
 const CHUNK: usize = 256;
 
 /// Alice's answer code by Bob's announcement code (row) and her state's wire code (column).
@@ -67,11 +68,10 @@ const ALICE_ANSWER: [[u8; 4]; 3] = [
     [ALICE_REVEAL_E, ALICE_REVEAL_L, ALICE_REVEAL_PLUS, ALICE_REVEAL_PLUS],
 ];
 
-/// Alice's side: answers Bob's announcement from her frame secret and takes her sifted bits and
+/// Alice's side: answers Bob's announcement from the states she prepared and takes her sifted bits and
 /// the test counts.
 pub fn alice_sift(
-    secret: &FrameSecret,
-    p_z: f64,
+    frame: &TxStates,
     n_pulses: u64,
     click_deltas: &[u8],
     bob_codes: &[u8],
@@ -83,7 +83,6 @@ pub fn alice_sift(
     if let Some(&code) = bob_codes.iter().find(|&&code| code > BOB_X_MINUS) {
         return Err(WireError::Code { what: "bob_measurements", code });
     }
-    let frame = FrameStates::new(secret);
     let mut answer = vec![0u8; indices.len()];
     let mut key_bits = BitPacker::with_capacity(indices.len());
     // tally[Bob's code][Alice's state code]: every detection counted once, without branches.
@@ -92,7 +91,7 @@ pub fn alice_sift(
     for ((indices, codes), answers) in indices.chunks(CHUNK).zip(bob_codes.chunks(CHUNK)).zip(answer.chunks_mut(CHUNK))
     {
         let states = &mut states[..indices.len()];
-        frame.fill_states(indices, p_z, states);
+        frame.fill_states(indices, states);
         for ((&state, &code), answer) in states.iter().zip(codes).zip(answers.iter_mut()) {
             let (code, state_code) = (usize::from(code), usize::from(state.code()));
             *answer = ALICE_ANSWER[code][state_code];

@@ -2,7 +2,7 @@ use proptest::prelude::*;
 use rand::{Rng, SeedableRng};
 
 use super::*;
-use crate::quantum::alice_state;
+use crate::quantum::{FrameSecret, alice_state};
 
 /// Detections at random pulses; Z outcomes copy Alice's state (a noiseless channel) except for
 /// pulses in `flip` where they are inverted; X outcomes are random.
@@ -34,7 +34,7 @@ proptest! {
         let n_pulses = 1u64 << 22;
         let dets = detections(&secret, p_z, seed, n, n_pulses);
         let (deltas, codes) = announce(&dets);
-        let (answer, alice) = alice_sift(&secret, p_z, n_pulses, &deltas, &codes).unwrap();
+        let (answer, alice) = alice_sift(&TxStates::derived(secret.clone(), p_z), n_pulses, &deltas, &codes).unwrap();
         let bob = bob_sift(&dets, &answer).unwrap();
         prop_assert_eq!(&alice.key_bits, &bob.key_bits);
         prop_assert_eq!(alice.x_counts, bob.x_counts);
@@ -57,7 +57,7 @@ fn z_errors_show_up_only_in_bobs_bits() {
         }
     }
     let (deltas, codes) = announce(&dets);
-    let (answer, alice) = alice_sift(&secret, 0.9, n_pulses, &deltas, &codes).unwrap();
+    let (answer, alice) = alice_sift(&TxStates::derived(secret.clone(), 0.9), n_pulses, &deltas, &codes).unwrap();
     let bob = bob_sift(&dets, &answer).unwrap();
     assert!(flipped > 0);
     // Every flipped Z click Alice sent in Z is a key-bit error; those she sent in X are sifted out.
@@ -68,9 +68,11 @@ fn z_errors_show_up_only_in_bobs_bits() {
 #[test]
 fn malformed_announcements_are_errors_not_panics() {
     let secret = FrameSecret::from_bytes([1; 32]);
-    assert!(alice_sift(&secret, 0.5, 10, &crate::wire::encode_deltas([3, 4]), &[0]).is_err());
-    assert!(alice_sift(&secret, 0.5, 10, &crate::wire::encode_deltas([3]), &[9]).is_err());
-    assert!(alice_sift(&secret, 0.5, 4, &crate::wire::encode_deltas([4]), &[0]).is_err());
+    assert!(
+        alice_sift(&TxStates::derived(secret.clone(), 0.5), 10, &crate::wire::encode_deltas([3, 4]), &[0]).is_err()
+    );
+    assert!(alice_sift(&TxStates::derived(secret.clone(), 0.5), 10, &crate::wire::encode_deltas([3]), &[9]).is_err());
+    assert!(alice_sift(&TxStates::derived(secret.clone(), 0.5), 4, &crate::wire::encode_deltas([4]), &[0]).is_err());
     assert!(bob_sift(&[], &[0]).is_err());
 }
 
@@ -148,7 +150,7 @@ proptest! {
         let mut rng = rand_chacha::ChaCha20Rng::seed_from_u64(seed);
         // Alice's answer as it should be; Bob then also gets one with stray codes.
         let (mut answer, want) = reference_alice(&secret, p_z, &indices, &codes).unwrap();
-        let (got_answer, got) = alice_sift(&secret, p_z, n_pulses, &deltas, &codes).unwrap();
+        let (got_answer, got) = alice_sift(&TxStates::derived(secret.clone(), p_z), n_pulses, &deltas, &codes).unwrap();
         prop_assert_eq!(&got_answer, &answer);
         prop_assert_eq!(&got.key_bits, &want.key_bits);
         prop_assert_eq!(got.x_counts, want.x_counts);
@@ -159,7 +161,7 @@ proptest! {
         if let Some((at, code)) = bad && !dets.is_empty() {
             let k = at.index(dets.len());
             codes[k] = code;
-            let err = alice_sift(&secret, p_z, n_pulses, &deltas, &codes).unwrap_err();
+            let err = alice_sift(&TxStates::derived(secret.clone(), p_z), n_pulses, &deltas, &codes).unwrap_err();
             prop_assert_eq!(err, WireError::Code { what: "bob_measurements", code });
             // Any answer code wrong for Bob's basis (or meaningless) is refused.
             answer[k] = rng.random_range(0..=u8::MAX);
@@ -169,4 +171,23 @@ proptest! {
             }
         }
     }
+}
+
+/// Sifting against a device's explicit (packed) states gives what the simulator's derived states
+/// give, answer and counts alike.
+#[test]
+fn packed_states_sift_like_derived_states() {
+    let seed = 31;
+    let secret = FrameSecret::random(&mut rand_chacha::ChaCha20Rng::seed_from_u64(seed));
+    let (p_z, n_pulses) = (0.8, 50_000u64);
+    let dets = detections(&secret, p_z, seed, 4000, n_pulses);
+    let (deltas, codes) = announce(&dets);
+    let derived = TxStates::derived(secret.clone(), p_z);
+    let packed = TxStates::Packed(derived.to_packed(n_pulses));
+    let (a1, s1) = alice_sift(&derived, n_pulses, &deltas, &codes).unwrap();
+    let (a2, s2) = alice_sift(&packed, n_pulses, &deltas, &codes).unwrap();
+    assert_eq!(a1, a2, "seed {seed}");
+    assert_eq!(s1.key_bits, s2.key_bits, "seed {seed}");
+    assert_eq!(s1.x_counts, s2.x_counts, "seed {seed}");
+    assert!(s1.key_bits.len() > 1000, "seed {seed}: the frame sifts to key");
 }

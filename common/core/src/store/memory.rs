@@ -156,6 +156,7 @@ mod tests {
             phase_error_upper: 0.05,
             leak_bits: 300,
             final_bits: 512,
+            simulated: false,
         }
     }
 

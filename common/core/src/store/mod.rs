@@ -61,6 +61,12 @@ pub struct BlockMeta {
     pub leak_bits: u64,
     /// Final secret key bits of the block.
     pub final_bits: u64,
+    /// The block came from a simulated quantum channel (the in-process simulator, an emulator
+    /// or a replay of one): its keys are not secret from whoever ran the simulation, and a KME
+    /// serves them only when configured with `allow_simulated_keys`. Absent in records written
+    /// before the field existed, which read as not simulated.
+    #[serde(default)]
+    pub simulated: bool,
 }
 
 /// One unit of distilled key: a UUID and its bytes.

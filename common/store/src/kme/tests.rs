@@ -11,6 +11,7 @@ fn meta() -> BlockMeta {
         phase_error_upper: 0.05,
         leak_bits: 300,
         final_bits: 256,
+        simulated: false,
     }
 }
 
