@@ -119,7 +119,9 @@ async fn the_python_reference_driver_feeds_bob_and_the_link_distils_keys() {
         .spawn()
         .expect("start the Python driver");
     let mut line = String::new();
-    std::io::BufReader::new(driver.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    // Kept open until the driver exits: it prints a last line when it stops.
+    let mut driver_out = std::io::BufReader::new(driver.stdout.take().unwrap());
+    driver_out.read_line(&mut line).unwrap();
     assert!(line.contains("serving"), "the driver did not start: {line:?}");
 
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -139,6 +141,7 @@ async fn the_python_reference_driver_feeds_bob_and_the_link_distils_keys() {
     alice.stop().await.unwrap();
     let _ = std::process::Command::new("kill").arg("-TERM").arg(driver.id().to_string()).status();
     let _ = driver.wait();
+    drop(driver_out);
 
     assert_eq!(status["simulated"], serde_json::json!(true), "{status}");
     let (a, b) = (lab.summary("alice"), lab.summary("bob"));
