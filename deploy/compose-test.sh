@@ -6,7 +6,8 @@
 #   2. Bob cut off the classical network, then reconnected: the link recovers;
 #   3. docker-compose restart bob: keys flow again;
 #   4. both stores hold the same keys once stopped;
-#   5. with Eve on the fibre (profile eve) no key is delivered.
+#   5. with Eve on the fibre (profile eve) no key is delivered;
+#   6. through the device emulator (profile emulator, QKD_DEVICE=grpc): matching keys again.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 COMPOSE="docker-compose -p qkdci"
@@ -14,7 +15,12 @@ PROFILE=${PROFILE:-debug}
 BIN=target/$PROFILE
 
 log() { printf '== compose-test: %s\n' "$*"; }
-fail() { log "FAILED: $*"; $COMPOSE logs --no-color --tail 60 || true; $COMPOSE --profile eve down -v || true; exit 1; }
+fail() {
+  log "FAILED: $*"
+  $COMPOSE --profile eve --profile emulator logs --no-color --tail 60 || true
+  $COMPOSE --profile eve --profile emulator down -v || true
+  exit 1
+}
 
 # Counts lines matching $2 in the logs of service $1.
 count() { $COMPOSE logs --no-color "$1" 2>/dev/null | grep -c -- "$2" || true; }
@@ -45,7 +51,7 @@ chmod 1777 "$root/tmp"
 tar -C "$root" -c . | docker import --change 'WORKDIR /var/lib/qkd' - qkd-link:latest >/dev/null
 rm -rf "$root"
 
-$COMPOSE --profile eve down -v --remove-orphans >/dev/null 2>&1 || true
+$COMPOSE --profile eve --profile emulator down -v --remove-orphans >/dev/null 2>&1 || true
 
 log "1. docker-compose up: demo applications must obtain matching keys"
 $COMPOSE up -d --no-build
@@ -84,5 +90,12 @@ wait_count bob "block aborted" 2 240
 [ "$(count bob "block committed")" -eq 0 ] || fail "a block was committed with Eve on the fibre"
 [ "$(count app-b "key pair matched")" -eq 0 ] || fail "a key was delivered with Eve on the fibre"
 $COMPOSE --profile eve down -v
+
+log "6. through the device emulator: the daemons' grpc drivers, matching keys"
+QKD_DEVICE=grpc $COMPOSE --profile emulator up -d --no-build
+wait_count app-b "key pair matched" 3 240
+[ "$(count app-b "MISMATCH")" -eq 0 ] || fail "a key pair did not match through the emulator"
+[ "$(count alice "SIMULATED")" -ge 1 ] || fail "alice did not say that the channel is simulated"
+$COMPOSE --profile emulator down -v
 
 log "passed"
