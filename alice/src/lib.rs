@@ -195,7 +195,8 @@ pub async fn run(
             }
         }
     };
-    let status_writer = common::status::write_periodically(cfg.data_dir.join("status.json"), status, shutdown.clone());
+    let status_writer =
+        common::status::write_periodically(cfg.data_dir.join("status.json"), status.clone(), shutdown.clone());
 
     let stopping = async {
         shutdown.cancelled().await;
@@ -213,7 +214,11 @@ pub async fn run(
     kme_result?;
     store.flush().context("flushing the key store")?;
     info!("alice stopped; key store flushed");
-    Ok(())
+    // A failed device stopped the daemon: exit with the error, so that the supervisor says so.
+    match status.lock().expect("status lock poisoned").device_error.take() {
+        Some(e) => Err(anyhow::anyhow!("the transmitter device failed: {e}")),
+        None => Ok(()),
+    }
 }
 
 /// What every RPC returns.
@@ -566,6 +571,8 @@ async fn run_transmitter(
     status: Arc<Mutex<AliceStatus>>,
     shutdown: CancellationToken,
 ) {
+    // A device process's stream ends only when the device stops: a failure. A recording ends.
+    let live = matches!(device, AnyTransmitter::Grpc(_));
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -584,14 +591,16 @@ async fn run_transmitter(
                 core.frames_lost(first, count);
                 status.lock().expect("status lock poisoned").frames_lost += count;
             }
-            Ok(None) => {
+            Ok(None) if !live => {
                 info!("device: the frame stream ended (end of the recording); no more frames");
                 shutdown.cancelled().await;
                 return;
             }
-            Err(e) => {
+            failed => {
+                let e =
+                    failed.err().map_or_else(|| "the device closed its frame stream".to_string(), |e| e.to_string());
                 tracing::error!(error = %e, "device: the transmitter failed; stopping");
-                status.lock().expect("status lock poisoned").device_error = Some(e.to_string());
+                status.lock().expect("status lock poisoned").device_error = Some(e);
                 shutdown.cancel();
                 return;
             }

@@ -191,6 +191,7 @@ async fn run_receiver(
     shutdown: CancellationToken,
 ) {
     let mut last_monitors = std::time::Instant::now();
+    let live = matches!(device, AnyReceiver::Grpc(_));
     loop {
         let event = tokio::select! {
             () = shutdown.cancelled() => return,
@@ -198,16 +199,18 @@ async fn run_receiver(
         };
         let event = match event {
             Ok(Some(event)) => Ok(event),
+            // A device process's stream ends only when the device stops: a failure.
+            Ok(None) if live => Err(DeviceError::Closed("the device closed its tag stream".into())),
             Ok(None) => {
                 info!("device: the detection stream ended (end of the recording); no more frames");
                 shutdown.cancelled().await;
                 return;
             }
-            Err(e) => {
-                status.lock().expect("status lock poisoned").device_error = Some(e.to_string());
-                Err(e)
-            }
+            Err(e) => Err(e),
         };
+        if let Err(e) = &event {
+            status.lock().expect("status lock poisoned").device_error = Some(e.to_string());
+        }
         let failed = event.is_err();
         if events.send(event).await.is_err() || failed {
             return;

@@ -149,3 +149,39 @@ async fn the_python_reference_driver_feeds_bob_and_the_link_distils_keys() {
     assert_eq!(a.digest, b.digest, "the two stores differ");
     assert_eq!(b.n_pending_blocks, 0);
 }
+
+/// A device process that goes away stops both daemons with an error that says so (their
+/// supervisor restarts them and they reconnect), and the keys stored before stay identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_vanishing_device_stops_the_daemons_with_the_reason_and_the_stores_agree() {
+    let lab = Lab::new("vanishing");
+    let mut ecfg = EmulatorConfig::from_preset("lab-10km", 47).unwrap();
+    ecfg.frame_pulses = lab.protocol.frame_pulses;
+    let emulator = start_emulator(ecfg).await;
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let unused: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut alice_cfg = lab.alice_config(grpc_addr, unused);
+    alice_cfg.device = grpc_device(emulator.alice_address());
+    let mut bob_cfg = lab.bob_config(grpc_addr, unused);
+    bob_cfg.device = grpc_device(emulator.bob_address());
+    let alice = spawn_alice_with(&lab, alice_cfg, grpc, None);
+    let bob = spawn_bob_with(&lab, bob_cfg);
+    wait_for("a committed block at Bob", Duration::from_secs(180), || {
+        lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") >= 1)
+    })
+    .await;
+    emulator.shutdown().await.unwrap();
+    let stopped = |r: Running| async move {
+        tokio::time::timeout(Duration::from_secs(60), r.task).await.expect("the daemon did not stop").unwrap()
+    };
+    let bob_result = stopped(bob).await;
+    let alice_result = stopped(alice).await;
+    for (who, result) in [("bob", bob_result), ("alice", alice_result)] {
+        let error = format!("{:#}", result.expect_err(who));
+        assert!(error.contains("device"), "{who}: {error}");
+    }
+    let (a, b) = (lab.summary("alice"), lab.summary("bob"));
+    assert!(a.n_keys > 0, "no keys stored: {a:?}");
+    assert_eq!(a.digest, b.digest, "the two stores differ");
+}
