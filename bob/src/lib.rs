@@ -120,8 +120,9 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let mut backoff = min_backoff;
     let mut device_failed = None;
     while !shutdown.is_cancelled() {
-        let started = std::time::Instant::now();
+        let committed_before = status.lock().expect("status lock poisoned").total.blocks_committed;
         let result = session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut device, &shutdown).await;
+        let committed = status.lock().expect("status lock poisoned").total.blocks_committed > committed_before;
         status.lock().expect("status lock poisoned").connected = false;
         health.set_ready(false);
         match result {
@@ -138,7 +139,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
                 break;
             }
             Err(e) => {
-                if started.elapsed() > Duration::from_secs(10) {
+                // A session that committed a block was a working link: start the back-off over.
+                if committed {
                     backoff = min_backoff;
                 }
                 warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "link down; reconnecting");
@@ -255,8 +257,9 @@ async fn session(
         .context("TLS configuration of the classical channel")?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
-        .http2_keep_alive_interval(Duration::from_secs(5))
-        .keep_alive_timeout(Duration::from_secs(5));
+        .http2_keep_alive_interval(Duration::from_secs_f64(cfg.classical.keepalive_s))
+        .keep_alive_timeout(Duration::from_secs_f64(cfg.classical.keepalive_s))
+        .keep_alive_while_idle(true);
     let channel =
         endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
     // The simulated fibre is read by its own task, into the simulated receiver.

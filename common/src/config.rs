@@ -303,13 +303,23 @@ pub struct BobClassical {
     pub alice_addr: String,
     /// DNS name that Alice's server certificate must carry (a SAN).
     pub alice_name: String,
-    /// Longest wait between reconnection attempts, seconds (the back-off doubles up to it).
+    /// Longest wait between reconnection attempts, seconds (the back-off doubles up to it, and
+    /// starts over after a committed block).
     #[serde(default = "default_max_backoff_s")]
     pub max_backoff_s: f64,
+    /// How fast a dead peer or a cut network is noticed, seconds: an HTTP/2 ping when the channel
+    /// has been silent this long, and the channel is given up when the ping is not answered
+    /// within as long again. Default 1 (so a partition is noticed within about 2 s).
+    #[serde(default = "default_keepalive_s")]
+    pub keepalive_s: f64,
 }
 
 fn default_max_backoff_s() -> f64 {
     5.0
+}
+
+fn default_keepalive_s() -> f64 {
+    1.0
 }
 
 /// Bob's end of the fibre.
@@ -361,6 +371,12 @@ impl BobConfig {
         rebase_kme(&mut cfg.kme, base);
         rebase_device(&mut cfg.device, base);
         cfg.device.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
+        if !(cfg.classical.keepalive_s.is_finite() && cfg.classical.keepalive_s >= 0.1) {
+            return Err(ConfigError::Invalid {
+                file: path.to_owned(),
+                message: format!("classical.keepalive_s = {} must be at least 0.1", cfg.classical.keepalive_s),
+            });
+        }
         if cfg.classical.max_backoff_s.is_nan() || cfg.classical.max_backoff_s <= 0.0 {
             return Err(ConfigError::Invalid {
                 file: path.to_owned(),

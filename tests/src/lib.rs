@@ -93,7 +93,12 @@ impl Lab {
             node_id: "bob".into(),
             data_dir: self.dir.0.join("bob"),
             max_stored_units: 0,
-            classical: BobClassical { alice_addr: grpc.to_string(), alice_name: "alice".into(), max_backoff_s: 0.5 },
+            classical: BobClassical {
+                alice_addr: grpc.to_string(),
+                alice_name: "alice".into(),
+                max_backoff_s: 0.5,
+                keepalive_s: 1.0,
+            },
             device: DeviceSection::default(),
             fibre: BobFibre { alice_addr: fibre.to_string() },
             tls: self.pki.files("bob"),
