@@ -90,7 +90,8 @@ pub async fn run(
     fibre_listener: Option<TcpListener>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    common::service::private_dir(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {} (mode 0700)", cfg.data_dir.display()))?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;

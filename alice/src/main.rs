@@ -36,8 +36,12 @@ fn main() -> std::process::ExitCode {
 
 #[tokio::main]
 async fn run() -> anyhow::Result<()> {
+    let hardening = common::service::harden_process();
     qkd_tls::install_crypto_provider();
     common::logging::init();
+    for failure in hardening {
+        tracing::warn!("process hardening: {failure}");
+    }
     let args = Args::parse();
     if let Some(path) = args.check_config {
         let (cfg, link) = AliceConfig::load(&path)?;

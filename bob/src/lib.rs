@@ -63,7 +63,8 @@ pub async fn run_from_config(config: &std::path::Path, data_dir: Option<std::pat
 /// Runs Bob until `shutdown` is cancelled, reconnecting with back-off whenever Alice (or the
 /// fibre) goes away.
 pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&cfg.data_dir).with_context(|| format!("creating data_dir {}", cfg.data_dir.display()))?;
+    common::service::private_dir(&cfg.data_dir)
+        .with_context(|| format!("creating data_dir {} (mode 0700)", cfg.data_dir.display()))?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let (device, photons) = common::device::open_receiver(&cfg.device, &link, cfg.protocol.frame_pulses).await?;

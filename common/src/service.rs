@@ -12,6 +12,28 @@ use tracing::{info, warn};
 
 /// Tells systemd (when started with `Type=notify`; a no-op otherwise) that the daemon is ready,
 /// and starts watchdog pings at half the configured `WatchdogSec` until `shutdown`.
+/// Process hygiene for a daemon that holds keys, done first thing in `main`: files it creates are
+/// private whatever umask it inherited (umask 077: directories 0700, files 0600), and its memory
+/// can never end up in a core dump (`PR_SET_DUMPABLE` 0, prctl(2); this also keeps other
+/// processes of the same user from ptrace-attaching or reading /proc/PID/mem). Returns what it
+/// could not do, for the log.
+pub fn harden_process() -> Vec<String> {
+    use rustix::fs::Mode;
+    rustix::process::umask(Mode::from_raw_mode(0o077));
+    let mut failed = Vec::new();
+    if let Err(e) = rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable) {
+        failed.push(format!("turning core dumps off (PR_SET_DUMPABLE): {e}"));
+    }
+    failed
+}
+
+/// Creates `dir` (and its parents) if missing and makes it private (0700) whatever it was.
+pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
 pub fn notify_ready(status: &str, shutdown: CancellationToken) {
     let states = [sd_notify::NotifyState::Ready, sd_notify::NotifyState::Status(status)];
     if let Err(e) = sd_notify::notify(false, &states) {

@@ -108,6 +108,9 @@ enum StoreCommand {
 }
 
 fn run_daemon(role: &str, config: &std::path::Path) -> anyhow::Result<()> {
+    for failure in common::service::harden_process() {
+        tracing::warn!("process hardening: {failure}");
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     match role {
         "alice" => runtime.block_on(alice::run_from_config(config, None)),

@@ -150,11 +150,15 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
     std::fs::write(&alice_cfg, toml::to_string(&lab.alice_config(grpc_addr, fibre_addr)).unwrap()).unwrap();
     std::fs::write(&bob_cfg, toml::to_string(&lab.bob_config(grpc_addr, fibre_addr)).unwrap()).unwrap();
 
-    let mut alice = Command::new(&alice_bin).arg("--config").arg(&alice_cfg).stderr(Stdio::null()).spawn().unwrap();
+    // Started with umask 000: the daemons must make their files private themselves.
+    let open_umask = |bin: &std::path::Path, cfg: &std::path::Path| {
+        let mut c = Command::new("sh");
+        c.arg("-c").arg("umask 000; exec \"$0\" --config \"$1\"").arg(bin).arg(cfg);
+        c
+    };
+    let mut alice = open_umask(&alice_bin, &alice_cfg).stderr(Stdio::null()).spawn().unwrap();
     let start_bob = || {
-        Command::new(&bob_bin)
-            .arg("--config")
-            .arg(&bob_cfg)
+        open_umask(&bob_bin, &bob_cfg)
             .env("RUST_LOG", "bob=debug,common=debug,qkd_core=debug")
             .stderr(Stdio::piped())
             .spawn()
@@ -187,7 +191,7 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
     // Restarted once more, Bob settles what was pending and commits new blocks. (The killed
     // Bob's last status file is removed first so that only the new process's counts are read.)
     let _ = std::fs::remove_file(lab.dir.0.join("bob").join("status.json"));
-    let mut bob = Command::new(&bob_bin).arg("--config").arg(&bob_cfg).stderr(Stdio::null()).spawn().unwrap();
+    let mut bob = open_umask(&bob_bin, &bob_cfg).stderr(Stdio::null()).spawn().unwrap();
     wait_for("a block committed after the restart", Duration::from_secs(120), || {
         lab.status("bob").filter(|s| counter(s, "/sessions") >= 1 && counter(s, "/total/blocks_committed") >= 1)
     })
@@ -201,6 +205,27 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
     assert!(a.n_keys > 0);
     assert_eq!(b.n_pending_blocks, 0, "bob kept a pending block: {b:?}");
     assert_eq!((a.n_keys, &a.digest), (b.n_keys, &b.digest), "stores differ after the kills");
+    // Whatever the umask: data directories 0700, every file in them private to the user.
+    for node in ["alice", "bob"] {
+        assert_private(&lab.dir.0.join(node));
+    }
+}
+
+/// Panics unless `path` and everything under it has no group or other permission bits. One
+/// exception: sled gives its snapshot files (`snap.*`) mode 0644 itself; they sit in the store's
+/// 0700 directory, which no other user can enter.
+fn assert_private(path: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777;
+    let sled_snapshot = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap."));
+    if !sled_snapshot {
+        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", path.display());
+    }
+    if path.is_dir() {
+        for entry in std::fs::read_dir(path).unwrap() {
+            assert_private(&entry.unwrap().path());
+        }
+    }
 }
 
 /// Sifted bits of the block in [`the_source_misses_no_frame_while_a_large_block_is_post_processed`].
