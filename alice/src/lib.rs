@@ -166,7 +166,11 @@ pub async fn run(
     health.set_ready(true);
     common::service::notify_ready("emitting photons; serving the classical channel", shutdown.clone());
     let kme = {
-        let (kme_cfg, tls, store, shutdown) = (cfg.kme.clone(), tls.clone(), store.clone(), shutdown.clone());
+        let mut kme_cfg = cfg.kme.clone();
+        if let Some(kme_cfg) = &mut kme_cfg {
+            kme_cfg.audit_log.get_or_insert_with(|| cfg.data_dir.join("delivery-audit.jsonl"));
+        }
+        let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
         async move {
             match kme_cfg {
                 Some(kme_cfg) => {

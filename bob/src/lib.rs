@@ -92,7 +92,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         });
     }
     common::service::notify_ready("receiving; connecting to Alice", shutdown.clone());
-    let kme = cfg.kme.clone().map(|kme_cfg| {
+    let kme = cfg.kme.clone().map(|mut kme_cfg| {
+        kme_cfg.audit_log.get_or_insert_with(|| cfg.data_dir.join(AUDIT_LOG));
         let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
         tokio::spawn(async move {
             let result =
@@ -168,6 +169,9 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         None => Ok(()),
     }
 }
+
+/// The KME's delivery audit log in the data directory, unless `[kme] audit_log` says otherwise.
+const AUDIT_LOG: &str = "delivery-audit.jsonl";
 
 /// Detected frames queued between the receiver and the session (a block's post-processing
 /// takes seconds, during which frames keep coming).

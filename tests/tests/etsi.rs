@@ -45,11 +45,12 @@ struct NetOptions {
     n_units: usize,
     max_key_per_request: u32,
     allow_simulated_keys: bool,
+    audit_logs: Option<(std::path::PathBuf, std::path::PathBuf)>,
 }
 
 impl Default for NetOptions {
     fn default() -> Self {
-        Self { n_units: 64, max_key_per_request: 128, allow_simulated_keys: true }
+        Self { n_units: 64, max_key_per_request: 128, allow_simulated_keys: true, audit_logs: None }
     }
 }
 
@@ -63,6 +64,7 @@ impl Net {
             a_saes: A_SAES.iter().map(|s| s.to_string()).collect(),
             b_saes: B_SAES.iter().map(|s| s.to_string()).collect(),
             allow_simulated_keys: options.allow_simulated_keys,
+            audit_logs: options.audit_logs,
         };
         let pair = KmePair::start(&options, &dir.0).await.expect("start the kme pair");
         assert_eq!(pair.units[0].key.len(), UNIT_BYTES);
@@ -804,4 +806,50 @@ async fn simulated_keys_are_refused_without_allow_simulated_keys() {
     assert_error(&refused, 503, Some(MSG_SIMULATED_KEYS));
     assert_eq!(master.stored_key_count(&net.a, B_SAES[0]).await, before, "a refused request consumed keys");
     net.stop().await;
+}
+
+/// Every delivery is in the KMEs' audit logs (SAE IDs and key IDs, never key bytes), and a KME
+/// whose log cannot be written (/dev/full: every write fails) refuses to deliver: Get key and
+/// Get key with key IDs answer 503 and nothing is consumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deliveries_are_audited_and_an_unwritable_audit_log_refuses_delivery() {
+    let dir = TempDir::new("audit");
+    let (log_a, log_b) = (dir.0.join("a.jsonl"), dir.0.join("b.jsonl"));
+    let net =
+        Net::start(NetOptions { audit_logs: Some((log_a.clone(), log_b.clone())), ..NetOptions::default() }).await;
+    let (master, slave) = (net.client(A_SAES[0]), net.client(B_SAES[0]));
+    let (code, container) = master.get(&url(&net.a, B_SAES[0], "enc_keys?number=2")).await;
+    assert_eq!(code, 200, "{container}");
+    let keys = keys_of(&container);
+    assert_eq!(slave.dec_keys(&net.b, A_SAES[0], &ids(&keys)).await, keys);
+    net.stop().await;
+    for (log, event, caller) in [(&log_a, "delivered", A_SAES[0]), (&log_b, "delivering", B_SAES[0])] {
+        let text = std::fs::read_to_string(log).unwrap();
+        let record: Value = serde_json::from_str(text.lines().last().unwrap()).unwrap();
+        assert_eq!(record["event"], event, "{text}");
+        assert_eq!(record["delivery"]["caller"], caller, "{text}");
+        let logged: Vec<&str> =
+            record["delivery"]["key_ids"].as_array().unwrap().iter().map(|v| v.as_str().unwrap()).collect();
+        assert_eq!(logged, ids(&keys), "{text}");
+        for (_, key) in &keys {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(key);
+            assert!(!text.contains(&b64) && !text.contains(&hex_of(key)), "key bytes in the audit log: {text}");
+        }
+    }
+
+    let full = std::path::PathBuf::from("/dev/full");
+    let net = Net::start(NetOptions { audit_logs: Some((full.clone(), full)), ..NetOptions::default() }).await;
+    let (master, slave) = (net.client(A_SAES[0]), net.client(B_SAES[0]));
+    let before = master.stored_key_count(&net.a, B_SAES[0]).await;
+    let refused = master.get(&url(&net.a, B_SAES[0], "enc_keys")).await;
+    assert_eq!(refused.0, 503, "{}", refused.1);
+    let body = json!({ "key_IDs": [{ "key_ID": Uuid::new_v4().to_string() }] });
+    let refused = slave.post(&url(&net.b, A_SAES[0], "dec_keys"), Body::Json(body)).await;
+    assert_eq!(refused.0, 503, "{}", refused.1);
+    assert_eq!(master.stored_key_count(&net.a, B_SAES[0]).await, before, "a refused request consumed keys");
+    net.stop().await;
+}
+
+fn hex_of(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -76,6 +76,11 @@ pub struct KmeConfig {
     /// simulation; without this, Get key answers 503 saying so. Default false; the labs set it.
     #[serde(default)]
     pub allow_simulated_keys: bool,
+    /// The delivery audit log: one JSON line per delivery (time, SAE IDs, key IDs and sizes,
+    /// never key bytes). Deliveries are refused (503) when it cannot be written. Default: the
+    /// daemon's `delivery-audit.jsonl` in its data directory.
+    #[serde(default)]
+    pub audit_log: Option<std::path::PathBuf>,
 }
 
 /// One SAE of the network and the KME it is attached to.

@@ -13,6 +13,7 @@
 //! The daemons call [`run_kme`] (or [`run_kme_with_listeners`] with bound sockets).
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod identity;
 pub mod pair;
@@ -63,6 +64,9 @@ pub enum KmeError {
     /// The peer channel (client or server) cannot be set up or failed.
     #[error("kme peer channel: {0}")]
     Peer(#[from] tonic::transport::Error),
+    /// The delivery audit log cannot be opened.
+    #[error("{0}")]
+    Audit(String),
 }
 
 /// Runs the KME of a daemon until `shutdown`: binds `cfg.listen` (ETSI HTTPS) and
@@ -108,6 +112,14 @@ pub async fn run_kme_with_listeners(
     let peer = GrpcPeer::connect_lazy(&cfg.peer_addr, &cfg.peer_name, node_tls, settings.peer_timeout)?;
     let state = KmeState::new(settings, side, store, Arc::new(peer));
     state.set_channel_simulated(simulated);
+    match &cfg.audit_log {
+        Some(path) => {
+            let log = audit::AuditLog::open(path).map_err(|e| KmeError::Audit(e.to_string()))?;
+            info!(path = %path.display(), "delivery audit log open (one JSON line per delivery)");
+            state.set_audit_log(log);
+        }
+        None => warn!("no delivery audit log configured ([kme] audit_log): deliveries are recorded nowhere"),
+    }
     if state.serves_simulated_keys() {
         if state.settings().allow_simulated_keys {
             warn!(

@@ -38,6 +38,8 @@ pub struct PairOptions {
     pub a_saes: Vec<String>,
     /// SAEs attached to KME B.
     pub b_saes: Vec<String>,
+    /// The delivery audit logs of KME A and KME B (none by default).
+    pub audit_logs: Option<(PathBuf, PathBuf)>,
     /// `allow_simulated_keys` of both KMEs. The pair's units are random test keys, stored
     /// marked simulated: without it, Get key answers 503. Default true.
     pub allow_simulated_keys: bool,
@@ -49,6 +51,7 @@ impl Default for PairOptions {
             n_units: 64,
             max_key_per_request: 128,
             allow_simulated_keys: true,
+            audit_logs: None,
             a_saes: vec!["sae-a1".into(), "sae-a2".into()],
             b_saes: vec!["sae-b1".into(), "sae-b2".into()],
         }
@@ -197,10 +200,14 @@ impl KmePair {
                 peer_timeout_ms: 3000,
                 reservation_ttl_s: 0,
                 allow_simulated_keys: options.allow_simulated_keys,
+                audit_log: None,
             })
         };
-        let cfg_a = config(KME_A, KME_B, &https_a, peer_addr_a, peer_addr_b, "bob")?;
-        let cfg_b = config(KME_B, KME_A, &https_b, peer_addr_b, peer_addr_a, "alice")?;
+        let mut cfg_a = config(KME_A, KME_B, &https_a, peer_addr_a, peer_addr_b, "bob")?;
+        let mut cfg_b = config(KME_B, KME_A, &https_b, peer_addr_b, peer_addr_a, "alice")?;
+        if let Some((a, b)) = &options.audit_logs {
+            (cfg_a.audit_log, cfg_b.audit_log) = (Some(a.clone()), Some(b.clone()));
+        }
         let start = |cfg: KmeConfig, side: KmeSide, node: TlsMaterial, https: TcpListener, peer: TcpListener| {
             let store = Arc::new(SledStore::temporary()?);
             store.put_ready(&meta, &units)?;

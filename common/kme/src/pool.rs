@@ -42,6 +42,7 @@ use tracing::{error, info, warn};
 use uuid::Uuid;
 
 use super::api::{self, EtsiError, Key, KeyContainer, KeyRequest, StatusBody};
+use super::audit::{AuditLog, Delivery};
 use super::config::{Attachment, KmeSettings, MAX_SUPPORTED_KEY_SIZE, MAX_SUPPORTED_KEYS_PER_REQUEST};
 use super::identity::{KmeSide, SaeId};
 use super::peer::{CancelError, CancelOutcome, CancelRequest, ReserveError, ReservePeer, ReserveRequest};
@@ -88,6 +89,8 @@ struct Inner {
     shutdown: CancellationToken,
     /// The store holds, or the link now makes, keys of a simulated quantum channel.
     simulated: AtomicBool,
+    /// The delivery audit log ([`KmeState::set_audit_log`]).
+    audit: std::sync::OnceLock<AuditLog>,
 }
 
 /// A Get key that passed every check: who, how many, how big.
@@ -124,6 +127,7 @@ impl KmeState {
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
                 simulated: AtomicBool::new(holds_simulated),
+                audit: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -133,6 +137,20 @@ impl KmeState {
     /// [`KmeState::serves_simulated_keys`]). Once simulated, always: the store keeps the keys.
     pub fn set_channel_simulated(&self, simulated: bool) {
         self.inner.simulated.fetch_or(simulated, Ordering::SeqCst);
+    }
+
+    /// Records every delivery in `log` from now on, and refuses deliveries it cannot record.
+    pub fn set_audit_log(&self, log: AuditLog) {
+        let _ = self.inner.audit.set(log);
+    }
+
+    /// Appends a delivery record, if a log is set; a failure refuses the delivery (503).
+    fn audit(&self, event: &str, delivery: &Delivery<'_>) -> Result<(), EtsiError> {
+        let Some(log) = self.inner.audit.get() else { return Ok(()) };
+        log.record(event, delivery).map_err(|e| {
+            error!(error = %e, "cannot write the delivery audit log: refusing to deliver keys");
+            EtsiError::Unavailable("the KME cannot record the delivery in its audit log; no key was delivered".into())
+        })
     }
 
     /// True when this KME holds keys of a simulated quantum channel.
@@ -233,6 +251,17 @@ impl KmeState {
             return Err(EtsiError::bad_request("master and slave SAE IDs shall differ"));
         }
         self.refuse_simulated()?;
+        // Recorded before the keys leave the store; a delivery that then fails is recorded too.
+        let audited_ids = key_ids.clone();
+        let delivery = Delivery {
+            role: "slave",
+            master: &master.0,
+            slaves: vec![slave.0.as_str()],
+            caller: &slave.0,
+            size_bits: 0,
+            key_ids: &audited_ids,
+        };
+        self.audit("delivering", &delivery)?;
         let store = self.inner.store.clone();
         let master_id = master.0.clone();
         let n_keys = key_ids.len();
@@ -241,6 +270,10 @@ impl KmeState {
             tokio::task::spawn_blocking(move || store.deliver_reserved_keys(&key_ids, &master_id, &caller_id))
                 .await
                 .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?;
+        if delivered.is_err() {
+            // The keys did not leave; this record only completes the log.
+            let _ = self.audit("not_delivered", &delivery);
+        }
         match delivered {
             Ok(keys) => {
                 info!(master = %master, slave = %slave, n_keys, "keys delivered to slave");
@@ -460,6 +493,20 @@ impl KmeState {
                 };
             match outcome {
                 Ok(()) => {
+                    // Recorded before the keys leave the pool: an unwritable log refuses the
+                    // delivery, and the units stay here as on a failed removal below.
+                    let key_ids: Vec<Uuid> = keys.iter().map(|(id, _)| *id).collect();
+                    self.audit(
+                        "delivered",
+                        &Delivery {
+                            role: "master",
+                            master: &request.master.0,
+                            slaves: request.slaves.iter().map(|s| s.0.as_str()).collect(),
+                            caller: &request.master.0,
+                            size_bits: request.size_bits,
+                            key_ids: &key_ids,
+                        },
+                    )?;
                     // In memory (no flush, see take_ready_units), so on the async worker.
                     let unit_ids: Vec<Uuid> = picked.units.iter().map(|u| u.key_id).collect();
                     let taken = self.inner.store.take_ready_units(&unit_ids);
