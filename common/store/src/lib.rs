@@ -49,9 +49,11 @@
 //! goes through [`until_error`], which ends after the first error, and stops there.
 //!
 //! # Opening: recovery, then verification
-//! [`SledStore::open`] checks sled's `conf` file, opens the database (sled checks the checksum
-//! of every log message as it replays its log), finishes the block writes a crash interrupted,
-//! then verifies the store ([`verify`]: every tree read to its end, every invariant above
+//! [`SledStore::open`] checks sled's `conf` file, removes the snapshot files sled began and never
+//! finished (a full disk leaves one, which sled alone refuses as corrupted), opens the database
+//! (sled checks the checksum of every log message as it replays its log), checks the marker and
+//! the flush counter (which reveal a database that lost its contents or its last writes: see
+//! [`verify`]), finishes the block writes a crash interrupted, then verifies the store ([`verify`]: every tree read to its end, every invariant above
 //! checked) and refuses a damaged store with a [`StoreFault`] naming the damage, instead of
 //! serving from it. `qkdctl store verify` runs the same checks on a stopped store
 //! ([`verify::verify_dir`]).
@@ -299,6 +301,7 @@ impl SledStore {
             let mut v = Verification::new(&label);
             if let Some(dir) = &self.dir {
                 verify::check_marker(trees, dir, false, &mut v)?;
+                verify::check_flushes(trees, dir, false, &mut v)?;
             }
             trees.check(Stage::AsFound, &mut v)?;
             Ok(v)
@@ -446,6 +449,18 @@ pub(crate) struct Trees {
     group_flush: GroupFlush,
 }
 
+impl Drop for Trees {
+    /// A store in service is closed with a counted flush, so that the counter covers every write
+    /// it made, those made without a flush included (sled's own flush when it closes does not
+    /// count). A failure is the same as a crash at this point, and is left to the next open.
+    fn drop(&mut self) {
+        let counting = self.group_flush.state.lock().map(|state| state.counter.is_some()).unwrap_or(false);
+        if counting && let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "key store: the flush when closing failed");
+        }
+    }
+}
+
 /// Subtracts `n` from a counter, stopping at zero.
 fn count_down(counter: &AtomicU64, n: u64) {
     // `fetch_update` with a closure that always succeeds never fails.
@@ -476,6 +491,33 @@ struct FlushState {
     /// The error of the last failed flush (sled's copy keeps the I/O error's kind, so a full
     /// disk is still one for the callers that waited for that flush).
     last_error: Option<sled::Error>,
+    /// The store's flush counter, once [`Trees::count_flushes`] started it (`None`: a temporary
+    /// store, or one being verified or refused).
+    counter: Option<FlushCounter>,
+}
+
+/// The store's count of flushes (see "the flush counter" in [`verify`]): every flush writes the
+/// next number into the database, flushes, and then writes it to [`verify::FLUSHES_FILE`]. So
+/// the file never says more than the database holds on disk, unless the database lost writes
+/// that had reached the disk.
+#[derive(Clone)]
+struct FlushCounter {
+    /// The counter file.
+    file: PathBuf,
+    /// The number of the last flush that succeeded (in the database and in the file).
+    count: u64,
+}
+
+/// Flushes the database; with a counter, writes the next count into the database first and
+/// into the counter file after (see [`FlushCounter`]).
+fn flush_counted(db: &sled::Db, counter: Option<&FlushCounter>) -> Result<(), sled::Error> {
+    let Some(counter) = counter else {
+        return db.flush().map(drop);
+    };
+    let next = counter.count + 1;
+    db.insert(verify::FLUSHES_KEY, &next.to_le_bytes())?;
+    db.flush()?;
+    verify::write_flushes_file(&counter.file, next).map_err(sled::Error::Io)
 }
 
 impl GroupFlush {
@@ -499,18 +541,25 @@ impl GroupFlush {
                 state.running = true;
                 state.started += 1;
                 let number = state.started;
+                // Only the flush that runs uses the counter: no other changes it meanwhile.
+                let counter = state.counter.clone();
                 drop(state);
-                let result = db.flush();
+                let result = flush_counted(db, counter.as_ref());
                 state = self.state.lock().expect("flush lock poisoned");
                 state.running = false;
                 state.finished = number;
                 match &result {
-                    Ok(_) => state.succeeded = number,
+                    Ok(()) => {
+                        state.succeeded = number;
+                        if let Some(counter) = state.counter.as_mut() {
+                            counter.count += 1;
+                        }
+                    }
                     Err(e) => state.last_error = Some(e.clone()),
                 }
                 self.finished.notify_all();
                 if number >= needed {
-                    return result.map(|_| ()).map_err(db_error);
+                    return result.map_err(db_error);
                 }
                 continue;
             }
@@ -533,6 +582,13 @@ impl Trees {
             n_pending: AtomicU64::new(0),
             group_flush: GroupFlush::default(),
         })
+    }
+
+    /// Starts the flush counter (see [`FlushCounter`]) at `count`, the database's, writing
+    /// `file` at every flush from now on.
+    fn count_flushes(&self, file: PathBuf, count: u64) {
+        // Invariant: nothing panics while holding this lock, so it is never poisoned.
+        self.group_flush.state.lock().expect("flush lock poisoned").counter = Some(FlushCounter { file, count });
     }
 
     /// Sets the unit counters from a verification's full read of the trees.
@@ -837,10 +893,22 @@ impl KeyStore for SledStore {
 }
 
 /// Opens sled's database in `dir`, retrying its directory lock for up to [`LOCK_WAIT`] (see
-/// [`SledStore::open`]).
-fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
+/// [`SledStore::open`]). First removes the snapshot files sled began and never finished
+/// ([`remove_unfinished_snapshots`]), adding a note to `notes` for each.
+fn open_db(dir: &Path, notes: &mut Vec<String>) -> Result<sled::Db, sled::Error> {
     let deadline = Instant::now() + LOCK_WAIT;
     loop {
+        // Held by another process (or by sled threads of this one still closing a database):
+        // sled's own open below says so, or succeeds once the lock is free.
+        if let Some(removed) = remove_unfinished_snapshots(dir).map_err(sled::Error::Io)? {
+            notes.extend(removed.iter().map(|path| {
+                format!(
+                    "removed {}: a snapshot sled began writing and never finished (a full disk or a crash \
+                     interrupted it); sled reads the previous snapshot and its log instead",
+                    path.display()
+                )
+            }));
+        }
         match sled::Config::new().path(dir).open() {
             Err(sled::Error::Io(e))
                 if e.to_string().contains("could not acquire lock") && Instant::now() < deadline =>
@@ -852,6 +920,52 @@ fn open_db(dir: &Path) -> Result<sled::Db, sled::Error> {
     }
 }
 
+/// Removes sled's unfinished snapshot files (`snap.<lsn>.generating`) from the store in `dir`,
+/// if no process holds the store; returns the files removed, or `None` when the store is held
+/// (sled may be writing one of them right now).
+///
+/// sled writes a snapshot of its page table to `snap.<lsn>.generating`, syncs it and only then
+/// renames it to `snap.<lsn>`, so such a file is never a snapshot sled relies on. But sled's
+/// open takes the newest `snap.*` file of all, unfinished ones included, and refuses a short or
+/// partial one as corrupted: a disk that filled while sled wrote a snapshot (which leaves the
+/// file empty) made every later open fail as if the store were damaged. Without the file sled
+/// reads the previous snapshot and replays its log from there, as it would have before starting
+/// the one that failed.
+///
+/// The store is held while this runs by an exclusive lock on its `db` file, the lock sled takes
+/// (`flock`), released before sled opens the store.
+fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<Option<Vec<PathBuf>>> {
+    use fs2::FileExt;
+    let db_file = match std::fs::File::open(dir.join("db")) {
+        Ok(file) => file,
+        // No data file: a new store (or none at all), with no snapshot to read.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Some(Vec::new())),
+        Err(e) => return Err(e),
+    };
+    if let Err(e) = db_file.try_lock_exclusive() {
+        return if e.kind() == std::io::ErrorKind::WouldBlock
+            || e.raw_os_error() == fs2::lock_contended_error().raw_os_error()
+        {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    let mut removed = Vec::new();
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with("snap.") && name.ends_with(".generating") && entry.file_type()?.is_file() {
+            std::fs::remove_file(entry.path())?;
+            removed.push(entry.path());
+        }
+    }
+    // Closing the file releases the lock.
+    drop(db_file);
+    Ok(Some(removed))
+}
+
 /// Opens the store in `dir` for service: `conf` checked, database opened, marker checked (and
 /// written for a new store), interrupted writes recovered, store verified and counted (see
 /// "Opening" in the crate documentation). Every error names the store's directory.
@@ -859,11 +973,22 @@ fn open_trees(dir: &Path) -> Result<Trees, StoreError> {
     for note in verify::check_conf(dir).map_err(StoreError::backend)? {
         tracing::warn!(path = %dir.display(), "{note}");
     }
-    let db = open_db(dir).map_err(|e| StoreError::backend(fault::classify(e, dir, None)))?;
+    let mut notes = Vec::new();
+    let db = open_db(dir, &mut notes).map_err(|e| StoreError::backend(fault::classify(e, dir, None)))?;
+    for note in &notes {
+        tracing::warn!(path = %dir.display(), "{note}");
+    }
     let opened = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Trees, StoreError> {
         let trees = Trees::new(db)?;
         let mut v = Verification::new(dir);
         verify::check_marker(&trees, dir, true, &mut v)?;
+        let flushes = verify::check_flushes(&trees, dir, true, &mut v)?;
+        // A database that lost its contents or its last writes is refused before recovery
+        // changes anything in it.
+        if !v.problems.is_empty() {
+            return Err(StoreError::backend(StoreFault::Invalid { path: dir.to_owned(), problems: v.problems }));
+        }
+        trees.count_flushes(dir.join(verify::FLUSHES_FILE), flushes);
         trees.recover()?;
         trees.check(Stage::Recovered, &mut v)?;
         if !v.problems.is_empty() {

@@ -276,7 +276,7 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
             if opened.is_ok() {
                 break;
             }
-            let db = open_db(&dir).unwrap();
+            let db = open_db(&dir, &mut Vec::new()).unwrap();
             let (pending, ready) = (db.open_tree("pending").unwrap(), db.open_tree("ready").unwrap());
             assert_eq!(n_in_both(&pending, &ready), 0, "recovery crash {recover_crash}: units in both trees");
         }

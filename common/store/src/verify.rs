@@ -12,6 +12,17 @@
 //!    file beside sled's (`qkd-store.id`) and in a record inside the database. The file without
 //!    the record means the database lost its contents (a data file truncated to its start, or
 //!    replaced, which sled may open as an empty store without complaint).
+//!
+//!    **The flush counter**, beside it: every flush of the open store writes the next number of
+//!    a counter into the database (a record in sled's default tree), flushes, and only then
+//!    writes that number to a file (`qkd-store.flushes`). The file therefore never says more
+//!    than the database holds on disk, unless the database lost writes that had reached the
+//!    disk: sled replays the end of its log (what follows its last snapshot) up to the first
+//!    message whose checksum fails and silently drops the rest, so a flipped byte there, or a
+//!    truncated `db`, left a store that opened without an error and with fewer keys. The file's
+//!    count above the database's reveals it. (The file is written without an fsync of its own:
+//!    after a power cut it may be older than the database, which is harmless, or unreadable,
+//!    which is a note and skips this check once.)
 //! 4. **the trees**, each read to its end, stopping at the first error (sled's iterators repeat
 //!    an error for ever):
 //!    * `blocks`: every record decodes, is stored under its own block ID, lists each key ID
@@ -50,6 +61,16 @@ pub(crate) const MARKER_KEY: &[u8] = b"qkd-store-id";
 
 /// What the marker file starts with, before the store ID.
 const MARKER_PREFIX: &str = "qkd key store ";
+
+/// The file holding the number of the last flush of the store that succeeded (see "the flush
+/// counter" above).
+pub const FLUSHES_FILE: &str = "qkd-store.flushes";
+
+/// The key of the flush counter's record, in sled's default tree (a u64, little-endian).
+pub(crate) const FLUSHES_KEY: &[u8] = b"qkd-store-flushes";
+
+/// What the flush counter file starts with, before the number.
+const FLUSHES_PREFIX: &str = "qkd key store flushes ";
 
 /// At most this many problems are listed; the others are counted in [`Verification::omitted`].
 const MAX_PROBLEMS: usize = 1000;
@@ -200,7 +221,7 @@ pub fn verify_dir(dir: &Path) -> Verification {
             return v;
         }
     }
-    let db = match open_db(dir) {
+    let db = match open_db(dir, &mut v.notes) {
         Ok(db) => db,
         Err(e) => {
             let fault = classify(e, dir, Some("opening the database".into()));
@@ -216,6 +237,7 @@ pub fn verify_dir(dir: &Path) -> Verification {
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), StoreError> {
         let trees = Trees::new(db)?;
         check_marker(&trees, dir, false, &mut v)?;
+        check_flushes(&trees, dir, false, &mut v)?;
         trees.check(Stage::AsFound, &mut v)
     }));
     match outcome {
@@ -365,6 +387,82 @@ pub(crate) fn check_marker(trees: &Trees, dir: &Path, repair: bool, v: &mut Veri
         }
     }
     Ok(())
+}
+
+/// Checks the flush counter (see "the flush counter" in the module documentation): the count
+/// in [`FLUSHES_FILE`] must not be above the database's. Returns the database's count (0 when
+/// it has none), which the store continues from. With `repair` (at open), a missing or
+/// unreadable file is written again from the database.
+pub(crate) fn check_flushes(trees: &Trees, dir: &Path, repair: bool, v: &mut Verification) -> Result<u64, StoreError> {
+    let path = dir.join(FLUSHES_FILE);
+    let again = if repair { "it is written again" } else { "the next start writes it again" };
+    // The file first: a flush under way (in a store in use) writes the database before the
+    // file, so the database read next holds at least what the file says.
+    let file = match std::fs::read_to_string(&path) {
+        Ok(text) => match text.trim_end().strip_prefix(FLUSHES_PREFIX).and_then(|n| n.parse::<u64>().ok()) {
+            Some(n) => Some(n),
+            None => {
+                v.notes.push(format!(
+                    "{} is damaged (a power cut can leave it so); the check that the database kept its last writes \
+                     was skipped, and {again}",
+                    path.display()
+                ));
+                None
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => {
+            v.notes.push(format!(
+                "{} cannot be read ({e}); the check that the database kept its last writes was skipped",
+                path.display()
+            ));
+            return Ok(0);
+        }
+    };
+    let record = trees.db.get(FLUSHES_KEY).map_err(|e| sled_at("reading the flush counter record", e))?;
+    let in_db = match record.as_deref().map(<[u8; 8]>::try_from) {
+        None => 0,
+        Some(Ok(bytes)) => u64::from_le_bytes(bytes),
+        Some(Err(_)) => {
+            v.problem("database", None, "the flush counter record is damaged");
+            return Ok(0);
+        }
+    };
+    match file {
+        Some(on_disk) if on_disk > in_db => v.problem(
+            "database",
+            None,
+            format!(
+                "the database is damaged: it lost writes that had reached the disk ({} counts {on_disk} flushes, \
+                 the database only {in_db}; sled drops the end of its log from the first damaged message on, \
+                 without an error)",
+                path.display()
+            ),
+        ),
+        Some(_) => {}
+        None if record.is_none() => {}
+        None if repair => {
+            write_flushes_file(&path, in_db)
+                .map_err(|e| sled_at(format!("writing {}", path.display()), sled::Error::Io(e)))?;
+            if !v.notes.iter().any(|note| note.starts_with(&path.display().to_string())) {
+                v.notes.push(format!("{} was missing; written again from the database", path.display()));
+            }
+        }
+        None => {
+            if !v.notes.iter().any(|note| note.starts_with(&path.display().to_string())) {
+                v.notes.push(format!("{} is missing; {again}", path.display()));
+            }
+        }
+    }
+    Ok(in_db)
+}
+
+/// Writes the flush counter file: a temporary file renamed over it, so that a reader finds the
+/// old count or the new one. No fsync (see "the flush counter" in the module documentation).
+pub(crate) fn write_flushes_file(path: &Path, count: u64) -> std::io::Result<()> {
+    let tmp = path.with_extension("flushes.tmp");
+    std::fs::write(&tmp, format!("{FLUSHES_PREFIX}{count}\n"))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Writes the marker file durably (a temporary file renamed over it).
