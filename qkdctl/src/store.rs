@@ -28,7 +28,9 @@ pub fn summary(data_dir: &Path, json: bool) -> anyhow::Result<()> {
     // `qkdctl store verify`), a full disk.
     let store = SledStore::open(&store_dir)
         .map_err(|e| anyhow::anyhow!("opening the key store {}: {}", store_dir.display(), qkd_store::describe(&e)))?;
-    let summary = store.summary()?;
+    let summary = store
+        .summary()
+        .map_err(|e| anyhow::anyhow!("reading the key store {}: {}", store_dir.display(), qkd_store::describe(&e)))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {

@@ -108,7 +108,8 @@ fn killed_writers_leave_whole_blocks() {
 const HANG_DEADLINE: Duration = Duration::from_secs(30);
 
 /// Runs `f` on a thread and returns its result, failing the test if it has not returned by
-/// [`HANG_DEADLINE`] (the thread is then left spinning, and the test binary ends with it).
+/// [`HANG_DEADLINE`] (the thread is then left spinning, and the test binary ends with it), or
+/// if it panicked (its message is printed above).
 fn without_hang<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
@@ -116,7 +117,10 @@ fn without_hang<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 's
     });
     match rx.recv_timeout(HANG_DEADLINE) {
         Ok(value) => value,
-        Err(_) => panic!("{what}: no answer within {HANG_DEADLINE:?}: the store hangs"),
+        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+            panic!("{what}: no answer within {HANG_DEADLINE:?}: the store hangs")
+        }
+        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("{what}: failed (see the panic above)"),
     }
 }
 
@@ -458,7 +462,8 @@ fn a_full_filesystem_fails_writes_clearly_and_the_store_works_again_once_space_i
                 }
             }
             assert!(answers.iter().any(Result::is_err), "the store is out of service");
-            assert!(qkd_store::is_disk_full(&store.reopen_if_failed().expect_err("still full")));
+            let error = store.reopen_if_failed().expect_err("still full");
+            assert!(qkd_store::is_disk_full(&error), "{error}");
 
             // Freed: the daemon's call brings the store back at once, whatever the back-off.
             std::fs::remove_file(&filler).expect("free space");
