@@ -105,6 +105,21 @@ enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Verify a stopped daemon's key store as the daemon does when it starts (sled's checksums,
+    /// every tree read to its end, the store's invariants) and list any problem. Exit status:
+    /// 0 healthy, 1 problems found, 2 the store could not be checked (held by a running daemon,
+    /// absent). See docs/store.md.
+    Verify {
+        /// The daemon's data directory (the one holding `store/`).
+        #[arg(value_name = "DATA_DIR", required_unless_present = "data_dir", conflicts_with = "data_dir")]
+        dir: Option<PathBuf>,
+        /// The same, as an option (as `store summary` takes it).
+        #[arg(long, value_name = "DIR")]
+        data_dir: Option<PathBuf>,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn run_daemon(role: &str, config: &std::path::Path) -> anyhow::Result<()> {
@@ -157,6 +172,9 @@ fn main() -> std::process::ExitCode {
         Command::Daemon { role, config } => run_daemon(&role, &config),
         Command::Device { command } => device::run(command),
         Command::Store { command: StoreCommand::Summary { data_dir, json } } => store::summary(&data_dir, json),
+        Command::Store { command: StoreCommand::Verify { dir, data_dir, json } } => {
+            return store::verify(&dir.or(data_dir).unwrap_or_default(), json);
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

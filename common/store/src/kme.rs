@@ -20,7 +20,10 @@ use tracing::error;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{DbResult, KeyUnit, SledStore, StoreError, db_error, decode_key};
+use super::{
+    CallError, DbResult, KeyUnit, SledStore, StoreError, Trees, count_down, count_entries, db_error, decode_key,
+    until_error,
+};
 
 /// Name of the sled tree holding the reservations.
 pub(super) const RESERVATIONS_TREE: &str = "kme_reservations";
@@ -93,7 +96,7 @@ impl SledStore {
         limit: usize,
         select: impl FnMut(&Uuid) -> bool,
     ) -> Result<Vec<KeyUnit>, StoreError> {
-        self.select_ready_units_after(None, limit, select)
+        self.with(|t| t.select_ready_units(limit, select))
     }
 
     /// Like [`SledStore::select_ready_units`], but starting after the unit ID `after` and
@@ -102,6 +105,116 @@ impl SledStore {
     /// are, instead of walking again over every unit it skips (the peer KME's, which it never
     /// takes, pile up at the front of the key order as its own are taken).
     pub fn select_ready_units_after(
+        &self,
+        after: Option<&Uuid>,
+        limit: usize,
+        select: impl FnMut(&Uuid) -> bool,
+    ) -> Result<Vec<KeyUnit>, StoreError> {
+        self.with(|t| t.select_ready_units_after(after, limit, select))
+    }
+
+    /// Counts the ready units whose IDs pass `select`, stopping at `cap` (or at the first read
+    /// error).
+    pub fn count_ready_units(&self, cap: usize, select: impl FnMut(&Uuid) -> bool) -> Result<usize, StoreError> {
+        self.with(|t| t.count_ready_units(cap, select))
+    }
+
+    /// Removes the given ready units: all of them, or (when one is missing) none.
+    ///
+    /// Not flushed (sled writes it out within its flush interval, 500 ms): the peer KME's
+    /// reservation of these units, durable before this is called, is what prevents a second
+    /// delivery. Should this KME die before the removal reaches the disk, the units are back in
+    /// its pool after the restart, and the first reservation naming them is answered "missing"
+    /// by the peer, which makes this KME discard them (the KME pool's life cycle, crate
+    /// `qkd-kme`). A reopen after a disk fault (see the crate documentation) can lose the
+    /// removal the same way, with the same outcome. Saving the fsync here takes one of the two
+    /// fsyncs off the Get key path.
+    pub fn take_ready_units(&self, unit_ids: &[Uuid]) -> Result<(), KmeStoreError> {
+        self.with(|t| t.take_ready_units(unit_ids))
+    }
+
+    /// Removes whichever of the given units are ready, durably (units that can never be served,
+    /// because the peer KME no longer holds them). Returns how many were removed.
+    pub fn discard_ready_units(&self, unit_ids: &[Uuid]) -> Result<usize, StoreError> {
+        self.with(|t| t.discard_ready_units(unit_ids))
+    }
+
+    /// Turns ready units into reservations, durably and all at once: removes every unit of
+    /// every reservation from the ready pool and records each ETSI key. If any unit is missing
+    /// ([`KmeStoreError::MissingUnits`], listing all of them), a unit is malformed, a key ID is
+    /// already reserved or a key ID was cancelled ([`KmeStoreError::Cancelled`]), nothing
+    /// changes.
+    pub fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
+        self.with(|t| t.reserve_keys(reservations))
+    }
+
+    /// Hands reserved keys to the slave `caller`, durably and all at once. Every key must be
+    /// reserved for `master` and not yet delivered to `caller`; a key is erased once every slave
+    /// has fetched it. Returns the keys in the order of `key_ids`.
+    ///
+    /// Errors, nothing changed: [`KmeStoreError::NotSlave`] when `caller` is not a slave of a
+    /// reserved key (checked first), otherwise [`KmeStoreError::NotFound`] for an unknown key, a
+    /// key of another master, or one already delivered to `caller`.
+    pub fn deliver_reserved_keys(
+        &self,
+        key_ids: &[Uuid],
+        master: &str,
+        caller: &str,
+    ) -> Result<Vec<KeyUnit>, KmeStoreError> {
+        self.with(|t| t.deliver_reserved_keys(key_ids, master, caller))
+    }
+
+    /// Cancels the reservations of `key_ids` (the key IDs of one reservation request whose
+    /// answer the asking KME never got), durably and all at once. For each key ID, in order:
+    /// * a reservation not yet delivered to any slave is erased: `true` (cancelled). Its units
+    ///   are not given back to the ready pool (the record keeps only the combined key), so the
+    ///   asking KME must discard them too;
+    /// * no reservation: `false` (unknown), and the key ID can never be reserved afterwards
+    ///   ([`KmeStoreError::Cancelled`]), so a late request cannot take the units any more;
+    /// * a reservation already delivered to a slave cannot be cancelled: `false`, logged as an
+    ///   error (never happens: the asking KME never handed the key ID to its master).
+    ///
+    /// Each key ID gets a tombstone dated `now_unix_ms`, so that asking again gives the same
+    /// answer (until [`SledStore::purge_reservations`] erases it).
+    pub fn cancel_reservations(&self, key_ids: &[Uuid], now_unix_ms: u64) -> Result<Vec<bool>, KmeStoreError> {
+        self.with(|t| t.cancel_reservations(key_ids, now_unix_ms))
+    }
+
+    /// Number of reservations not yet fetched by all their slaves (read to the end of the tree,
+    /// or to its first read error).
+    pub fn reserved_key_count(&self) -> Result<usize, StoreError> {
+        self.with(|t| t.reserved_key_count())
+    }
+
+    /// Erases, durably, the reservations made before `created_before_unix_ms` (keys whose
+    /// slaves never came), and the tombstones of cancellations made before then. Returns how
+    /// many reservations were erased.
+    pub fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
+        self.with(|t| t.purge_reservations(created_before_unix_ms))
+    }
+}
+
+impl CallError for KmeStoreError {
+    fn store_error(&mut self) -> Option<&mut StoreError> {
+        match self {
+            KmeStoreError::Store(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+impl Trees {
+    /// See [`SledStore::select_ready_units`].
+    pub(crate) fn select_ready_units(
+        &self,
+        limit: usize,
+        select: impl FnMut(&Uuid) -> bool,
+    ) -> Result<Vec<KeyUnit>, StoreError> {
+        self.select_ready_units_after(None, limit, select)
+    }
+
+    /// See [`SledStore::select_ready_units_after`].
+    pub(crate) fn select_ready_units_after(
         &self,
         after: Option<&Uuid>,
         limit: usize,
@@ -119,7 +232,7 @@ impl SledStore {
             ),
             None => (self.ready.iter(), None),
         };
-        for item in tail.chain(head.into_iter().flatten()) {
+        for item in until_error(tail).chain(until_error(head.into_iter().flatten())) {
             let (key, value) = item.db()?;
             let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if !select(&key_id) {
@@ -134,13 +247,17 @@ impl SledStore {
         Ok(out)
     }
 
-    /// Counts the ready units whose IDs pass `select`, stopping at `cap`.
-    pub fn count_ready_units(&self, cap: usize, mut select: impl FnMut(&Uuid) -> bool) -> Result<usize, StoreError> {
+    /// See [`SledStore::count_ready_units`].
+    pub(crate) fn count_ready_units(
+        &self,
+        cap: usize,
+        mut select: impl FnMut(&Uuid) -> bool,
+    ) -> Result<usize, StoreError> {
         let mut n = 0;
         if cap == 0 {
             return Ok(0);
         }
-        for key in self.ready.iter().keys() {
+        for key in until_error(self.ready.iter().keys()) {
             let key = key.db()?;
             let key_id = Uuid::from_slice(&key).map_err(|e| StoreError::Corrupt(e.to_string()))?;
             if select(&key_id) {
@@ -153,15 +270,8 @@ impl SledStore {
         Ok(n)
     }
 
-    /// Removes the given ready units: all of them, or (when one is missing) none.
-    ///
-    /// Not flushed (sled writes it out within its flush interval, 500 ms): the peer KME's
-    /// reservation of these units, durable before this is called, is what prevents a second
-    /// delivery. Should this KME die before the removal reaches the disk, the units are back in
-    /// its pool after the restart, and the first reservation naming them is answered "missing"
-    /// by the peer, which makes this KME discard them (the KME pool's life cycle, crate `qkd-kme`). Saving
-    /// the fsync here takes one of the two fsyncs off the Get key path.
-    pub fn take_ready_units(&self, unit_ids: &[Uuid]) -> Result<(), KmeStoreError> {
+    /// See [`SledStore::take_ready_units`].
+    pub(crate) fn take_ready_units(&self, unit_ids: &[Uuid]) -> Result<(), KmeStoreError> {
         let result = self.ready.transaction(|ready| {
             let mut missing = Vec::new();
             for unit_id in unit_ids {
@@ -172,17 +282,20 @@ impl SledStore {
             if !missing.is_empty() {
                 return sled::transaction::abort(KmeStoreError::MissingUnits(missing));
             }
+            let mut removed = 0u64;
             for unit_id in unit_ids {
-                ready.remove(unit_id.as_bytes())?;
+                if ready.remove(unit_id.as_bytes())?.is_some() {
+                    removed += 1;
+                }
             }
-            Ok(())
+            Ok(removed)
         });
-        unwrap_kme_tx(result)
+        count_down(&self.n_ready, unwrap_kme_tx(result)?);
+        Ok(())
     }
 
-    /// Removes whichever of the given units are ready, durably (units that can never be served,
-    /// because the peer KME no longer holds them). Returns how many were removed.
-    pub fn discard_ready_units(&self, unit_ids: &[Uuid]) -> Result<usize, StoreError> {
+    /// See [`SledStore::discard_ready_units`].
+    pub(crate) fn discard_ready_units(&self, unit_ids: &[Uuid]) -> Result<usize, StoreError> {
         let result = self.ready.transaction(|ready| {
             let mut n = 0;
             for unit_id in unit_ids {
@@ -197,16 +310,13 @@ impl SledStore {
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
             Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e)),
         };
+        count_down(&self.n_ready, n as u64);
         self.flush()?;
         Ok(n)
     }
 
-    /// Turns ready units into reservations, durably and all at once: removes every unit of
-    /// every reservation from the ready pool and records each ETSI key. If any unit is missing
-    /// ([`KmeStoreError::MissingUnits`], listing all of them), a unit is malformed, a key ID is
-    /// already reserved or a key ID was cancelled ([`KmeStoreError::Cancelled`]), nothing
-    /// changes.
-    pub fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
+    /// See [`SledStore::reserve_keys`].
+    pub(crate) fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
         use sled::Transactional;
         let (tree, tombstones) = (&self.reserved, &self.cancelled);
         let result = (&self.ready, tree, tombstones).transaction(|(ready, reserved, cancelled)| {
@@ -243,17 +353,20 @@ impl SledStore {
             if !missing.is_empty() {
                 return sled::transaction::abort(KmeStoreError::MissingUnits(missing));
             }
+            let mut removed = 0u64;
             for reservation in reservations {
                 for unit_id in &reservation.unit_ids {
-                    ready.remove(unit_id.as_bytes())?;
+                    if ready.remove(unit_id.as_bytes())?.is_some() {
+                        removed += 1;
+                    }
                 }
             }
             for (reservation, record) in reservations.iter().zip(&records) {
                 reserved.insert(reservation.key_id.as_bytes(), record.as_slice())?;
             }
-            Ok(())
+            Ok(removed)
         });
-        match unwrap_kme_tx(result) {
+        match unwrap_kme_tx(result).map(|removed| count_down(&self.n_ready, removed)) {
             Err(KmeStoreError::MissingUnits(missing)) => {
                 // A unit of a block still pending here, or being published (a unit is in exactly
                 // one of the two trees at every moment of the move), is not lost: say so, so that
@@ -277,14 +390,8 @@ impl SledStore {
         }
     }
 
-    /// Hands reserved keys to the slave `caller`, durably and all at once. Every key must be
-    /// reserved for `master` and not yet delivered to `caller`; a key is erased once every slave
-    /// has fetched it. Returns the keys in the order of `key_ids`.
-    ///
-    /// Errors, nothing changed: [`KmeStoreError::NotSlave`] when `caller` is not a slave of a
-    /// reserved key (checked first), otherwise [`KmeStoreError::NotFound`] for an unknown key, a
-    /// key of another master, or one already delivered to `caller`.
-    pub fn deliver_reserved_keys(
+    /// See [`SledStore::deliver_reserved_keys`].
+    pub(crate) fn deliver_reserved_keys(
         &self,
         key_ids: &[Uuid],
         master: &str,
@@ -346,19 +453,8 @@ impl SledStore {
         Ok(keys)
     }
 
-    /// Cancels the reservations of `key_ids` (the key IDs of one reservation request whose
-    /// answer the asking KME never got), durably and all at once. For each key ID, in order:
-    /// * a reservation not yet delivered to any slave is erased: `true` (cancelled). Its units
-    ///   are not given back to the ready pool (the record keeps only the combined key), so the
-    ///   asking KME must discard them too;
-    /// * no reservation: `false` (unknown), and the key ID can never be reserved afterwards
-    ///   ([`KmeStoreError::Cancelled`]), so a late request cannot take the units any more;
-    /// * a reservation already delivered to a slave cannot be cancelled: `false`, logged as an
-    ///   error (never happens: the asking KME never handed the key ID to its master).
-    ///
-    /// Each key ID gets a tombstone dated `now_unix_ms`, so that asking again gives the same
-    /// answer (until [`SledStore::purge_reservations`] erases it).
-    pub fn cancel_reservations(&self, key_ids: &[Uuid], now_unix_ms: u64) -> Result<Vec<bool>, KmeStoreError> {
+    /// See [`SledStore::cancel_reservations`].
+    pub(crate) fn cancel_reservations(&self, key_ids: &[Uuid], now_unix_ms: u64) -> Result<Vec<bool>, KmeStoreError> {
         use sled::Transactional;
         let (tree, tombstones) = (&self.reserved, &self.cancelled);
         let result = (tree, tombstones).transaction(|(reserved, cancelled)| {
@@ -405,18 +501,16 @@ impl SledStore {
         Ok(outcomes)
     }
 
-    /// Number of reservations not yet fetched by all their slaves.
-    pub fn reserved_key_count(&self) -> Result<usize, StoreError> {
-        Ok(self.reserved.len())
+    /// See [`SledStore::reserved_key_count`].
+    pub(crate) fn reserved_key_count(&self) -> Result<usize, StoreError> {
+        Ok(count_entries(&self.reserved).db()? as usize)
     }
 
-    /// Erases, durably, the reservations made before `created_before_unix_ms` (keys whose
-    /// slaves never came), and the tombstones of cancellations made before then. Returns how
-    /// many reservations were erased.
-    pub fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
+    /// See [`SledStore::purge_reservations`].
+    pub(crate) fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
         let tree = &self.reserved;
         let mut n = 0;
-        for item in tree.iter() {
+        for item in until_error(tree.iter()) {
             let (key, value) = item.db()?;
             let created = decode_reservation(&value)?.created_unix_ms;
             // Compare-and-swap so that a concurrent delivery is never undone.
@@ -428,7 +522,7 @@ impl SledStore {
         }
         let tombstones = &self.cancelled;
         let mut n_tombstones = 0;
-        for item in tombstones.iter() {
+        for item in until_error(tombstones.iter()) {
             let (key, value) = item.db()?;
             let (_, created) = decode_tombstone(&value)?;
             if created < created_before_unix_ms
@@ -460,9 +554,9 @@ pub fn combine_units<'a>(units: impl IntoIterator<Item = &'a [u8]>, size_bits: u
     key
 }
 
-fn unwrap_kme_tx(result: sled::transaction::TransactionResult<(), KmeStoreError>) -> Result<(), KmeStoreError> {
+fn unwrap_kme_tx<T>(result: sled::transaction::TransactionResult<T, KmeStoreError>) -> Result<T, KmeStoreError> {
     match result {
-        Ok(()) => Ok(()),
+        Ok(value) => Ok(value),
         Err(sled::transaction::TransactionError::Abort(e)) => Err(e),
         Err(sled::transaction::TransactionError::Storage(e)) => Err(db_error(e).into()),
     }
@@ -481,7 +575,7 @@ struct Reservation {
 /// Format version of reservation records.
 const RECORD_VERSION: u8 = 1;
 
-fn encode_reservation(reservation: &KeyReservation, key: &[u8]) -> Zeroizing<Vec<u8>> {
+pub(crate) fn encode_reservation(reservation: &KeyReservation, key: &[u8]) -> Zeroizing<Vec<u8>> {
     encode_record(&Reservation {
         created_unix_ms: reservation.created_unix_ms,
         size_bits: reservation.size_bits,
@@ -536,16 +630,37 @@ fn decode_reservation(value: &[u8]) -> Result<Reservation, StoreError> {
     Ok(Reservation { created_unix_ms, size_bits, master, slaves, key })
 }
 
+/// What is wrong with a reservation record, if anything (for [`crate::verify`]).
+pub(crate) fn check_reservation(value: &[u8]) -> Result<(), String> {
+    let record = decode_reservation(value).map_err(|e| format!("the record does not decode ({e})"))?;
+    if !record.size_bits.is_multiple_of(8) {
+        return Err(format!("its size, {} bits, is not whole bytes", record.size_bits));
+    }
+    if record.key.len() != (record.size_bits / 8) as usize {
+        return Err(format!("it holds {} key bytes for a size of {} bits", record.key.len(), record.size_bits));
+    }
+    if record.master.is_empty() {
+        return Err("it names no master SAE".into());
+    }
+    if record.slaves.is_empty() {
+        return Err("it names no slave SAE, so nobody can fetch it".into());
+    }
+    if record.slaves.iter().all(|(_, delivered)| *delivered) {
+        return Err("every slave SAE has fetched it, yet it was not erased".into());
+    }
+    Ok(())
+}
+
 /// Tombstone: outcome byte (1: a reservation was cancelled, 0: none was recorded), then the
 /// cancellation time (u64 LE, Unix milliseconds).
-fn encode_tombstone(cancelled: bool, created_unix_ms: u64) -> [u8; 9] {
+pub(crate) fn encode_tombstone(cancelled: bool, created_unix_ms: u64) -> [u8; 9] {
     let mut out = [0u8; 9];
     out[0] = u8::from(cancelled);
     out[1..].copy_from_slice(&created_unix_ms.to_le_bytes());
     out
 }
 
-fn decode_tombstone(value: &[u8]) -> Result<(bool, u64), StoreError> {
+pub(crate) fn decode_tombstone(value: &[u8]) -> Result<(bool, u64), StoreError> {
     match value {
         [outcome @ (0 | 1), time @ ..] if time.len() == 8 => {
             let mut bytes = [0u8; 8];

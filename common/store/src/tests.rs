@@ -1,6 +1,7 @@
 use super::*;
 
-fn meta(block_id: Uuid) -> BlockMeta {
+/// Metadata of a block of `n` 256-bit units.
+fn meta(block_id: Uuid, n: usize) -> BlockMeta {
     BlockMeta {
         block_id,
         created_unix_ms: 1,
@@ -9,7 +10,7 @@ fn meta(block_id: Uuid) -> BlockMeta {
         qber_x: 0.03,
         phase_error_upper: 0.05,
         leak_bits: 300,
-        final_bits: 512,
+        final_bits: 256 * n as u64,
         simulated: false,
     }
 }
@@ -25,7 +26,7 @@ fn pending_keys_are_not_summarised_until_ready() {
     let dir = tempdir();
     let store = SledStore::open(&dir).unwrap();
     let block = Uuid::new_v4();
-    store.put_pending(&meta(block), &units(2, 7)).unwrap();
+    store.put_pending(&meta(block, 2), &units(2, 7)).unwrap();
     assert_eq!(store.summary().unwrap().n_keys, 0);
     assert_eq!(store.pending_blocks().unwrap(), vec![block]);
     store.mark_ready(block).unwrap();
@@ -40,8 +41,8 @@ fn same_keys_give_same_digest_whatever_the_path() {
     let (a, b) = (SledStore::open(&dir_a).unwrap(), SledStore::open(&dir_b).unwrap());
     let block = Uuid::new_v4();
     let keys = units(3, 1);
-    a.put_ready(&meta(block), &keys).unwrap();
-    b.put_pending(&meta(block), &keys).unwrap();
+    a.put_ready(&meta(block, 3), &keys).unwrap();
+    b.put_pending(&meta(block, 3), &keys).unwrap();
     b.mark_ready(block).unwrap();
     assert_eq!(a.summary().unwrap(), b.summary().unwrap());
     // A different key byte changes the digest.
@@ -49,7 +50,7 @@ fn same_keys_give_same_digest_whatever_the_path() {
     let c = SledStore::open(&c_dir).unwrap();
     let mut other = keys.clone();
     other[1].key[0] ^= 1;
-    c.put_ready(&meta(block), &other).unwrap();
+    c.put_ready(&meta(block, 3), &other).unwrap();
     assert_ne!(a.summary().unwrap().digest, c.summary().unwrap().digest);
 }
 
@@ -59,15 +60,20 @@ fn dropped_pending_block_leaves_nothing_and_survives_reopen() {
     let block = Uuid::new_v4();
     {
         let store = SledStore::open(&dir).unwrap();
-        store.put_pending(&meta(block), &units(2, 0)).unwrap();
-        assert!(matches!(store.put_pending(&meta(block), &units(1, 0)), Err(StoreError::DuplicateBlock(_))));
+        store.put_pending(&meta(block, 2), &units(2, 0)).unwrap();
+        assert!(matches!(store.put_pending(&meta(block, 1), &units(1, 0)), Err(StoreError::DuplicateBlock(_))));
     }
     let store = SledStore::open(&dir).unwrap();
     assert_eq!(store.pending_blocks().unwrap(), vec![block]);
     store.drop_pending(block).unwrap();
     assert_eq!(store.block_state(block).unwrap(), None);
     assert_eq!(store.summary().unwrap().n_keys, 0);
-    assert_eq!(store.pending.len(), 0);
+    assert_eq!(count(&store.trees().pending), 0);
+}
+
+/// Entries of a tree (read to its end; these tests' stores never fail).
+fn count(tree: &sled::Tree) -> usize {
+    count_entries(tree).unwrap() as usize
 }
 
 fn tempdir() -> std::path::PathBuf {
@@ -89,7 +95,7 @@ fn concurrent_writers_sharing_flushes_all_find_their_blocks_after_a_reopen() {
                 (0..20u8)
                     .map(|i| {
                         let block = Uuid::new_v4();
-                        store.put_ready(&meta(block), &units(1, t.wrapping_mul(20).wrapping_add(i))).unwrap();
+                        store.put_ready(&meta(block, 1), &units(1, t.wrapping_mul(20).wrapping_add(i))).unwrap();
                         block
                     })
                     .collect::<Vec<_>>()
@@ -111,15 +117,16 @@ fn concurrent_writers_sharing_flushes_all_find_their_blocks_after_a_reopen() {
 /// and, optionally, a record in `state`, with nothing published.
 fn interrupted_write(store: &SledStore, block: Uuid, keys: &[KeyUnit], state: Option<BlockState>) {
     for key in keys {
-        store.pending.insert(key.key_id.as_bytes(), encode_key(block, &key.key).as_slice()).unwrap();
+        store.trees().pending.insert(key.key_id.as_bytes(), encode_key(block, &key.key).as_slice()).unwrap();
     }
     if let Some(state) = state {
         store
+            .trees()
             .blocks
-            .insert(block.as_bytes(), encode_block(&meta(block), state, keys.iter().map(|k| k.key_id)))
+            .insert(block.as_bytes(), encode_block(&meta(block, keys.len()), state, keys.iter().map(|k| k.key_id)))
             .unwrap();
     }
-    store.db.flush().unwrap();
+    store.trees().db.flush().unwrap();
 }
 
 #[test]
@@ -141,14 +148,14 @@ fn opening_the_store_finishes_block_writes_a_crash_interrupted() {
     let summary = store.summary().unwrap();
     assert_eq!((summary.n_keys, summary.n_ready_blocks, summary.n_pending_blocks), (4, 1, 1));
     for key in &ready_keys {
-        assert!(store.ready.contains_key(key.key_id.as_bytes()).unwrap());
+        assert!(store.trees().ready.contains_key(key.key_id.as_bytes()).unwrap());
     }
-    assert_eq!(store.pending.len(), 2, "only the pending block's units stay pending");
+    assert_eq!(count(&store.trees().pending), 2, "only the pending block's units stay pending");
     assert_eq!(store.block_state(unrecorded).unwrap(), None);
     // The pending block still completes normally.
     store.mark_ready(pending).unwrap();
     assert_eq!(store.summary().unwrap().n_keys, 6);
-    assert_eq!(store.pending.len(), 0);
+    assert_eq!(count(&store.trees().pending), 0);
 }
 
 #[test]
@@ -161,7 +168,7 @@ fn a_ready_record_with_unpublished_units_is_finished_by_mark_ready() {
     interrupted_write(&store, block, &units(5, 40), Some(BlockState::Ready));
     store.mark_ready(block).unwrap();
     assert_eq!(store.summary().unwrap().n_keys, 5);
-    assert_eq!(store.pending.len(), 0);
+    assert_eq!(count(&store.trees().pending), 0);
     assert!(matches!(store.drop_pending(block), Err(StoreError::NotPending(_))));
 }
 
@@ -172,38 +179,53 @@ fn a_block_of_twenty_thousand_units_is_stored_and_published_whole() {
     let store = SledStore::open(&dir).unwrap();
     let block = Uuid::new_v4();
     let keys = units(20_000, 0);
-    store.put_pending(&meta(block), &keys).unwrap();
+    store.put_pending(&meta(block, keys.len()), &keys).unwrap();
     store.mark_ready(block).unwrap();
     let summary = store.summary().unwrap();
     assert_eq!((summary.n_keys, summary.n_ready_blocks), (20_000, 1));
-    assert_eq!(store.pending.len(), 0);
+    assert_eq!(count(&store.trees().pending), 0);
+}
+
+/// How a simulated crash point fails (see [`crash_point`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Crash {
+    /// As a crash: the write stops there (an error that leaves the store in service).
+    Stop,
+    /// As a full disk there (an I/O error: the store goes out of service).
+    DiskFull,
 }
 
 thread_local! {
-    /// Publishing transactions this thread may still run before a simulated crash (`None`: no
-    /// crash).
-    static STEPS_BEFORE_CRASH: std::cell::Cell<Option<usize>> = const { std::cell::Cell::new(None) };
+    /// Publishing transactions this thread may still run before a simulated crash, and how it
+    /// fails (`None`: no crash).
+    static STEPS_BEFORE_CRASH: std::cell::Cell<Option<(usize, Crash)>> = const { std::cell::Cell::new(None) };
 }
 
-/// Whether the crash point reached now is the one the test chose (see [`crash_point`]).
-pub(super) fn crash_now() -> bool {
+/// Whether the crash point reached now is the one the test chose, and how it fails (see
+/// [`crash_point`]).
+pub(super) fn crash_now() -> Option<Crash> {
     STEPS_BEFORE_CRASH.with(|steps| match steps.get() {
-        Some(0) => {
+        Some((0, crash)) => {
             steps.set(None);
-            true
+            Some(crash)
         }
-        Some(n) => {
-            steps.set(Some(n - 1));
-            false
+        Some((n, crash)) => {
+            steps.set(Some((n - 1, crash)));
+            None
         }
-        None => false,
+        None => None,
     })
 }
 
 /// Makes the crash point before publishing transaction `step` (counted from 0) on this thread
 /// fail, as a crash there would stop the write; `None`: no crash.
 fn crash_before_step(step: Option<usize>) {
-    STEPS_BEFORE_CRASH.with(|steps| steps.set(step));
+    fail_before_step(step, Crash::Stop);
+}
+
+/// Makes the crash point before publishing transaction `step` on this thread fail as `crash`.
+pub(super) fn fail_before_step(step: Option<usize>, crash: Crash) {
+    STEPS_BEFORE_CRASH.with(|steps| steps.set(step.map(|step| (step, crash))));
 }
 
 /// Number of units in both `pending` and `ready`.
@@ -223,11 +245,15 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
         let dir = tempdir();
         let block = Uuid::new_v4();
         let store = SledStore::open(&dir).unwrap();
-        store.put_pending(&meta(block), &units(n_units, 0)).unwrap();
+        store.put_pending(&meta(block, n_units), &units(n_units, 0)).unwrap();
         crash_before_step(Some(publish_crash));
         let finished = store.mark_ready(block).is_ok();
         crash_before_step(None);
-        assert_eq!(n_in_both(&store.pending, &store.ready), 0, "publish crash {publish_crash}: units in both trees");
+        assert_eq!(
+            n_in_both(&store.trees().pending, &store.trees().ready),
+            0,
+            "publish crash {publish_crash}: units in both trees"
+        );
 
         let reserved: Vec<Uuid> =
             store.select_ready_units(usize::MAX, |_| true).unwrap().iter().map(|u| u.key_id).collect();
@@ -251,7 +277,7 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
             if opened.is_ok() {
                 break;
             }
-            let db = open_db(&dir).unwrap();
+            let db = open_db(&dir, &mut Vec::new()).unwrap();
             let (pending, ready) = (db.open_tree("pending").unwrap(), db.open_tree("ready").unwrap());
             assert_eq!(n_in_both(&pending, &ready), 0, "recovery crash {recover_crash}: units in both trees");
         }
@@ -260,11 +286,11 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
         let context = format!("publish crash {publish_crash}, {} units reserved", reserved.len());
         for unit_id in &reserved {
             let id = unit_id.as_bytes();
-            assert!(!store.ready.contains_key(id).unwrap(), "{context}: a reserved unit is ready again");
-            assert!(!store.pending.contains_key(id).unwrap(), "{context}: a reserved unit is pending again");
+            assert!(!store.trees().ready.contains_key(id).unwrap(), "{context}: a reserved unit is ready again");
+            assert!(!store.trees().pending.contains_key(id).unwrap(), "{context}: a reserved unit is pending again");
         }
-        assert_eq!(store.ready.len(), n_units - reserved.len(), "{context}: every other unit is ready");
-        assert_eq!(store.pending.len(), 0, "{context}");
+        assert_eq!(count(&store.trees().ready), n_units - reserved.len(), "{context}: every other unit is ready");
+        assert_eq!(count(&store.trees().pending), 0, "{context}");
         if let Some(unit_id) = reserved.first() {
             assert!(matches!(store.reserve_keys(&[reservation(*unit_id)]), Err(kme::KmeStoreError::MissingUnits(_))));
             let key_ids: Vec<Uuid> = reservations.iter().map(|r| r.key_id).collect();
@@ -295,12 +321,12 @@ fn recovery_drops_the_pending_copy_of_a_unit_found_in_both_trees() {
     {
         let store = SledStore::open(&dir).unwrap();
         interrupted_write(&store, block, &keys, Some(BlockState::Ready));
-        store.ready.insert(keys[0].key_id.as_bytes(), encode_key(block, &[0xAA; 32]).as_slice()).unwrap();
-        store.db.flush().unwrap();
+        store.trees().ready.insert(keys[0].key_id.as_bytes(), encode_key(block, &[0xAA; 32]).as_slice()).unwrap();
+        store.trees().db.flush().unwrap();
     }
     let store = SledStore::open(&dir).unwrap();
-    assert_eq!((store.ready.len(), store.pending.len()), (2, 0));
-    let (_, published) = decode_key(&store.ready.get(keys[0].key_id.as_bytes()).unwrap().unwrap()).unwrap();
+    assert_eq!((count(&store.trees().ready), count(&store.trees().pending)), (2, 0));
+    let (_, published) = decode_key(&store.trees().ready.get(keys[0].key_id.as_bytes()).unwrap().unwrap()).unwrap();
     assert_eq!(published.as_slice(), &[0xAA; 32], "the published copy is kept");
 }
 
@@ -311,9 +337,9 @@ fn the_memory_store_gives_the_same_summary_as_sled_for_the_same_blocks() {
     let (ready, pending, promoted) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let (ready_keys, pending_keys, promoted_keys) = (units(3, 1), units(2, 2), units(4, 3));
     for store in [&sled as &dyn KeyStore, &memory] {
-        store.put_ready(&meta(ready), &ready_keys).unwrap();
-        store.put_pending(&meta(pending), &pending_keys).unwrap();
-        store.put_pending(&meta(promoted), &promoted_keys).unwrap();
+        store.put_ready(&meta(ready, 3), &ready_keys).unwrap();
+        store.put_pending(&meta(pending, 2), &pending_keys).unwrap();
+        store.put_pending(&meta(promoted, 4), &promoted_keys).unwrap();
         store.mark_ready(promoted).unwrap();
     }
     assert_eq!(sled.summary().unwrap(), memory.summary().unwrap());

@@ -125,6 +125,21 @@ pub trait KeyStore: Send + Sync {
     fn summary(&self) -> Result<StoreSummary, StoreError>;
     /// Metadata of every stored block, ready or pending.
     fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError>;
-    /// Number of key units held, ready or pending (what the store's size limit counts).
+    /// Number of key units held, ready or pending (what the store's size limit counts). Must
+    /// not loop on a backend error: a durable store keeps this count rather than iterating.
     fn n_units(&self) -> Result<u64, StoreError>;
+    /// Whether the store is in service: `false` once its backend failed (a full disk, an I/O
+    /// error) until [`KeyStore::reopen_if_failed`] brings it back. Does no I/O. Stores that
+    /// cannot fail that way keep this default (`true`).
+    fn is_healthy(&self) -> bool {
+        true
+    }
+    /// Brings a store whose backend failed back into service without a restart (the durable
+    /// store reopens its database, with the recovery and checks of a restart). `Ok(true)`:
+    /// reopened; `Ok(false)`: it was in service; an error: still out of service (the disk is
+    /// still full, say). A block whose write failed is left as a crash at that point would
+    /// leave it. Default: nothing to do (`Ok(false)`).
+    fn reopen_if_failed(&self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
 }
