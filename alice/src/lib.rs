@@ -112,14 +112,11 @@ pub async fn run(
     };
     let service =
         LinkService { core: core.clone(), peer_name: cfg.classical.peer_name.clone(), status: status.clone() };
+    let incoming =
+        tls.grpc_incoming(grpc_listener, "classical channel").context("TLS configuration of the classical channel")?;
     let grpc = tonic::transport::Server::builder()
-        .tls_config(tls.tonic_server())
-        .context("TLS configuration of the classical channel")?
         .add_service(LinkServer::new(service))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener),
-            server_stop.cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
 
     let health = common::service::Health::default();
     let health_server = {

@@ -143,16 +143,18 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let endpoint = Endpoint::from_shared(format!("https://{}", cfg.classical.alice_addr))
+    let connector =
+        tls.grpc_connector(&cfg.classical.alice_name).context("TLS configuration of the classical channel")?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.classical.alice_addr))
         .context("classical.alice_addr")?
-        .tls_config(tls.tonic_client(&cfg.classical.alice_name))
-        .context("TLS configuration of the classical channel")?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5));
-    let channel =
-        endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
     let fibre = tokio::net::TcpStream::connect(&cfg.fibre.alice_addr)
         .await
         .with_context(|| format!("connecting the fibre to {}", cfg.fibre.alice_addr))?;

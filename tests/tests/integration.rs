@@ -8,6 +8,7 @@ mod deploy;
 mod etsi;
 mod lab;
 mod link;
+mod pki;
 mod service;
 mod sim;
 mod store;

@@ -120,12 +120,12 @@ impl GrpcPeer {
         peer_name: &str,
         node_tls: &TlsMaterial,
         timeout: Duration,
-    ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(node_tls.tonic_client(peer_name))?
+    ) -> Result<Self, crate::KmeError> {
+        let connector = node_tls.grpc_connector(peer_name)?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(timeout)
             .timeout(timeout)
-            .connect_lazy();
+            .connect_with_connector_lazy(connector);
         Ok(Self { client: KmePeerClient::new(channel) })
     }
 
