@@ -203,6 +203,15 @@ pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// her certificate to be valid for `alice`. Ok when the call passed TLS and the name check (an
 /// empty Hello is then refused for its content, FailedPrecondition); otherwise the whole error.
 pub async fn link_hello(addr: std::net::SocketAddr, material: &qkd_tls::TlsMaterial) -> Result<(), String> {
+    hello(&link_client(addr, material).await?).await
+}
+
+/// A client of Alice's classical channel at `addr` (one connection, mutual TLS with
+/// `material`, her certificate expected valid for `alice`).
+pub async fn link_client(
+    addr: std::net::SocketAddr,
+    material: &qkd_tls::TlsMaterial,
+) -> Result<proto::link::link_client::LinkClient<tonic::transport::Channel>, String> {
     let connector = material.grpc_connector("alice").map_err(|e| format!("connector: {e}"))?;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("uri")
@@ -210,7 +219,12 @@ pub async fn link_hello(addr: std::net::SocketAddr, material: &qkd_tls::TlsMater
         .connect_with_connector(connector)
         .await
         .map_err(|e| format!("connect: {}", error_chain(&e)))?;
-    match proto::link::link_client::LinkClient::new(channel).hello(proto::link::HelloRequest::default()).await {
+    Ok(proto::link::link_client::LinkClient::new(channel))
+}
+
+/// An empty Hello on `client`: Ok when refused for its content only (see [`link_hello`]).
+pub async fn hello(client: &proto::link::link_client::LinkClient<tonic::transport::Channel>) -> Result<(), String> {
+    match client.clone().hello(proto::link::HelloRequest::default()).await {
         Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(()),
         Err(status) => Err(format!("{:?}: {}", status.code(), error_chain(&status))),
         Ok(_) => Err("an empty Hello was accepted".into()),

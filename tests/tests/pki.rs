@@ -8,6 +8,8 @@ use qkd_kme::{GrpcPeer, KmeId};
 use qkd_tls::pki::{InitOptions, Kind, Pki};
 use qkd_tls::{CertAuthority, TlsMaterial, Validity};
 
+use std::time::Instant;
+
 use super::*;
 
 fn init_options() -> InitOptions {
@@ -97,12 +99,25 @@ async fn revoked_node_certificate_is_refused_on_the_link() {
     let grpc_addr = grpc.local_addr().unwrap();
     let alice = spawn_alice(&lab, grpc, fibre);
     let bob_material = lab.pki.files("bob").load().unwrap();
-    link_hello(grpc_addr, &bob_material).await.expect("bob's valid certificate was refused");
+    let open = link_client(grpc_addr, &bob_material).await.unwrap();
+    hello(&open).await.expect("bob's valid certificate was refused");
 
     lab.pki.revoke(Kind::Node, "bob", "key-compromise").unwrap();
+    // A new connection fails its handshake.
     link_hello(grpc_addr, &bob_material).await.expect_err("bob's revoked certificate was accepted");
     let reason = refusal_of(&bob_material.cert_pem, "client").await;
     assert!(reason.starts_with("revoked"), "unexpected refusal: {reason}");
+    // The connection opened before the revocation has its next request refused (the check of
+    // an established session is reused for at most one second: wait that long, by deadline).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let err = loop {
+        match hello(&open).await {
+            Err(e) => break e,
+            Ok(()) => assert!(Instant::now() < deadline, "the open connection is still served after 5 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(err.starts_with("PermissionDenied") && err.contains("revoked"), "unexpected refusal: {err}");
 
     // Bob renews (new serial, same key): accepted again.
     lab.pki.renew(Kind::Node, "bob", 30, false, false).unwrap();
@@ -184,6 +199,18 @@ async fn revoked_node_certificate_is_refused_on_the_kme_channel() {
     assert_eq!(b_to_a.ping().await.unwrap(), KmeId("KME_A".into()));
 
     pair.pki.revoke_node(&pair.b.node.cert_pem).unwrap();
+    // B's open connection to A: its next call is refused by A's re-check of B's certificate
+    // (a success is reused for at most one second: poll until the deadline).
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let status = loop {
+        match b_to_a.ping().await {
+            Err(status) => break status,
+            Ok(_) => assert!(Instant::now() < deadline, "B's open connection is still served after 5 s"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(status.code(), tonic::Code::PermissionDenied, "{status:?}");
+    assert!(status.message().contains("revoked"), "{status:?}");
     // New connections (an open one keeps its verified session).
     let a_to_b = GrpcPeer::connect_lazy(&pair.b.peer_addr.to_string(), "bob", &pair.a.node, timeout).unwrap();
     let err = error_chain(&a_to_b.ping().await.expect_err("A accepted B's revoked server certificate"));

@@ -110,7 +110,7 @@ pub async fn run_kme_with_listeners(
         "KME started"
     );
     let peer_server = tonic::transport::Server::builder()
-        .add_service(peer::peer_server(state.clone(), cfg.peer_name.clone()))
+        .add_service(peer::peer_server(state.clone(), cfg.peer_name.clone(), node_tls.peer_check()?))
         .serve_with_incoming_shutdown(
             node_tls.grpc_incoming(peer_listener, "KME-to-KME channel")?,
             shutdown.clone().cancelled_owned(),

@@ -238,6 +238,18 @@ impl TlsMaterial {
         Ok(Arc::new(config))
     }
 
+    /// A re-check of connected peers' certificates at each request (see [`verify::PeerCheck`]),
+    /// against the same CAs, CRLs and pins as [`TlsMaterial::server_config`].
+    pub fn peer_check(&self) -> Result<verify::PeerCheck, TlsError> {
+        let verifier = verify::ClientVerifier::new(
+            self.roots()?,
+            self.crl_files.clone(),
+            self.peer_spki_sha256.clone(),
+            provider(),
+        )?;
+        Ok(verify::PeerCheck::new(verifier))
+    }
+
     /// The server side of a gRPC channel (the classical channel, the KME-to-KME channel):
     /// accepts mutual-TLS connections on `listener` for tonic's `serve_with_incoming_shutdown`.
     /// `channel` names the channel in logs. Must be called inside a tokio runtime.

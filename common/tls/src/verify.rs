@@ -403,3 +403,47 @@ impl ServerCertVerifier for ServerVerifier {
         self.common.schemes()
     }
 }
+
+/// Checks the certificate of an established connection again, at each request: a session
+/// outlives its handshake (the classical channel stays open for hours), and a certificate that
+/// is revoked (the CRL file changed), expires, or stops matching the pins meanwhile must stop
+/// being served without waiting for the next handshake. A success is reused for one second for
+/// the same certificate, so that a busy channel verifies about once a second.
+pub struct PeerCheck {
+    verifier: ClientVerifier,
+    last_ok: Mutex<Option<(Vec<u8>, std::time::Instant)>>,
+}
+
+/// How long a successful [`PeerCheck`] is reused for the same certificate.
+pub const PEER_CHECK_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl PeerCheck {
+    pub(crate) fn new(verifier: ClientVerifier) -> Self {
+        Self { verifier, last_ok: Mutex::new(None) }
+    }
+
+    /// Verifies the peer's chain (`certs[0]` is its certificate) as at a handshake; the
+    /// refusal's reason otherwise (also logged, with the certificate).
+    pub fn check(&self, certs: &[CertificateDer<'_>]) -> Result<(), String> {
+        let Some((leaf, intermediates)) = certs.split_first() else {
+            return Err("no client certificate".into());
+        };
+        let mut last_ok = self.last_ok.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((der, at)) = last_ok.as_ref()
+            && der.as_slice() == leaf.as_ref()
+            && at.elapsed() < PEER_CHECK_REUSE
+        {
+            return Ok(());
+        }
+        match self.verifier.verify_client_cert(leaf, intermediates, UnixTime::now()) {
+            Ok(_) => {
+                *last_ok = Some((leaf.as_ref().to_vec(), std::time::Instant::now()));
+                Ok(())
+            }
+            Err(e) => {
+                *last_ok = None;
+                Err(refusal_reason(&e))
+            }
+        }
+    }
+}
