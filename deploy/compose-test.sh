@@ -39,7 +39,8 @@ cargo build --quiet --bins -p alice -p bob -p qkdctl
 
 log "assembling image qkd-link:latest from local binaries"
 root=$(mktemp -d)
-mkdir -p "$root/usr/local/bin" "$root/etc/qkd" "$root/pki" "$root/var/lib/qkd" "$root/tmp"
+mkdir -p "$root/usr/local/bin" "$root/etc/qkd/pki" "$root/pki/ca" "$root/pki/nodes/alice" "$root/pki/nodes/bob" \
+  "$root/pki/apps" "$root/var/lib/qkd" "$root/tmp"
 cp "$BIN/alice" "$BIN/bob" "$BIN/qkdctl" "$root/usr/local/bin/"
 for lib in $(ldd "$BIN/alice" "$BIN/qkdctl" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | sort -u); do
   mkdir -p "$root$(dirname "$lib")"

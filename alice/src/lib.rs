@@ -140,16 +140,18 @@ pub async fn run(
             server_stop.cancel();
         }
     };
-    let service =
-        LinkService { core: core.clone(), peer_name: cfg.classical.peer_name.clone(), status: status.clone() };
+    let peer_check = Arc::new(tls.peer_check().context("TLS configuration of the classical channel")?);
+    let service = LinkService {
+        core: core.clone(),
+        peer_name: cfg.classical.peer_name.clone(),
+        peer_check,
+        status: status.clone(),
+    };
+    let incoming =
+        tls.grpc_incoming(grpc_listener, "classical channel").context("TLS configuration of the classical channel")?;
     let grpc = tonic::transport::Server::builder()
-        .tls_config(tls.tonic_server())
-        .context("TLS configuration of the classical channel")?
         .add_service(LinkServer::new(service))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc_listener),
-            server_stop.cancelled_owned(),
-        );
+        .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
 
     let health = common::service::Health::default();
     let health_server = {
@@ -364,16 +366,21 @@ impl CoreHandle {
 struct LinkService {
     core: CoreHandle,
     peer_name: String,
+    peer_check: Arc<qkd_tls::verify::PeerCheck>,
     status: Arc<Mutex<AliceStatus>>,
 }
 
 impl LinkService {
-    /// Refuses a caller whose (CA-verified) certificate is not valid for the configured peer name.
+    /// Refuses a caller whose (CA-verified) certificate is not valid for the configured peer name,
+    /// or no longer passes the handshake's checks (revoked, expired, pins) since the connection
+    /// was opened.
     fn authorize<T>(&self, request: &tonic::Request<T>) -> Result<(), Status> {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         if qkd_tls::peer_has_name(leaf, &self.peer_name) {
-            Ok(())
+            self.peer_check
+                .check(&certs)
+                .map_err(|reason| Status::permission_denied(format!("client certificate {reason}")))
         } else {
             warn!(expected = %self.peer_name, "refused a classical-channel client whose certificate names another peer");
             Err(Status::permission_denied(format!("client certificate is not valid for {}", self.peer_name)))

@@ -256,17 +256,19 @@ async fn session(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
-    let endpoint = Endpoint::from_shared(format!("https://{}", cfg.classical.alice_addr))
+    let connector =
+        tls.grpc_connector(&cfg.classical.alice_name).context("TLS configuration of the classical channel")?;
+    let endpoint = Endpoint::from_shared(format!("http://{}", cfg.classical.alice_addr))
         .context("classical.alice_addr")?
-        .tls_config(tls.tonic_client(&cfg.classical.alice_name))
-        .context("TLS configuration of the classical channel")?
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .http2_keep_alive_interval(Duration::from_secs_f64(cfg.classical.keepalive_s))
         .keep_alive_timeout(Duration::from_secs_f64(cfg.classical.keepalive_s))
         .keep_alive_while_idle(true);
-    let channel =
-        endpoint.connect().await.with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .with_context(|| format!("connecting to Alice at {}", cfg.classical.alice_addr))?;
     // The simulated fibre is read by its own task, into the simulated receiver.
     let reader_stop = shutdown.child_token();
     let _stop_reader = reader_stop.clone().drop_guard();

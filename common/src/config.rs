@@ -437,7 +437,5 @@ fn rebase_kme(kme: &mut Option<qkd_kme::KmeConfig>, base: &Path) {
 }
 
 fn rebase_tls(tls: &mut TlsFiles, base: &Path) {
-    rebase_path(&mut tls.ca_cert, base);
-    rebase_path(&mut tls.cert, base);
-    rebase_path(&mut tls.key, base);
+    tls.rebase(base);
 }

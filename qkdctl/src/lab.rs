@@ -9,7 +9,8 @@
 //! Layout of the lab directory (created on first run, reused afterwards):
 //!
 //! ```text
-//! DIR/pki/        ca.crt ca.key alice.crt alice.key bob.crt bob.key  (keys mode 0600)
+//! DIR/pki/        the lab's PKI (qkd_tls::pki layout): ca/ (CAs, offline), nodes/alice/,
+//!                 nodes/bob/ (node bundles), apps/app-a/, apps/app-b/ (keys mode 0600)
 //! DIR/alice.toml  DIR/bob.toml                                      (daemon configs)
 //! DIR/alice/      DIR/bob/        data directories: store/ and status.json
 //! DIR/logs/       alice.log bob.log (and emulator.log)
@@ -337,12 +338,7 @@ const LAB_SAES: [(&str, &str); 2] = [("app-a", "alice-kme"), ("app-b", "bob-kme"
 
 fn issue_lab_saes(pki: &LabPki) -> anyhow::Result<()> {
     for (sae, _) in LAB_SAES {
-        if pki.dir.join(format!("{sae}.crt")).exists() {
-            continue;
-        }
-        let read = |f: &str| std::fs::read_to_string(pki.dir.join(f)).with_context(|| format!("reading {f}"));
-        let ca = qkd_tls::CertAuthority::from_pem(&read("ca.crt")?, &read("ca.key")?)?;
-        qkd_tls::write_issued(&pki.dir, sae, &ca.issue_client(sae)?)?;
+        pki.ensure_sae(sae)?;
     }
     Ok(())
 }
@@ -393,15 +389,13 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
     let tls = |node: &str| {
         let f = pki.files(node);
         format!(
-            "# Mutual TLS of the classical channel: CA of the peer, own certificate and key.\n\
-             [tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n",
-            f.ca_cert.display(),
-            f.cert.display(),
-            f.key.display()
+            "# Mutual TLS of the classical channel: CA of the peer, own certificate and key, CRL.\n\
+             [tls]\n{}\n",
+            f.toml_lines()
         )
     };
     let kme = |node: &str, peer: &str, etsi: u16, peer_listen: u16, peer_port: u16| {
-        let f = pki.files(node);
+        let f = pki.kme_files(node);
         let saes: String = LAB_SAES
             .iter()
             .map(|(sae, kme)| format!("[[kme.saes]]\nsae_id = \"{sae}\"\nkme_id = \"{kme}\"\n"))
@@ -414,12 +408,10 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
              # The lab's quantum channel is simulated: its keys are not secret from whoever runs the\n\
              # simulation. A KME serves such keys only when told to.\n\
              allow_simulated_keys = true\n\n\
-             # HTTPS server: the CA of the applications' client certificates, and this KME's certificate.\n\
-             [kme.tls]\nca_cert = \"{}\"\ncert = \"{}\"\nkey = \"{}\"\n\n\
+             # HTTPS server: the CA of the applications' client certificates and its CRL, and this KME's certificate.\n\
+             [kme.tls]\n{}\n\
              # The applications (SAEs) and the KME each is attached to.\n{saes}",
-            f.ca_cert.display(),
-            f.cert.display(),
-            f.key.display()
+            f.toml_lines()
         )
     };
     let alice = format!(
@@ -449,12 +441,12 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
         serde_json::json!({
             "sae_id": name,
             "kme_id": kme,
-            "cert": pki.dir.join(format!("{name}.crt")),
-            "key": pki.dir.join(format!("{name}.key")),
+            "cert": pki.cert_path(qkd_tls::pki::Kind::Sae, name),
+            "key": pki.key_path(qkd_tls::pki::Kind::Sae, name),
         })
     };
     let lab_json = serde_json::json!({
-        "ca_cert": pki.dir.join("ca.crt"),
+        "ca_cert": pki.sae_trust_anchor("app-a"),
         "kmes": [
             { "kme_id": "alice-kme", "etsi_addr": format!("127.0.0.1:{etsi_a}") },
             { "kme_id": "bob-kme", "etsi_addr": format!("127.0.0.1:{etsi_b}") },

@@ -1,20 +1,24 @@
-//! `qkdctl pki`: certificates for a deployment. A CA, the two KMEs' node certificates (TLS
-//! server and client use, for the classical channel, the KME-to-KME channel and the key-delivery
-//! API) and application (SAE) certificates whose common name is the SAE ID. Private keys are
-//! written with mode 0600. Operators with their own CA skip `init` and point the configs at
-//! their files.
+//! `qkdctl pki`: the PKI of a deployment (layout and profiles: `qkd_tls::pki`). Two issuing CAs
+//! (nodes; applications) whose private keys stay in `DIR/ca/`, which is never installed on a
+//! node; a bundle per node (`DIR/nodes/NAME/`: its certificate and key, the trust anchors and
+//! the revocation lists) and per application (`DIR/apps/SAE_ID/`). Certificates are valid 365
+//! days by default; `renew` reissues them, `revoke` and `crl` maintain the revocation lists
+//! (RFC 5280) that the daemons read again whenever the files change. Operators with their own
+//! CA skip `init` and point the `[tls]` and `[kme.tls]` sections at their files.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, bail};
-use qkd_tls::{CertAuthority, write_issued, write_pem};
+use qkd_tls::ca::{DEFAULT_CA_DAYS, DEFAULT_CERT_DAYS};
+use qkd_tls::pki::{InitOptions, Kind, Pki, REASONS, Record};
 
 /// `qkdctl pki` subcommands.
 #[derive(clap::Subcommand, Debug)]
 pub enum PkiCommand {
-    /// Create a CA and the certificates of the Alice and Bob KMEs in DIR.
+    /// Create the node CA, the application CA, their CRLs, and the bundles of the Alice and Bob
+    /// nodes (DIR/nodes/alice/, DIR/nodes/bob/) and of the SAEs asked for (DIR/apps/SAE_ID/).
     Init {
-        /// Output directory (created; existing files are never overwritten).
+        /// PKI directory (created; an existing CA is never overwritten).
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
         /// DNS names (and IP addresses) for Alice's certificate, comma-separated; the first is
@@ -25,80 +29,285 @@ pub enum PkiCommand {
         /// name Alice expects (classical.peer_name).
         #[arg(long, value_delimiter = ',', default_value = "bob,localhost,127.0.0.1")]
         bob_names: Vec<String>,
-        /// Common name of the CA.
-        #[arg(long, default_value = "QKD link CA")]
+        /// Common name of the node CA.
+        #[arg(long, default_value = "QKD node CA")]
         ca_name: String,
+        /// Common name of the application (SAE) CA.
+        #[arg(long, default_value = "QKD application CA")]
+        apps_ca_name: String,
+        /// Validity of the CAs, days.
+        #[arg(long, default_value_t = DEFAULT_CA_DAYS)]
+        ca_days: u32,
+        /// Validity of the node and SAE certificates, days.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: u32,
+        /// Name constraint of the node CA (RFC 5280, 4.2.1.10): node DNS names must be this
+        /// domain or under it (repeatable; IP addresses are not constrained).
+        #[arg(long = "permit-dns", value_name = "DOMAIN")]
+        permit_dns: Vec<String>,
         /// Also issue an application (SAE) certificate with this ID (repeatable).
         #[arg(long = "sae", value_name = "SAE_ID")]
         saes: Vec<String>,
-        /// Do nothing when DIR already holds a CA (for one-shot init containers).
+        /// Do nothing when DIR already holds a PKI (for one-shot init containers).
         #[arg(long)]
         keep_existing: bool,
     },
-    /// Issue an application (SAE) client certificate with common name NAME (the SAE ID) from
-    /// the CA in DIR: writes DIR/NAME.crt and DIR/NAME.key.
+    /// Issue node NAME's certificate and write its bundle DIR/nodes/NAME/.
+    IssueNode {
+        /// The node's name (common name and bundle directory).
+        name: String,
+        /// DNS names and IP addresses of the node, comma-separated (the peer checks one).
+        #[arg(long, value_delimiter = ',', required = true)]
+        names: Vec<String>,
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Validity, days.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// Issue an application (SAE) client certificate with common name SAE_ID and write its
+    /// bundle DIR/apps/SAE_ID/ (sae.crt, sae.key, nodes-ca.crt to verify the KMEs).
     IssueSae {
         /// The SAE ID.
         name: String,
-        /// Directory holding ca.crt and ca.key.
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Validity, days.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: u32,
+    },
+    /// Reissue NAME's certificate with the same names for another DAYS days (same key unless
+    /// --new-key, so pins stay valid); the bundle is rewritten, copy it to the host again.
+    Renew {
+        /// Node name (or SAE ID with --sae).
+        name: String,
+        /// NAME is an SAE ID.
+        #[arg(long)]
+        sae: bool,
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Validity, days.
+        #[arg(long, default_value_t = DEFAULT_CERT_DAYS)]
+        days: u32,
+        /// Make a new private key (peers that pin the old one must be updated).
+        #[arg(long)]
+        new_key: bool,
+        /// Revoke the old certificate (reason superseded) instead of letting it expire.
+        #[arg(long)]
+        revoke_old: bool,
+    },
+    /// Revoke NAME's current certificate (or the one with --serial) and rewrite the CRLs in
+    /// DIR/ca/ and in every node bundle; copy them to the nodes, which reload them.
+    Revoke {
+        /// Node name (or SAE ID with --sae); omit with --serial.
+        name: Option<String>,
+        /// NAME is an SAE ID.
+        #[arg(long)]
+        sae: bool,
+        /// Serial number (hex, from `qkdctl pki list`) of the certificate to revoke.
+        #[arg(long)]
+        serial: Option<String>,
+        /// RFC 5280 reason: unspecified, key-compromise, ca-compromise, affiliation-changed,
+        /// superseded, cessation-of-operation.
+        #[arg(long, default_value = "unspecified")]
+        reason: String,
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+    },
+    /// Write fresh CRLs (new number and dates) into DIR/ca/ and every node bundle.
+    Crl {
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// Days until the CRLs' nextUpdate (kept for later refreshes) [default: the last value, 30].
+        #[arg(long)]
+        next_update_days: Option<u32>,
+    },
+    /// List every certificate issued: kind, name, serial, expiry, status.
+    List {
+        /// PKI directory.
+        #[arg(long, default_value = "pki")]
+        dir: PathBuf,
+        /// JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a certificate: subject, issuer, serial, validity, names, key usages, status and the
+    /// SHA-256 of its public key (the value of `peer_spki_sha256` to pin it).
+    Show {
+        /// Node name (or SAE ID with --sae), or a certificate file with --file.
+        name: Option<String>,
+        /// NAME is an SAE ID.
+        #[arg(long)]
+        sae: bool,
+        /// A PEM certificate file to show instead.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// PKI directory.
         #[arg(long, default_value = "pki")]
         dir: PathBuf,
     },
 }
 
+fn kind(sae: bool) -> Kind {
+    if sae { Kind::Sae } else { Kind::Node }
+}
+
+fn date(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .map(|t| format!("{}-{:02}-{:02} {:02}:{:02}Z", t.year(), t.month() as u8, t.day(), t.hour(), t.minute()))
+        .unwrap_or_else(|_| unix.to_string())
+}
+
+fn now() -> i64 {
+    time::OffsetDateTime::now_utc().unix_timestamp()
+}
+
+fn print_issued(pki: &Pki, record: &Record) {
+    let dir = pki.bundle_dir(record.kind, &record.name);
+    println!(
+        "{} {}: serial {}, valid until {}, bundle {}",
+        record.kind,
+        record.name,
+        record.serial,
+        date(record.not_after),
+        dir.display()
+    );
+}
+
 /// Runs a `qkdctl pki` subcommand.
 pub fn run(cmd: PkiCommand) -> anyhow::Result<()> {
     match cmd {
-        PkiCommand::Init { dir, alice_names, bob_names, ca_name, saes, keep_existing } => {
-            if keep_existing && dir.join("ca.crt").exists() {
-                println!("{} already holds a CA; keeping it", dir.display());
+        PkiCommand::Init {
+            dir,
+            alice_names,
+            bob_names,
+            ca_name,
+            apps_ca_name,
+            ca_days,
+            days,
+            permit_dns,
+            saes,
+            keep_existing,
+        } => {
+            if keep_existing && Pki::exists(&dir) {
+                println!("{} already holds a PKI; keeping it", dir.display());
                 return Ok(());
             }
-            init(&dir, &alice_names, &bob_names, &ca_name)?;
-            saes.iter().try_for_each(|sae| issue_sae(&dir, sae))
+            let options = InitOptions {
+                nodes_ca_name: ca_name,
+                apps_ca_name,
+                ca_days,
+                days,
+                permitted_dns: permit_dns,
+                nodes: vec![("alice".into(), alice_names), ("bob".into(), bob_names)],
+                saes,
+            };
+            let pki = Pki::init(&dir, &options).with_context(|| format!("creating the PKI in {}", dir.display()))?;
+            println!("CAs and revocation lists in {} (keep this directory offline)", pki.ca_dir().display());
+            for record in pki.records()? {
+                print_issued(&pki, &record);
+            }
+            println!("install {}/nodes/NAME/ on each node (it holds no CA key)", dir.display());
+            Ok(())
         }
-        PkiCommand::IssueSae { name, dir } => issue_sae(&dir, &name),
-    }
-}
-
-fn refuse_existing(paths: &[PathBuf]) -> anyhow::Result<()> {
-    for path in paths {
-        if path.exists() {
-            bail!("{} already exists; refusing to overwrite (remove it or choose another --dir)", path.display());
+        PkiCommand::IssueNode { name, names, dir, days } => {
+            let pki = Pki::open(&dir)?;
+            print_issued(&pki, &pki.issue_node(&name, &names, days)?);
+            Ok(())
+        }
+        PkiCommand::IssueSae { name, dir, days } => {
+            let pki = Pki::open(&dir)?;
+            print_issued(&pki, &pki.issue_sae(&name, days)?);
+            Ok(())
+        }
+        PkiCommand::Renew { name, sae, dir, days, new_key, revoke_old } => {
+            let pki = Pki::open(&dir)?;
+            let record = pki.renew(kind(sae), &name, days, new_key, revoke_old)?;
+            print_issued(&pki, &record);
+            if revoke_old {
+                println!("the old certificate is revoked; copy the CRLs to the nodes");
+            }
+            Ok(())
+        }
+        PkiCommand::Revoke { name, sae, serial, reason, dir } => {
+            let pki = Pki::open(&dir)?;
+            if !REASONS.contains(&reason.as_str()) {
+                bail!("unknown reason {reason:?}; one of {}", REASONS.join(", "));
+            }
+            let record = match (name, serial) {
+                (_, Some(serial)) => pki.revoke_serial(&serial, &reason)?,
+                (Some(name), None) => pki.revoke(kind(sae), &name, &reason)?,
+                (None, None) => bail!("name the certificate to revoke (NAME, or --serial)"),
+            };
+            println!(
+                "revoked {} {} (serial {}, reason {reason}); CRLs rewritten in {} and the node bundles: \
+                 copy nodes.crl and apps.crl to every node",
+                record.kind,
+                record.name,
+                record.serial,
+                pki.ca_dir().display()
+            );
+            Ok(())
+        }
+        PkiCommand::Crl { dir, next_update_days } => {
+            let pki = Pki::open(&dir)?;
+            pki.refresh_crls(next_update_days)?;
+            println!("CRLs rewritten in {} and the node bundles", pki.ca_dir().display());
+            Ok(())
+        }
+        PkiCommand::List { dir, json } => {
+            let pki = Pki::open(&dir)?;
+            let records = pki.records()?;
+            let now = now();
+            if json {
+                let rows: Vec<serde_json::Value> = records
+                    .iter()
+                    .map(|r| {
+                        let mut v = serde_json::to_value(r).expect("records serialize");
+                        v["status"] = r.status(now).into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(());
+            }
+            println!("{:<5} {:<20} {:<34} {:<18} status", "kind", "name", "serial", "not after");
+            for r in &records {
+                println!(
+                    "{:<5} {:<20} {:<34} {:<18} {}",
+                    r.kind.to_string(),
+                    r.name,
+                    r.serial,
+                    date(r.not_after),
+                    r.status(now)
+                );
+            }
+            Ok(())
+        }
+        PkiCommand::Show { name, sae, file, dir } => {
+            let (path, record) = match (file, name) {
+                (Some(file), _) => (file, None),
+                (None, Some(name)) => {
+                    let pki = Pki::open(&dir)?;
+                    let record = pki.current(kind(sae), &name)?;
+                    (pki.cert_path(kind(sae), &name), Some(record))
+                }
+                (None, None) => bail!("name the certificate to show (NAME, or --file)"),
+            };
+            let pem = std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+            print!("{}", qkd_tls::ca::show(&pem)?);
+            if let Some(record) = record {
+                println!("status:         {}", record.status(now()));
+                if let (Some(at), Some(reason)) = (record.revoked_at, record.reason.as_deref()) {
+                    println!("revoked:        {} ({reason})", date(at));
+                }
+            }
+            Ok(())
         }
     }
-    Ok(())
-}
-
-fn init(dir: &Path, alice_names: &[String], bob_names: &[String], ca_name: &str) -> anyhow::Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let files: Vec<PathBuf> =
-        ["ca.crt", "ca.key", "alice.crt", "alice.key", "bob.crt", "bob.key"].iter().map(|f| dir.join(f)).collect();
-    refuse_existing(&files)?;
-    let ca = CertAuthority::generate(ca_name)?;
-    for (node, names) in [("alice", alice_names), ("bob", bob_names)] {
-        let issued = ca.issue_for(node, names)?;
-        write_issued(dir, node, &issued)?;
-    }
-    // The CA certificate last: its presence means the directory is complete.
-    write_pem(&dir.join("ca.key"), ca.key_pem(), true)?;
-    write_pem(&dir.join("ca.crt"), ca.cert_pem(), false)?;
-    println!("wrote {}/{{ca,alice,bob}}.{{crt,key}} (keys mode 0600)", dir.display());
-    println!("alice's certificate names: {}", alice_names.join(", "));
-    println!("bob's certificate names:   {}", bob_names.join(", "));
-    Ok(())
-}
-
-fn issue_sae(dir: &Path, name: &str) -> anyhow::Result<()> {
-    if name.is_empty() || name.contains('/') {
-        bail!("SAE ID {name:?} is not usable as a file name");
-    }
-    refuse_existing(&[dir.join(format!("{name}.crt")), dir.join(format!("{name}.key"))])?;
-    let read =
-        |f: &str| std::fs::read_to_string(dir.join(f)).with_context(|| format!("reading {}", dir.join(f).display()));
-    let ca = CertAuthority::from_pem(&read("ca.crt")?, &read("ca.key")?).context("loading the CA")?;
-    let issued = ca.issue_client(name)?;
-    let (cert, key) = write_issued(dir, name, &issued)?;
-    println!("wrote {} and {} (SAE ID {name} in the subject CN)", cert.display(), key.display());
-    Ok(())
 }

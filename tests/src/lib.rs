@@ -209,3 +209,63 @@ pub fn workspace_binary(name: &str) -> PathBuf {
     let target = std::env::var_os("CARGO_TARGET_DIR").map_or_else(|| root.join("target"), PathBuf::from);
     target.join("debug").join(name)
 }
+
+/// An error and all its sources, `: `-separated (TLS alerts hide a few levels down).
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(e) = source {
+        text.push_str(": ");
+        text.push_str(&e.to_string());
+        source = e.source();
+    }
+    text
+}
+
+/// Calls Hello on Alice's classical channel at `addr` over mutual TLS with `material`, expecting
+/// her certificate to be valid for `alice`. Ok when the call passed TLS and the name check (an
+/// empty Hello is then refused for its content, FailedPrecondition); otherwise the whole error.
+pub async fn link_hello(addr: std::net::SocketAddr, material: &qkd_tls::TlsMaterial) -> Result<(), String> {
+    hello(&link_client(addr, material).await?).await
+}
+
+/// A client of Alice's classical channel at `addr` (one connection, mutual TLS with
+/// `material`, her certificate expected valid for `alice`).
+pub async fn link_client(
+    addr: std::net::SocketAddr,
+    material: &qkd_tls::TlsMaterial,
+) -> Result<proto::link::link_client::LinkClient<tonic::transport::Channel>, String> {
+    let connector = material.grpc_connector("alice").map_err(|e| format!("connector: {e}"))?;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .connect_timeout(Duration::from_secs(5))
+        .connect_with_connector(connector)
+        .await
+        .map_err(|e| format!("connect: {}", error_chain(&e)))?;
+    Ok(proto::link::link_client::LinkClient::new(channel))
+}
+
+/// An empty Hello on `client`: Ok when refused for its content only (see [`link_hello`]).
+pub async fn hello(client: &proto::link::link_client::LinkClient<tonic::transport::Channel>) -> Result<(), String> {
+    match client.clone().hello(proto::link::HelloRequest::default()).await {
+        Err(status) if status.code() == tonic::Code::FailedPrecondition => Ok(()),
+        Err(status) => Err(format!("{:?}: {}", status.code(), error_chain(&status))),
+        Ok(_) => Err("an empty Hello was accepted".into()),
+    }
+}
+
+/// Waits (at most 5 s) until this process has refused the certificate `cert_pem` on `side`
+/// ("client": a server refused it; "server": a client refused it), and returns the reason the
+/// refusing side logged. A TLS 1.3 client whose certificate is refused often sees only a closed
+/// connection: the reason is the server's to tell.
+pub async fn refusal_of(cert_pem: &str, side: &str) -> String {
+    let serial = hex::encode(qkd_tls::ca::serial_of(cert_pem).expect("certificate"));
+    wait_for(&format!("a refusal of the {side} certificate with serial {serial}"), Duration::from_secs(5), || {
+        qkd_tls::verify::recent_refusals()
+            .into_iter()
+            .rev()
+            .find(|r| r.serial == serial && r.side == side)
+            .map(|r| r.reason)
+    })
+    .await
+}

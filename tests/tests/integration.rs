@@ -9,6 +9,7 @@ mod device;
 mod etsi;
 mod lab;
 mod link;
+mod pki;
 mod service;
 mod sim;
 mod store;

@@ -91,48 +91,36 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     let grpc_addr = grpc.local_addr().unwrap();
     let alice = spawn_alice(&lab, grpc, fibre);
 
-    let hello = |material: qkd_tls::TlsMaterial| async move {
-        let channel = tonic::transport::Endpoint::from_shared(format!("https://{grpc_addr}"))
-            .unwrap()
-            .tls_config(material.tonic_client("alice"))
-            .unwrap()
-            .connect()
-            .await;
-        match channel {
-            Err(e) => Err(format!("connect: {e}")),
-            Ok(channel) => proto::link::link_client::LinkClient::new(channel)
-                .hello(proto::link::HelloRequest::default())
-                .await
-                .map(|_| ())
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message())),
-        }
-    };
-
     // A client certificate from a foreign CA: the TLS handshake fails.
     let foreign = qkd_tls::CertAuthority::generate("foreign ca").unwrap();
     let issued = foreign.issue("bob", &["bob"], true).unwrap();
-    let material = qkd_tls::TlsMaterial {
-        ca_pem: std::fs::read_to_string(lab.pki.files("bob").ca_cert).unwrap(),
-        cert_pem: issued.cert_pem,
-        key_pem: issued.key_pem,
-    };
-    let refused = hello(material).await;
-    assert!(refused.is_err(), "a foreign-CA client was accepted");
+    let bob_material = lab.pki.files("bob").load().unwrap();
+    let material =
+        qkd_tls::TlsMaterial { cert_pem: issued.cert_pem.clone(), key_pem: issued.key_pem, ..bob_material.clone() };
+    link_hello(grpc_addr, &material).await.expect_err("a foreign-CA client was accepted");
+    assert_eq!(refusal_of(&issued.cert_pem, "client").await, "not issued by a trusted CA");
 
-    // A certificate from the lab CA but for another name: refused by the name check.
-    let ca_key = std::fs::read_to_string(lab.pki.dir.join("ca.key")).unwrap();
-    let ca_pem = std::fs::read_to_string(lab.pki.dir.join("ca.crt")).unwrap();
-    let ca = qkd_tls::CertAuthority::from_pem(&ca_pem, &ca_key).unwrap();
+    // A certificate from the node CA but for another name: refused by the name check.
+    let ca_dir = lab.pki.ca_dir();
+    let read = |f: &str| std::fs::read_to_string(ca_dir.join(f)).unwrap();
+    let ca = qkd_tls::CertAuthority::from_pem(&read("nodes-ca.crt"), &read("nodes-ca.key")).unwrap();
     let mallory = ca.issue("mallory", &["mallory"], true).unwrap();
     let material =
-        qkd_tls::TlsMaterial { ca_pem: ca_pem.clone(), cert_pem: mallory.cert_pem, key_pem: mallory.key_pem };
-    let err = hello(material).await.expect_err("a client with another name was accepted");
+        qkd_tls::TlsMaterial { cert_pem: mallory.cert_pem, key_pem: mallory.key_pem, ..bob_material.clone() };
+    let err = link_hello(grpc_addr, &material).await.expect_err("a client with another name was accepted");
     assert!(err.contains("PermissionDenied"), "unexpected refusal: {err}");
 
+    // An application (SAE) certificate named like Bob is refused: the link trusts the node CA
+    // only.
+    let apps = qkd_tls::CertAuthority::from_pem(&read("apps-ca.crt"), &read("apps-ca.key")).unwrap();
+    let sae = apps.issue("bob", &["bob"], true).unwrap();
+    let material =
+        qkd_tls::TlsMaterial { cert_pem: sae.cert_pem.clone(), key_pem: sae.key_pem, ..bob_material.clone() };
+    link_hello(grpc_addr, &material).await.expect_err("an application CA certificate was accepted");
+    assert_eq!(refusal_of(&sae.cert_pem, "client").await, "not issued by a trusted CA");
+
     // Bob's own certificate passes both checks (the request itself is refused for its content).
-    let bob_material = lab.pki.files("bob").load().unwrap();
-    let err = hello(bob_material).await.expect_err("empty hello accepted");
-    assert!(err.contains("FailedPrecondition"), "bob's certificate was refused: {err}");
+    link_hello(grpc_addr, &bob_material).await.expect("bob's certificate was refused");
     alice.stop().await.unwrap();
 }
 

@@ -141,10 +141,9 @@ pub async fn run_kme_with_listeners(
         "KME started"
     );
     let peer_server = tonic::transport::Server::builder()
-        .tls_config(node_tls.tonic_server())?
-        .add_service(peer::peer_server(state.clone(), cfg.peer_name.clone()))
+        .add_service(peer::peer_server(state.clone(), cfg.peer_name.clone(), node_tls.peer_check()?))
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(peer_listener),
+            node_tls.grpc_incoming(peer_listener, "KME-to-KME channel")?,
             shutdown.clone().cancelled_owned(),
         );
     let https = serve_etsi(https_listener, state.clone(), https_tls, shutdown.clone());

@@ -13,7 +13,7 @@ use std::sync::Arc;
 
 use qkd_store::kme::UNIT_BYTES;
 use qkd_store::{BlockMeta, KeyStore, KeyUnit, SledStore, StoreError};
-use qkd_tls::{CertAuthority, IssuedCert, TlsError, TlsFiles, TlsMaterial};
+use qkd_tls::{CertAuthority, IssuedCert, RevokedEntry, TlsError, TlsFiles, TlsMaterial};
 use rand::RngCore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -72,19 +72,30 @@ pub enum PairError {
     Bind(std::io::Error),
 }
 
-/// The pair's PKI: one CA for nodes, KME servers and SAEs, its files in a directory.
+/// The pair's PKI: a node CA (node certificates of the KME-to-KME channel and the KMEs' HTTPS
+/// server certificates) and an application CA (SAE client certificates), each with a CRL, their
+/// files in a directory: `ca.crt` (the node CA, which SAEs trust), `apps-ca.crt`, `nodes.crl`,
+/// `apps.crl`.
 pub struct PairPki {
     dir: PathBuf,
-    /// The CA.
+    /// The node CA.
     pub ca: CertAuthority,
+    /// The application CA.
+    pub apps_ca: CertAuthority,
+    revoked: std::sync::Mutex<(Vec<RevokedEntry>, Vec<RevokedEntry>, u64)>,
 }
 
 impl PairPki {
-    /// A new CA, its certificate written to `dir/ca.crt`.
+    /// New CAs, their certificates and empty CRLs written to `dir`.
     pub fn new(dir: &Path) -> Result<Self, TlsError> {
-        let ca = CertAuthority::generate("qkd kme pair ca")?;
+        let ca = CertAuthority::generate("qkd kme pair node ca")?;
+        let apps_ca = CertAuthority::generate("qkd kme pair application ca")?;
         qkd_tls::write_pem(&dir.join("ca.crt"), ca.cert_pem(), false)?;
-        Ok(Self { dir: dir.to_owned(), ca })
+        qkd_tls::write_pem(&dir.join("apps-ca.crt"), apps_ca.cert_pem(), false)?;
+        let pki =
+            Self { dir: dir.to_owned(), ca, apps_ca, revoked: std::sync::Mutex::new((Vec::new(), Vec::new(), 0)) };
+        pki.write_crls()?;
+        Ok(pki)
     }
 
     /// The directory holding the PKI's files.
@@ -92,22 +103,65 @@ impl PairPki {
         &self.dir
     }
 
-    /// A node certificate (KME-to-KME channel) for `name`, in memory.
-    pub fn node(&self, name: &str) -> Result<TlsMaterial, TlsError> {
-        let issued = self.ca.issue(name, &[name, "localhost"], true)?;
-        Ok(TlsMaterial { ca_pem: self.ca.cert_pem().to_owned(), cert_pem: issued.cert_pem, key_pem: issued.key_pem })
+    fn write_crls(&self) -> Result<(), TlsError> {
+        let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+        revoked.2 += 1;
+        let nodes = self.ca.crl(&revoked.0, revoked.2, 1)?;
+        let apps = self.apps_ca.crl(&revoked.1, revoked.2, 1)?;
+        qkd_tls::write_pem(&self.dir.join("nodes.crl"), &nodes, false)?;
+        qkd_tls::write_pem(&self.dir.join("apps.crl"), &apps, false)
     }
 
-    /// The HTTPS server files of KME `name` (valid for localhost and 127.0.0.1).
+    /// Revokes a node certificate of this PKI (PEM) and rewrites the CRLs, which the running
+    /// KMEs read again at their next handshake.
+    pub fn revoke_node(&self, cert_pem: &str) -> Result<(), TlsError> {
+        self.revoke(cert_pem, true)
+    }
+
+    /// Revokes an SAE certificate of this PKI (PEM) and rewrites the CRLs.
+    pub fn revoke_sae(&self, cert_pem: &str) -> Result<(), TlsError> {
+        self.revoke(cert_pem, false)
+    }
+
+    fn revoke(&self, cert_pem: &str, node: bool) -> Result<(), TlsError> {
+        let entry = RevokedEntry::now(qkd_tls::ca::serial_of(cert_pem)?, Some(rcgen::RevocationReason::KeyCompromise));
+        {
+            let mut revoked = self.revoked.lock().unwrap_or_else(|e| e.into_inner());
+            if node { revoked.0.push(entry) } else { revoked.1.push(entry) }
+        }
+        self.write_crls()
+    }
+
+    /// A node certificate (KME-to-KME channel) for `name`, in memory, checked against the
+    /// node CRL.
+    pub fn node(&self, name: &str) -> Result<TlsMaterial, TlsError> {
+        let issued = self.ca.issue(name, &[name, "localhost"], true)?;
+        Ok(TlsMaterial {
+            ca_pem: self.ca.cert_pem().to_owned(),
+            cert_pem: issued.cert_pem,
+            key_pem: issued.key_pem,
+            crl_files: vec![self.dir.join("nodes.crl")],
+            peer_spki_sha256: Vec::new(),
+        })
+    }
+
+    /// The HTTPS server files of KME `name` (valid for localhost and 127.0.0.1; SAE clients
+    /// checked against the application CA and its CRL).
     pub fn https_files(&self, name: &str) -> Result<TlsFiles, TlsError> {
         let issued = self.ca.issue(name, &["localhost"], true)?;
         let (cert, key) = qkd_tls::write_issued(&self.dir, name, &issued)?;
-        Ok(TlsFiles { ca_cert: self.dir.join("ca.crt"), cert, key })
+        Ok(TlsFiles {
+            ca_cert: self.dir.join("apps-ca.crt"),
+            cert,
+            key,
+            crls: vec![self.dir.join("apps.crl")],
+            peer_spki_sha256: Vec::new(),
+        })
     }
 
-    /// A client certificate whose CN is `sae_id`.
+    /// A client certificate whose CN is `sae_id`, from the application CA.
     pub fn sae(&self, sae_id: &str) -> Result<IssuedCert, TlsError> {
-        self.ca.issue(sae_id, &[], false)
+        self.apps_ca.issue_client(sae_id)
     }
 
     /// Writes `sae_id`'s certificate and key into one PEM file at `path` (owner-only).
@@ -126,6 +180,8 @@ pub struct RunningKme {
     pub peer_addr: SocketAddr,
     /// Its store.
     pub store: Arc<SledStore>,
+    /// Its node certificate and key (KME-to-KME channel).
+    pub node: TlsMaterial,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<Result<(), KmeError>>,
 }
@@ -214,10 +270,10 @@ impl KmePair {
             let shutdown = CancellationToken::new();
             let (addr, peer_addr) = (local(&https)?, local(&peer)?);
             let task = tokio::spawn({
-                let (store, shutdown) = (store.clone(), shutdown.clone());
+                let (store, shutdown, node) = (store.clone(), shutdown.clone(), node.clone());
                 async move { crate::run_kme_with_listeners(&cfg, side, &node, store, https, peer, true, shutdown).await }
             });
-            Ok::<_, PairError>(RunningKme { addr, peer_addr, store, shutdown, task })
+            Ok::<_, PairError>(RunningKme { addr, peer_addr, store, node, shutdown, task })
         };
         let a = start(cfg_a, KmeSide::Alice, pki.node("alice")?, https_a, peer_a)?;
         let b = start(cfg_b, KmeSide::Bob, pki.node("bob")?, https_b, peer_b)?;

@@ -120,12 +120,12 @@ impl GrpcPeer {
         peer_name: &str,
         node_tls: &TlsMaterial,
         timeout: Duration,
-    ) -> Result<Self, tonic::transport::Error> {
-        let channel = Endpoint::from_shared(format!("https://{addr}"))?
-            .tls_config(node_tls.tonic_client(peer_name))?
+    ) -> Result<Self, crate::KmeError> {
+        let connector = node_tls.grpc_connector(peer_name)?;
+        let channel = Endpoint::from_shared(format!("http://{addr}"))?
             .connect_timeout(timeout)
             .timeout(timeout)
-            .connect_lazy();
+            .connect_with_connector_lazy(connector);
         Ok(Self { client: KmePeerClient::new(channel) })
     }
 
@@ -246,11 +246,17 @@ pub(super) fn answered_by_peer(status: &Status) -> bool {
 pub struct PeerService {
     state: KmeState,
     peer_name: String,
+    peer_check: qkd_tls::verify::PeerCheck,
 }
 
-/// The tonic service to add to the peer channel's server.
-pub fn peer_server(state: KmeState, peer_name: String) -> KmePeerServer<PeerService> {
-    KmePeerServer::new(PeerService { state, peer_name })
+/// The tonic service to add to the peer channel's server; `peer_check` re-checks the caller's
+/// certificate at each request (revoked, expired or unpinned since the connection opened).
+pub fn peer_server(
+    state: KmeState,
+    peer_name: String,
+    peer_check: qkd_tls::verify::PeerCheck,
+) -> KmePeerServer<PeerService> {
+    KmePeerServer::new(PeerService { state, peer_name, peer_check })
 }
 
 impl PeerService {
@@ -258,7 +264,9 @@ impl PeerService {
         let certs = request.peer_certs().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         let leaf = certs.first().ok_or_else(|| Status::unauthenticated("no client certificate"))?;
         if qkd_tls::peer_has_name(leaf, &self.peer_name) {
-            Ok(())
+            self.peer_check
+                .check(&certs)
+                .map_err(|reason| Status::permission_denied(format!("client certificate {reason}")))
         } else {
             warn!(expected = %self.peer_name, "refused a KME peer whose certificate names another node");
             Err(Status::permission_denied(format!("client certificate is not valid for {}", self.peer_name)))

@@ -15,8 +15,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Extension, Json, Router};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
@@ -65,37 +63,12 @@ const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<SaeId>);
 
-/// The rustls configuration of the HTTPS server: `tls.cert_pem`/`tls.key_pem` are the KME's
-/// server certificate and key; every client must present a certificate chaining to
-/// `tls.ca_pem`. TLS 1.2 and 1.3, ALPN `h2` and `http/1.1`.
+/// The rustls configuration of the HTTPS server (built by `qkd_tls`): `tls.cert_pem`/`tls.key_pem`
+/// are the KME's server certificate and key; every client must present a certificate chaining
+/// to `tls.ca_pem` (the application CA), not revoked by the CRLs of `tls.crl_files`. TLS 1.2 and
+/// 1.3, ALPN `h2` and `http/1.1`.
 pub fn https_server_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, KmeError> {
-    let bad = |what: &str, e: &dyn std::fmt::Display| KmeError::Tls(format!("{what}: {e}"));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_slice_iter(tls.ca_pem.as_bytes()) {
-        roots.add(cert.map_err(|e| bad("SAE CA certificate", &e))?).map_err(|e| bad("SAE CA certificate", &e))?;
-    }
-    if roots.is_empty() {
-        return Err(KmeError::Tls("the SAE CA file holds no certificate".into()));
-    }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
-        .build()
-        .map_err(|e| bad("client certificate verifier", &e))?;
-    let chain = CertificateDer::pem_slice_iter(tls.cert_pem.as_bytes())
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| bad("server certificate", &e))?;
-    if chain.is_empty() {
-        return Err(KmeError::Tls("the server certificate file holds no certificate".into()));
-    }
-    let key = PrivateKeyDer::from_pem_slice(tls.key_pem.as_bytes()).map_err(|e| bad("server key", &e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| bad("TLS versions", &e))?
-        .with_client_cert_verifier(verifier)
-        .with_single_cert(chain, key)
-        .map_err(|e| bad("server certificate and key", &e))?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    Ok(Arc::new(config))
+    Ok(tls.server_config(&[b"h2", b"http/1.1"])?)
 }
 
 /// The axum router of the API. Handlers read the caller from the [`Caller`] extension (absent:

@@ -1,16 +1,34 @@
-//! Mutual TLS for the classical channel, and a small PKI for labs and tests.
+//! TLS for the node: mutual TLS of the classical channel, the KME-to-KME channel and the
+//! key-delivery API, all built here on the one rustls crypto provider (ring); and the PKI that
+//! `qkdctl pki` and the labs make.
 //!
-//! Both ends verify the other's certificate against a configured CA *and* an expected peer
+//! * [`TlsFiles`] / [`TlsMaterial`]: a node's certificate, key, trust anchors, certificate
+//!   revocation lists (RFC 5280, section 5) and optional pins of the peer's public key.
+//! * [`TlsMaterial::server_config`] / [`TlsMaterial::client_config`]: rustls configurations whose
+//!   verifiers ([`verify`]) check the chain, validity, key usage, revocation (CRLs read again
+//!   when their files change) and pins, and log every refusal with the certificate it refuses.
+//! * [`TlsMaterial::grpc_incoming`] / [`TlsMaterial::grpc_connector`]: tonic over tokio-rustls.
+//! * [`ca`]: issuing CAs, node and application certificates, CRLs; [`pki`]: the on-disk PKI of
+//!   `qkdctl pki` (offline CA directory, node and application bundles, index, revocation).
+//!
+//! Both ends verify the other's certificate against the configured CAs *and* an expected peer
 //! name: the client checks the server's DNS SAN through rustls; the server checks the client's
 //! certificate chain through rustls and its DNS SAN with [`peer_has_name`].
 
-use std::path::{Path, PathBuf};
+pub mod ca;
+mod net;
+pub mod pki;
+pub mod verify;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
-use rustls_pki_types::{CertificateDer, ServerName};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+pub use ca::{CaOptions, CertAuthority, IssuedCert, RevokedEntry, Validity, write_issued, write_pem};
+pub use net::{HANDSHAKE_TIMEOUT, TlsConnector, TlsIncoming};
+pub use pki::{LabPki, Pki};
 
 /// Errors of TLS material handling.
 #[derive(Debug, thiserror::Error)]
@@ -40,63 +58,216 @@ pub enum TlsError {
         /// The file.
         path: PathBuf,
     },
+    /// The TLS material is unusable (the message says which part and why).
+    #[error("TLS: {0}")]
+    Config(String),
+    /// A PKI directory operation is impossible (the message says why).
+    #[error("PKI: {0}")]
+    Pki(String),
 }
 
-/// Paths of a node's TLS material: its certificate chain, its private key and the CA that
-/// signs its peers.
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+/// Paths of a node's TLS material: its certificate chain, its private key, the CAs that sign its
+/// peers, their revocation lists, and optionally pins of the peer's public key.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsFiles {
-    /// PEM file of the CA certificate that peers' certificates must chain to.
+    /// PEM file of the CA certificate(s) that peers' certificates must chain to (the trust
+    /// anchors; several may be concatenated).
     pub ca_cert: PathBuf,
     /// PEM file of this node's certificate.
     pub cert: PathBuf,
     /// PEM file of this node's private key (keep it mode 0600).
     pub key: PathBuf,
+    /// Certificate revocation lists (PEM or DER) of the CAs of `ca_cert`. When any is given,
+    /// a peer certificate whose issuer has no list here is refused (its status is unknown), and
+    /// a revoked one is refused. The files are read again whenever they change. Default: none
+    /// (no revocation checking).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub crls: Vec<PathBuf>,
+    /// Pins of the peer's public key: hex SHA-256 of its certificate's SubjectPublicKeyInfo
+    /// (`qkdctl pki show` prints it). When any is given, a peer whose certificate holds another
+    /// key is refused even if the CA signed it. Several allow a key change without downtime.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub peer_spki_sha256: Vec<String>,
 }
 
-/// PEM contents of [`TlsFiles`], read once at start-up.
-#[derive(Clone)]
+/// The contents of [`TlsFiles`], read once at start-up (the CRLs are read by the verifiers,
+/// again whenever their files change).
+#[derive(Clone, Default)]
 pub struct TlsMaterial {
-    /// CA certificate, PEM.
+    /// CA certificate(s), PEM.
     pub ca_pem: String,
     /// Node certificate, PEM.
     pub cert_pem: String,
     /// Node private key, PEM (never logged).
     pub key_pem: zeroize::Zeroizing<String>,
+    /// CRL files.
+    pub crl_files: Vec<PathBuf>,
+    /// SHA-256 pins of the peer's SubjectPublicKeyInfo (empty: no pinning).
+    pub peer_spki_sha256: Vec<[u8; 32]>,
 }
 
 impl TlsFiles {
-    /// Reads the three files.
+    /// Reads the files and checks the pins' syntax. The CRLs must exist and parse.
     pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        verify::read_crls(&self.crls)?;
         Ok(TlsMaterial {
             ca_pem: read(&self.ca_cert)?,
             cert_pem: read(&self.cert)?,
             key_pem: zeroize::Zeroizing::new(read(&self.key)?),
+            crl_files: self.crls.clone(),
+            peer_spki_sha256: self.peer_spki_sha256.iter().map(|p| parse_pin(p)).collect::<Result<_, _>>()?,
         })
     }
+
+    /// Makes relative paths relative to `base` (the configuration file's directory).
+    pub fn rebase(&mut self, base: &Path) {
+        for path in [&mut self.ca_cert, &mut self.cert, &mut self.key].into_iter().chain(self.crls.iter_mut()) {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+        }
+    }
+}
+
+impl TlsFiles {
+    /// The fields as TOML `key = value` lines (paths as they are), for generated configurations.
+    pub fn toml_lines(&self) -> String {
+        let quote = |p: &Path| format!("{:?}", p.display().to_string());
+        let mut lines =
+            format!("ca_cert = {}\ncert = {}\nkey = {}\n", quote(&self.ca_cert), quote(&self.cert), quote(&self.key));
+        if !self.crls.is_empty() {
+            let crls: Vec<String> = self.crls.iter().map(|p| quote(p)).collect();
+            lines.push_str(&format!("crls = [{}]\n", crls.join(", ")));
+        }
+        if !self.peer_spki_sha256.is_empty() {
+            let pins: Vec<String> = self.peer_spki_sha256.iter().map(|p| format!("{p:?}")).collect();
+            lines.push_str(&format!("peer_spki_sha256 = [{}]\n", pins.join(", ")));
+        }
+        lines
+    }
+}
+
+/// Parses a pin: 64 hex digits (colons allowed between bytes).
+pub fn parse_pin(pin: &str) -> Result<[u8; 32], TlsError> {
+    let digits: String = pin.chars().filter(|c| *c != ':').collect();
+    let bytes = hex::decode(&digits).ok().filter(|b| b.len() == 32);
+    bytes
+        .map(|b| b.try_into().expect("32 bytes"))
+        .ok_or_else(|| TlsError::Config(format!("peer_spki_sha256: {pin:?} is not a SHA-256 in hex (64 hex digits)")))
 }
 
 fn read(path: &Path) -> Result<String, TlsError> {
     std::fs::read_to_string(path).map_err(|source| TlsError::Read { path: path.to_owned(), source })
 }
 
+/// The process's crypto provider: the installed default, or ring (the one this crate installs).
+pub fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::ring::default_provider()))
+}
+
 impl TlsMaterial {
-    /// Server side of the classical channel: presents this node's certificate and requires a
-    /// client certificate chaining to the CA.
-    pub fn tonic_server(&self) -> tonic::transport::ServerTlsConfig {
-        tonic::transport::ServerTlsConfig::new()
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, self.key_pem.as_bytes()))
-            .client_ca_root(tonic::transport::Certificate::from_pem(&self.ca_pem))
+    fn roots(&self) -> Result<Arc<rustls::RootCertStore>, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_slice_iter(self.ca_pem.as_bytes()) {
+            let cert = cert.map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+            roots.add(cert).map_err(|e| TlsError::Config(format!("CA certificate: {e}")))?;
+        }
+        if roots.is_empty() {
+            return Err(TlsError::Config("the CA file holds no certificate".into()));
+        }
+        Ok(Arc::new(roots))
     }
 
-    /// Client side of the classical channel: presents this node's certificate and accepts only
-    /// a server certificate chaining to the CA and valid for `peer_name`.
-    pub fn tonic_client(&self, peer_name: &str) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(&self.cert_pem, self.key_pem.as_bytes()))
-            .domain_name(peer_name)
+    fn identity(&self) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| TlsError::Config(format!("certificate: {e}")))?;
+        if chain.is_empty() {
+            return Err(TlsError::Config("the certificate file holds no certificate".into()));
+        }
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes())
+            .map_err(|e| TlsError::Config(format!("key: {e}")))?;
+        Ok((chain, key))
+    }
+
+    /// A server configuration that presents this node's certificate and requires a client
+    /// certificate chaining to the CAs, not revoked, and matching the pins. TLS 1.3 and 1.2;
+    /// `alpn` lists the application protocols offered.
+    pub fn server_config(&self, alpn: &[&[u8]]) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+        let provider = provider();
+        let verifier = verify::ClientVerifier::new(
+            self.roots()?,
+            self.crl_files.clone(),
+            self.peer_spki_sha256.clone(),
+            provider.clone(),
+        )?;
+        let (chain, key) = self.identity()?;
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Config(format!("TLS versions: {e}")))?
+            .with_client_cert_verifier(Arc::new(verifier))
+            .with_single_cert(chain, key)
+            .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        Ok(Arc::new(config))
+    }
+
+    /// A client configuration that presents this node's certificate and accepts a server
+    /// certificate chaining to the CAs, not revoked, and matching the pins (the name is checked
+    /// against the name the connection is made for). ALPN `h2`.
+    pub fn client_config(&self) -> Result<Arc<rustls::ClientConfig>, TlsError> {
+        let provider = provider();
+        let verifier = verify::ServerVerifier::new(
+            self.roots()?,
+            self.crl_files.clone(),
+            self.peer_spki_sha256.clone(),
+            provider.clone(),
+        )?;
+        let (chain, key) = self.identity()?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| TlsError::Config(format!("TLS versions: {e}")))?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(verifier))
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| TlsError::Config(format!("certificate and key: {e}")))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
+    }
+
+    /// A re-check of connected peers' certificates at each request (see [`verify::PeerCheck`]),
+    /// against the same CAs, CRLs and pins as [`TlsMaterial::server_config`].
+    pub fn peer_check(&self) -> Result<verify::PeerCheck, TlsError> {
+        let verifier = verify::ClientVerifier::new(
+            self.roots()?,
+            self.crl_files.clone(),
+            self.peer_spki_sha256.clone(),
+            provider(),
+        )?;
+        Ok(verify::PeerCheck::new(verifier))
+    }
+
+    /// The server side of a gRPC channel (the classical channel, the KME-to-KME channel):
+    /// accepts mutual-TLS connections on `listener` for tonic's `serve_with_incoming_shutdown`.
+    /// `channel` names the channel in logs. Must be called inside a tokio runtime.
+    pub fn grpc_incoming(
+        &self,
+        listener: tokio::net::TcpListener,
+        channel: &'static str,
+    ) -> Result<TlsIncoming, TlsError> {
+        Ok(net::tls_incoming(listener, self.server_config(&[b"h2"])?, channel))
+    }
+
+    /// The client side of a gRPC channel: a connector for tonic's
+    /// `Endpoint::connect_with_connector` (use an `http://host:port` URI) that accepts only a
+    /// server certificate valid for `peer_name`.
+    pub fn grpc_connector(&self, peer_name: &str) -> Result<TlsConnector, TlsError> {
+        let name = ServerName::try_from(peer_name.to_owned())
+            .map_err(|e| TlsError::Config(format!("peer name {peer_name:?}: {e}")))?;
+        Ok(TlsConnector::new(self.client_config()?, name))
     }
 }
 
@@ -112,164 +283,6 @@ pub fn peer_has_name(cert: &CertificateDer<'_>, name: &str) -> bool {
     }
 }
 
-/// A certificate authority that issues node and application certificates.
-pub struct CertAuthority {
-    issuer: Issuer<'static, KeyPair>,
-    cert_pem: String,
-    key_pem: zeroize::Zeroizing<String>,
-}
-
-/// A freshly issued certificate and its key, PEM.
-pub struct IssuedCert {
-    /// Certificate, PEM.
-    pub cert_pem: String,
-    /// Private key, PEM.
-    pub key_pem: zeroize::Zeroizing<String>,
-}
-
-impl CertAuthority {
-    /// Creates a new self-signed CA with the given common name.
-    pub fn generate(common_name: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let cert = params.self_signed(&key)?;
-        let key_pem = zeroize::Zeroizing::new(key.serialize_pem());
-        Ok(Self { cert_pem: cert.pem(), key_pem, issuer: Issuer::new(params, key) })
-    }
-
-    /// Loads an existing CA (yours or one made by `qkdctl pki init`) from its certificate and
-    /// private key, PEM. Issued certificates name the CA certificate's subject as issuer.
-    pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, TlsError> {
-        let key = KeyPair::from_pem(key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)?;
-        Ok(Self { cert_pem: cert_pem.to_owned(), key_pem: zeroize::Zeroizing::new(key_pem.to_owned()), issuer })
-    }
-
-    /// The CA certificate, PEM.
-    pub fn cert_pem(&self) -> &str {
-        &self.cert_pem
-    }
-
-    /// The CA private key, PEM.
-    pub fn key_pem(&self) -> &str {
-        &self.key_pem
-    }
-
-    /// Issues a certificate with common name `common_name` and the given DNS names (and
-    /// 127.0.0.1 when `loopback`), usable both as TLS server and TLS client.
-    pub fn issue(&self, common_name: &str, dns_names: &[&str], loopback: bool) -> Result<IssuedCert, TlsError> {
-        let mut names: Vec<String> = dns_names.iter().map(|s| s.to_string()).collect();
-        if loopback {
-            names.push(std::net::Ipv4Addr::LOCALHOST.to_string());
-        }
-        self.issue_for(common_name, &names)
-    }
-}
-
-impl CertAuthority {
-    /// Issues a node certificate for `names`: entries that parse as IP addresses become IP SANs,
-    /// the others DNS SANs; the common name is `common_name`.
-    pub fn issue_for(&self, common_name: &str, names: &[String]) -> Result<IssuedCert, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        for name in names {
-            params.subject_alt_names.push(match name.parse::<std::net::IpAddr>() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName(name.as_str().try_into()?),
-            });
-        }
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, common_name);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: zeroize::Zeroizing::new(key.serialize_pem()) })
-    }
-
-    /// Issues an application (SAE) client certificate whose subject common name is `sae_id`.
-    pub fn issue_client(&self, sae_id: &str) -> Result<IssuedCert, TlsError> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, sae_id);
-        params.distinguished_name = dn;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok(IssuedCert { cert_pem: cert.pem(), key_pem: zeroize::Zeroizing::new(key.serialize_pem()) })
-    }
-}
-
-/// Writes `contents` to `path`; private keys (`secret`) get mode 0600 before any byte is written.
-pub fn write_pem(path: &Path, contents: &str, secret: bool) -> Result<(), TlsError> {
-    use std::io::Write;
-    let err = |source| TlsError::Write { path: path.to_owned(), source };
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(if secret { 0o600 } else { 0o644 });
-    }
-    let mut file = options.open(path).map_err(err)?;
-    file.write_all(contents.as_bytes()).map_err(err)?;
-    Ok(())
-}
-
-/// Writes an issued certificate as `<dir>/<name>.crt` and `<dir>/<name>.key`.
-pub fn write_issued(dir: &Path, name: &str, issued: &IssuedCert) -> Result<(PathBuf, PathBuf), TlsError> {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    write_pem(&cert, &issued.cert_pem, false)?;
-    write_pem(&key, &issued.key_pem, true)?;
-    Ok((cert, key))
-}
-
-/// The certificates of a two-node lab: one CA, Alice (`alice`) and Bob (`bob`), each valid for
-/// its name, `localhost` and 127.0.0.1, written as PEM files in one directory.
-#[derive(Clone, Debug)]
-pub struct LabPki {
-    /// The directory holding the files.
-    pub dir: PathBuf,
-}
-
-impl LabPki {
-    /// Node names the lab PKI issues certificates for.
-    pub const NODES: [&'static str; 2] = ["alice", "bob"];
-
-    /// Opens the PKI in `dir`, creating the CA and node certificates if `ca.crt` is missing.
-    pub fn open_or_create(dir: &Path) -> Result<Self, TlsError> {
-        let pki = Self { dir: dir.to_owned() };
-        if dir.join("ca.crt").exists() {
-            return Ok(pki);
-        }
-        std::fs::create_dir_all(dir).map_err(|source| TlsError::Write { path: dir.to_owned(), source })?;
-        let ca = CertAuthority::generate("QKD lab CA")?;
-        for node in Self::NODES {
-            write_issued(dir, node, &ca.issue(node, &[node, "localhost"], true)?)?;
-        }
-        write_pem(&dir.join("ca.key"), ca.key_pem(), true)?;
-        write_pem(&dir.join("ca.crt"), ca.cert_pem(), false)?;
-        Ok(pki)
-    }
-
-    /// The TLS files of `node`.
-    pub fn files(&self, node: &str) -> TlsFiles {
-        TlsFiles {
-            ca_cert: self.dir.join("ca.crt"),
-            cert: self.dir.join(format!("{node}.crt")),
-            key: self.dir.join(format!("{node}.key")),
-        }
-    }
-}
-
 /// Installs ring as the process-wide rustls crypto provider. Call it first thing in `main`
 /// (and in tests): every TLS configuration of the process then uses the same provider.
 pub fn install_crypto_provider() {
@@ -278,16 +291,4 @@ pub fn install_crypto_provider() {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn issued_certificate_is_valid_for_its_names_only() {
-        let ca = CertAuthority::generate("test ca").unwrap();
-        let issued = ca.issue("alice", &["alice", "localhost"], true).unwrap();
-        let der = rustls_pki_types::pem::PemObject::from_pem_slice(issued.cert_pem.as_bytes()).unwrap();
-        assert!(peer_has_name(&der, "alice"));
-        assert!(peer_has_name(&der, "localhost"));
-        assert!(!peer_has_name(&der, "bob"));
-    }
-}
+mod tests;
