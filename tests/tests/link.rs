@@ -189,26 +189,22 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
         let status = child.wait().unwrap();
         assert!(status.success(), "daemon exited with {status}");
     }
+    // Whatever the umask: data directories 0700, every file in them private to the user. (Checked
+    // before this test opens the stores itself, which writes files with the test's umask.)
+    for node in ["alice", "bob"] {
+        assert_private(&lab.dir.0.join(node));
+    }
     let (a, b) = (lab.summary("alice"), lab.summary("bob"));
     assert!(a.n_keys > 0);
     assert_eq!(b.n_pending_blocks, 0, "bob kept a pending block: {b:?}");
     assert_eq!((a.n_keys, &a.digest), (b.n_keys, &b.digest), "stores differ after the kills");
-    // Whatever the umask: data directories 0700, every file in them private to the user.
-    for node in ["alice", "bob"] {
-        assert_private(&lab.dir.0.join(node));
-    }
 }
 
-/// Panics unless `path` and everything under it has no group or other permission bits. One
-/// exception: sled gives its snapshot files (`snap.*`) mode 0644 itself; they sit in the store's
-/// 0700 directory, which no other user can enter.
+/// Panics unless `path` and everything under it has no group or other permission bits.
 fn assert_private(path: &std::path::Path) {
     use std::os::unix::fs::PermissionsExt;
     let mode = std::fs::symlink_metadata(path).unwrap().permissions().mode() & 0o777;
-    let sled_snapshot = path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("snap."));
-    if !sled_snapshot {
-        assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", path.display());
-    }
+    assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", path.display());
     if path.is_dir() {
         for entry in std::fs::read_dir(path).unwrap() {
             assert_private(&entry.unwrap().path());
