@@ -140,6 +140,15 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
                 shutdown.cancel();
                 break;
             }
+            // The receiver failed while the link was down: its error never reaches a session.
+            Err(e) if status.lock().expect("status lock poisoned").device_error.is_some() => {
+                let device_error =
+                    status.lock().expect("status lock poisoned").device_error.clone().unwrap_or_default();
+                tracing::error!(error = %device_error, link = %format!("{e:#}"), "the receiver failed; stopping");
+                device_failed = Some(anyhow::Error::new(DeviceError::Closed(device_error)));
+                shutdown.cancel();
+                break;
+            }
             Err(e) => {
                 // A session that committed a block was a working link: start the back-off over.
                 if committed {
