@@ -20,6 +20,18 @@ fn grpc_device(address: &DeviceAddress) -> DeviceSection {
     DeviceSection { driver: DeviceDriver::Grpc, address: Some(address.to_string()), file: None }
 }
 
+/// Alice and Bob in-process on loopback, with the given devices (no simulated fibre).
+async fn spawn_on_devices(lab: &Lab, alice_device: DeviceSection, bob_device: DeviceSection) -> (Running, Running) {
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let grpc_addr = grpc.local_addr().unwrap();
+    let unused: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
+    let mut alice_cfg = lab.alice_config(grpc_addr, unused);
+    alice_cfg.device = alice_device;
+    let mut bob_cfg = lab.bob_config(grpc_addr, unused);
+    bob_cfg.device = bob_device;
+    (spawn_alice_with(lab, alice_cfg, grpc, None), spawn_bob_with(lab, bob_cfg))
+}
+
 /// Alice and Bob through the emulator, with Bob's tagger 100 ppm fast and drifting by 1 ppm/s
 /// and a 2 ms gap in every 4th frame: the clock is recovered, frames with a gap are dropped at
 /// both ends, blocks commit, the two stores hold the same keys, the keys are marked simulated,
@@ -34,15 +46,8 @@ async fn daemons_through_the_emulator_distil_identical_keys_despite_clock_offset
     ecfg.gaps = Some(GapSpec { every_frames: 4, duration_ms: 2.0 });
     let emulator = start_emulator(ecfg).await;
 
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let unused: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let mut alice_cfg = lab.alice_config(grpc_addr, unused);
-    alice_cfg.device = grpc_device(emulator.alice_address());
-    let mut bob_cfg = lab.bob_config(grpc_addr, unused);
-    bob_cfg.device = grpc_device(emulator.bob_address());
-    let alice = spawn_alice_with(&lab, alice_cfg, grpc, None);
-    let bob = spawn_bob_with(&lab, bob_cfg);
+    let (alice, bob) =
+        spawn_on_devices(&lab, grpc_device(emulator.alice_address()), grpc_device(emulator.bob_address())).await;
     let status = wait_for("two committed blocks at Bob, and dropped frames", Duration::from_secs(180), || {
         lab.status("bob")
             .filter(|s| counter(s, "/total/blocks_committed") >= 2 && counter(s, "/total/frames_dropped") >= 1)
@@ -124,15 +129,8 @@ async fn the_python_reference_driver_feeds_bob_and_the_link_distils_keys() {
     driver_out.read_line(&mut line).unwrap();
     assert!(line.contains("serving"), "the driver did not start: {line:?}");
 
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let unused: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let mut alice_cfg = lab.alice_config(grpc_addr, unused);
-    alice_cfg.device = DeviceSection { driver: DeviceDriver::Replay, address: None, file: Some(recording.clone()) };
-    let mut bob_cfg = lab.bob_config(grpc_addr, unused);
-    bob_cfg.device = grpc_device(&DeviceAddress::Tcp(listen));
-    let alice = spawn_alice_with(&lab, alice_cfg, grpc, None);
-    let bob = spawn_bob_with(&lab, bob_cfg);
+    let replay = DeviceSection { driver: DeviceDriver::Replay, address: None, file: Some(recording.clone()) };
+    let (alice, bob) = spawn_on_devices(&lab, replay, grpc_device(&DeviceAddress::Tcp(listen))).await;
     let status = wait_for("a committed block at Bob", Duration::from_secs(180), || {
         lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") >= 1)
     })
@@ -158,15 +156,8 @@ async fn a_vanishing_device_stops_the_daemons_with_the_reason_and_the_stores_agr
     let mut ecfg = EmulatorConfig::from_preset("lab-10km", 47).unwrap();
     ecfg.frame_pulses = lab.protocol.frame_pulses;
     let emulator = start_emulator(ecfg).await;
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let grpc_addr = grpc.local_addr().unwrap();
-    let unused: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
-    let mut alice_cfg = lab.alice_config(grpc_addr, unused);
-    alice_cfg.device = grpc_device(emulator.alice_address());
-    let mut bob_cfg = lab.bob_config(grpc_addr, unused);
-    bob_cfg.device = grpc_device(emulator.bob_address());
-    let alice = spawn_alice_with(&lab, alice_cfg, grpc, None);
-    let bob = spawn_bob_with(&lab, bob_cfg);
+    let (alice, bob) =
+        spawn_on_devices(&lab, grpc_device(emulator.alice_address()), grpc_device(emulator.bob_address())).await;
     wait_for("a committed block at Bob", Duration::from_secs(180), || {
         lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") >= 1)
     })
