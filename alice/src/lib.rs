@@ -97,8 +97,9 @@ pub async fn run(
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
     let device = common::device::open_transmitter(&cfg.device, &link, cfg.protocol.frame_pulses).await?;
     let simulated = device.info().simulated();
+    let auth = common::auth_pool::open_node_pool(&cfg.data_dir)?;
     let mut core =
-        AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng());
+        AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng(), auth);
     core.set_simulated(simulated);
     let (core, core_thread) = CoreHandle::spawn(core, store.clone()).context("starting the core's thread")?;
     let status =
@@ -407,10 +408,11 @@ impl LinkService {
             AliceEvent::SessionOpened { bob_id, session_id, settled_ready } => {
                 info!(bob = %bob_id, session = %session_id, settled_ready, "session opened");
             }
-            AliceEvent::Committed(meta, security) => {
+            AliceEvent::Committed(meta, security, auth) => {
                 info!(
                     block = %meta.block_id,
                     security = %serde_json::to_string(&security).unwrap_or_default(),
+                    auth = %serde_json::to_string(&auth).unwrap_or_default(),
                     sifted_bits = meta.n_sifted_bits,
                     qber_z = format_args!("{:.3}%", 100.0 * meta.qber_z),
                     qber_x = format_args!("{:.3}%", 100.0 * meta.qber_x),

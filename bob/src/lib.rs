@@ -300,6 +300,7 @@ async fn session(
         security.clone(),
         store,
         device.simulated,
+        common::auth_pool::open_node_pool(&cfg.data_dir)?,
     ))
     .await?;
     bob.set_max_stored_units(cfg.max_stored_units);
@@ -428,6 +429,7 @@ fn log_block(report: &BlockReport) {
             monitor_mu = report.monitor_mu,
             monitor_g2 = report.monitor_g2,
             security = %report.security.as_ref().map(|s| serde_json::to_string(s).unwrap_or_default()).unwrap_or_default(),
+            auth = %serde_json::to_string(&report.auth).unwrap_or_default(),
             "block committed: keys stored as ready"
         ),
         Some(abort) => warn!(

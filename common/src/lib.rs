@@ -15,6 +15,7 @@
 //! * [`fibre`]: the simulated fibre's frames as a byte stream.
 //! * [`logging`], [`service`], [`status`]: logs, systemd notification, the status file.
 
+pub mod auth_pool;
 pub mod config;
 pub mod device;
 pub mod fibre;

@@ -30,6 +30,7 @@ struct Rig {
     bob_store: SledStore,
     rng: ChaCha20Rng,
     frame_idx: u64,
+    bob_auth: Arc<qkd_core::auth::MemoryAuthPool>,
 }
 
 impl Rig {
@@ -44,7 +45,14 @@ impl Rig {
             SecurityParams::with_bounds(b.mu_max, b.g2_max, link.p_z)
         };
         let alice_store = Arc::new(SledStore::temporary().unwrap());
-        let core = AliceCore::new("alice".into(), params.clone(), security.clone(), ChaCha20Rng::seed_from_u64(seed));
+        let (alice_auth, bob_auth) = qkd_core::link::testing::auth_pools(seed);
+        let core = AliceCore::new(
+            "alice".into(),
+            params.clone(),
+            security.clone(),
+            ChaCha20Rng::seed_from_u64(seed),
+            alice_auth,
+        );
         Self {
             source: Source::new(&link),
             receiver: Receiver::new(&link),
@@ -55,12 +63,24 @@ impl Rig {
             security,
             params,
             frame_idx: 0,
+            bob_auth,
         }
     }
 
     async fn open(&mut self, crash: Crash) -> BobLink<FlakyAlice> {
         let peer = FlakyAlice { alice: self.alice.clone(), crash };
-        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store, true).await.unwrap().0
+        BobLink::open(
+            peer,
+            "bob",
+            self.params.clone(),
+            self.security.clone(),
+            &self.bob_store,
+            true,
+            self.bob_auth.clone(),
+        )
+        .await
+        .unwrap()
+        .0
     }
 
     /// Emits, detects and sifts frames until a block is ready.
@@ -206,10 +226,18 @@ fn mismatched_parameters_are_refused_at_hello() {
         let mut rig = Rig::new(3);
         rig.params.block_bits += 1;
         let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
-        let err = BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, true)
-            .await
-            .err()
-            .unwrap();
+        let err = BobLink::open(
+            peer,
+            "bob",
+            rig.params.clone(),
+            rig.security.clone(),
+            &rig.bob_store,
+            true,
+            rig.bob_auth.clone(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
     });
 }

@@ -61,6 +61,17 @@ enum Command {
         #[command(subcommand)]
         command: pki::PkiCommand,
     },
+    /// Make a pre-shared secret for the Wegman-Carter authentication of the classical channel:
+    /// one file, to install as `<data_dir>/auth/pool` at both nodes (by a secure path, before
+    /// their first start; docs/security.md, "Authentication").
+    AuthSecret {
+        /// Where to write the secret (mode 0600).
+        #[arg(long)]
+        out: PathBuf,
+        /// Size in bytes (each block spends 32 to 48 and refills 64 by default).
+        #[arg(long, default_value_t = common::auth_pool::DEFAULT_SECRET_BYTES)]
+        bytes: usize,
+    },
     /// A demonstration application (ETSI GS QKD 014 client) for labs: a master and a slave at
     /// the two KMEs fetch the same keys and check that they match.
     DemoApp(demo::DemoArgs),
@@ -164,6 +175,7 @@ fn main() -> std::process::ExitCode {
         Command::Pki { command } => pki::run(command),
         Command::Keys { command } => keys::run(command),
         Command::DemoApp(args) => demo::run(args),
+        Command::AuthSecret { out, bytes } => auth_secret(&out, bytes),
         Command::Eve { listen, alice, fraction } => run_eve(&listen, alice, fraction),
         Command::Probe { url } => probe(&url),
         Command::BenchPostproc(args) => bench_postproc::run(args),
@@ -183,4 +195,24 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// `qkdctl auth-secret`: a fresh pre-shared secret, written with mode 0600.
+fn auth_secret(out: &std::path::Path, n_bytes: usize) -> anyhow::Result<()> {
+    use std::io::Write;
+    anyhow::ensure!(n_bytes >= 64, "a secret of {n_bytes} bytes is too small for one block (48 bytes) and a margin");
+    let secret = common::auth_pool::new_secret(n_bytes);
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut file = options.open(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    file.write_all(&secret)?;
+    file.sync_all()?;
+    println!(
+        "wrote {n_bytes} random bytes to {}: install it as <data_dir>/auth/pool at Alice and at Bob (by a secure path), \
+         then delete this copy",
+        out.display()
+    );
+    Ok(())
 }

@@ -11,8 +11,11 @@
 //!   over gRPC by the daemons and in memory by the planning tool and tests.
 //! * [`store`]: the [`store::KeyStore`] trait the link commits keys through, and an in-memory
 //!   [`store::MemoryStore`].
+//! * [`auth`]: Wegman-Carter authentication of each block's transcript and the authentication
+//!   key pool ([`auth::AuthPool`], [`auth::MemoryAuthPool`]).
 //! * [`bits`], [`wire`]: packed bit strings and the varint encodings of the wire messages.
 
+pub mod auth;
 pub mod bits;
 pub mod link;
 pub mod postproc;

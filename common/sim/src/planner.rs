@@ -221,12 +221,19 @@ async fn simulate_async(scenario: &Scenario, progress: &mut dyn FnMut(f64)) -> R
     let Scenario { link, protocol, security, duration_s, seed, .. } = scenario;
     let alice_store = Arc::new(MemoryStore::new());
     let bob_store = MemoryStore::new();
-    let mut core =
-        AliceCore::new("alice".into(), protocol.clone(), security.clone(), ChaCha20Rng::seed_from_u64(*seed));
+    // The simulated link's pre-shared authentication secret (both ends in this process).
+    let (alice_auth, bob_auth) = qkd_core::link::testing::auth_pools(*seed);
+    let mut core = AliceCore::new(
+        "alice".into(),
+        protocol.clone(),
+        security.clone(),
+        ChaCha20Rng::seed_from_u64(*seed),
+        alice_auth,
+    );
     core.set_simulated(true);
     let alice = MemoryAlice::new(core, alice_store.clone());
     let (mut bob, _) =
-        BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store, true).await?;
+        BobLink::open(alice.clone(), "bob", protocol.clone(), security.clone(), &bob_store, true, bob_auth).await?;
     bob.set_side_slot_monitor(link.side_slot_calibration());
     let source = Source::new(link);
     let pns =

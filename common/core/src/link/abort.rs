@@ -47,6 +47,11 @@ pub enum AbortReason {
     StoreFull,
     /// A security parameter is outside its range.
     InvalidSecurityParameters,
+    /// A Wegman-Carter tag does not match the transcript (a message was altered, replayed or
+    /// lost on the way), or a pad offset would reuse pad bits ([`crate::auth`]).
+    AuthenticationFailed,
+    /// The authentication key pool holds too few unused bits for the block's tags.
+    AuthPoolExhausted,
     /// A value of the wire's enumeration this end does not know (or an unspecified one).
     Unknown(i32),
 }
@@ -66,6 +71,8 @@ impl AbortReason {
             AbortReason::TranscriptMismatch => WireReason::TranscriptMismatch,
             AbortReason::StoreFull => WireReason::StoreFull,
             AbortReason::InvalidSecurityParameters => WireReason::InvalidSecurityParameters,
+            AbortReason::AuthenticationFailed => WireReason::AuthenticationFailed,
+            AbortReason::AuthPoolExhausted => WireReason::AuthPoolExhausted,
             AbortReason::Unknown(value) => return value,
         };
         wire as i32
@@ -86,6 +93,8 @@ impl AbortReason {
             Ok(WireReason::TranscriptMismatch) => AbortReason::TranscriptMismatch,
             Ok(WireReason::StoreFull) => AbortReason::StoreFull,
             Ok(WireReason::InvalidSecurityParameters) => AbortReason::InvalidSecurityParameters,
+            Ok(WireReason::AuthenticationFailed) => AbortReason::AuthenticationFailed,
+            Ok(WireReason::AuthPoolExhausted) => AbortReason::AuthPoolExhausted,
             Ok(WireReason::Unspecified) | Err(_) => AbortReason::Unknown(value),
         }
     }
@@ -106,6 +115,8 @@ impl fmt::Display for AbortReason {
             AbortReason::TranscriptMismatch => "transcript mismatch",
             AbortReason::StoreFull => "key store full",
             AbortReason::InvalidSecurityParameters => "invalid security parameters",
+            AbortReason::AuthenticationFailed => "authentication failed",
+            AbortReason::AuthPoolExhausted => "authentication key pool exhausted",
             AbortReason::Unknown(value) => return write!(f, "unknown reason {value}"),
         };
         f.write_str(text)
@@ -208,6 +219,8 @@ mod tests {
             AbortReason::TranscriptMismatch,
             AbortReason::StoreFull,
             AbortReason::InvalidSecurityParameters,
+            AbortReason::AuthenticationFailed,
+            AbortReason::AuthPoolExhausted,
         ];
         for reason in reasons {
             assert_ne!(reason.to_wire(), 0, "{reason}");

@@ -1,6 +1,7 @@
 //! Alice's side of the post-processing protocol: answers Bob's requests.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use proto::link::*;
 use rand::{Rng, RngCore};
@@ -13,6 +14,7 @@ use super::reconcile::AliceReconciler;
 use super::request::{HandleContext, Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
+use crate::auth::{AuthPool, AuthReport, BlockAuth, Direction, alice_allocate, retire_hash_key};
 use crate::bits::BitVec;
 use crate::postproc::cascade::FrameParityQuery;
 use crate::postproc::finite_key::{
@@ -55,6 +57,8 @@ pub struct AliceCore {
     simulated: bool,
     /// One past the newest frame the source has reported, prepared or lost.
     next_frame: u64,
+    /// The authentication key pool (shared with nothing else at this end; durable).
+    auth: Arc<dyn AuthPool>,
 }
 
 /// Sifted material accumulated since the last block, and the blocks in progress.
@@ -65,6 +69,9 @@ struct Session {
     acc_pulses: u64,
     acc_frames: u64,
     acc_monitor: SourceMonitor,
+    /// The Sift rounds since the last block: the start of the next block's transcript, so that
+    /// the tags cover the sifting data (bases, test outcomes) the block is made of.
+    acc_transcript: Transcript,
     blocks: HashMap<Uuid, Block>,
     /// Either end's quantum channel is simulated: every block of the session is marked so.
     simulated: bool,
@@ -75,6 +82,8 @@ struct Block {
     key: BitVec,
     reconciler: AliceReconciler,
     transcript: Transcript,
+    /// The block's hash key and pads.
+    auth: BlockAuth,
     stage: Stage,
 }
 
@@ -147,6 +156,8 @@ enum Stage {
         meta: BlockMeta,
         keys: Vec<KeyUnit>,
         length: Box<KeyLength>,
+        /// The first `auth_refill_bits` of the final key, for the authentication pool.
+        refill: Zeroizing<Vec<u8>>,
     },
 }
 
@@ -173,8 +184,8 @@ pub enum AliceEvent {
         /// How many of Bob's pending blocks Alice holds as ready.
         settled_ready: usize,
     },
-    /// A block was committed with its keys, and its security report.
-    Committed(BlockMeta, Box<KeyLength>),
+    /// A block was committed with its keys, its security report and what authentication cost.
+    Committed(BlockMeta, Box<KeyLength>, AuthReport),
     /// A block was dropped, with the reason.
     Aborted {
         /// The block.
@@ -188,8 +199,15 @@ pub enum AliceEvent {
 
 impl AliceCore {
     /// A core with no frames and no session. `rng` must be a CSPRNG seeded from the OS: it
-    /// draws block IDs, key IDs, hash keys and Toeplitz seeds.
-    pub fn new(alice_id: String, params: ProtocolParams, security: SecurityParams, rng: ChaCha20Rng) -> Self {
+    /// draws block IDs, key IDs, hash keys and Toeplitz seeds. `auth` is Alice's
+    /// authentication key pool (the same pre-shared secret as Bob's).
+    pub fn new(
+        alice_id: String,
+        params: ProtocolParams,
+        security: SecurityParams,
+        rng: ChaCha20Rng,
+        auth: Arc<dyn AuthPool>,
+    ) -> Self {
         let digest = params.digest(&security);
         Self {
             alice_id,
@@ -202,7 +220,13 @@ impl AliceCore {
             draining: false,
             simulated: false,
             next_frame: 0,
+            auth,
         }
+    }
+
+    /// Unused bits in Alice's authentication key pool.
+    pub fn auth_pool_bits(&self) -> Result<u64, LinkError> {
+        Ok(self.auth.available_bits()?)
     }
 
     /// The security parameters in use.
@@ -294,6 +318,9 @@ impl AliceCore {
                 "protocol version, [protocol] or [security] settings (block size, key unit, frame length, eps_qkd, p_z, mu_max, g2_max) differ; run the same release and use the same preset, [protocol] and [security] sections at both ends".into(),
             ));
         }
+        // Refills of blocks a crash left unsettled: kept if the block is ready here.
+        self.auth
+            .settle_all(&mut |block_id| Ok(store.block_state(block_id)? == Some(crate::store::BlockState::Ready)))?;
         let mut ready_block_ids = Vec::new();
         for id in &req.pending_block_ids {
             let block_id = parse_uuid(id, "pending block id")?;
@@ -309,6 +336,7 @@ impl AliceCore {
             acc_pulses: 0,
             acc_frames: 0,
             acc_monitor: SourceMonitor::default(),
+            acc_transcript: Transcript::default(),
             blocks: HashMap::new(),
             simulated: self.simulated || req.simulated_channel,
         });
@@ -334,10 +362,14 @@ impl AliceCore {
     fn sift(&mut self, req: &SiftRequest) -> Result<SiftResponse, LinkError> {
         let session = session_mut(&mut self.session, &req.session_id)?;
         let Some(frame) = self.frames.remove(&req.frame_idx) else {
-            return Ok(SiftResponse { alice_info: Vec::new(), unavailable: true });
+            let response = SiftResponse { alice_info: Vec::new(), unavailable: true };
+            session.acc_transcript.absorb("Sift", req, &response);
+            return Ok(response);
         };
         if req.dropped {
-            return Ok(SiftResponse { alice_info: Vec::new(), unavailable: false });
+            let response = SiftResponse { alice_info: Vec::new(), unavailable: false };
+            session.acc_transcript.absorb("Sift", req, &response);
+            return Ok(response);
         }
         let (alice_info, sift) = alice_sift(&frame.states, frame.n_pulses, &req.click_deltas, &req.bob_measurements)?;
         session.acc_bits.extend_from(&sift.key_bits);
@@ -347,7 +379,9 @@ impl AliceCore {
         if let Some(reading) = frame.reading {
             session.acc_monitor.add_frame(reading);
         }
-        Ok(SiftResponse { alice_info, unavailable: false })
+        let response = SiftResponse { alice_info, unavailable: false };
+        session.acc_transcript.absorb("Sift", req, &response);
+        Ok(response)
     }
 
     /// Cuts a block from the sifted bits, checks the phase-error bound, and starts Cascade.
@@ -359,6 +393,7 @@ impl AliceCore {
         let mut cascade_seed = [0u8; 32];
         self.rng.fill_bytes(&mut cascade_seed);
         let security = self.security.clone();
+        let auth_pool = self.auth.clone();
         let session = session_mut(&mut self.session, &req.session_id)?;
         if req.n_bits != session.acc_bits.len() as u64 || req.n_frames != session.acc_frames {
             return Err(LinkError::State(format!(
@@ -377,31 +412,48 @@ impl AliceCore {
             leak_ec_bits: 0,
         };
         session.acc_frames = 0;
+        // The block's transcript starts with its Sift rounds (dropped with an aborted block).
+        let sift_rounds = std::mem::take(&mut session.acc_transcript);
         let monitor = std::mem::take(&mut session.acc_monitor);
         let (monitor_mu, monitor_g2) = (monitor.mu_mean(), monitor.g2_mean());
         let estimate = monitor.check(&security).and_then(|()| phase_error_upper(&stats, &security));
-        if let Err(e) = estimate {
-            let abort = Abort::from_key_length_error(&e);
-            let response = StartBlockResponse {
-                block_id: block_id.to_string(),
-                cascade_seed: vec![],
-                abort: Some(abort.to_wire()),
-                monitor_mu,
-                monitor_g2,
-            };
-            return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
-        }
+        // The block's hash key and pads: Alice's watermark moves past them (durably) before she
+        // answers, so no crash makes her use them again.
+        let auth = match estimate {
+            Err(e) => Err(Abort::from_key_length_error(&e)),
+            Ok(_) => alice_allocate(auth_pool.as_ref())?,
+        };
+        let auth = match auth {
+            Ok(auth) => auth,
+            Err(abort) => {
+                if abort.reason == AbortReason::AuthPoolExhausted {
+                    tracing::error!(block = %block_id, "{abort}");
+                }
+                let response = StartBlockResponse {
+                    block_id: block_id.to_string(),
+                    abort: Some(abort.to_wire()),
+                    monitor_mu,
+                    monitor_g2,
+                    auth_pool_bits: auth_pool.available_bits()?,
+                    ..Default::default()
+                };
+                return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
+            }
+        };
         let response = StartBlockResponse {
             block_id: block_id.to_string(),
             cascade_seed: cascade_seed.to_vec(),
             abort: None,
             monitor_mu,
             monitor_g2,
+            auth_pad_offset: auth.pad_offset,
+            auth_key_offset: auth.key_offset,
+            auth_pool_bits: auth_pool.available_bits()?,
         };
-        let mut transcript = Transcript::default();
+        let mut transcript = sift_rounds;
         transcript.absorb("StartBlock", req, &response);
         let reconciler = AliceReconciler::new(&self.params, &key, cascade_seed);
-        session.blocks.insert(block_id, Block { stats, key, reconciler, transcript, stage: Stage::Reconciling });
+        session.blocks.insert(block_id, Block { stats, key, reconciler, transcript, auth, stage: Stage::Reconciling });
         Ok((response, None))
     }
 
@@ -464,7 +516,9 @@ impl AliceCore {
         now_unix_ms: u64,
     ) -> Result<(AmplifyResponse, Option<AliceEvent>), LinkError> {
         let security = self.security.clone();
+        let params = self.params.clone();
         let (max_qber_z, unit_bits) = (self.params.max_qber_z, u64::from(self.params.key_unit_bits));
+        let refill_bits = self.params.auth_refill_bits;
         let Self { session, rng, .. } = self;
         let simulated = session.as_ref().is_some_and(|s| s.simulated);
         let (block_id, block) = block_for(session, &req.block_id, BlockRequest::Amplify)?;
@@ -489,10 +543,14 @@ impl AliceCore {
             ))
         } else {
             match secret_key_length(&stats, &security) {
-                Ok(length) if length.final_bits / unit_bits > 0 => Ok(length),
+                Ok(length) if params.split_final_key(length.final_bits).is_some() => Ok(length),
                 Ok(length) => Err(Abort::new(
                     AbortReason::NoSecretKey,
-                    format!("finite-key length {} bits is below one key unit of {unit_bits} bits", length.final_bits),
+                    format!(
+                        "finite-key length {} bits leaves no key unit of {unit_bits} bits after the {refill_bits} \
+                         bits that refill the authentication pool",
+                        length.final_bits
+                    ),
                 )),
                 Err(e) => Err(Abort::from_key_length_error(&e)),
             }
@@ -505,15 +563,20 @@ impl AliceCore {
                 return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
             }
         };
-        let final_bits = (length.final_bits / unit_bits) * unit_bits;
-        let seed_bits = (n + final_bits - 1) as usize;
+        let Some((hashed_bits, _)) = params.split_final_key(length.final_bits) else {
+            unreachable!("checked above");
+        };
+        let final_bits = hashed_bits - refill_bits;
+        let seed_bits = (n + hashed_bits - 1) as usize;
         let mut seed_bytes = vec![0u8; seed_bits.div_ceil(8)];
         rng.fill_bytes(&mut seed_bytes);
         let seed = BitVec::from_bytes(&seed_bytes, seed_bits);
-        let final_key = toeplitz_hash(&block.key, &seed, final_bits as usize);
+        let final_key = toeplitz_hash(&block.key, &seed, hashed_bits as usize);
         let key_bytes = Zeroizing::new(final_key.to_bytes());
+        let (refill, unit_bytes) = key_bytes.split_at((refill_bits / 8) as usize);
+        let refill = Zeroizing::new(refill.to_vec());
         let mut keys = Vec::new();
-        for chunk in key_bytes.chunks_exact((unit_bits / 8) as usize) {
+        for chunk in unit_bytes.chunks_exact((unit_bits / 8) as usize) {
             let mut id = [0u8; 16];
             rng.fill_bytes(&mut id);
             keys.push(KeyUnit {
@@ -532,14 +595,24 @@ impl AliceCore {
             final_bits,
             simulated,
         };
-        let response = AmplifyResponse {
-            final_bits,
+        let mut response = AmplifyResponse {
+            final_bits: hashed_bits,
             toeplitz_seed: seed.to_bytes(),
             key_ids: keys.iter().map(|k| k.key_id.to_string()).collect(),
             abort: None,
+            alice_tag: Vec::new(),
         };
+        // Alice's tag covers the transcript up to here, this answer included (its tag field
+        // empty).
         block.transcript.absorb("Amplify", req, &response);
-        block.stage = Stage::Amplified { meta, keys, length: Box::new(length) };
+        if block.transcript.too_long() {
+            remove_block(session, block_id);
+            let abort = Abort::new(AbortReason::AuthenticationFailed, "the block's transcript exceeds 1 GiB");
+            let response = AmplifyResponse { abort: Some(abort.to_wire()), ..Default::default() };
+            return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
+        }
+        response.alice_tag = block.auth.tag(Direction::AliceToBob, block.transcript.bytes()).to_vec();
+        block.stage = Stage::Amplified { meta, keys, length: Box::new(length), refill };
         Ok((response, None))
     }
 
@@ -547,26 +620,50 @@ impl AliceCore {
     fn commit(&mut self, req: &CommitRequest, store: &dyn KeyStore) -> Result<(CommitResponse, AliceEvent), LinkError> {
         let (block_id, _) = block_for(&mut self.session, &req.block_id, BlockRequest::Commit)?;
         // The block leaves the session whatever the outcome (a store failure included).
-        let Some(Block { stage: Stage::Amplified { meta, keys, length }, transcript, .. }) =
+        let Some(Block { stage: Stage::Amplified { meta, keys, length, refill }, transcript, auth, .. }) =
             remove_block(&mut self.session, block_id)
         else {
             return Err(LinkError::State(format!("block {block_id} vanished during its commit")));
         };
-        if transcript.digest().as_slice() != req.transcript_digest.as_slice() {
-            let abort = Abort::new(AbortReason::TranscriptMismatch, "the two ends did not see the same messages");
-            return Ok((CommitResponse { ready: false }, AliceEvent::Aborted { block_id, abort, by_bob: false }));
+        // Bob's tag, before anything is stored.
+        if !auth.verify(Direction::BobToAlice, transcript.bytes(), &req.bob_tag) {
+            retire_hash_key(self.auth.as_ref(), auth.key_offset)?;
+            let abort = Abort::new(
+                AbortReason::AuthenticationFailed,
+                "Bob's tag does not match Alice's transcript of the block (a message was altered, replayed or \
+                 lost); the hash key is replaced",
+            );
+            tracing::warn!(block = %block_id, "{abort}");
+            let response = CommitResponse { ready: false, abort: Some(abort.to_wire()) };
+            return Ok((response, AliceEvent::Aborted { block_id, abort, by_bob: false }));
         }
-        store.put_ready(&meta, &keys)?;
-        Ok((CommitResponse { ready: true }, AliceEvent::Committed(meta, length)))
+        // The refill first (kept aside until the block is ready here), then the keys.
+        self.auth.stage_refill(block_id, &refill)?;
+        if let Err(e) = store.put_ready(&meta, &keys) {
+            self.auth.settle_refill(block_id, false)?;
+            return Err(e.into());
+        }
+        self.auth.settle_refill(block_id, true)?;
+        let report = AuthReport::new(auth.spent_bits, refill.len() as u64 * 8, self.auth.available_bits()?);
+        Ok((CommitResponse { ready: true, abort: None }, AliceEvent::Committed(meta, length, report)))
     }
 
     /// Bob gave up on a block: forget it.
     fn abort(&mut self, req: &AbortRequest) -> Result<(AbortResponse, AliceEvent), LinkError> {
         let block_id = parse_uuid(&req.block_id, "block id")?;
-        if let Some(session) = self.session.as_mut() {
-            session.blocks.remove(&block_id);
-        }
+        let block = self.session.as_mut().and_then(|session| session.blocks.remove(&block_id));
         let abort = req.abort.as_ref().map_or(Abort::new(AbortReason::Unknown(0), ""), Abort::from_wire);
+        // Bob saw an authentication fail: the hash key is replaced at both ends. (A forged abort
+        // only costs 128 pool bits.)
+        if abort.reason == AbortReason::AuthenticationFailed {
+            let key_offset = match block {
+                Some(block) => Some(block.auth.key_offset),
+                None => self.auth.state()?.hash_key_offset,
+            };
+            if let Some(key_offset) = key_offset {
+                retire_hash_key(self.auth.as_ref(), key_offset)?;
+            }
+        }
         Ok((AbortResponse {}, AliceEvent::Aborted { block_id, abort, by_bob: true }))
     }
 

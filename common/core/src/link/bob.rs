@@ -1,6 +1,8 @@
 //! Bob's side of the post-processing protocol: drives sifting and every block's rounds through
 //! a [`LinkPeer`], and commits blocks to his store.
 
+use std::sync::Arc;
+
 use proto::link::*;
 use uuid::Uuid;
 use zeroize::Zeroizing;
@@ -11,6 +13,7 @@ use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join
 use super::request::{Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
+use crate::auth::{AuthPool, AuthReport, Direction, bob_accept, retire_hash_key};
 use crate::bits::BitVec;
 use crate::postproc::binary_entropy;
 use crate::postproc::cascade::MultiCascadeBob;
@@ -108,6 +111,8 @@ pub struct BlockReport {
     /// The finite-key security report (sample sizes, bounds, eps terms, leaks, key length) when
     /// the analysis ran to a key length.
     pub security: Option<Box<KeyLength>>,
+    /// What authentication cost: pool bits spent, bits refilled, the pool's level (Bob's).
+    pub auth: AuthReport,
 }
 
 /// Counters of a running link, for progress output.
@@ -152,6 +157,10 @@ pub struct BobLink<P: LinkPeer> {
     pub counters: LinkCounters,
     /// Either end's quantum channel is simulated: blocks are stored marked so.
     simulated: bool,
+    /// Bob's authentication key pool.
+    auth: Arc<dyn AuthPool>,
+    /// The Sift rounds since the last block: the start of the next block's transcript.
+    acc_transcript: Transcript,
 }
 
 impl<P: LinkPeer> BobLink<P> {
@@ -159,7 +168,8 @@ impl<P: LinkPeer> BobLink<P> {
     /// as ready become ready here, the others are dropped (step 3 of the two-ended commit).
     /// Returns the link and the number of blocks (made ready, dropped). `simulated`: Bob's
     /// receiver is simulated; if it is, or Alice's source is, every block of the session is
-    /// marked simulated in the store.
+    /// marked simulated in the store. `auth` is Bob's authentication key pool (the same
+    /// pre-shared secret as Alice's); the refills of blocks settled here are settled with them.
     pub async fn open(
         mut peer: P,
         bob_id: &str,
@@ -167,6 +177,7 @@ impl<P: LinkPeer> BobLink<P> {
         security: SecurityParams,
         store: &dyn KeyStore,
         simulated: bool,
+        auth: Arc<dyn AuthPool>,
     ) -> Result<(Self, (usize, usize)), LinkError> {
         let pending = store.pending_blocks()?;
         let hello = peer
@@ -193,6 +204,9 @@ impl<P: LinkPeer> BobLink<P> {
                 dropped += 1;
             }
         }
+        // A refill joins the pool only when its block is ready here (as at Alice, in the same
+        // order), so both pools hold the same bits.
+        auth.settle_all(&mut |block_id| Ok(store.block_state(block_id)? == Some(crate::store::BlockState::Ready)))?;
         let qber_estimate = params.initial_qber;
         let link = Self {
             peer,
@@ -209,6 +223,8 @@ impl<P: LinkPeer> BobLink<P> {
             acc_x_slots: XSlotCounts::default(),
             counters: LinkCounters::default(),
             simulated: simulated || hello.simulated_channel,
+            auth,
+            acc_transcript: Transcript::default(),
         };
         Ok((link, (ready, dropped)))
     }
@@ -223,16 +239,15 @@ impl<P: LinkPeer> BobLink<P> {
         detections: &[Detection],
     ) -> Result<Option<XCounts>, LinkError> {
         let (click_deltas, bob_measurements) = announce(detections);
-        let response = self
-            .peer
-            .sift(SiftRequest {
-                session_id: self.session_id.clone(),
-                frame_idx,
-                click_deltas,
-                bob_measurements,
-                dropped: false,
-            })
-            .await?;
+        let request = SiftRequest {
+            session_id: self.session_id.clone(),
+            frame_idx,
+            click_deltas,
+            bob_measurements,
+            dropped: false,
+        };
+        let response = self.peer.sift(request.clone()).await?;
+        self.acc_transcript.absorb("Sift", &request, &response);
         if response.unavailable {
             self.counters.frames_dropped += 1;
             return Ok(None);
@@ -251,15 +266,15 @@ impl<P: LinkPeer> BobLink<P> {
     /// Drops a frame at both ends (Bob's receiver lost part of it): Alice erases its states
     /// unused, and neither end counts it in a block.
     pub async fn drop_frame(&mut self, frame_idx: u64) -> Result<(), LinkError> {
-        self.peer
-            .sift(SiftRequest {
-                session_id: self.session_id.clone(),
-                frame_idx,
-                click_deltas: Vec::new(),
-                bob_measurements: Vec::new(),
-                dropped: true,
-            })
-            .await?;
+        let request = SiftRequest {
+            session_id: self.session_id.clone(),
+            frame_idx,
+            click_deltas: Vec::new(),
+            bob_measurements: Vec::new(),
+            dropped: true,
+        };
+        let response = self.peer.sift(request.clone()).await?;
+        self.acc_transcript.absorb("Sift", &request, &response);
         self.counters.frames_dropped += 1;
         Ok(())
     }
@@ -312,6 +327,7 @@ impl<P: LinkPeer> BobLink<P> {
         };
         self.acc_frames = 0;
         let x_slots = std::mem::take(&mut self.acc_x_slots);
+        let sift_rounds = std::mem::take(&mut self.acc_transcript);
         let started = self.peer.start_block(start.clone()).await?;
         let block_id = parse_uuid(&started.block_id, "block id")?;
         let mut report = BlockReport {
@@ -329,12 +345,30 @@ impl<P: LinkPeer> BobLink<P> {
             monitor_mu: started.monitor_mu,
             monitor_g2: started.monitor_g2,
             security: None,
+            auth: AuthReport { pool_bits: self.auth.available_bits()?, ..AuthReport::default() },
         };
         if let Some(abort) = &started.abort {
-            report.abort_reason = Some(Abort::from_wire(abort));
+            let abort = Abort::from_wire(abort);
+            if abort.reason == AbortReason::AuthPoolExhausted {
+                tracing::error!(block = %block_id, "{abort}");
+            }
+            report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
+        // The block's hash key and pads: Bob's watermark moves past them (durably) before he uses
+        // them; positions below it are refused.
+        let auth = match bob_accept(self.auth.as_ref(), started.auth_key_offset, started.auth_pad_offset)? {
+            Ok(auth) => auth,
+            Err(abort) => {
+                tracing::warn!(block = %block_id, "{abort}");
+                self.abort(&started.block_id, &abort).await?;
+                report.abort_reason = Some(abort);
+                self.counters.blocks_aborted += 1;
+                return Ok(report);
+            }
+        };
+        report.auth = AuthReport::new(auth.spent_bits, 0, self.auth.available_bits()?);
         if let Some(calibration) = &self.side_slots
             && let Err(detail) = calibration.check(&x_slots, stats.n_pulses)
         {
@@ -361,7 +395,7 @@ impl<P: LinkPeer> BobLink<P> {
                 return Ok(report);
             }
         }
-        let mut transcript = Transcript::default();
+        let mut transcript = sift_rounds;
         transcript.absorb("StartBlock", &start, &started);
         let seed: [u8; 32] = started
             .cascade_seed
@@ -372,7 +406,23 @@ impl<P: LinkPeer> BobLink<P> {
         // Error correction: Bob asks, Alice discloses parities or syndromes.
         let outcome = match self.params.reconciliation {
             Reconciliation::Cascade => self.cascade(&started.block_id, key, seed, &mut transcript).await?,
-            Reconciliation::Ldpc => self.ldpc(&started.block_id, key, &mut transcript).await?,
+            Reconciliation::Ldpc => Some(self.ldpc(&started.block_id, key, &mut transcript).await?),
+        };
+        let Some(outcome) = outcome else {
+            // Answers that contradict each other (a channel far noisier than the estimate, or
+            // altered messages) would keep Cascade searching: it stops once it has disclosed as
+            // many bits as the block holds, which leaves no key anyway.
+            let abort = Abort::new(
+                AbortReason::NoSecretKey,
+                format!(
+                    "error correction disclosed more than the block's {} bits; no key can remain",
+                    stats.n_key_bits
+                ),
+            );
+            self.abort(&started.block_id, &abort).await?;
+            report.abort_reason = Some(abort);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
         };
         report.round_trips = outcome.round_trips;
         report.qber_z = outcome.n_corrected as f64 / stats.n_key_bits.max(1) as f64;
@@ -401,24 +451,41 @@ impl<P: LinkPeer> BobLink<P> {
                 .fold(true, |all, (&hash_key, &tag)| all & tags_match(poly_hash_tag(&outcome.key, hash_key), tag));
 
         let req = AmplifyRequest { block_id: started.block_id.clone(), verified };
-        let amplify = self.peer.amplify(req.clone()).await?;
+        let mut amplify = self.peer.amplify(req.clone()).await?;
         if let Some(abort) = &amplify.abort {
             report.abort_reason = Some(Abort::from_wire(abort));
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
+        // Alice's tag, before anything else of her answer is used.
+        let alice_tag = std::mem::take(&mut amplify.alice_tag);
         transcript.absorb("Amplify", &req, &amplify);
+        if transcript.too_long() || !auth.verify(Direction::AliceToBob, transcript.bytes(), &alice_tag) {
+            retire_hash_key(self.auth.as_ref(), auth.key_offset)?;
+            let abort = Abort::new(
+                AbortReason::AuthenticationFailed,
+                "Alice's tag does not match Bob's transcript of the block (a message was altered, replayed or lost); \
+                 the hash key is replaced",
+            );
+            tracing::warn!(block = %block_id, "{abort}");
+            self.abort(&started.block_id, &abort).await?;
+            report.abort_reason = Some(abort);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
 
         // Bob checks Alice's key length against his own evaluation of the same formula.
         let security = self.security.clone();
         let unit_bits = u64::from(self.params.key_unit_bits);
+        let refill_bits = self.params.auth_refill_bits;
         let own = BlockStats { leak_ec_bits: outcome.leak_bits, ..stats };
         let expected =
             secret_key_length(&own, &security).map_err(|e| LinkError::Refused(format!("finite-key analysis: {e}")))?;
         report.phase_error_upper = expected.phase_error_upper();
-        let expected_bits = expected.final_bits / unit_bits * unit_bits;
+        let (expected_bits, expected_units) = self.params.split_final_key(expected.final_bits).unwrap_or((0, 0));
         report.security = Some(Box::new(expected));
-        if amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_bits / unit_bits {
+        if expected_units == 0 || amplify.final_bits != expected_bits || amplify.key_ids.len() as u64 != expected_units
+        {
             let abort = Abort::new(
                 AbortReason::KeyLengthMismatch,
                 format!("Alice's final length {} differs from Bob's {expected_bits}", amplify.final_bits),
@@ -432,7 +499,8 @@ impl<P: LinkPeer> BobLink<P> {
         let seed = unpack(&amplify.toeplitz_seed, seed_bits, "Toeplitz seed")?;
         let final_key = toeplitz_hash(&outcome.key, &seed, amplify.final_bits as usize);
         let key_bytes = Zeroizing::new(final_key.to_bytes());
-        let keys = key_bytes
+        let (refill, unit_bytes) = key_bytes.split_at((refill_bits / 8) as usize);
+        let keys = unit_bytes
             .chunks_exact((unit_bits / 8) as usize)
             .zip(&amplify.key_ids)
             .map(|(chunk, id)| Ok(KeyUnit { key_id: parse_uuid(id, "key id")?, key: Zeroizing::new(chunk.to_vec()) }))
@@ -445,28 +513,34 @@ impl<P: LinkPeer> BobLink<P> {
             qber_x: report.qber_x,
             phase_error_upper: report.phase_error_upper,
             leak_bits: report.leak_bits,
-            final_bits: amplify.final_bits,
+            final_bits: amplify.final_bits - refill_bits,
             simulated: self.simulated,
         };
 
-        // Two-ended commit: pending here (durably), then Alice stores ready, then ready here.
+        // Two-ended commit: the refill aside and the keys pending here (durably), then Alice
+        // checks Bob's tag and stores ready, then ready here (and the refill joins the pool).
+        self.auth.stage_refill(block_id, refill)?;
         store.put_pending(&meta, &keys)?;
         tracing::debug!(block = %block_id, keys = keys.len(), "block stored as pending; asking Alice to commit");
-        let commit = self
-            .peer
-            .commit(CommitRequest {
-                block_id: started.block_id.clone(),
-                transcript_digest: transcript.digest().to_vec(),
-            })
-            .await?;
+        let bob_tag = auth.tag(Direction::BobToAlice, transcript.bytes()).to_vec();
+        let commit = self.peer.commit(CommitRequest { block_id: started.block_id.clone(), bob_tag }).await?;
         if !commit.ready {
-            store.drop_pending(block_id)?;
-            report.abort_reason = Some(Abort::new(AbortReason::TranscriptMismatch, "Alice refused the commit"));
-            self.counters.blocks_aborted += 1;
-            return Ok(report);
+            // Alice's refusal is not authenticated: the block stays pending, like a lost answer,
+            // and the next Hello settles it at both ends (dropped unless Alice holds it).
+            let abort = commit.abort.as_ref().map_or(Abort::new(AbortReason::Unknown(0), ""), Abort::from_wire);
+            if abort.reason == AbortReason::AuthenticationFailed {
+                retire_hash_key(self.auth.as_ref(), auth.key_offset)?;
+            }
+            tracing::warn!(block = %block_id, "Alice refused the commit: {abort}");
+            return Err(LinkError::Refused(format!(
+                "Alice refused the commit of block {block_id} ({abort}); it stays pending until the next Hello \
+                 settles it"
+            )));
         }
         store.mark_ready(block_id)?;
-        report.final_bits = amplify.final_bits;
+        self.auth.settle_refill(block_id, true)?;
+        report.auth = AuthReport::new(auth.spent_bits, refill_bits, self.auth.available_bits()?);
+        report.final_bits = meta.final_bits;
         report.n_keys = keys.len() as u64;
         self.counters.blocks_committed += 1;
         self.counters.keys_stored += report.n_keys;
@@ -481,11 +555,15 @@ impl<P: LinkPeer> BobLink<P> {
         key: BitVec,
         seed: [u8; 32],
         transcript: &mut Transcript,
-    ) -> Result<Reconciled, LinkError> {
+    ) -> Result<Option<Reconciled>, LinkError> {
+        let n_bits = key.len() as u64;
         let mut cascade =
             MultiCascadeBob::new(cascade_frames(&key, self.params.cascade_frame_bits), self.qber_estimate, seed);
         drop(key);
         while let Some(queries) = cascade.next_queries() {
+            if cascade.leak_bits() > n_bits {
+                return Ok(None);
+            }
             let req = ParityRequest {
                 block_id: block_id.to_owned(),
                 queries: queries
@@ -502,10 +580,13 @@ impl<P: LinkPeer> BobLink<P> {
         let leak_bits = cascade.leak_bits();
         let frames = cascade.finish();
         let n_corrected: u64 = frames.iter().map(|f| f.n_corrected).sum();
+        if n_corrected > n_bits {
+            return Ok(None);
+        }
         let keys: Vec<BitVec> = frames.into_iter().map(|f| f.key).collect();
         let key = join_frames(&keys);
         let observed_qber = Some(n_corrected as f64 / key.len().max(1) as f64);
-        Ok(Reconciled { key, n_corrected, leak_bits, round_trips, observed_qber })
+        Ok(Some(Reconciled { key, n_corrected, leak_bits, round_trips, observed_qber }))
     }
 
     /// Blind LDPC over the block's frames: one syndrome message, then reveal rounds for the

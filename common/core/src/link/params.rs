@@ -15,7 +15,9 @@ use crate::postproc::finite_key::SecurityParams;
 /// 4: typed abort reasons on the wire (`BlockAbort`: an `AbortReason` and a bounded detail).
 /// 5: frames dropped at both ends (`SiftRequest.dropped`, `SiftResponse.unavailable`) and the
 ///    simulated-channel flag at `Hello`.
-pub const LINK_PROTOCOL_VERSION: u32 = 5;
+/// 6: Wegman-Carter authentication of every block (`alice_tag` in Amplify, `bob_tag` in Commit,
+///    pad positions at StartBlock) and the authentication pool's refill from each block's key.
+pub const LINK_PROTOCOL_VERSION: u32 = 6;
 
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
 /// parameters the security analysis uses) when a session opens.
@@ -46,6 +48,11 @@ pub struct ProtocolParams {
     pub ldpc_frame_bits: u64,
     /// Largest key-basis QBER accepted after error correction; above it the block is aborted.
     pub max_qber_z: f64,
+    /// Bits of each block's final key that refill the authentication key pool at both ends
+    /// before anything else is stored (the stored key is net of them). A block spends 256 pad
+    /// bits, and 128 more when it takes a fresh hash key, so the default 512 keeps the pool
+    /// growing; a multiple of 128, at least 384.
+    pub auth_refill_bits: u64,
 }
 
 impl Default for ProtocolParams {
@@ -59,6 +66,7 @@ impl Default for ProtocolParams {
             cascade_frame_bits: 1 << 20,
             ldpc_frame_bits: 1 << 16,
             max_qber_z: 0.11,
+            auth_refill_bits: 512,
         }
     }
 }
@@ -87,7 +95,24 @@ impl ProtocolParams {
         if !(self.max_qber_z > 0.0 && self.max_qber_z < 0.5) {
             return Err(format!("max_qber_z = {} is not in (0, 0.5)", self.max_qber_z));
         }
+        if self.auth_refill_bits < 384 || !self.auth_refill_bits.is_multiple_of(128) {
+            return Err(format!(
+                "auth_refill_bits = {} is not a multiple of 128 of at least 384 (a block spends up to 384 \
+                 authentication bits)",
+                self.auth_refill_bits
+            ));
+        }
         Ok(())
+    }
+
+    /// The Toeplitz output length and the number of key units of a block whose finite-key
+    /// length is `secret_bits`: the first [`ProtocolParams::auth_refill_bits`] refill the
+    /// authentication pool, the rest is cut into whole key units. `None` when no key unit is
+    /// left after the refill.
+    pub fn split_final_key(&self, secret_bits: u64) -> Option<(u64, u64)> {
+        let unit_bits = u64::from(self.key_unit_bits);
+        let n_units = secret_bits.checked_sub(self.auth_refill_bits)? / unit_bits;
+        (n_units > 0).then(|| (self.auth_refill_bits + n_units * unit_bits, n_units))
     }
 
     /// SHA-256 over everything both ends must share: the [`LINK_PROTOCOL_VERSION`], these

@@ -39,3 +39,15 @@ impl LinkPeer for FlakyAlice {
         }
     }
 }
+
+/// Two in-memory authentication pools holding the same pre-shared secret (64 KiB drawn from
+/// `seed`): Alice's and Bob's, for links run in one process (the tests, the planning tool).
+pub fn auth_pools(
+    seed: u64,
+) -> (std::sync::Arc<crate::auth::MemoryAuthPool>, std::sync::Arc<crate::auth::MemoryAuthPool>) {
+    use rand::{RngCore, SeedableRng};
+    let mut secret = zeroize::Zeroizing::new(vec![0u8; 1 << 16]);
+    rand_chacha::ChaCha20Rng::seed_from_u64(seed ^ 0x05EC_2E7A).fill_bytes(&mut secret);
+    let pool = || std::sync::Arc::new(crate::auth::MemoryAuthPool::new(&secret));
+    (pool(), pool())
+}

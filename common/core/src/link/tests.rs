@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 
 use proto::link::{AmplifyRequest, ParityRequest};
-use rand::{Rng, SeedableRng};
+use rand::{Rng, RngCore, SeedableRng};
 use rand_chacha::ChaCha20Rng;
 
 use super::alice::{AliceCore, AliceEvent, BlockPhase, BlockRequest, PreparedFrame};
@@ -17,6 +17,7 @@ use super::reconcile::LDPC_REVEAL_STEPS;
 use super::request::{Request, Response};
 use super::testing::{Crash, FlakyAlice};
 use super::{AbortReason, LinkError, ProtocolParams, Reconciliation};
+use crate::auth::{AuthPool, AuthPoolError, AuthState, MemoryAuthPool};
 use crate::block_on;
 use crate::postproc::binary_entropy;
 use crate::postproc::finite_key::{SecurityParams, SourceReading};
@@ -58,14 +59,87 @@ fn detect(secret: &FrameSecret, n_pulses: u64, rng: &mut ChaCha20Rng) -> Vec<Det
     }
 }
 
-struct Rig {
+/// An authentication pool that logs every pad and hash key it hands out, to check that no pad
+/// bit is ever used twice.
+pub(super) struct LoggedPool {
+    pool: MemoryAuthPool,
+    pub(super) pads: Mutex<Vec<(u64, u64)>>,
+    pub(super) keys: Mutex<Vec<u64>>,
+}
+
+impl LoggedPool {
+    pub(super) fn new(secret: &[u8]) -> Arc<Self> {
+        Arc::new(Self { pool: MemoryAuthPool::new(secret), pads: Mutex::default(), keys: Mutex::default() })
+    }
+
+    /// Panics if two pads overlap, or a pad overlaps a hash key.
+    pub(super) fn assert_no_reuse(&self, end: &str) {
+        let mut pads = self.pads.lock().unwrap().clone();
+        pads.sort();
+        for w in pads.windows(2) {
+            assert!(w[0].0 + w[0].1 <= w[1].0, "{end}: pads {:?} and {:?} overlap", w[0], w[1]);
+        }
+        for &key in self.keys.lock().unwrap().iter() {
+            for &(offset, n) in &pads {
+                assert!(key + 128 <= offset || key >= offset + n, "{end}: hash key at {key} overlaps pad {offset}+{n}");
+            }
+        }
+    }
+}
+
+impl AuthPool for LoggedPool {
+    fn state(&self) -> Result<AuthState, AuthPoolError> {
+        self.pool.state()
+    }
+    fn set_state(&self, state: AuthState) -> Result<(), AuthPoolError> {
+        self.pool.set_state(state)
+    }
+    fn total_bits(&self) -> Result<u64, AuthPoolError> {
+        self.pool.total_bits()
+    }
+    fn hash_key(&self, offset: u64) -> Result<zeroize::Zeroizing<[u8; 16]>, AuthPoolError> {
+        // A pad read below the watermark would be a reuse in waiting: the caller moves it first.
+        assert!(self.pool.watermark()? >= offset + 128, "hash key read above the watermark");
+        self.keys.lock().unwrap().push(offset);
+        self.pool.hash_key(offset)
+    }
+    fn pad(&self, offset: u64, n_bits: u64) -> Result<zeroize::Zeroizing<Vec<u8>>, AuthPoolError> {
+        assert!(self.pool.watermark()? >= offset + n_bits, "pad read above the watermark");
+        self.pads.lock().unwrap().push((offset, n_bits));
+        self.pool.pad(offset, n_bits)
+    }
+    fn stage_refill(&self, block_id: uuid::Uuid, bytes: &[u8]) -> Result<(), AuthPoolError> {
+        self.pool.stage_refill(block_id, bytes)
+    }
+    fn settle_refill(&self, block_id: uuid::Uuid, keep: bool) -> Result<(), AuthPoolError> {
+        self.pool.settle_refill(block_id, keep)
+    }
+    fn staged_refills(&self) -> Result<Vec<uuid::Uuid>, AuthPoolError> {
+        self.pool.staged_refills()
+    }
+    fn install_secret(&self, bytes: &[u8]) -> Result<(), AuthPoolError> {
+        self.pool.install_secret(bytes)
+    }
+}
+
+/// The pre-shared secret of the tests' pools.
+fn secret(seed: u64, n_bytes: usize) -> Vec<u8> {
+    let mut bytes = vec![0u8; n_bytes];
+    ChaCha20Rng::seed_from_u64(seed ^ 0x5EC).fill_bytes(&mut bytes);
+    bytes
+}
+
+pub(super) struct Rig {
     security: SecurityParams,
     params: ProtocolParams,
     alice: MemoryAlice,
     alice_store: Arc<MemoryStore>,
     bob_store: MemoryStore,
+    alice_pool: Arc<LoggedPool>,
+    bob_pool: Arc<LoggedPool>,
     rng: ChaCha20Rng,
     frame_idx: u64,
+    seed: u64,
 }
 
 impl Rig {
@@ -74,24 +148,69 @@ impl Rig {
     }
 
     fn with_params(seed: u64, params: ProtocolParams) -> Self {
+        Self::with_secret(seed, params, 4096)
+    }
+
+    /// A rig whose pools start with a pre-shared secret of `secret_bytes` bytes.
+    fn with_secret(seed: u64, params: ProtocolParams, secret_bytes: usize) -> Self {
         // The lab preset's calibrated bounds.
         let security = SecurityParams::with_bounds(4.0e-3, 0.009, P_Z);
         let alice_store = Arc::new(MemoryStore::new());
-        let core = AliceCore::new("alice".into(), params.clone(), security.clone(), ChaCha20Rng::seed_from_u64(seed));
+        let psk = secret(seed, secret_bytes);
+        let (alice_pool, bob_pool) = (LoggedPool::new(&psk), LoggedPool::new(&psk));
+        let core = AliceCore::new(
+            "alice".into(),
+            params.clone(),
+            security.clone(),
+            ChaCha20Rng::seed_from_u64(seed),
+            alice_pool.clone(),
+        );
         Self {
             alice: MemoryAlice::new(core, alice_store.clone()),
             alice_store,
             bob_store: MemoryStore::new(),
+            alice_pool,
+            bob_pool,
             rng: ChaCha20Rng::seed_from_u64(seed ^ 0xB0B),
             security,
             params,
             frame_idx: 0,
+            seed,
         }
     }
 
     async fn open(&mut self, crash: Crash) -> BobLink<FlakyAlice> {
         let peer = FlakyAlice { alice: self.alice.clone(), crash };
-        BobLink::open(peer, "bob", self.params.clone(), self.security.clone(), &self.bob_store, true).await.unwrap().0
+        self.open_with(peer).await
+    }
+
+    async fn open_with<P: LinkPeer>(&mut self, peer: P) -> BobLink<P> {
+        BobLink::open(
+            peer,
+            "bob",
+            self.params.clone(),
+            self.security.clone(),
+            &self.bob_store,
+            true,
+            self.bob_pool.clone(),
+        )
+        .await
+        .unwrap()
+        .0
+    }
+
+    /// Alice's process restarts: a new core over the same store and pool (her frames and
+    /// session are lost).
+    fn restart_alice(&mut self) {
+        self.seed += 1000;
+        let core = AliceCore::new(
+            "alice".into(),
+            self.params.clone(),
+            self.security.clone(),
+            ChaCha20Rng::seed_from_u64(self.seed),
+            self.alice_pool.clone(),
+        );
+        self.alice.lock().core = core;
     }
 
     /// Emits, detects and sifts frames until a block is ready.
@@ -244,10 +363,18 @@ fn mismatched_parameters_are_refused_at_hello() {
         let mut rig = Rig::new(3);
         rig.params.block_bits += 1;
         let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
-        let err = BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, true)
-            .await
-            .err()
-            .unwrap();
+        let err = BobLink::open(
+            peer,
+            "bob",
+            rig.params.clone(),
+            rig.security.clone(),
+            &rig.bob_store,
+            true,
+            rig.bob_pool.clone(),
+        )
+        .await
+        .err()
+        .unwrap();
         assert!(matches!(err, LinkError::ParamsMismatch(_)), "{err}");
     });
 }
@@ -302,8 +429,17 @@ fn requests_out_of_a_blocks_phase_are_refused_naming_both_phases_and_change_noth
         let mut rig = Rig::new(6);
         let refused = Arc::new(Mutex::new(Vec::new()));
         let peer = OutOfPhase { alice: rig.alice.clone(), refused: refused.clone() };
-        let (mut bob, _) =
-            BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, true).await.unwrap();
+        let (mut bob, _) = BobLink::open(
+            peer,
+            "bob",
+            rig.params.clone(),
+            rig.security.clone(),
+            &rig.bob_store,
+            true,
+            rig.bob_pool.clone(),
+        )
+        .await
+        .unwrap();
         rig.fill_block(&mut bob).await;
         let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
         assert_eq!(report.abort_reason, None, "{report:?}");
@@ -397,10 +533,17 @@ fn blocks_are_marked_simulated_at_both_ends_when_either_end_is_simulated() {
             let mut rig = Rig::new(23);
             rig.alice.lock().core.set_simulated(alice_simulated);
             let peer = FlakyAlice { alice: rig.alice.clone(), crash: Crash::None };
-            let (mut bob, _) =
-                BobLink::open(peer, "bob", rig.params.clone(), rig.security.clone(), &rig.bob_store, bob_simulated)
-                    .await
-                    .unwrap();
+            let (mut bob, _) = BobLink::open(
+                peer,
+                "bob",
+                rig.params.clone(),
+                rig.security.clone(),
+                &rig.bob_store,
+                bob_simulated,
+                rig.bob_pool.clone(),
+            )
+            .await
+            .unwrap();
             rig.fill_block(&mut bob).await;
             let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
             assert_eq!(report.abort_reason, None, "{report:?}");
@@ -414,5 +557,471 @@ fn blocks_are_marked_simulated_at_both_ends_when_either_end_is_simulated() {
                 );
             }
         }
+    });
+}
+
+// ---------------------------------------------------------------------------------------------
+// Wegman-Carter authentication: a man in the middle who alters, replays or drops messages.
+
+/// Which way a message goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Way {
+    Request,
+    Response,
+}
+
+/// What the man in the middle does to the first message named `name` going `way`.
+#[derive(Clone, Debug)]
+enum Fault {
+    /// Nothing.
+    None,
+    /// Flips the bit at this fraction of the encoded message (0: the first, 1: the last).
+    Flip(&'static str, Way, f64),
+    /// Lets Alice answer the request, then loses the answer (a crash or a broken connection).
+    LoseAnswer(&'static str),
+    /// Replaces the answer by this one (recorded earlier).
+    ReplayAnswer(Response),
+    /// Replaces the request by this one, with the current block's ID.
+    ReplayRequest(Request),
+}
+
+/// A peer between Bob and Alice that records every exchange and applies one fault.
+struct Mitm {
+    alice: MemoryAlice,
+    fault: Fault,
+    /// Whether the fault fired, and whether it changed the message's meaning (a flipped bit
+    /// prost decodes to the same message, such as a boolean 1 read as 3, changes nothing).
+    fired: Arc<Mutex<Option<bool>>>,
+    log: Arc<Mutex<Vec<(Request, Response)>>>,
+}
+
+impl Mitm {
+    fn new(alice: &MemoryAlice, fault: Fault) -> Self {
+        Self { alice: alice.clone(), fault, fired: Arc::default(), log: Arc::default() }
+    }
+
+    fn fire(&self, changed: bool) {
+        *self.fired.lock().unwrap() = Some(changed);
+    }
+}
+
+fn flip<M: prost::Message + Default + Clone>(message: &M, fraction: f64) -> Result<M, LinkError> {
+    let mut bytes = message.encode_to_vec();
+    if bytes.is_empty() {
+        return Ok(message.clone());
+    }
+    let bit = ((bytes.len() * 8 - 1) as f64 * fraction) as usize;
+    bytes[bit / 8] ^= 1 << (bit % 8);
+    M::decode(bytes.as_slice()).map_err(|e| LinkError::Malformed(format!("undecodable message: {e}")))
+}
+
+macro_rules! flip_any {
+    ($value:expr, $fraction:expr, $enum:ident: $($variant:ident),*) => {
+        match $value {
+            $($enum::$variant(m) => flip(m, $fraction).map($enum::$variant),)*
+        }
+    };
+}
+
+fn flip_request(request: &Request, fraction: f64) -> Result<Request, LinkError> {
+    flip_any!(request, fraction, Request: Hello, Sift, StartBlock, Parities, Syndromes, Reveal, Verify, Amplify, Commit, Abort)
+}
+
+fn flip_response(response: &Response, fraction: f64) -> Result<Response, LinkError> {
+    flip_any!(response, fraction, Response: Hello, Sift, StartBlock, Parities, Syndromes, Reveal, Verify, Amplify, Commit, Abort)
+}
+
+/// The block a request names, if any.
+fn block_of(request: &Request) -> Option<&str> {
+    Some(match request {
+        Request::Parities(r) => &r.block_id,
+        Request::Syndromes(r) => &r.block_id,
+        Request::Reveal(r) => &r.block_id,
+        Request::Verify(r) => &r.block_id,
+        Request::Amplify(r) => &r.block_id,
+        Request::Commit(r) => &r.block_id,
+        Request::Abort(r) => &r.block_id,
+        _ => return None,
+    })
+}
+
+fn with_block(mut request: Request, block_id: &str) -> Request {
+    match &mut request {
+        Request::Parities(r) => r.block_id = block_id.into(),
+        Request::Syndromes(r) => r.block_id = block_id.into(),
+        Request::Reveal(r) => r.block_id = block_id.into(),
+        Request::Verify(r) => r.block_id = block_id.into(),
+        Request::Amplify(r) => r.block_id = block_id.into(),
+        Request::Commit(r) => r.block_id = block_id.into(),
+        Request::Abort(r) => r.block_id = block_id.into(),
+        _ => {}
+    }
+    request
+}
+
+impl LinkPeer for Mitm {
+    async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+        let first = self.fired.lock().unwrap().is_none();
+        let mut request = request;
+        let mut replace_answer = None;
+        let mut lose_answer = false;
+        match &self.fault {
+            Fault::Flip(name, Way::Request, fraction) if first && request.name() == *name => {
+                let tampered = flip_request(&request, *fraction);
+                self.fire(tampered.as_ref().map_or(true, |t| *t != request));
+                request = tampered?;
+            }
+            Fault::ReplayRequest(old) if first && request.name() == old.name() => {
+                let old = match block_of(&request) {
+                    Some(block_id) => with_block(old.clone(), block_id),
+                    None => old.clone(),
+                };
+                self.fire(old != request);
+                request = old;
+            }
+            Fault::ReplayAnswer(old) if first && request.name() == old.name() => replace_answer = Some(old.clone()),
+            Fault::LoseAnswer(name) if first && request.name() == *name => lose_answer = true,
+            _ => {}
+        }
+        let mut response = self.alice.call(request.clone()).await?;
+        if lose_answer {
+            self.fire(true);
+            return Err(LinkError::Transport("connection lost".into()));
+        }
+        if let Some(old) = replace_answer {
+            self.fire(old != response);
+            response = old;
+        }
+        if let Fault::Flip(name, Way::Response, fraction) = &self.fault
+            && first
+            && request.name() == *name
+        {
+            let tampered = flip_response(&response, *fraction);
+            self.fire(tampered.as_ref().map_or(true, |t| *t != response));
+            response = tampered?;
+        }
+        self.log.lock().unwrap().push((request, response.clone()));
+        Ok(response)
+    }
+}
+
+/// What became of a block: Bob's report's abort reason, or his error.
+#[derive(Debug)]
+enum Outcome {
+    Committed,
+    Aborted(AbortReason),
+    Failed(String),
+}
+
+impl Rig {
+    /// One block through `fault`; afterwards a new session (Hello) settles whatever a failure
+    /// left pending. Returns what happened and whether the fault changed a message.
+    async fn block_through(&mut self, fault: Fault) -> (Outcome, Option<bool>) {
+        let peer = Mitm::new(&self.alice, fault);
+        let fired = peer.fired.clone();
+        let mut bob = self.open_with(peer).await;
+        self.fill_block(&mut bob).await;
+        let outcome = match bob.process_block(&self.bob_store, 0).await {
+            Ok(report) => match report.abort_reason {
+                None => Outcome::Committed,
+                Some(abort) => Outcome::Aborted(abort.reason),
+            },
+            Err(e) => Outcome::Failed(e.to_string()),
+        };
+        let fired = *fired.lock().unwrap();
+        drop(bob);
+        let _settled = self.open(Crash::None).await;
+        assert_eq!(self.alice.lock().core.blocks_in_progress(), 0);
+        assert!(self.bob_pool.staged_refills().unwrap().is_empty());
+        assert!(self.alice_pool.staged_refills().unwrap().is_empty());
+        (outcome, fired)
+    }
+
+    /// Both ends hold the same keys and their pools the same bits (spent or not).
+    fn assert_consistent(&self) {
+        assert_eq!(self.alice_store.summary().unwrap(), self.bob_store.summary().unwrap());
+        assert_eq!(self.alice_pool.total_bits().unwrap(), self.bob_pool.total_bits().unwrap());
+        assert!(self.bob_pool.watermark().unwrap() <= self.alice_pool.watermark().unwrap());
+    }
+}
+
+/// Acceptance 1 of issue 14: one flipped bit in any message of a block, either way, and the
+/// block yields no key at either end; where the altered message decodes and error correction
+/// still agrees, the reason is the failed authentication.
+#[test]
+fn a_flipped_bit_in_any_message_of_a_block_stores_no_key_at_either_end() {
+    let cascade = ProtocolParams { block_bits: 60_000, ..ProtocolParams::default() };
+    let ldpc = ProtocolParams {
+        block_bits: 60_000,
+        reconciliation: Reconciliation::Ldpc,
+        ldpc_frame_bits: 16_384,
+        // A low first estimate makes the first block ask for reveals.
+        initial_qber: 0.01,
+        ..ProtocolParams::default()
+    };
+    let mut cases = Vec::new();
+    for name in ["StartBlock", "Parities", "Verify", "Amplify", "Commit"] {
+        cases.push((cascade.clone(), name));
+    }
+    for name in ["Syndromes", "Reveal"] {
+        cases.push((ldpc.clone(), name));
+    }
+    let mut auth_failures = std::collections::BTreeMap::<(&str, Way), usize>::new();
+    for (params, name) in cases {
+        for way in [Way::Request, Way::Response] {
+            for fraction in (0..=10).map(|i| f64::from(i) / 10.0) {
+                block_on(async {
+                    let mut rig = Rig::with_params(31, params.clone());
+                    let (outcome, fired) = rig.block_through(Fault::Flip(name, way, fraction)).await;
+                    let case = format!("{name} {way:?} bit at {fraction}: {outcome:?}");
+                    let changed = fired.unwrap_or_else(|| panic!("{case}: no such message"));
+                    rig.assert_consistent();
+                    if !changed {
+                        // The bit decodes to the same message: nothing was altered.
+                        return;
+                    }
+                    if (name, way) == ("Commit", Way::Response) {
+                        // Both tags were checked and Alice stored the block; her answer only says
+                        // so. Bob keeps the block pending on an altered answer (as on a lost one)
+                        // and the next Hello settles it: the same keys at both ends.
+                        assert!(matches!(outcome, Outcome::Failed(_)), "{case}");
+                        assert!(rig.bob_store.summary().unwrap().n_keys > 0, "{case}");
+                        return;
+                    }
+                    assert_eq!(rig.alice_store.summary().unwrap().n_keys, 0, "{case}");
+                    assert_eq!(rig.bob_store.summary().unwrap().n_keys, 0, "{case}");
+                    match outcome {
+                        Outcome::Committed => panic!("{case}: an altered block committed"),
+                        Outcome::Aborted(AbortReason::AuthenticationFailed) => {
+                            *auth_failures.entry((name, way)).or_default() += 1;
+                        }
+                        // Error correction ran on altered data: the keys differ (or Cascade gave
+                        // up on contradicting answers).
+                        Outcome::Aborted(AbortReason::VerificationFailed | AbortReason::NoSecretKey)
+                            if ["Parities", "Syndromes", "Reveal", "Verify", "StartBlock"].contains(&name) => {}
+                        // Alice's checks of Bob's numbers: no key from altered counts either.
+                        Outcome::Aborted(AbortReason::QberTooHigh | AbortReason::NoSecretKey)
+                            if name == "Verify" && way == Way::Request => {}
+                        Outcome::Aborted(reason) => panic!("{case}: aborted for {reason}"),
+                        Outcome::Failed(e) => {
+                            let authenticated = e.contains("authentication failed");
+                            if authenticated {
+                                *auth_failures.entry((name, way)).or_default() += 1;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+    // The tags catch what no other check does: altered monitor readings or pad positions, parity
+    // queries that still make sense, the Amplify parameters, Bob's tag itself. (An altered
+    // AmplifyRequest can only change its block ID or say "not verified": both drop the block.)
+    for case in [
+        ("StartBlock", Way::Response),
+        ("Parities", Way::Request),
+        ("Parities", Way::Response),
+        ("Amplify", Way::Response),
+        ("Commit", Way::Request),
+    ] {
+        assert!(auth_failures.get(&case).copied().unwrap_or(0) > 0, "{case:?}: {auth_failures:?}");
+    }
+}
+
+/// Acceptance 1, replays: messages of an earlier block, or of an earlier round of the same
+/// block, are refused and store nothing.
+#[test]
+fn replayed_messages_from_an_earlier_block_or_round_are_refused() {
+    block_on(async {
+        let mut rig = Rig::new(41);
+        // Block 1, recorded.
+        let peer = Mitm::new(&rig.alice, Fault::None);
+        let log = peer.log.clone();
+        let mut bob = rig.open_with(peer).await;
+        rig.fill_block(&mut bob).await;
+        assert_eq!(bob.process_block(&rig.bob_store, 0).await.unwrap().abort_reason, None);
+        drop(bob);
+        let recorded = log.lock().unwrap().clone();
+        let find = |name: &str| recorded.iter().find(|(req, _)| req.name() == name).cloned().unwrap();
+        let keys_after_one = rig.alice_store.summary().unwrap();
+        assert!(keys_after_one.n_keys > 0);
+
+        let (start, amplify, commit) = (find("StartBlock"), find("Amplify"), find("Commit"));
+        for (what, fault) in [
+            // Block 1's StartBlock answer: its pad positions are below Bob's watermark.
+            ("StartBlock answer", Fault::ReplayAnswer(start.1)),
+            // Block 1's Amplify answer (seed, key IDs, Alice's tag) in block 2.
+            ("Amplify answer", Fault::ReplayAnswer(amplify.1)),
+            // Block 1's Commit (Bob's tag) for block 2.
+            ("Commit request", Fault::ReplayRequest(commit.0)),
+        ] {
+            let (outcome, fired) = rig.block_through(fault).await;
+            assert_eq!(fired, Some(true), "{what}");
+            match &outcome {
+                Outcome::Aborted(AbortReason::AuthenticationFailed) => {}
+                Outcome::Failed(e) if e.contains("authentication failed") => {}
+                other => panic!("{what}: {other:?}"),
+            }
+            rig.assert_consistent();
+            assert_eq!(rig.alice_store.summary().unwrap(), keys_after_one, "{what} stored keys");
+        }
+        // An earlier round of the same block: an earlier parity answer given again as the answer
+        // to a later parity request of the same length.
+        let peer = Mitm::new(&rig.alice, Fault::None);
+        let fired = peer.fired.clone();
+        struct Echo(Mitm);
+        impl LinkPeer for Echo {
+            async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+                let response = self.0.call(request.clone()).await?;
+                let log = self.0.log.lock().unwrap();
+                let earlier: Vec<_> = log.iter().filter(|(r, _)| r.name() == "Parities").collect();
+                let Some(((_, current), rounds)) = earlier.split_last() else { return Ok(response) };
+                let length = |r: &Response| match r {
+                    Response::Parities(p) => p.parities.len(),
+                    _ => 0,
+                };
+                if self.0.fired.lock().unwrap().is_none()
+                    && let Some((_, old)) =
+                        rounds.iter().find(|(_, old)| old != current && length(old) == length(current))
+                {
+                    *self.0.fired.lock().unwrap() = Some(true);
+                    return Ok(old.clone());
+                }
+                Ok(response)
+            }
+        }
+        let mut bob = rig.open_with(Echo(peer)).await;
+        rig.fill_block(&mut bob).await;
+        let outcome = bob.process_block(&rig.bob_store, 0).await;
+        drop(bob);
+        let _settle = rig.open(Crash::None).await;
+        assert_eq!(*fired.lock().unwrap(), Some(true), "no parity answer of the same length to replay");
+        {
+            let reason = outcome.unwrap().abort_reason.map(|a| a.reason);
+            assert!(
+                matches!(
+                    reason,
+                    Some(
+                        AbortReason::AuthenticationFailed | AbortReason::VerificationFailed | AbortReason::NoSecretKey
+                    )
+                ),
+                "{reason:?}"
+            );
+            assert_eq!(rig.alice_store.summary().unwrap(), keys_after_one);
+        }
+        rig.assert_consistent();
+    });
+}
+
+/// Acceptance 2 of issue 14: across committed blocks, aborted ones (tampering: the hash key is
+/// replaced) and crashes at each point of pad consumption (Alice's StartBlock answer lost after
+/// her watermark moved, Bob's Commit lost, Alice's Commit answer lost; each end restarted over
+/// its durable pool), no pad bit is ever handed out twice at either end, and the two pools stay
+/// identical.
+#[test]
+fn no_pad_bit_is_used_twice_across_blocks_aborts_and_crashes() {
+    block_on(async {
+        let mut rig = Rig::new(51);
+        let mut committed = 0;
+        let steps: Vec<(&str, Fault, Crash)> = vec![
+            ("plain", Fault::None, Crash::None),
+            ("Alice's tag altered", Fault::Flip("Amplify", Way::Response, 1.0), Crash::None),
+            ("StartBlock answer lost", Fault::LoseAnswer("StartBlock"), Crash::None),
+            ("plain", Fault::None, Crash::None),
+            ("Bob's tag altered", Fault::Flip("Commit", Way::Request, 1.0), Crash::None),
+            ("Commit lost before Alice", Fault::None, Crash::BeforeAliceCommits),
+            ("Commit answer lost", Fault::None, Crash::AfterAliceCommits),
+            ("Amplify answer lost", Fault::LoseAnswer("Amplify"), Crash::None),
+            ("plain", Fault::None, Crash::None),
+        ];
+        for (what, fault, crash) in steps {
+            struct Both(Mitm, FlakyAlice);
+            impl LinkPeer for Both {
+                async fn call(&mut self, request: Request) -> Result<Response, LinkError> {
+                    if matches!(request, Request::Commit(_)) && self.1.crash != Crash::None {
+                        return self.1.call(request).await;
+                    }
+                    self.0.call(request).await
+                }
+            }
+            let peer = Both(Mitm::new(&rig.alice, fault), FlakyAlice { alice: rig.alice.clone(), crash });
+            let mut bob = rig.open_with(peer).await;
+            rig.fill_block(&mut bob).await;
+            let outcome = bob.process_block(&rig.bob_store, 0).await;
+            if matches!(&outcome, Ok(r) if r.abort_reason.is_none()) {
+                committed += 1;
+            }
+            // Both processes restart: new cores over the same stores and pools.
+            drop(bob);
+            rig.restart_alice();
+            let _settled = rig.open(Crash::None).await;
+            rig.assert_consistent();
+            assert!(rig.bob_pool.staged_refills().unwrap().is_empty(), "{what}");
+            rig.alice_pool.assert_no_reuse("alice");
+            rig.bob_pool.assert_no_reuse("bob");
+        }
+        assert!(committed >= 3, "{committed}");
+        let summary = rig.alice_store.summary().unwrap();
+        // The crash after Alice's commit is settled ready at both ends.
+        assert!(summary.n_ready_blocks >= 4, "{summary:?}");
+        // Three failed authentications, three fresh hash keys after the first.
+        let keys: std::collections::BTreeSet<u64> = rig.alice_pool.keys.lock().unwrap().iter().copied().collect();
+        assert!(keys.len() >= 3, "{keys:?}");
+    });
+}
+
+/// Acceptance 3 of issue 14: an exhausted pool stops key distillation with the typed reason at
+/// both ends, and installing a new secret at both ends resumes it; the report and Alice's event
+/// give the pool's level and what the block cost.
+#[test]
+fn pool_exhaustion_stops_blocks_and_a_new_secret_resumes_them() {
+    block_on(async {
+        // 320 bits: less than a first block's 384 (hash key and two pads).
+        let mut rig = Rig::with_secret(61, ProtocolParams { block_bits: 100_000, ..ProtocolParams::default() }, 40);
+        let mut bob = rig.open(Crash::None).await;
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        let abort = report.abort_reason.clone().expect("an exhausted pool aborts");
+        assert_eq!(abort.reason, AbortReason::AuthPoolExhausted);
+        assert!(abort.to_string().contains("320 unused bits, a block needs 384"), "{abort}");
+        match rig.alice.lock().events.last() {
+            Some(AliceEvent::Aborted { abort, by_bob: false, .. }) => {
+                assert_eq!(abort.reason, AbortReason::AuthPoolExhausted);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(rig.alice_store.summary().unwrap().n_keys, 0);
+        assert_eq!((rig.alice_pool.watermark().unwrap(), rig.bob_pool.watermark().unwrap()), (0, 0));
+
+        // The operator installs a new secret at both ends.
+        let more = secret(62, 32);
+        rig.alice_pool.install_secret(&more).unwrap();
+        rig.bob_pool.install_secret(&more).unwrap();
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason, None, "{report:?}");
+        // 320 + 256 bits installed, 384 spent, 512 refilled.
+        assert_eq!(report.auth.spent_bits, 384);
+        assert_eq!(report.auth.refill_bits, 512);
+        assert_eq!(report.auth.pool_bits, 320 + 256 - 384 + 512);
+        assert_eq!(report.final_bits, report.n_keys * 256);
+        let security = report.security.as_ref().unwrap();
+        assert!(security.final_bits >= report.final_bits + 512);
+        assert_eq!(security.eps.eps_auth, crate::auth::eps_auth_per_block());
+        match rig.alice.lock().events.last() {
+            Some(AliceEvent::Committed(meta, _, auth)) => {
+                assert_eq!(*auth, report.auth);
+                assert_eq!(meta.final_bits, report.final_bits);
+            }
+            other => panic!("{other:?}"),
+        }
+        rig.assert_consistent();
+        // The next block recycles the hash key: 256 bits.
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason, None, "{report:?}");
+        assert_eq!(report.auth.spent_bits, 256);
+        assert_eq!(report.auth.pool_bits, 320 + 256 - 384 + 512 - 256 + 512);
+        rig.assert_consistent();
     });
 }

@@ -2,30 +2,38 @@
 //!
 //! prost encodes a message deterministically (fields in tag order, no unknown fields), so the
 //! exact bytes of each request and answer are the same at both ends. Both sides absorb them in
-//! the same order; at the commit Bob sends his digest and Alice refuses a mismatch. An
-//! information-theoretic Wegman-Carter tag over the same bytes can later replace the digest
-//! comparison without changing the protocol's shape.
+//! the same order, each part length-prefixed; the Wegman-Carter tags ([`crate::auth`]) are
+//! computed over these bytes directly (never over a digest of them, which would make the
+//! authentication only computationally secure).
 
 use prost::Message;
-use sha2::{Digest, Sha256};
 
-/// A running SHA-256 over a block's messages.
+use crate::auth::MAX_TRANSCRIPT_BYTES;
+
+/// The bytes of a block's rounds so far.
 #[derive(Clone, Default)]
 pub struct Transcript {
-    hasher: Sha256,
+    bytes: Vec<u8>,
 }
 
 impl Transcript {
-    /// Absorbs one round: the method name, the request and the answer, each length-prefixed.
+    /// Absorbs one round: the method name, the request and the answer, each length-prefixed
+    /// (64-bit big endian).
     pub fn absorb(&mut self, method: &str, request: &impl Message, answer: &impl Message) {
         for part in [method.as_bytes(), &request.encode_to_vec(), &answer.encode_to_vec()] {
-            self.hasher.update((part.len() as u64).to_be_bytes());
-            self.hasher.update(part);
+            self.bytes.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            self.bytes.extend_from_slice(part);
         }
     }
 
-    /// The digest so far.
-    pub fn digest(&self) -> [u8; 32] {
-        self.hasher.clone().finalize().into()
+    /// The transcript so far.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// True when the transcript is longer than the authentication bound allows
+    /// ([`MAX_TRANSCRIPT_BYTES`]): the block is then aborted rather than authenticated.
+    pub fn too_long(&self) -> bool {
+        self.bytes.len() as u64 > MAX_TRANSCRIPT_BYTES
     }
 }

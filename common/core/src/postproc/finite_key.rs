@@ -11,6 +11,10 @@
 //! The keys are eps_QKD-secure in the composable sense (Renner, PhD thesis, ETH Zurich 2005;
 //! Tomamichel, Lim, Gisin & Renner, Nat. Commun. 3, 634 (2012)), eps_QKD = eps_cor + eps_sec,
 //! configured once ([`SecurityParams::eps_qkd`]) and split by [`EpsBudget::from_total`]:
+//! * eps_auth: one of the block's two Wegman-Carter tags accepts a forged or altered transcript
+//!   ([`crate::auth`]; Wegman & Carter, JCSS 22, 265 (1981); Portmann, IEEE TIT 60, 4383
+//!   (2014) for the recycled hash key); with it the keys are secure against an adversary who
+//!   controls the classical channel, without any computational assumption.
 //! * eps_cor: the verification tags collide with probability at most eps_cor
 //!   ([`crate::postproc::verify`]: as many 64-bit tags as the block needs, [`n_tags_for`]).
 //! * eps_sec = 2 sqrt(eps_PE) + eps_PA: every statistical bound below together fails with
@@ -178,15 +182,18 @@ impl SecurityParams {
 
 /// The split of eps_QKD into the failure probabilities of each part of the protocol (module
 /// documentation, "Security statement"); every term is reported with each block, and
-/// `eps_cor + 2 sqrt(eps_pe_total) + eps_pa = eps_qkd`.
+/// `eps_auth + eps_cor + 2 sqrt(eps_pe_total) + eps_pa = eps_qkd`.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
 pub struct EpsBudget {
-    /// The configured total, eps_cor + eps_sec.
+    /// The configured total, eps_auth + eps_cor + eps_sec.
     pub eps_qkd: f64,
+    /// Authentication: a forged message passes one of the block's two Wegman-Carter tags
+    /// ([`crate::auth::eps_auth_per_block`], about 1e-30: taken off eps_QKD first).
+    pub eps_auth: f64,
     /// Correctness: probability that keys that differ pass verification (1 % of eps_QKD: the
     /// tags make it cheap).
     pub eps_cor: f64,
-    /// Secrecy: eps_QKD - eps_cor.
+    /// Secrecy: eps_QKD - eps_auth - eps_cor.
     pub eps_sec: f64,
     /// Privacy amplification (leftover hash lemma): half of eps_sec.
     pub eps_pa: f64,
@@ -200,16 +207,26 @@ pub struct EpsBudget {
 impl EpsBudget {
     /// The budget for a total eps_QKD (in (0, 1)).
     pub fn from_total(eps_qkd: f64) -> Self {
+        let eps_auth = crate::auth::eps_auth_per_block();
         let eps_cor = eps_qkd / 100.0;
-        let eps_sec = eps_qkd - eps_cor;
+        let eps_sec = eps_qkd - eps_auth - eps_cor;
         let eps_pa = eps_sec / 2.0;
         let eps_pe_total = (eps_sec / 4.0) * (eps_sec / 4.0);
-        Self { eps_qkd, eps_cor, eps_sec, eps_pa, eps_pe_total, eps_pe_each: eps_pe_total / f64::from(N_PE_BOUNDS) }
+        Self {
+            eps_qkd,
+            eps_auth,
+            eps_cor,
+            eps_sec,
+            eps_pa,
+            eps_pe_total,
+            eps_pe_each: eps_pe_total / f64::from(N_PE_BOUNDS),
+        }
     }
 
-    /// The composed parameter the terms add up to: eps_cor + 2 sqrt(eps_pe_total) + eps_pa.
+    /// The composed parameter the terms add up to:
+    /// eps_auth + eps_cor + 2 sqrt(eps_pe_total) + eps_pa.
     pub fn composed(&self) -> f64 {
-        self.eps_cor + 2.0 * self.eps_pe_total.sqrt() + self.eps_pa
+        self.eps_auth + self.eps_cor + 2.0 * self.eps_pe_total.sqrt() + self.eps_pa
     }
 
     /// Bits privacy amplification costs: 2 log2(1 / (2 eps_pa)).

@@ -207,6 +207,9 @@ impl CascadeBob {
                 return None;
             }
             let nodes = self.run_searches();
+            if self.finished {
+                return None;
+            }
             if !nodes.is_empty() {
                 return Some(self.send(nodes));
             }
@@ -340,6 +343,15 @@ impl CascadeBob {
     /// Returns the (pass, node) they need (empty when no search is left).
     fn run_searches(&mut self) -> Vec<(u32, u32)> {
         loop {
+            // Consistent answers never make Bob flip a bit twice, so never more flips than bits;
+            // answers that contradict each other (altered on the way, or under another seed)
+            // can make the cascade effect flip bits back and forth without asking anything:
+            // give up (the key is then wrong, and verification or the QBER check drops it).
+            if self.n_corrected > self.key.len() as u64 {
+                self.finished = true;
+                self.searches.clear();
+                return Vec::new();
+            }
             self.start_searches();
             let mut asks = Vec::new();
             let mut found = Vec::new();

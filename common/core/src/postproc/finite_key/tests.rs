@@ -40,7 +40,7 @@ fn the_eps_terms_add_up_to_eps_qkd() {
     for eps_qkd in [1e-6, 1e-9, 1e-12] {
         let budget = EpsBudget::from_total(eps_qkd);
         assert!((budget.composed() - eps_qkd).abs() <= 1e-12 * eps_qkd, "{budget:?}");
-        assert!((budget.eps_cor + budget.eps_sec - eps_qkd).abs() <= 1e-12 * eps_qkd, "{budget:?}");
+        assert!((budget.eps_auth + budget.eps_cor + budget.eps_sec - eps_qkd).abs() <= 1e-12 * eps_qkd, "{budget:?}");
         assert!(
             (budget.eps_pe_each * f64::from(N_PE_BOUNDS) - budget.eps_pe_total).abs() <= 1e-12 * budget.eps_pe_total
         );
