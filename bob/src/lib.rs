@@ -113,6 +113,7 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         simulated,
         "bob started"
     );
+    let auth = common::auth_pool::open_node_pool(&cfg.data_dir)?;
     let (events_tx, mut events) = mpsc::channel(RX_QUEUE_FRAMES);
     let (reports, reports_rx) = mpsc::unbounded_channel();
     let receiver_task = tokio::spawn(run_receiver(device, events_tx, reports_rx, status.clone(), shutdown.clone()));
@@ -123,7 +124,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let mut device_failed = None;
     while !shutdown.is_cancelled() {
         let committed_before = status.lock().expect("status lock poisoned").total.blocks_committed;
-        let result = session(&cfg, &link, store.as_ref(), &tls, &status, &health, &mut device, &shutdown).await;
+        let result =
+            session(&cfg, &link, store.as_ref(), &tls, &auth, &status, &health, &mut device, &shutdown).await;
         let committed = status.lock().expect("status lock poisoned").total.blocks_committed > committed_before;
         status.lock().expect("status lock poisoned").connected = false;
         health.set_ready(false);
@@ -259,6 +261,7 @@ async fn session(
     link: &LinkParams,
     store: &SledStore,
     tls: &TlsMaterial,
+    auth: &std::sync::Arc<common::auth_pool::FileAuthPool>,
     status: &Mutex<BobStatus>,
     health: &common::service::Health,
     device: &mut DeviceLink<'_>,
@@ -300,7 +303,7 @@ async fn session(
         security.clone(),
         store,
         device.simulated,
-        common::auth_pool::open_node_pool(&cfg.data_dir)?,
+        auth.clone(),
     ))
     .await?;
     bob.set_max_stored_units(cfg.max_stored_units);

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
 
+mod auth;
 mod bench_postproc;
 mod demo;
 mod device;
@@ -61,16 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: pki::PkiCommand,
     },
-    /// Make a pre-shared secret for the Wegman-Carter authentication of the classical channel:
-    /// one file, to install as `<data_dir>/auth/pool` at both nodes (by a secure path, before
-    /// their first start; docs/security.md, "Authentication").
+    /// Pre-shared secrets of the Wegman-Carter authentication of the classical channel: make one
+    /// (`new`), install it at a node (`install`), see a node's pool (`status`).
     AuthSecret {
-        /// Where to write the secret (mode 0600).
-        #[arg(long)]
-        out: PathBuf,
-        /// Size in bytes (each block spends 32 to 48 and refills 64 by default).
-        #[arg(long, default_value_t = common::auth_pool::DEFAULT_SECRET_BYTES)]
-        bytes: usize,
+        #[command(subcommand)]
+        command: auth::AuthCommand,
     },
     /// A demonstration application (ETSI GS QKD 014 client) for labs: a master and a slave at
     /// the two KMEs fetch the same keys and check that they match.
@@ -175,7 +171,7 @@ fn main() -> std::process::ExitCode {
         Command::Pki { command } => pki::run(command),
         Command::Keys { command } => keys::run(command),
         Command::DemoApp(args) => demo::run(args),
-        Command::AuthSecret { out, bytes } => auth_secret(&out, bytes),
+        Command::AuthSecret { command } => auth::run(command),
         Command::Eve { listen, alice, fraction } => run_eve(&listen, alice, fraction),
         Command::Probe { url } => probe(&url),
         Command::BenchPostproc(args) => bench_postproc::run(args),
@@ -197,22 +193,3 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-/// `qkdctl auth-secret`: a fresh pre-shared secret, written with mode 0600.
-fn auth_secret(out: &std::path::Path, n_bytes: usize) -> anyhow::Result<()> {
-    use std::io::Write;
-    anyhow::ensure!(n_bytes >= 64, "a secret of {n_bytes} bytes is too small for one block (48 bytes) and a margin");
-    let secret = common::auth_pool::new_secret(n_bytes);
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut file = options.open(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
-    file.write_all(&secret)?;
-    file.sync_all()?;
-    println!(
-        "wrote {n_bytes} random bytes to {}: install it as <data_dir>/auth/pool at Alice and at Bob (by a secure path), \
-         then delete this copy",
-        out.display()
-    );
-    Ok(())
-}

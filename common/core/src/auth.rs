@@ -185,9 +185,23 @@ pub trait AuthPool: Send + Sync {
     fn settle_refill(&self, block_id: Uuid, keep: bool) -> Result<(), AuthPoolError>;
     /// Blocks whose refills are staged.
     fn staged_refills(&self) -> Result<Vec<Uuid>, AuthPoolError>;
-    /// Appends a newly installed pre-shared secret to the stream (install the same secret at both
-    /// ends while the link is stopped).
-    fn install_secret(&self, bytes: &[u8]) -> Result<(), AuthPoolError>;
+    /// Stages a pre-shared secret the operator installed, under its ID, until StartBlock applies
+    /// it at both ends ([`alice_sync_secrets`], [`bob_apply_secrets`]). Durable.
+    fn stage_secret(&self, id: Uuid, bytes: &[u8]) -> Result<(), AuthPoolError>;
+    /// IDs of the staged secrets, in ascending order.
+    fn staged_secrets(&self) -> Result<Vec<Uuid>, AuthPoolError>;
+    /// Appends the staged secret `id` to the stream and unstages it, durably (an error if it is
+    /// not staged). A pool that held only the public placeholder secret moves its watermark to
+    /// the secret's first bit and drops its hash key: no placeholder bit is used after a secret
+    /// is applied.
+    fn apply_secret(&self, id: Uuid) -> Result<(), AuthPoolError>;
+    /// The secrets applied so far, in stream order.
+    fn applied_secrets(&self) -> Result<Vec<AppliedSecret>, AuthPoolError>;
+    /// True while the pool holds only the public placeholder secret (no authentication beyond
+    /// TLS).
+    fn is_placeholder(&self) -> bool {
+        false
+    }
 
     /// The next unused bit.
     fn watermark(&self) -> Result<u64, AuthPoolError> {
@@ -215,6 +229,17 @@ pub trait AuthPool: Send + Sync {
     }
 }
 
+/// A pre-shared secret applied to the stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct AppliedSecret {
+    /// The secret's ID (made with it by `qkdctl auth-secret new`).
+    pub id: Uuid,
+    /// Its first bit in the stream.
+    pub position: u64,
+    /// Its length in bits.
+    pub bits: u64,
+}
+
 /// An in-memory [`AuthPool`] (tests, the planning tool). Sharing it (an `Arc`) between cores
 /// created one after the other models a pool that survives a crash.
 pub struct MemoryAuthPool {
@@ -225,6 +250,8 @@ struct MemoryPoolInner {
     stream: Zeroizing<Vec<u8>>,
     state: AuthState,
     staged: Vec<(Uuid, Zeroizing<Vec<u8>>)>,
+    staged_secrets: Vec<(Uuid, Zeroizing<Vec<u8>>)>,
+    applied: Vec<AppliedSecret>,
 }
 
 impl MemoryAuthPool {
@@ -235,6 +262,8 @@ impl MemoryAuthPool {
                 stream: Zeroizing::new(secret.to_vec()),
                 state: AuthState::default(),
                 staged: Vec::new(),
+                staged_secrets: Vec::new(),
+                applied: Vec::new(),
             }),
         }
     }
@@ -312,9 +341,33 @@ impl AuthPool for MemoryAuthPool {
         Ok(self.lock().staged.iter().map(|(id, _)| *id).collect())
     }
 
-    fn install_secret(&self, bytes: &[u8]) -> Result<(), AuthPoolError> {
-        self.lock().stream.extend_from_slice(bytes);
+    fn stage_secret(&self, id: Uuid, bytes: &[u8]) -> Result<(), AuthPoolError> {
+        let mut inner = self.lock();
+        inner.staged_secrets.retain(|(staged, _)| *staged != id);
+        inner.staged_secrets.push((id, Zeroizing::new(bytes.to_vec())));
         Ok(())
+    }
+
+    fn staged_secrets(&self) -> Result<Vec<Uuid>, AuthPoolError> {
+        let mut ids: Vec<Uuid> = self.lock().staged_secrets.iter().map(|(id, _)| *id).collect();
+        ids.sort();
+        Ok(ids)
+    }
+
+    fn apply_secret(&self, id: Uuid) -> Result<(), AuthPoolError> {
+        let mut inner = self.lock();
+        let Some(i) = inner.staged_secrets.iter().position(|(staged, _)| *staged == id) else {
+            return Err(AuthPoolError::Invalid(format!("secret {id} is not staged")));
+        };
+        let (_, bytes) = inner.staged_secrets.remove(i);
+        let position = inner.stream.len() as u64 * 8;
+        inner.stream.extend_from_slice(&bytes);
+        inner.applied.push(AppliedSecret { id, position, bits: bytes.len() as u64 * 8 });
+        Ok(())
+    }
+
+    fn applied_secrets(&self) -> Result<Vec<AppliedSecret>, AuthPoolError> {
+        Ok(self.lock().applied.clone())
     }
 }
 
@@ -445,6 +498,76 @@ pub fn bob_accept(
     }
     pool.set_state(AuthState { watermark: new_watermark, hash_key_offset: Some(key_offset) })?;
     Ok(Ok(BlockAuth::read(pool, key_offset, pad_offset, new_watermark - state.watermark)?))
+}
+
+/// Alice at StartBlock, before she takes the block's positions: makes the two streams one.
+/// Bob's stream (`bob_total_bits` long) must be hers, or hers without the secrets she applied
+/// last; those, and the secrets staged at both ends (`bob_staged`, applied here now, in ID
+/// order), are what Bob applies before he reads the positions. Anything else is an abort
+/// ([`AbortReason::AuthPoolsDiffer`]) that spends nothing. An altered list (the message is not
+/// authenticated yet) can only make the streams differ, which the tags then refuse.
+pub fn alice_sync_secrets(
+    pool: &dyn AuthPool,
+    bob_total_bits: u64,
+    bob_staged: &[String],
+) -> Result<Result<Vec<Uuid>, Abort>, AuthPoolError> {
+    let total = pool.total_bits()?;
+    let mut apply = Vec::new();
+    if bob_total_bits != total {
+        let missing: Vec<AppliedSecret> =
+            pool.applied_secrets()?.into_iter().filter(|s| s.position >= bob_total_bits).collect();
+        let explained = missing.first().is_some_and(|s| s.position == bob_total_bits)
+            && missing.windows(2).all(|w| w[0].position + w[0].bits == w[1].position)
+            && missing.last().is_some_and(|s| s.position + s.bits == total);
+        if !explained {
+            return Ok(Err(Abort::new(
+                AbortReason::AuthPoolsDiffer,
+                format!(
+                    "Alice's authentication key pool holds {total} bits and Bob's {bob_total_bits}, which no secret \
+                     Alice applied explains (a secret installed at one end only, or a pool restored from a backup): \
+                     install a new secret at both ends with `qkdctl auth-secret install --reset`"
+                ),
+            )));
+        }
+        apply.extend(missing.iter().map(|s| s.id));
+    }
+    let here = pool.staged_secrets()?;
+    let mut both: Vec<Uuid> =
+        bob_staged.iter().filter_map(|id| Uuid::parse_str(id).ok()).filter(|id| here.contains(id)).collect();
+    both.sort();
+    both.dedup();
+    for id in both {
+        pool.apply_secret(id)?;
+        tracing::info!(secret = %id, "pre-shared authentication secret applied (held at both ends)");
+        apply.push(id);
+    }
+    Ok(Ok(apply))
+}
+
+/// Bob at StartBlock: applies, in order, the secrets Alice's answer names (those he applied
+/// already are skipped). One that is not installed here is an abort
+/// ([`AbortReason::AuthPoolsDiffer`]) naming it.
+pub fn bob_apply_secrets(pool: &dyn AuthPool, ids: &[String]) -> Result<Result<(), Abort>, AuthPoolError> {
+    for text in ids {
+        let Ok(id) = Uuid::parse_str(text) else {
+            return Ok(Err(Abort::new(AbortReason::AuthPoolsDiffer, format!("{text:?} is not a secret ID"))));
+        };
+        if pool.applied_secrets()?.iter().any(|s| s.id == id) {
+            continue;
+        }
+        if !pool.staged_secrets()?.contains(&id) {
+            return Ok(Err(Abort::new(
+                AbortReason::AuthPoolsDiffer,
+                format!(
+                    "Alice applied the pre-shared secret {id}, which is not installed at Bob: install the same \
+                     secret file there with `qkdctl auth-secret install`"
+                ),
+            )));
+        }
+        pool.apply_secret(id)?;
+        tracing::info!(secret = %id, "pre-shared authentication secret applied (held at both ends)");
+    }
+    Ok(Ok(()))
 }
 
 /// Retires the hash key at `key_offset` after a failed authentication: the next block takes a

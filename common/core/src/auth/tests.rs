@@ -168,7 +168,9 @@ fn positions_are_taken_once_at_each_end_and_keys_are_replaced_after_a_failure() 
     let exhausted = alice_allocate(alice.as_ref()).unwrap().unwrap_err();
     assert_eq!(exhausted.reason, AbortReason::AuthPoolExhausted);
     assert!(exhausted.to_string().contains("64 unused bits"), "{exhausted}");
-    alice.install_secret(&[0u8; 32]).unwrap();
+    let more = Uuid::from_u128(9);
+    alice.stage_secret(more, &[0u8; 32]).unwrap();
+    alice.apply_secret(more).unwrap();
     alice_allocate(alice.as_ref()).unwrap().unwrap();
     // The watermark never moves back.
     assert!(alice.advance_watermark(0).is_err());
@@ -185,4 +187,46 @@ fn refills_join_the_stream_only_when_settled_ready() {
     assert_eq!(pool.total_bits().unwrap(), 256);
     assert!(pool.staged_refills().unwrap().is_empty());
     assert_eq!(*pool.hash_key(128).unwrap(), [2u8; 16]);
+}
+
+#[test]
+fn secrets_are_applied_at_both_ends_at_the_same_position_or_the_block_is_refused() {
+    let (alice, bob) = (MemoryAuthPool::new(&[1u8; 16]), MemoryAuthPool::new(&[1u8; 16]));
+    let (s1, s2, s3) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+    let ids = |pool: &MemoryAuthPool| pool.staged_secrets().unwrap().iter().map(Uuid::to_string).collect::<Vec<_>>();
+    // Nothing staged: nothing to apply.
+    assert_eq!(alice_sync_secrets(&alice, 128, &ids(&bob)).unwrap().unwrap(), Vec::<Uuid>::new());
+    // s2 at both ends, s1 at Alice only, s3 at Bob only: s2 alone is applied, at both.
+    alice.stage_secret(s2, &[2u8; 16]).unwrap();
+    alice.stage_secret(s1, &[1u8; 16]).unwrap();
+    bob.stage_secret(s2, &[2u8; 16]).unwrap();
+    bob.stage_secret(s3, &[3u8; 16]).unwrap();
+    let apply = alice_sync_secrets(&alice, bob.total_bits().unwrap(), &ids(&bob)).unwrap().unwrap();
+    assert_eq!(apply, vec![s2]);
+    let names: Vec<String> = apply.iter().map(Uuid::to_string).collect();
+    bob_apply_secrets(&bob, &names).unwrap().unwrap();
+    assert_eq!(alice.applied_secrets().unwrap(), bob.applied_secrets().unwrap());
+    assert_eq!(alice.applied_secrets().unwrap(), vec![AppliedSecret { id: s2, position: 128, bits: 128 }]);
+    assert_eq!((alice.total_bits().unwrap(), bob.total_bits().unwrap()), (256, 256));
+    // Bob lost Alice's answer (a crash) after she applied s1 (now installed at Bob too): his
+    // shorter stream is hers without s1, which he applies on the next StartBlock.
+    bob.stage_secret(s1, &[1u8; 16]).unwrap();
+    let apply = alice_sync_secrets(&alice, 256, &ids(&bob)).unwrap().unwrap();
+    assert_eq!(apply, vec![s1]);
+    let again = alice_sync_secrets(&alice, 256, &[]).unwrap().unwrap();
+    assert_eq!(again, vec![s1], "what Bob lacks is named until he has it");
+    bob_apply_secrets(&bob, &[s1.to_string()]).unwrap().unwrap();
+    bob_apply_secrets(&bob, &[s1.to_string()]).unwrap().unwrap();
+    assert_eq!(bob.total_bits().unwrap(), alice.total_bits().unwrap());
+    assert_eq!(*bob.pad(256, 128).unwrap(), *alice.pad(256, 128).unwrap());
+    // Streams no applied secret explains: refused, nothing applied.
+    let differ = alice_sync_secrets(&alice, 128 + 8, &ids(&bob)).unwrap().unwrap_err();
+    assert_eq!(differ.reason, AbortReason::AuthPoolsDiffer);
+    assert!(differ.to_string().contains("holds 384 bits and Bob's 136"), "{differ}");
+    let longer = alice_sync_secrets(&alice, 1024, &[]).unwrap().unwrap_err();
+    assert_eq!(longer.reason, AbortReason::AuthPoolsDiffer);
+    // A secret Alice names that Bob does not hold: refused, naming it.
+    let missing = bob_apply_secrets(&bob, &[s3.to_string(), Uuid::from_u128(4).to_string()]).unwrap().unwrap_err();
+    assert_eq!(missing.reason, AbortReason::AuthPoolsDiffer);
+    assert!(missing.to_string().contains(&Uuid::from_u128(4).to_string()), "{missing}");
 }

@@ -52,6 +52,9 @@ pub enum AbortReason {
     AuthenticationFailed,
     /// The authentication key pool holds too few unused bits for the block's tags.
     AuthPoolExhausted,
+    /// The two ends' authentication key pools hold different streams (a secret installed at one
+    /// end only, or different secrets).
+    AuthPoolsDiffer,
     /// A value of the wire's enumeration this end does not know (or an unspecified one).
     Unknown(i32),
 }
@@ -73,6 +76,7 @@ impl AbortReason {
             AbortReason::InvalidSecurityParameters => WireReason::InvalidSecurityParameters,
             AbortReason::AuthenticationFailed => WireReason::AuthenticationFailed,
             AbortReason::AuthPoolExhausted => WireReason::AuthPoolExhausted,
+            AbortReason::AuthPoolsDiffer => WireReason::AuthPoolsDiffer,
             AbortReason::Unknown(value) => return value,
         };
         wire as i32
@@ -95,6 +99,7 @@ impl AbortReason {
             Ok(WireReason::InvalidSecurityParameters) => AbortReason::InvalidSecurityParameters,
             Ok(WireReason::AuthenticationFailed) => AbortReason::AuthenticationFailed,
             Ok(WireReason::AuthPoolExhausted) => AbortReason::AuthPoolExhausted,
+            Ok(WireReason::AuthPoolsDiffer) => AbortReason::AuthPoolsDiffer,
             Ok(WireReason::Unspecified) | Err(_) => AbortReason::Unknown(value),
         }
     }
@@ -117,6 +122,7 @@ impl fmt::Display for AbortReason {
             AbortReason::InvalidSecurityParameters => "invalid security parameters",
             AbortReason::AuthenticationFailed => "authentication failed",
             AbortReason::AuthPoolExhausted => "authentication key pool exhausted",
+            AbortReason::AuthPoolsDiffer => "authentication key pools differ",
             AbortReason::Unknown(value) => return write!(f, "unknown reason {value}"),
         };
         f.write_str(text)
@@ -221,6 +227,7 @@ mod tests {
             AbortReason::InvalidSecurityParameters,
             AbortReason::AuthenticationFailed,
             AbortReason::AuthPoolExhausted,
+            AbortReason::AuthPoolsDiffer,
         ];
         for reason in reasons {
             assert_ne!(reason.to_wire(), 0, "{reason}");

@@ -14,7 +14,7 @@ use super::reconcile::AliceReconciler;
 use super::request::{HandleContext, Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
-use crate::auth::{AuthPool, AuthReport, BlockAuth, Direction, alice_allocate, retire_hash_key};
+use crate::auth::{AuthPool, AuthReport, BlockAuth, Direction, alice_allocate, alice_sync_secrets, retire_hash_key};
 use crate::bits::BitVec;
 use crate::postproc::cascade::FrameParityQuery;
 use crate::postproc::finite_key::{
@@ -328,6 +328,15 @@ impl AliceCore {
                 ready_block_ids.push(id.clone());
             }
         }
+        if req.auth_placeholder != self.auth.is_placeholder() {
+            tracing::warn!(
+                bob = %req.bob_id,
+                alice_placeholder = self.auth.is_placeholder(),
+                bob_placeholder = req.auth_placeholder,
+                "one end's authentication key pool holds a pre-shared secret and the other's only the public \
+                 placeholder: blocks will fail authentication until the same secret is installed at both ends"
+            );
+        }
         let id = self.uuid();
         self.session = Some(Session {
             id,
@@ -350,6 +359,7 @@ impl AliceCore {
             alice_id: self.alice_id.clone(),
             ready_block_ids,
             next_frame_idx: self.frames.last_key_value().map_or(0, |(k, _)| k + 1),
+            auth_placeholder: self.auth.is_placeholder(),
             simulated_channel: self.simulated,
         };
         Ok((response, event))
@@ -417,16 +427,21 @@ impl AliceCore {
         let monitor = std::mem::take(&mut session.acc_monitor);
         let (monitor_mu, monitor_g2) = (monitor.mu_mean(), monitor.g2_mean());
         let estimate = monitor.check(&security).and_then(|()| phase_error_upper(&stats, &security));
+        // Pre-shared secrets installed since the last block, at both ends or at Alice only, go
+        // into the streams first (whatever becomes of the block).
+        let synced = alice_sync_secrets(auth_pool.as_ref(), req.auth_pool_total_bits, &req.auth_staged_secrets)?;
+        let auth_apply_secrets = synced.as_ref().map(|ids| ids.iter().map(Uuid::to_string).collect()).unwrap_or_default();
         // The block's hash key and pads: Alice's watermark moves past them (durably) before she
         // answers, so no crash makes her use them again.
-        let auth = match estimate {
-            Err(e) => Err(Abort::from_key_length_error(&e)),
-            Ok(_) => alice_allocate(auth_pool.as_ref())?,
+        let auth = match (synced, estimate) {
+            (Err(abort), _) => Err(abort),
+            (Ok(_), Err(e)) => Err(Abort::from_key_length_error(&e)),
+            (Ok(_), Ok(_)) => alice_allocate(auth_pool.as_ref())?,
         };
         let auth = match auth {
             Ok(auth) => auth,
             Err(abort) => {
-                if abort.reason == AbortReason::AuthPoolExhausted {
+                if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {
                     tracing::error!(block = %block_id, "{abort}");
                 }
                 let response = StartBlockResponse {
@@ -435,6 +450,7 @@ impl AliceCore {
                     monitor_mu,
                     monitor_g2,
                     auth_pool_bits: auth_pool.available_bits()?,
+                    auth_apply_secrets,
                     ..Default::default()
                 };
                 return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
@@ -449,6 +465,7 @@ impl AliceCore {
             auth_pad_offset: auth.pad_offset,
             auth_key_offset: auth.key_offset,
             auth_pool_bits: auth_pool.available_bits()?,
+            auth_apply_secrets,
         };
         let mut transcript = sift_rounds;
         transcript.absorb("StartBlock", req, &response);

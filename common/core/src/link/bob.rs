@@ -13,7 +13,7 @@ use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join
 use super::request::{Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
-use crate::auth::{AuthPool, AuthReport, Direction, bob_accept, retire_hash_key};
+use crate::auth::{AuthPool, AuthReport, Direction, bob_accept, bob_apply_secrets, retire_hash_key};
 use crate::bits::BitVec;
 use crate::postproc::binary_entropy;
 use crate::postproc::cascade::MultiCascadeBob;
@@ -186,8 +186,17 @@ impl<P: LinkPeer> BobLink<P> {
                 params_digest: params.digest(&security),
                 pending_block_ids: pending.iter().map(Uuid::to_string).collect(),
                 simulated_channel: simulated,
+                auth_placeholder: auth.is_placeholder(),
             })
             .await?;
+        if hello.auth_placeholder != auth.is_placeholder() {
+            let (with, without) = if auth.is_placeholder() { ("Alice's", "Bob's") } else { ("Bob's", "Alice's") };
+            tracing::warn!(
+                "{with} authentication key pool holds a pre-shared secret and {without} only the public placeholder: \
+                 blocks will fail authentication until the same secret is installed at both ends \
+                 (`qkdctl auth-secret install`)"
+            );
+        }
         let mut ready = 0;
         for id in &hello.ready_block_ids {
             let block_id = parse_uuid(id, "ready block id")?;
@@ -324,6 +333,8 @@ impl<P: LinkPeer> BobLink<P> {
             session_id: self.session_id.clone(),
             n_bits: stats.n_key_bits,
             n_frames: self.acc_frames,
+            auth_pool_total_bits: self.auth.total_bits()?,
+            auth_staged_secrets: self.auth.staged_secrets()?.iter().map(Uuid::to_string).collect(),
         };
         self.acc_frames = 0;
         let x_slots = std::mem::take(&mut self.acc_x_slots);
@@ -347,9 +358,20 @@ impl<P: LinkPeer> BobLink<P> {
             security: None,
             auth: AuthReport { pool_bits: self.auth.available_bits()?, ..AuthReport::default() },
         };
+        // Pre-shared secrets Alice applied: applied here too, whatever becomes of the block.
+        if let Err(abort) = bob_apply_secrets(self.auth.as_ref(), &started.auth_apply_secrets)? {
+            tracing::error!(block = %block_id, "{abort}");
+            if started.abort.is_none() {
+                self.abort(&started.block_id, &abort).await?;
+            }
+            report.abort_reason = Some(abort);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
+        report.auth.pool_bits = self.auth.available_bits()?;
         if let Some(abort) = &started.abort {
             let abort = Abort::from_wire(abort);
-            if abort.reason == AbortReason::AuthPoolExhausted {
+            if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {
                 tracing::error!(block = %block_id, "{abort}");
             }
             report.abort_reason = Some(abort);

@@ -117,8 +117,17 @@ impl AuthPool for LoggedPool {
     fn staged_refills(&self) -> Result<Vec<uuid::Uuid>, AuthPoolError> {
         self.pool.staged_refills()
     }
-    fn install_secret(&self, bytes: &[u8]) -> Result<(), AuthPoolError> {
-        self.pool.install_secret(bytes)
+    fn stage_secret(&self, id: uuid::Uuid, bytes: &[u8]) -> Result<(), AuthPoolError> {
+        self.pool.stage_secret(id, bytes)
+    }
+    fn staged_secrets(&self) -> Result<Vec<uuid::Uuid>, AuthPoolError> {
+        self.pool.staged_secrets()
+    }
+    fn apply_secret(&self, id: uuid::Uuid) -> Result<(), AuthPoolError> {
+        self.pool.apply_secret(id)
+    }
+    fn applied_secrets(&self) -> Result<Vec<crate::auth::AppliedSecret>, AuthPoolError> {
+        self.pool.applied_secrets()
     }
 }
 
@@ -993,10 +1002,15 @@ fn pool_exhaustion_stops_blocks_and_a_new_secret_resumes_them() {
         assert_eq!(rig.alice_store.summary().unwrap().n_keys, 0);
         assert_eq!((rig.alice_pool.watermark().unwrap(), rig.bob_pool.watermark().unwrap()), (0, 0));
 
-        // The operator installs a new secret at both ends.
+        // The operator installs a new secret at Alice: nothing changes until Bob holds it too.
         let more = secret(62, 32);
-        rig.alice_pool.install_secret(&more).unwrap();
-        rig.bob_pool.install_secret(&more).unwrap();
+        let id = uuid::Uuid::from_u128(62);
+        rig.alice_pool.stage_secret(id, &more).unwrap();
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason.map(|a| a.reason), Some(AbortReason::AuthPoolExhausted));
+        // ... and at Bob: the next StartBlock applies it at both ends and the block commits.
+        rig.bob_pool.stage_secret(id, &more).unwrap();
         rig.fill_block(&mut bob).await;
         let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
         assert_eq!(report.abort_reason, None, "{report:?}");
