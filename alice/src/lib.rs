@@ -12,6 +12,8 @@ use common::grpc::status_from_link_error;
 use proto::link::link_server::{Link, LinkServer};
 use proto::link::*;
 use qkd_core::link::alice::{AliceCore, AliceEvent, PreparedFrame};
+use qkd_core::auth::AuthPool;
+use qkd_core::link::abort::AbortReason;
 use qkd_core::link::{HandleContext, LinkError, Request, Response};
 use qkd_device::sim::SimTransmitter;
 use qkd_device::{AnyTransmitter, TransmitterDevice, TxEvent};
@@ -44,6 +46,11 @@ pub struct AliceStatus {
     pub secret_bits: u64,
     /// The last abort reason, if any.
     pub last_abort_reason: Option<String>,
+    /// Unused bits in the authentication key pool (at start, then after each committed block).
+    pub auth_pool_bits: u64,
+    /// Set while no key can be distilled for want of authentication key (the pool is exhausted,
+    /// or the two pools differ): what to do. Cleared by the next committed block.
+    pub auth_alarm: Option<String>,
     /// The quantum device, as it describes itself.
     pub device: String,
     /// Whether the quantum channel is simulated (keys marked simulated in the store).
@@ -98,12 +105,18 @@ pub async fn run(
     let device = common::device::open_transmitter(&cfg.device, &link, cfg.protocol.frame_pulses).await?;
     let simulated = device.info().simulated();
     let auth = common::auth_pool::open_node_pool(&cfg.data_dir)?;
+    let auth_pool_bits = auth.available_bits().unwrap_or(0);
     let mut core =
         AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng(), auth);
     core.set_simulated(simulated);
     let (core, core_thread) = CoreHandle::spawn(core, store.clone()).context("starting the core's thread")?;
     let status =
-        Arc::new(Mutex::new(AliceStatus { device: device.info().summary(), simulated, ..AliceStatus::default() }));
+        Arc::new(Mutex::new(AliceStatus {
+            device: device.info().summary(),
+            simulated,
+            auth_pool_bits,
+            ..AliceStatus::default()
+        }));
     let fibre_addr = fibre_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     if simulated {
         warn!(
@@ -421,6 +434,8 @@ impl LinkService {
                     final_bits = meta.final_bits,
                     "block committed: keys stored as ready"
                 );
+                status.auth_pool_bits = auth.pool_bits;
+                status.auth_alarm = None;
                 status.blocks_committed += 1;
                 status.keys_stored += meta.final_bits / 256;
                 status.secret_bits += meta.final_bits;
@@ -434,6 +449,9 @@ impl LinkService {
                     "block aborted: no key stored"
                 );
                 status.blocks_aborted += 1;
+                if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {
+                    status.auth_alarm = Some(abort.to_string());
+                }
                 status.last_abort_reason =
                     Some(if by_bob { format!("Bob aborted: {abort}") } else { abort.to_string() });
             }

@@ -11,6 +11,8 @@ use common::fibre::{decode_frame, read_frame};
 use common::grpc::link_error_from_status;
 use proto::link::link_client::LinkClient;
 use qkd_core::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
+use qkd_core::auth::AuthPool;
+use qkd_core::link::abort::AbortReason;
 use qkd_core::link::{LinkError, Request, Response};
 use qkd_device::sim::PhotonFrame;
 use qkd_device::{AnyReceiver, DeviceError, ReceiverDevice, RxEvent};
@@ -44,8 +46,17 @@ pub struct BobStatus {
     pub simulated: bool,
     /// The last device error, if any.
     pub device_error: Option<String>,
-    /// Why the link last went down.
+    /// Why the link last went down (cleared when a session opens again).
     pub last_error: Option<String>,
+    /// Sessions that ended on an error (a refusal, a lost peer, ...).
+    pub sessions_failed: u64,
+    /// The error that ended the last failed session (kept).
+    pub last_session_error: Option<String>,
+    /// Unused bits in the authentication key pool (after the last block).
+    pub auth_pool_bits: u64,
+    /// Set while no key can be distilled for want of authentication key (the pool is exhausted,
+    /// or the two pools differ): what to do. Cleared by the next committed block.
+    pub auth_alarm: Option<String>,
 }
 
 /// Loads `config` (with `data_dir` overriding its data directory) and runs until SIGINT or
@@ -114,6 +125,7 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         "bob started"
     );
     let auth = common::auth_pool::open_node_pool(&cfg.data_dir)?;
+    status.lock().expect("status lock poisoned").auth_pool_bits = auth.available_bits().unwrap_or(0);
     let (events_tx, mut events) = mpsc::channel(RX_QUEUE_FRAMES);
     let (reports, reports_rx) = mpsc::unbounded_channel();
     let receiver_task = tokio::spawn(run_receiver(device, events_tx, reports_rx, status.clone(), shutdown.clone()));
@@ -157,7 +169,12 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
                     backoff = min_backoff;
                 }
                 warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "link down; reconnecting");
-                status.lock().expect("status lock poisoned").last_error = Some(format!("{e:#}"));
+                {
+                    let mut s = status.lock().expect("status lock poisoned");
+                    s.last_error = Some(format!("{e:#}"));
+                    s.sessions_failed += 1;
+                    s.last_session_error = s.last_error.clone();
+                }
                 tokio::select! {
                     () = shutdown.cancelled() => break,
                     () = tokio::time::sleep(backoff) => {}
@@ -361,6 +378,16 @@ async fn session(
         add_counters(&mut s.total, &bob.counters, &last);
         last = bob.counters.clone();
         s.pending_bits = bob.pending_bits();
+        if let Some(report) = &report {
+            s.auth_pool_bits = report.auth.pool_bits;
+            match &report.abort_reason {
+                None => s.auth_alarm = None,
+                Some(abort) if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) => {
+                    s.auth_alarm = Some(abort.to_string());
+                }
+                Some(_) => {}
+            }
+        }
         if report.is_some() {
             s.last_block = report;
         }
