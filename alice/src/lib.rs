@@ -11,9 +11,9 @@ use common::fibre::{encode_frame, write_frame};
 use common::grpc::status_from_link_error;
 use proto::link::link_server::{Link, LinkServer};
 use proto::link::*;
-use qkd_core::link::alice::{AliceCore, AliceEvent, PreparedFrame};
 use qkd_core::auth::AuthPool;
 use qkd_core::link::abort::AbortReason;
+use qkd_core::link::alice::{AliceCore, AliceEvent, PreparedFrame};
 use qkd_core::link::{HandleContext, LinkError, Request, Response};
 use qkd_device::sim::SimTransmitter;
 use qkd_device::{AnyTransmitter, TransmitterDevice, TxEvent};
@@ -110,13 +110,12 @@ pub async fn run(
         AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng(), auth);
     core.set_simulated(simulated);
     let (core, core_thread) = CoreHandle::spawn(core, store.clone()).context("starting the core's thread")?;
-    let status =
-        Arc::new(Mutex::new(AliceStatus {
-            device: device.info().summary(),
-            simulated,
-            auth_pool_bits,
-            ..AliceStatus::default()
-        }));
+    let status = Arc::new(Mutex::new(AliceStatus {
+        device: device.info().summary(),
+        simulated,
+        auth_pool_bits,
+        ..AliceStatus::default()
+    }));
     let fibre_addr = fibre_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     if simulated {
         warn!(

@@ -10,9 +10,9 @@ use common::config::BobConfig;
 use common::fibre::{decode_frame, read_frame};
 use common::grpc::link_error_from_status;
 use proto::link::link_client::LinkClient;
-use qkd_core::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
 use qkd_core::auth::AuthPool;
 use qkd_core::link::abort::AbortReason;
+use qkd_core::link::bob::{BlockReport, BobLink, LinkCounters, LinkPeer};
 use qkd_core::link::{LinkError, Request, Response};
 use qkd_device::sim::PhotonFrame;
 use qkd_device::{AnyReceiver, DeviceError, ReceiverDevice, RxEvent};
@@ -136,8 +136,7 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let mut device_failed = None;
     while !shutdown.is_cancelled() {
         let committed_before = status.lock().expect("status lock poisoned").total.blocks_committed;
-        let result =
-            session(&cfg, &link, store.as_ref(), &tls, &auth, &status, &health, &mut device, &shutdown).await;
+        let result = session(&cfg, &link, store.as_ref(), &tls, &auth, &status, &health, &mut device, &shutdown).await;
         let committed = status.lock().expect("status lock poisoned").total.blocks_committed > committed_before;
         status.lock().expect("status lock poisoned").connected = false;
         health.set_ready(false);
@@ -382,7 +381,9 @@ async fn session(
             s.auth_pool_bits = report.auth.pool_bits;
             match &report.abort_reason {
                 None => s.auth_alarm = None,
-                Some(abort) if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) => {
+                Some(abort)
+                    if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) =>
+                {
                     s.auth_alarm = Some(abort.to_string());
                 }
                 Some(_) => {}

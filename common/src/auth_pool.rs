@@ -521,8 +521,9 @@ pub struct PoolSummary {
 pub fn summary(data_dir: &Path) -> anyhow::Result<PoolSummary> {
     let dir = data_dir.join("auth");
     let path = dir.join("state.json");
-    let text = fs::read_to_string(&path)
-        .map_err(|e| anyhow::anyhow!("reading {}: {e} (has the node run, or a secret been installed?)", path.display()))?;
+    let text = fs::read_to_string(&path).map_err(|e| {
+        anyhow::anyhow!("reading {}: {e} (has the node run, or a secret been installed?)", path.display())
+    })?;
     let persisted: Persisted =
         serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("{} is damaged: {e}", path.display()))?;
     let total_bits = persisted.pool_bytes * 8;

@@ -68,7 +68,9 @@ fn new(out: &Path, n_bytes: usize) -> anyhow::Result<()> {
     options.write(true).create_new(true);
     std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
     let mut file = options.open(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
-    file.write_all(&secret.encode()).and_then(|()| file.sync_all()).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    file.write_all(&secret.encode())
+        .and_then(|()| file.sync_all())
+        .map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
     println!(
         "wrote secret {} ({n_bytes} random bytes) to {}: install it at Alice and at Bob with `qkdctl auth-secret install \
          --data-dir DIR --secret {}` (carry it by a secure path), then delete every copy",

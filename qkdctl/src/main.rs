@@ -192,4 +192,3 @@ fn main() -> std::process::ExitCode {
         }
     }
 }
-

@@ -182,10 +182,12 @@ fn outcomes(lab: &Lab) -> (u64, String, u64, String) {
 }
 
 /// Checks a pool's log: no two pads overlap, and no pad overlaps a hash key.
-fn assert_no_pad_reuse(dir: &std::path::Path, end: &str) -> usize {
+pub(crate) fn assert_no_pad_reuse(dir: &std::path::Path, end: &str) -> usize {
     let log = read_log(dir).unwrap();
-    let mut pads: Vec<(u64, u64)> =
-        log.iter().filter_map(|e| if let LogEvent::Pad { offset, bits } = e { Some((*offset, *bits)) } else { None }).collect();
+    let mut pads: Vec<(u64, u64)> = log
+        .iter()
+        .filter_map(|e| if let LogEvent::Pad { offset, bits } = e { Some((*offset, *bits)) } else { None })
+        .collect();
     pads.sort_unstable();
     for w in pads.windows(2) {
         assert!(w[0].0 + w[0].1 <= w[1].0, "{end}: pads {:?} and {:?} overlap", w[0], w[1]);
@@ -193,7 +195,10 @@ fn assert_no_pad_reuse(dir: &std::path::Path, end: &str) -> usize {
     for event in &log {
         if let LogEvent::HashKey { offset } = event {
             for &(pad, bits) in &pads {
-                assert!(offset + 128 <= pad || *offset >= pad + bits, "{end}: hash key {offset} overlaps pad {pad}+{bits}");
+                assert!(
+                    offset + 128 <= pad || *offset >= pad + bits,
+                    "{end}: hash key {offset} overlaps pad {pad}+{bits}"
+                );
             }
         }
     }
@@ -287,17 +292,20 @@ async fn a_man_in_the_middle_with_valid_certificates_stores_no_key_and_an_exhaus
     // refills nothing, until the pool cannot pay for a block.
     state.lock().unwrap().fault = Some(Fault::EveryAliceTag);
     let alarm = |node: &str| lab.status(node).and_then(|s| s["auth_alarm"].as_str().map(str::to_owned));
-    let (alice_alarm, bob_alarm) =
-        wait_for("the authentication alarm at both ends", Duration::from_secs(300), || alarm("alice").zip(alarm("bob")))
-            .await;
+    let (alice_alarm, bob_alarm) = wait_for("the authentication alarm at both ends", Duration::from_secs(300), || {
+        alarm("alice").zip(alarm("bob"))
+    })
+    .await;
     assert!(alice_alarm.contains("authentication key pool exhausted"), "{alice_alarm}");
     assert!(bob_alarm.contains("a new pre-shared secret"), "{bob_alarm}");
     state.lock().unwrap().fault = None;
     // Nothing commits while the pool is dry: more blocks are refused for the same reason.
     let aborted = outcomes(&lab).0;
     let stuck_at = committed(&lab);
-    wait_for("more blocks refused for the dry pool", Duration::from_secs(60), || (outcomes(&lab).0 >= aborted + 2).then_some(()))
-        .await;
+    wait_for("more blocks refused for the dry pool", Duration::from_secs(60), || {
+        (outcomes(&lab).0 >= aborted + 2).then_some(())
+    })
+    .await;
     assert_eq!(committed(&lab), stuck_at);
     assert!(alarm("bob").is_some() && alarm("alice").is_some());
 

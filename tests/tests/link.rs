@@ -124,10 +124,13 @@ async fn classical_channel_refuses_unknown_and_misnamed_clients() {
     alice.stop().await.unwrap();
 }
 
-/// Bob is killed with SIGKILL while a block is being committed, then restarted: the link resumes
-/// by itself and, once both are stopped, the two stores hold the same keys.
+/// Alice, then Bob, are killed with SIGKILL at each point of a block where authentication pad
+/// bits are consumed (positions taken or accepted, keys and refill pending, block ready), then
+/// restarted: the link resumes by itself; once both are stopped the two stores hold the same
+/// keys, the two authentication pools the same stream, and neither pool's log shows a pad bit
+/// handed out twice (issue 14, acceptance 2).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bob_killed_mid_block_resumes_and_stores_agree() {
+async fn daemons_killed_at_each_pad_use_resume_with_no_pad_reused_and_stores_agree() {
     let lab = Lab::new("kill");
     let (alice_bin, bob_bin) = (workspace_binary("alice"), workspace_binary("bob"));
     let (grpc, fibre) = bind_pair().await;
@@ -144,36 +147,37 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
         c.arg("-c").arg("umask 000; exec \"$0\" --config \"$1\"").arg(bin).arg(cfg);
         c
     };
-    let mut alice = open_umask(&alice_bin, &alice_cfg).stderr(Stdio::null()).spawn().unwrap();
-    let start_bob = || {
-        open_umask(&bob_bin, &bob_cfg)
-            .env("RUST_LOG", "bob=debug,common=debug,qkd_core=debug")
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+    let debug = |mut command: Command| {
+        command.env("RUST_LOG", "alice=debug,bob=debug,common=debug,qkd_core=debug").stderr(Stdio::piped());
+        command
+    };
+    // Kills `child` (SIGKILL) the moment it logs a line containing `point`.
+    let kill_at = |mut child: std::process::Child, point: &'static str| async move {
+        let stderr = child.stderr.take().unwrap();
+        let saw = tokio::task::spawn_blocking(move || {
+            std::io::BufReader::new(stderr).lines().map_while(Result::ok).any(|line| line.contains(point))
+        });
+        let saw =
+            tokio::time::timeout(Duration::from_secs(120), saw).await.expect("the point was not reached").unwrap();
+        assert!(saw, "the daemon exited before {point:?}");
+        child.kill().unwrap();
+        child.wait().unwrap();
     };
 
-    // Kill Bob twice, each time the moment he logs that a block is stored as pending (before
-    // Alice has confirmed it).
-    for round in 0..2 {
-        let mut bob = start_bob();
-        let stderr = bob.stderr.take().unwrap();
-        let saw_pending = tokio::task::spawn_blocking(move || {
-            for line in std::io::BufReader::new(stderr).lines() {
-                let Ok(line) = line else { return false };
-                if line.contains("stored as pending") {
-                    return true;
-                }
-            }
-            false
-        });
-        let saw = tokio::time::timeout(Duration::from_secs(120), saw_pending)
-            .await
-            .expect("no block reached the commit")
-            .unwrap();
-        assert!(saw, "bob exited before committing a block (round {round})");
-        bob.kill().unwrap();
-        bob.wait().unwrap();
+    // Alice killed the moment she has taken a block's authentication positions (her watermark
+    // moved, her answer not sent), then restarted.
+    let alice = debug(open_umask(&alice_bin, &alice_cfg)).spawn().unwrap();
+    let mut first_bob = open_umask(&bob_bin, &bob_cfg).stderr(Stdio::null()).spawn().unwrap();
+    kill_at(alice, "authentication positions taken").await;
+    let mut alice = open_umask(&alice_bin, &alice_cfg).stderr(Stdio::null()).spawn().unwrap();
+    first_bob.kill().unwrap();
+    first_bob.wait().unwrap();
+
+    // Bob killed at each point of a block's authentication: after he moved his watermark past
+    // its positions, once its keys and refill are stored pending (before Alice has confirmed it),
+    // and once it is ready (its refill appended to his pool).
+    for point in ["authentication positions accepted", "stored as pending", "block committed: keys stored as ready"] {
+        kill_at(debug(open_umask(&bob_bin, &bob_cfg)).spawn().unwrap(), point).await;
     }
 
     // Restarted once more, Bob settles what was pending and commits new blocks. (The killed
@@ -198,6 +202,22 @@ async fn bob_killed_mid_block_resumes_and_stores_agree() {
     assert!(a.n_keys > 0);
     assert_eq!(b.n_pending_blocks, 0, "bob kept a pending block: {b:?}");
     assert_eq!((a.n_keys, &a.digest), (b.n_keys, &b.digest), "stores differ after the kills");
+    // Across the kills and restarts, no pad bit was handed out twice at either end (each pool's
+    // log, synced before the bits are used), and the two pools hold the same stream.
+    for node in ["alice", "bob"] {
+        let pads = super::auth::assert_no_pad_reuse(&lab.dir.0.join(node).join("auth"), node);
+        assert!(pads >= 4, "{node}: {pads} pads");
+    }
+    let (pa, pb) = (
+        common::auth_pool::summary(&lab.dir.0.join("alice")).unwrap(),
+        common::auth_pool::summary(&lab.dir.0.join("bob")).unwrap(),
+    );
+    assert_eq!(pa.total_bits, pb.total_bits, "the pools differ in size");
+    let (sa, sb) = (
+        std::fs::read(lab.dir.0.join("alice/auth/pool")).unwrap(),
+        std::fs::read(lab.dir.0.join("bob/auth/pool")).unwrap(),
+    );
+    assert!(sa[..(pa.total_bits / 8) as usize] == sb[..(pb.total_bits / 8) as usize], "the pools' streams differ");
 }
 
 /// Panics unless `path` and everything under it has no group or other permission bits.

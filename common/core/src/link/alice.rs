@@ -430,7 +430,8 @@ impl AliceCore {
         // Pre-shared secrets installed since the last block, at both ends or at Alice only, go
         // into the streams first (whatever becomes of the block).
         let synced = alice_sync_secrets(auth_pool.as_ref(), req.auth_pool_total_bits, &req.auth_staged_secrets)?;
-        let auth_apply_secrets = synced.as_ref().map(|ids| ids.iter().map(Uuid::to_string).collect()).unwrap_or_default();
+        let auth_apply_secrets =
+            synced.as_ref().map(|ids| ids.iter().map(Uuid::to_string).collect()).unwrap_or_default();
         // The block's hash key and pads: Alice's watermark moves past them (durably) before she
         // answers, so no crash makes her use them again.
         let auth = match (synced, estimate) {
@@ -456,6 +457,12 @@ impl AliceCore {
                 return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
             }
         };
+        tracing::debug!(
+            block = %block_id,
+            key_offset = auth.key_offset,
+            pad_offset = auth.pad_offset,
+            "authentication positions taken (watermark moved past them)"
+        );
         let response = StartBlockResponse {
             block_id: block_id.to_string(),
             cascade_seed: cascade_seed.to_vec(),

@@ -390,6 +390,12 @@ impl<P: LinkPeer> BobLink<P> {
                 return Ok(report);
             }
         };
+        tracing::debug!(
+            block = %block_id,
+            key_offset = auth.key_offset,
+            pad_offset = auth.pad_offset,
+            "authentication positions accepted (watermark moved past them)"
+        );
         report.auth = AuthReport::new(auth.spent_bits, 0, self.auth.available_bits()?);
         if let Some(calibration) = &self.side_slots
             && let Err(detail) = calibration.check(&x_slots, stats.n_pulses)
