@@ -464,7 +464,9 @@ pub enum Installed {
 /// at its next block once both hold it.
 pub fn install_secret(data_dir: &Path, secret: &SecretFile, reset: bool) -> anyhow::Result<Installed> {
     let dir = data_dir.join("auth");
-    fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+    for private in [data_dir, dir.as_path()] {
+        crate::service::private_dir(private).map_err(|e| anyhow::anyhow!("creating {}: {e}", private.display()))?;
+    }
     let fresh = !dir.join("pool").exists();
     if fresh || reset {
         let _lock = lock_dir(&dir)?;

@@ -220,10 +220,20 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
         println!("lab: reusing {} (delete it for a fresh lab)", dir.display());
     } else {
         write_configs(&dir, &pki, &mut settings)?;
+        // One pre-shared authentication secret for both nodes (never written anywhere else).
+        let secret = common::auth_pool::SecretFile::generate(common::auth_pool::DEFAULT_SECRET_BYTES);
+        for node in ["alice", "bob"] {
+            common::auth_pool::install_secret(&dir.join(node), &secret, false)
+                .with_context(|| format!("installing the lab's authentication secret at {node}"))?;
+        }
         let path = dir.join("lab-args.json");
         std::fs::write(&path, serde_json::to_string_pretty(&settings)?)
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("lab: created {} (PKI in pki/, configs alice.toml and bob.toml)", dir.display());
+        println!(
+            "lab: created {} (PKI in pki/, configs alice.toml and bob.toml, one pre-shared authentication secret \
+             installed at both nodes)",
+            dir.display()
+        );
     }
 
     mark_running(&dir, true)?;
