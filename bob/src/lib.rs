@@ -48,8 +48,11 @@ pub struct BobStatus {
     pub device_error: Option<String>,
     /// Why the link last went down (cleared when a session opens again).
     pub last_error: Option<String>,
-    /// Sessions that ended on an error (a refusal, a lost peer, ...).
+    /// Sessions that ended on an error (a refusal, a lost peer, a store error, ...).
     pub sessions_failed: u64,
+    /// Set while the key store is out of service (a full or failing disk): why. No block starts
+    /// until the store is reopened, which the daemon retries by itself.
+    pub store_failure: Option<String>,
     /// The error that ended the last failed session (kept).
     pub last_session_error: Option<String>,
     /// Unused bits in the authentication key pool (after the last block).
@@ -135,6 +138,28 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let mut backoff = min_backoff;
     let mut device_failed = None;
     while !shutdown.is_cancelled() {
+        // A store out of service (a full or failing disk) is reopened first: no session, and so
+        // no block, starts until it is back. Unhealthy meanwhile (status, readiness, systemd).
+        let reopened = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.reopen_if_failed()).await
+        };
+        if let Err(e) = reopened.map_err(anyhow::Error::from).and_then(|r| r.map_err(anyhow::Error::from)) {
+            let failure = format!("{e:#}");
+            warn!(error = %failure, retry_in_ms = backoff.as_millis() as u64, "key store out of service; no block until it is back");
+            common::service::notify_status(&format!("key store out of service: {failure}"));
+            status.lock().expect("status lock poisoned").store_failure = Some(failure);
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                () = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(Duration::from_secs_f64(cfg.classical.max_backoff_s));
+            continue;
+        }
+        if status.lock().expect("status lock poisoned").store_failure.take().is_some() {
+            info!("key store back in service");
+            common::service::notify_status("key store back in service; connecting to Alice");
+        }
         let committed_before = status.lock().expect("status lock poisoned").total.blocks_committed;
         let result = session(&cfg, &link, store.as_ref(), &tls, &auth, &status, &health, &mut device, &shutdown).await;
         let committed = status.lock().expect("status lock poisoned").total.blocks_committed > committed_before;

@@ -58,6 +58,14 @@ pub fn notify_ready(status: &str, shutdown: CancellationToken) {
 }
 
 /// Tells systemd the daemon is stopping.
+/// Tells systemd the daemon's current state in a line (`STATUS=`, shown by `systemctl status`);
+/// nothing outside systemd.
+pub fn notify_status(status: &str) {
+    if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Status(status)]) {
+        tracing::debug!(error = %e, "cannot notify systemd");
+    }
+}
+
 pub fn notify_stopping() {
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
 }

@@ -503,3 +503,87 @@ fn a_full_filesystem_fails_writes_clearly_and_the_store_works_again_once_space_i
     }
     drop(tmpfs);
 }
+
+/// Issue 15, acceptance 1 and 2, at the daemons: Bob's key store on a tmpfs that fills up (his
+/// data directory, with the status file, stays on the ordinary disk: the store is a symbolic
+/// link). Bob reports the failure with the store's path, closes the session and starts no block
+/// while the disk is full; once space is freed he reopens the store and resumes by himself, with
+/// no restart. Full again, he honours a stop within 5 s. The two stores end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_at_bob_stops_blocks_until_space_is_freed_and_the_link_resumes_by_itself() {
+    let lab = Lab::new("bob-disk-full");
+    let tmpfs = match Tmpfs::mount(&lab.dir.0, "24m") {
+        Ok(tmpfs) => tmpfs,
+        Err(reason) => {
+            eprintln!("SKIPPED a_full_disk_at_bob_...: {reason}");
+            return;
+        }
+    };
+    let bob_dir = lab.dir.0.join("bob");
+    std::fs::create_dir_all(tmpfs.0.join("store")).unwrap();
+    std::fs::create_dir_all(&bob_dir).unwrap();
+    std::os::unix::fs::symlink(tmpfs.0.join("store"), bob_dir.join("store")).unwrap();
+    let filler = tmpfs.0.join("filler");
+
+    let (grpc, fibre) = bind_pair().await;
+    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    let alice = spawn_alice(&lab, grpc, fibre);
+    let bob_cfg = lab.bob_config(grpc_addr, fibre_addr);
+    let bob = spawn_bob_with(&lab, bob_cfg.clone());
+    let bob_status = || lab.status("bob").unwrap_or_default();
+    let committed = || counter(&bob_status(), "/total/blocks_committed");
+    wait_for("a first block at Bob", Duration::from_secs(120), || (committed() >= 1).then_some(())).await;
+
+    // The disk fills: the next block's write fails, and the store stays out of service.
+    fill(&filler);
+    let failure = wait_for("Bob reporting his store out of service", Duration::from_secs(120), || {
+        let s = bob_status();
+        (s["connected"] == serde_json::json!(false)).then(|| s["store_failure"].as_str().map(str::to_owned)).flatten()
+    })
+    .await;
+    assert!(failure.contains(&bob_dir.join("store").display().to_string()), "{failure}");
+    assert!(failure.to_lowercase().contains("no space left on device"), "{failure}");
+    let alice_blocks = |s: &serde_json::Value| counter(s, "/blocks_committed") + counter(s, "/blocks_aborted");
+    let alice_before = alice_blocks(&lab.status("alice").unwrap());
+    let bob_committed = committed();
+    // Two more status snapshots while the disk is full: still out of service, still no block.
+    for _ in 0..2 {
+        let written = std::fs::metadata(bob_dir.join("status.json")).unwrap().modified().unwrap();
+        wait_for("Bob's status rewritten", Duration::from_secs(5), || {
+            (std::fs::metadata(bob_dir.join("status.json")).ok()?.modified().ok()? > written).then_some(())
+        })
+        .await;
+        assert!(bob_status()["store_failure"].is_string());
+    }
+    assert_eq!(committed(), bob_committed);
+    assert_eq!(alice_blocks(&lab.status("alice").unwrap()), alice_before, "a block started while Bob's disk was full");
+
+    // Space freed: Bob reopens his store and the link resumes, without a restart.
+    std::fs::remove_file(&filler).unwrap();
+    wait_for("a block committed after the space was freed", Duration::from_secs(120), || {
+        (committed() > bob_committed && bob_status()["store_failure"].is_null()).then_some(())
+    })
+    .await;
+
+    // Full again: a stop is honoured within 5 s.
+    fill(&filler);
+    wait_for("Bob's store out of service again", Duration::from_secs(120), || {
+        bob_status()["store_failure"].as_str().map(|_| ())
+    })
+    .await;
+    bob.shutdown.cancel();
+    let stopped = tokio::time::timeout(Duration::from_secs(5), bob.task).await;
+    assert!(stopped.is_ok(), "Bob did not stop within 5 s with his disk full");
+
+    // Space freed and Bob restarted: the pending block is settled and the stores agree.
+    std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(bob_dir.join("status.json")).unwrap();
+    let restarted = spawn_bob_with(&lab, bob_cfg);
+    wait_for("a block after the restart", Duration::from_secs(120), || (committed() >= 1).then_some(())).await;
+    restarted.stop().await.unwrap();
+    alice.stop().await.unwrap();
+    let (a, b) = (lab.summary("alice"), lab.summary("bob"));
+    assert_eq!(b.n_pending_blocks, 0, "{b:?}");
+    assert_eq!((a.n_keys, &a.digest), (b.n_keys, &b.digest), "the stores differ");
+    drop(tmpfs);
+}
