@@ -46,6 +46,9 @@ pub struct AliceStatus {
     pub secret_bits: u64,
     /// The last abort reason, if any.
     pub last_abort_reason: Option<String>,
+    /// Set while the key store is out of service (a full or failing disk): why. Alice is then
+    /// unready and retries the reopen every second.
+    pub store_failure: Option<String>,
     /// Unused bits in the authentication key pool (at start, then after each committed block).
     pub auth_pool_bits: u64,
     /// Set while no key can be distilled for want of authentication key (the pool is exhausted,
@@ -217,13 +220,52 @@ pub async fn run(
     };
     let status_writer =
         common::status::write_periodically(cfg.data_dir.join("status.json"), status.clone(), shutdown.clone());
+    // The key store's health, once a second: out of service (a full or failing disk) makes Alice
+    // unready and says why in her status and to systemd; she tries the reopen herself.
+    let store_watch = {
+        let (store, status, health, shutdown) = (store.clone(), status.clone(), health.clone(), shutdown.clone());
+        async move {
+            let mut ticker = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    _ = ticker.tick() => {}
+                }
+                let failure = if store.is_healthy() {
+                    None
+                } else {
+                    let store = store.clone();
+                    match tokio::task::spawn_blocking(move || store.reopen_if_failed()).await {
+                        Ok(Ok(_)) => None,
+                        Ok(Err(e)) => Some(format!("{e:#}")),
+                        Err(e) => Some(format!("reopening the key store: {e}")),
+                    }
+                };
+                let previous =
+                    std::mem::replace(&mut status.lock().expect("status lock poisoned").store_failure, failure.clone());
+                match (previous, failure) {
+                    (None, Some(failure)) => {
+                        warn!(error = %failure, "key store out of service; no block until it is back");
+                        common::service::notify_status(&format!("key store out of service: {failure}"));
+                        health.set_ready(false);
+                    }
+                    (Some(_), None) => {
+                        info!("key store back in service");
+                        common::service::notify_status("emitting photons; serving the classical channel");
+                        health.set_ready(true);
+                    }
+                    _ => {}
+                }
+            }
+        }
+    };
 
     let stopping = async {
         shutdown.cancelled().await;
         common::service::notify_stopping();
     };
-    let (grpc_result, kme_result, (), (), (), (), ()) =
-        tokio::join!(grpc, kme, emitter, status_writer, drainer, health_server, stopping);
+    let (grpc_result, kme_result, (), (), (), (), (), ()) =
+        tokio::join!(grpc, kme, emitter, status_writer, drainer, health_server, store_watch, stopping);
     // The core's thread ends after the requests already queued; the store is then ours alone.
     core.stop();
     tokio::task::spawn_blocking(move || core_thread.join())
