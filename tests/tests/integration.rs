@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use tests::*;
 
+mod custody;
 mod deploy;
 mod device;
 mod etsi;

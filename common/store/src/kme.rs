@@ -468,7 +468,11 @@ impl Trees {
                 let key = match self.keys.open(&self.slots, Kind::Reservation, key_id, None, &record.sealed) {
                     Ok(key) => key,
                     Err(e) => {
-                        return sled::transaction::abort(KmeStoreError::Store(unseal_error(&e, "reserved key", key_id)));
+                        return sled::transaction::abort(KmeStoreError::Store(unseal_error(
+                            &e,
+                            "reserved key",
+                            key_id,
+                        )));
                     }
                 };
                 for (slave, delivered) in &mut record.slaves {
