@@ -140,9 +140,13 @@ enum StoreCommand {
     /// systemd credential (`systemd-creds encrypt --name=qkd-store-kek FILE ...`) and remove the
     /// plain file. Keep a copy offline: without its KEK a store's keys cannot be read.
     Kek {
-        /// The file to create.
-        #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        /// The file to create (repeat for several nodes).
+        #[arg(long, value_name = "FILE", required = true)]
+        out: Vec<PathBuf>,
+        /// Keep a file that exists already (it is never overwritten; without this flag it is an
+        /// error).
+        #[arg(long)]
+        keep_existing: bool,
     },
 }
 
@@ -199,7 +203,7 @@ fn main() -> std::process::ExitCode {
         Command::Store { command: StoreCommand::Summary { data_dir, kek, json } } => {
             store::summary(&data_dir, &kek, json)
         }
-        Command::Store { command: StoreCommand::Kek { out } } => store::make_kek(&out),
+        Command::Store { command: StoreCommand::Kek { out, keep_existing } } => store::make_kek(&out, keep_existing),
         Command::Store { command: StoreCommand::Verify { dir, data_dir, kek, json } } => {
             return store::verify(&dir.or(data_dir).unwrap_or_default(), &kek, json);
         }

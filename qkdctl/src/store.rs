@@ -29,7 +29,18 @@ impl KekArgs {
 }
 
 /// `qkdctl store kek --out FILE`: a new KEK in a new file, mode 0600.
-pub fn make_kek(out: &Path) -> anyhow::Result<()> {
+pub fn make_kek(outs: &[PathBuf], keep_existing: bool) -> anyhow::Result<()> {
+    for out in outs {
+        if keep_existing && out.exists() {
+            println!("kept the existing key-encryption key {}", out.display());
+            continue;
+        }
+        write_kek(out)?;
+    }
+    Ok(())
+}
+
+fn write_kek(out: &Path) -> anyhow::Result<()> {
     Kek::generate("new").write_new(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
     println!(
         "wrote a new key-encryption key to {} (mode 0600); set `[store] kek_file` to it, or make it a systemd \

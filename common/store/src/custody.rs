@@ -213,7 +213,7 @@ impl Kek {
 
     /// Reads the KEK file `path`: exactly 32 bytes, readable by its owner only.
     pub fn from_file(path: &Path) -> Result<Self, KekFault> {
-        Self::read(path, format!("file {}", path.display()))
+        Self::read(path, format!("file {}", path.display()), true)
     }
 
     /// Reads the systemd credential `name` (`$CREDENTIALS_DIRECTORY/<name>`, which systemd
@@ -222,14 +222,16 @@ impl Kek {
         let dir = std::env::var_os("CREDENTIALS_DIRECTORY")
             .ok_or_else(|| KekFault::NoCredentials { name: name.to_owned() })?;
         let path = Path::new(&dir).join(name);
-        Self::read(&path, format!("credential {name:?} ({})", path.display()))
+        // systemd makes the credential readable by the service only, in a directory of its
+        // own (the mode of the file itself is systemd's choice, not checked).
+        Self::read(&path, format!("credential {name:?} ({})", path.display()), false)
     }
 
-    fn read(path: &Path, source_name: String) -> Result<Self, KekFault> {
+    fn read(path: &Path, source_name: String, check_mode: bool) -> Result<Self, KekFault> {
         let unreadable = |error| KekFault::Unreadable { source_name: source_name.clone(), error };
         let meta = std::fs::metadata(path).map_err(unreadable)?;
         let mode = meta.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        if check_mode && mode & 0o077 != 0 {
             return Err(KekFault::Mode { source_name, mode });
         }
         let bytes = Zeroizing::new(std::fs::read(path).map_err(unreadable)?);
