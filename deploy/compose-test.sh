@@ -40,7 +40,7 @@ cargo build --quiet --bins -p alice -p bob -p qkdctl
 log "assembling image qkd-link:latest from local binaries"
 root=$(mktemp -d)
 mkdir -p "$root/usr/local/bin" "$root/etc/qkd/pki" "$root/pki/ca" "$root/pki/nodes/alice" "$root/pki/nodes/bob" \
-  "$root/pki/apps" "$root/var/lib/qkd" "$root/tmp"
+  "$root/pki/apps" "$root/var/lib/qkd" "$root/tmp" "$root/keks/alice" "$root/keks/bob"
 cp "$BIN/alice" "$BIN/bob" "$BIN/qkdctl" "$root/usr/local/bin/"
 for lib in $(ldd "$BIN/alice" "$BIN/qkdctl" | awk '/=>/ {print $3} /ld-linux/ {print $1}' | sort -u); do
   mkdir -p "$root$(dirname "$lib")"
@@ -76,7 +76,10 @@ log "4. stores identical once stopped"
 $COMPOSE stop app-a app-b
 $COMPOSE stop bob
 $COMPOSE stop alice
-summary() { docker run --rm -v "qkdci_$1-data:/data" qkd-link:latest qkdctl store summary --data-dir /data --json; }
+summary() {
+  docker run --rm -v "qkdci_$1-data:/data" -v "qkdci_$1-kek:/kek:ro" qkd-link:latest \
+    qkdctl store summary --data-dir /data --kek /kek/store.kek --json
+}
 a=$(summary alice); b=$(summary bob)
 echo "alice: $a" | tr -d '\n '; echo
 echo "bob:   $b" | tr -d '\n '; echo

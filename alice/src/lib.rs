@@ -102,7 +102,11 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     common::service::private_dir(&cfg.data_dir)
         .with_context(|| format!("creating data_dir {} (mode 0700)", cfg.data_dir.display()))?;
-    let store = Arc::new(SledStore::open(&cfg.data_dir.join("store")).context("opening the key store")?);
+    // The key-encryption key first: a missing, unreadable or wrong one stops the daemon before
+    // its store (and so its KME) is used; a wrong one leaves the store untouched.
+    let kek = cfg.store.load_kek().context("loading the key store's key-encryption key ([store])")?;
+    let store = Arc::new(SledStore::open(&cfg.data_dir.join("store"), &kek).context("opening the key store")?);
+    drop(kek);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
     let device = common::device::open_transmitter(&cfg.device, &link, cfg.protocol.frame_pulses).await?;

@@ -187,6 +187,48 @@ fn default_bob_fibre() -> BobFibre {
     BobFibre { alice_addr: "127.0.0.1:7001".into() }
 }
 
+/// The key store's `[store]` section: where the key-encryption key (KEK) comes from. The KEK
+/// seals every key at rest (docs/store.md, "Key custody"); it is never kept in the store.
+/// Exactly one of the two keys.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// A file of 32 random bytes, mode 0600 (`qkdctl store kek --out FILE` makes one).
+    #[serde(default)]
+    pub kek_file: Option<PathBuf>,
+    /// The name of a systemd credential holding the KEK (`LoadCredentialEncrypted=NAME:...` in
+    /// the unit): read from `$CREDENTIALS_DIRECTORY/NAME`.
+    #[serde(default)]
+    pub kek_credential: Option<String>,
+}
+
+impl StoreSection {
+    fn validate(&self) -> Result<(), String> {
+        match (&self.kek_file, &self.kek_credential) {
+            (Some(_), Some(_)) => Err("store: set kek_file or kek_credential, not both".into()),
+            (None, None) => Err("store: no key-encryption key: set [store] kek_file (make one with `qkdctl store kek \
+                                 --out FILE`) or kek_credential (a systemd credential)"
+                .into()),
+            (None, Some(name)) if name.is_empty() || name.contains('/') => {
+                Err(format!("store.kek_credential = {name:?} is not a credential name"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Reads the KEK from the configured file or credential; the error names it.
+    pub fn load_kek(&self) -> Result<qkd_store::Kek, qkd_store::KekFault> {
+        match (&self.kek_file, &self.kek_credential) {
+            (_, Some(name)) => qkd_store::Kek::from_credential(name),
+            (Some(path), None) => qkd_store::Kek::from_file(path),
+            (None, None) => Err(qkd_store::KekFault::Unreadable {
+                source_name: "(none configured: set [store] kek_file or kek_credential)".into(),
+                error: std::io::Error::from(std::io::ErrorKind::NotFound),
+            }),
+        }
+    }
+}
+
 /// Alice's daemon configuration.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -195,6 +237,8 @@ pub struct AliceConfig {
     pub node_id: String,
     /// Directory of the key store and the status file; created if missing.
     pub data_dir: PathBuf,
+    /// The key store's key-encryption key.
+    pub store: StoreSection,
     /// Plain-HTTP liveness/readiness endpoint (`/healthz`, `/readyz`), for container health
     /// checks and load balancers; no client certificate, reveals nothing about keys. Off when
     /// absent.
@@ -260,6 +304,8 @@ pub struct BobConfig {
     pub node_id: String,
     /// Directory of the key store and the status file; created if missing.
     pub data_dir: PathBuf,
+    /// The key store's key-encryption key.
+    pub store: StoreSection,
     /// Most key units the store may hold, ready or pending (0: no limit); while it is full, new
     /// blocks are aborted and no key is distilled (see `BobLink::set_max_stored_units`).
     #[serde(default = "default_max_stored_units")]
@@ -349,12 +395,14 @@ impl AliceConfig {
         let base = path.parent().unwrap_or(Path::new("."));
         cfg.rebase(base);
         cfg.device.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
+        cfg.store.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
         let link = validate(path, &cfg.link, &cfg.protocol, &mut cfg.security, cfg.kme.as_ref(), base)?;
         Ok((cfg, link))
     }
 
     fn rebase(&mut self, base: &Path) {
         rebase_path(&mut self.data_dir, base);
+        rebase_store(&mut self.store, base);
         rebase_tls(&mut self.tls, base);
         rebase_kme(&mut self.kme, base);
         rebase_device(&mut self.device, base);
@@ -367,10 +415,12 @@ impl BobConfig {
         let mut cfg: Self = load(path, "BOB")?;
         let base = path.parent().unwrap_or(Path::new("."));
         rebase_path(&mut cfg.data_dir, base);
+        rebase_store(&mut cfg.store, base);
         rebase_tls(&mut cfg.tls, base);
         rebase_kme(&mut cfg.kme, base);
         rebase_device(&mut cfg.device, base);
         cfg.device.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
+        cfg.store.validate().map_err(|message| ConfigError::Invalid { file: path.to_owned(), message })?;
         if !(cfg.classical.keepalive_s.is_finite() && cfg.classical.keepalive_s >= 0.1) {
             return Err(ConfigError::Invalid {
                 file: path.to_owned(),
@@ -421,6 +471,12 @@ fn check_unit_size(protocol: &ProtocolParams, kme: Option<&qkd_kme::KmeConfig>) 
 fn rebase_path(path: &mut PathBuf, base: &Path) {
     if path.is_relative() {
         *path = base.join(&*path);
+    }
+}
+
+fn rebase_store(store: &mut StoreSection, base: &Path) {
+    if let Some(file) = &mut store.kek_file {
+        rebase_path(file, base);
     }
 }
 

@@ -13,6 +13,7 @@
 //!                 nodes/bob/ (node bundles), apps/app-a/, apps/app-b/ (keys mode 0600)
 //! DIR/alice.toml  DIR/bob.toml                                      (daemon configs)
 //! DIR/alice/      DIR/bob/        data directories: store/ and status.json
+//! DIR/keks/       alice.kek bob.kek: each store's key-encryption key (mode 0600)
 //! DIR/logs/       alice.log bob.log (and emulator.log)
 //! DIR/lab.json    for scripts: CA path, each KME's ETSI address and ID, each SAE's ID, KME,
 //!                 certificate and key (SAEs app-a at Alice's KME, app-b at Bob's), and whether
@@ -298,7 +299,8 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     result?;
     for node in ["alice", "bob"] {
         let path = dir.join(node).join("store");
-        let store = SledStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+        let kek = qkd_store::Kek::from_file(&dir.join("keks").join(format!("{node}.kek")))?;
+        let store = SledStore::open(&path, &kek).with_context(|| format!("opening {}", path.display()))?;
         let s = store.summary()?;
         println!("lab: {node:5} store: {} keys, {} bits, digest {}", s.n_keys, s.n_key_bits, &s.digest[..16]);
     }
@@ -427,6 +429,9 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
     let alice = format!(
         "# Alice (transmitter) of the qkdctl lab. Relative paths are relative to this file.\n\
          node_id = \"alice\"\n# Key store and status file.\ndata_dir = \"alice\"\n\n\
+         # The key store's key-encryption key (KEK): it seals every stored key; made by the lab\n\
+         # (`qkdctl store kek --out FILE`), kept outside the data directory.\n\
+         [store]\nkek_file = \"keks/alice.kek\"\n\n\
          # gRPC server of the classical channel; Bob's certificate must be valid for peer_name.\n\
          [classical]\nlisten = \"127.0.0.1:{grpc}\"\npeer_name = \"bob\"\n\n{alice_device}{}{shared}{}",
         tls("alice"),
@@ -437,12 +442,23 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
          node_id = \"bob\"\n# Key store and status file.\ndata_dir = \"bob\"\n\
          # Most 256-bit key units the store may hold (0: no limit); while it is full, new blocks are\n\
          # aborted (\"key store is full\") until applications fetch keys.\nmax_stored_units = {max_units}\n\n\
+         # The key store's key-encryption key (KEK): it seals every stored key; made by the lab\n\
+         # (`qkdctl store kek --out FILE`), kept outside the data directory.\n\
+         [store]\nkek_file = \"keks/bob.kek\"\n\n\
          # Alice's classical-channel server; her certificate must be valid for alice_name.\n\
          [classical]\nalice_addr = \"127.0.0.1:{grpc}\"\nalice_name = \"alice\"\n\n{bob_device}{}{shared}{}",
         tls("bob"),
         kme("bob", "alice", etsi_b, peer_b, peer_a),
         max_units = common::config::DEFAULT_MAX_STORED_UNITS
     );
+    let keks = dir.join("keks");
+    common::service::private_dir(&keks).with_context(|| format!("creating {}", keks.display()))?;
+    for node in ["alice", "bob"] {
+        let path = keks.join(format!("{node}.kek"));
+        if !path.exists() {
+            qkd_store::Kek::generate("new").write_new(&path).with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
     for (name, text) in [("alice.toml", alice), ("bob.toml", bob)] {
         let path = dir.join(name);
         std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;

@@ -108,6 +108,8 @@ enum StoreCommand {
         /// The daemon's data directory (the one holding `store/`).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        #[command(flatten)]
+        kek: store::KekArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
@@ -123,9 +125,24 @@ enum StoreCommand {
         /// The same, as an option (as `store summary` takes it).
         #[arg(long, value_name = "DIR")]
         data_dir: Option<PathBuf>,
+        #[command(flatten)]
+        kek: store::KekArgs,
         /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Make a key-encryption key (KEK) for a daemon's key store: 32 random bytes in a new file
+    /// of mode 0600 (never overwrites one). Point `[store] kek_file` at it, or encrypt it as a
+    /// systemd credential (`systemd-creds encrypt --name=qkd-store-kek FILE ...`) and remove the
+    /// plain file. Keep a copy offline: without its KEK a store's keys cannot be read.
+    Kek {
+        /// The file to create (repeat for several nodes).
+        #[arg(long, value_name = "FILE", required = true)]
+        out: Vec<PathBuf>,
+        /// Keep a file that exists already (it is never overwritten; without this flag it is an
+        /// error).
+        #[arg(long)]
+        keep_existing: bool,
     },
 }
 
@@ -179,9 +196,12 @@ fn main() -> std::process::ExitCode {
         Command::Sweep(args) => simulate::run_sweep(args),
         Command::Daemon { role, config } => run_daemon(&role, &config),
         Command::Device { command } => device::run(command),
-        Command::Store { command: StoreCommand::Summary { data_dir, json } } => store::summary(&data_dir, json),
-        Command::Store { command: StoreCommand::Verify { dir, data_dir, json } } => {
-            return store::verify(&dir.or(data_dir).unwrap_or_default(), json);
+        Command::Store { command: StoreCommand::Summary { data_dir, kek, json } } => {
+            store::summary(&data_dir, &kek, json)
+        }
+        Command::Store { command: StoreCommand::Kek { out, keep_existing } } => store::make_kek(&out, keep_existing),
+        Command::Store { command: StoreCommand::Verify { dir, data_dir, kek, json } } => {
+            return store::verify(&dir.or(data_dir).unwrap_or_default(), &kek, json);
         }
     };
     match result {

@@ -3,7 +3,52 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use qkd_store::{KeyStore, SledStore, Verification};
+use qkd_store::{Kek, KeyStore, SledStore, Verification};
+
+/// Where the store's key-encryption key is (the daemon's `[store]` section).
+#[derive(clap::Args, Debug)]
+pub struct KekArgs {
+    /// The key-encryption key file (the daemon's `[store] kek_file`).
+    #[arg(long, value_name = "FILE", required_unless_present = "kek_credential")]
+    kek: Option<PathBuf>,
+    /// The systemd credential holding it (`$CREDENTIALS_DIRECTORY/NAME`, e.g. under
+    /// `systemd-run -p LoadCredentialEncrypted=...`).
+    #[arg(long, value_name = "NAME", conflicts_with = "kek")]
+    kek_credential: Option<String>,
+}
+
+impl KekArgs {
+    fn load(&self) -> anyhow::Result<Kek> {
+        let kek = match (&self.kek, &self.kek_credential) {
+            (_, Some(name)) => Kek::from_credential(name)?,
+            (Some(path), None) => Kek::from_file(path)?,
+            (None, None) => anyhow::bail!("no key-encryption key: pass --kek FILE or --kek-credential NAME"),
+        };
+        Ok(kek)
+    }
+}
+
+/// `qkdctl store kek --out FILE`: a new KEK in a new file, mode 0600.
+pub fn make_kek(outs: &[PathBuf], keep_existing: bool) -> anyhow::Result<()> {
+    for out in outs {
+        if keep_existing && out.exists() {
+            println!("kept the existing key-encryption key {}", out.display());
+            continue;
+        }
+        write_kek(out)?;
+    }
+    Ok(())
+}
+
+fn write_kek(out: &Path) -> anyhow::Result<()> {
+    Kek::generate("new").write_new(out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    println!(
+        "wrote a new key-encryption key to {} (mode 0600); set `[store] kek_file` to it, or make it a systemd \
+         credential (docs/store.md, \"Key custody\"). Keep a copy offline: a store cannot be read without it.",
+        out.display()
+    );
+    Ok(())
+}
 
 /// Exit status of `store verify` when the store has problems.
 const EXIT_DAMAGED: u8 = 1;
@@ -22,11 +67,12 @@ fn store_dir(data_dir: &Path) -> anyhow::Result<PathBuf> {
 }
 
 /// Prints the store summary of the daemon whose data directory is `data_dir`.
-pub fn summary(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+pub fn summary(data_dir: &Path, kek: &KekArgs, json: bool) -> anyhow::Result<()> {
     let store_dir = store_dir(data_dir)?;
+    let kek = kek.load()?;
     // The error says what is wrong: a store held by a running daemon, a damaged one (run
     // `qkdctl store verify`), a full disk.
-    let store = SledStore::open(&store_dir)
+    let store = SledStore::open(&store_dir, &kek)
         .map_err(|e| anyhow::anyhow!("opening the key store {}: {}", store_dir.display(), qkd_store::describe(&e)))?;
     let summary = store
         .summary()
@@ -46,7 +92,7 @@ pub fn summary(data_dir: &Path, json: bool) -> anyhow::Result<()> {
 /// Verifies the stopped store of the daemon whose data directory is `data_dir` (the checks
 /// of `qkd_store::verify`, as the daemon makes them when it starts) and prints what it found.
 /// Exit status: 0 healthy, 1 problems found (listed), 2 the store could not be checked.
-pub fn verify(data_dir: &Path, json: bool) -> ExitCode {
+pub fn verify(data_dir: &Path, kek: &KekArgs, json: bool) -> ExitCode {
     let store_dir = match store_dir(data_dir) {
         Ok(dir) => dir,
         Err(e) => {
@@ -54,7 +100,14 @@ pub fn verify(data_dir: &Path, json: bool) -> ExitCode {
             return ExitCode::from(EXIT_UNCHECKED);
         }
     };
-    let report = qkd_store::verify_dir(&store_dir);
+    let kek = match kek.load() {
+        Ok(kek) => kek,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            return ExitCode::from(EXIT_UNCHECKED);
+        }
+    };
+    let report = qkd_store::verify_dir(&store_dir, &kek);
     if json {
         match serde_json::to_string_pretty(&report.to_json()) {
             Ok(text) => println!("{text}"),

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 
 use common::config::{
     AliceClassical, AliceConfig, AliceFibre, BobClassical, BobConfig, BobFibre, DeviceSection, LinkSection,
-    SecuritySection,
+    SecuritySection, StoreSection,
 };
 use qkd_core::link::ProtocolParams;
 use qkd_sim::LinkParams;
-use qkd_store::{KeyStore, SledStore, StoreSummary};
+use qkd_store::{Kek, KeyStore, SledStore, StoreSummary};
 use qkd_tls::LabPki;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -67,7 +67,27 @@ impl Lab {
         let protocol = ProtocolParams { block_bits: 100_000, ..ProtocolParams::default() };
         let mut security = SecuritySection::default();
         security.complete(bounds).expect("the lab preset ships its calibration");
+        // Each node's key-encryption key, outside its data directory, as an operator keeps it.
+        std::fs::create_dir_all(dir.0.join("keks")).expect("create keks/");
+        for node in ["alice", "bob"] {
+            Kek::generate(node).write_new(&dir.0.join("keks").join(format!("{node}.kek"))).expect("write a KEK");
+        }
         Self { dir, pki, link, protocol, security }
+    }
+
+    /// The KEK file of `node` (made by [`Lab::new`]).
+    pub fn kek_file(&self, node: &str) -> PathBuf {
+        self.dir.0.join("keks").join(format!("{node}.kek"))
+    }
+
+    /// The KEK of `node`.
+    pub fn kek(&self, node: &str) -> Kek {
+        Kek::from_file(&self.kek_file(node)).expect("read the node's KEK")
+    }
+
+    /// The `[store]` section of `node`.
+    pub fn store_section(&self, node: &str) -> StoreSection {
+        StoreSection { kek_file: Some(self.kek_file(node)), kek_credential: None }
     }
 
     /// Alice's configuration with the given listen addresses.
@@ -75,6 +95,7 @@ impl Lab {
         AliceConfig {
             node_id: "alice".into(),
             data_dir: self.dir.0.join("alice"),
+            store: self.store_section("alice"),
             classical: AliceClassical { listen: grpc, peer_name: "bob".into() },
             device: DeviceSection::default(),
             fibre: AliceFibre { listen: fibre },
@@ -92,6 +113,7 @@ impl Lab {
         BobConfig {
             node_id: "bob".into(),
             data_dir: self.dir.0.join("bob"),
+            store: self.store_section("bob"),
             max_stored_units: 0,
             classical: BobClassical {
                 alice_addr: grpc.to_string(),
@@ -112,7 +134,10 @@ impl Lab {
 
     /// Summary of a stopped node's store.
     pub fn summary(&self, node: &str) -> StoreSummary {
-        SledStore::open(&self.dir.0.join(node).join("store")).expect("open store").summary().expect("summary")
+        SledStore::open(&self.dir.0.join(node).join("store"), &self.kek(node))
+            .expect("open store")
+            .summary()
+            .expect("summary")
     }
 
     /// A node's status file, if written yet.

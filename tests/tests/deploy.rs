@@ -45,6 +45,9 @@ fn broken_config_names_the_file_and_the_key() {
         // The key delivery serves 256-bit units: a smaller unit with [kme] is refused at load,
         // not at the first Get key.
         (good.replace("key_unit_bits = 256", "key_unit_bits = 128"), "key_unit_bits"),
+        // No key-encryption key: refused at load, saying how to make one.
+        (good.replace("kek_credential = \"qkd-store-kek\"", ""), "kek_file"),
+        (good.replace("# kek_file = ", "kek_file = "), "not both"),
     ];
     for (i, (text, key)) in cases.iter().enumerate() {
         let path = dir.0.join(format!("alice-{i}.toml"));

@@ -63,7 +63,7 @@ async fn daemons_through_the_emulator_distil_identical_keys_despite_clock_offset
     assert!(a.n_keys > 0, "no keys stored: {a:?}");
     assert_eq!(a.digest, b.digest, "the two stores differ");
     assert_eq!(b.n_pending_blocks, 0);
-    let store = SledStore::open(&lab.dir.0.join("bob").join("store")).unwrap();
+    let store = SledStore::open(&lab.dir.0.join("bob").join("store"), &lab.kek("bob")).unwrap();
     assert!(store.blocks().unwrap().iter().all(|(meta, _)| meta.simulated), "blocks not marked simulated");
 
     let qber_z = status.pointer("/last_block/qber_z").and_then(|v| v.as_f64()).unwrap();

@@ -5,6 +5,7 @@ use std::time::Duration;
 use tests::*;
 
 mod auth;
+mod custody;
 mod deploy;
 mod device;
 mod etsi;

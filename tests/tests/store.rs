@@ -11,11 +11,27 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::Path;
 use std::process::{Command, Stdio};
 
-use qkd_store::{BlockMeta, BlockState, KeyStore, KeyUnit, SledStore};
+use qkd_store::{BlockMeta, BlockState, Kek, KeyStore, KeyUnit, SledStore};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::*;
+
+/// The key-encryption key of this module's stores (the writer process uses it too).
+fn kek() -> Kek {
+    Kek::from_bytes([0x5A; qkd_store::custody::KEK_BYTES], "the store tests' KEK")
+}
+
+/// The same KEK in a file under `root`, for `qkdctl store --kek` (written once).
+fn kek_file(root: &Path) -> std::path::PathBuf {
+    let path = root.join("store-tests.kek");
+    if !path.exists() {
+        // Through a file of its own mode: `write_new` makes it 0600.
+        let bytes = [0x5A; qkd_store::custody::KEK_BYTES];
+        Kek::from_bytes(bytes, "").write_new(&path).expect("write the KEK file");
+    }
+    path
+}
 
 /// Units per block written by the writer: enough that a kill usually lands inside a write.
 const UNITS_PER_BLOCK: u64 = 2000;
@@ -30,7 +46,7 @@ const WRITER_DIR: &str = "QKD_STORE_CRASH_DIR";
 #[ignore = "child process of killed_writers_leave_whole_blocks"]
 fn store_crash_writer() {
     let Ok(dir) = std::env::var(WRITER_DIR) else { return };
-    let store = SledStore::open(Path::new(&dir)).expect("writer opens the store");
+    let store = SledStore::open(Path::new(&dir), &kek()).expect("writer opens the store");
     let mut out = std::io::stdout().lock();
     for i in 0u64.. {
         let meta = BlockMeta {
@@ -84,7 +100,7 @@ fn killed_writers_leave_whole_blocks() {
         child.kill().expect("kill -9 the writer");
         child.wait().expect("reap the writer");
 
-        let store = SledStore::open(&dir.0).expect("reopen after kill -9");
+        let store = SledStore::open(&dir.0, &kek()).expect("reopen after kill -9");
         let blocks = store.blocks().expect("blocks");
         let units_of =
             |state| -> u64 { blocks.iter().filter(|(_, s)| *s == state).map(|(m, _)| m.final_bits / 256).sum() };
@@ -146,7 +162,7 @@ fn key_units(n: u64, fill: u64) -> Vec<KeyUnit> {
 /// A stopped store in `dir`: three ready blocks of 300 units and a pending one of 100 (about
 /// 450 KB of sled log). Returns its summary.
 fn make_store(dir: &Path) -> qkd_store::StoreSummary {
-    let store = SledStore::open(dir).expect("create the store");
+    let store = SledStore::open(dir, &kek()).expect("create the store");
     for i in 0..3 {
         store.put_ready(&block_meta(300, i), &key_units(300, i)).expect("put_ready");
     }
@@ -179,7 +195,7 @@ enum Opened {
 /// within [`HANG_DEADLINE`].
 fn open_and_verify(what: &str, dir: &Path) -> Opened {
     let dir = dir.to_owned();
-    without_hang(what, move || match SledStore::open(&dir) {
+    without_hang(what, move || match SledStore::open(&dir, &kek()) {
         Err(e) => Opened::Refused(e.to_string()),
         Ok(store) => Opened::Opened {
             healthy: store.verify().is_ok_and(|v| v.is_healthy()),
@@ -207,6 +223,8 @@ fn qkdctl_verify(data_dir: &Path) -> (Option<i32>, serde_json::Value) {
         .args(["store", "verify"])
         .arg(data_dir)
         .arg("--json")
+        .arg("--kek")
+        .arg(kek_file(data_dir.parent().expect("a data directory in a test directory")))
         .output()
         .expect("run qkdctl store verify");
     let report = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
@@ -310,6 +328,8 @@ fn a_damaged_conf_file_is_reported_as_such_and_a_fresh_one_fixes_it() {
     let out = Command::new(workspace_binary("qkdctl"))
         .args(["store", "summary", "--data-dir"])
         .arg(&data_dir)
+        .arg("--kek")
+        .arg(kek_file(&root.0))
         .output()
         .expect("run qkdctl store summary");
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -336,7 +356,7 @@ fn qkdctl_store_verify_tells_a_healthy_store_a_held_one_and_a_missing_one_apart(
     assert_eq!(report["counts"]["ready_units"], 900);
     assert_eq!(report["counts"]["pending_units"], 100);
     // Held by a "daemon" (this process): not checked, and only now the daemon is mentioned.
-    let held = SledStore::open(&data_dir.join("store")).expect("open");
+    let held = SledStore::open(&data_dir.join("store"), &kek()).expect("open");
     let (status, report) = qkdctl_verify(&data_dir);
     assert_eq!(status, Some(2), "{report:#}");
     assert!(report["problems"][0]["text"].as_str().unwrap().contains("is the daemon still running?"), "{report:#}");
@@ -344,6 +364,8 @@ fn qkdctl_store_verify_tells_a_healthy_store_a_held_one_and_a_missing_one_apart(
     let out = Command::new(workspace_binary("qkdctl"))
         .args(["store", "verify"])
         .arg(root.0.join("nowhere"))
+        .arg("--kek")
+        .arg(kek_file(&root.0))
         .output()
         .expect("run qkdctl store verify");
     assert_eq!(out.status.code(), Some(2));
@@ -421,7 +443,7 @@ fn a_full_filesystem_fails_writes_clearly_and_the_store_works_again_once_space_i
     let scenario = {
         let (store_dir, filler) = (store_dir.clone(), filler.clone());
         move || {
-            let store = SledStore::open(&store_dir).expect("open on the tmpfs");
+            let store = SledStore::open(&store_dir, &kek()).expect("open on the tmpfs");
             for i in 0..3 {
                 store.put_ready(&block_meta(100, i), &key_units(100, i)).expect("room for three blocks");
             }
@@ -479,7 +501,7 @@ fn a_full_filesystem_fails_writes_clearly_and_the_store_works_again_once_space_i
             drop(store);
 
             // And the store a restart would find is the same.
-            let reopened = SledStore::open(&store_dir).expect("open after the faults");
+            let reopened = SledStore::open(&store_dir, &kek()).expect("open after the faults");
             assert_eq!(reopened.summary().expect("summary"), after);
             assert_eq!(reopened.n_units().expect("n_units"), n_units);
             after
@@ -494,7 +516,7 @@ fn a_full_filesystem_fails_writes_clearly_and_the_store_works_again_once_space_i
     // Opening a store on a full disk: refused with the disk-full reason, or opened; no hang.
     fill(&filler);
     let dir = store_dir.clone();
-    match without_hang("open on a full disk", move || SledStore::open(&dir).map(|_| ())) {
+    match without_hang("open on a full disk", move || SledStore::open(&dir, &kek()).map(|_| ())) {
         Ok(()) => eprintln!("sled opened the store on a full disk (it needed no space)"),
         Err(e) => {
             assert!(qkd_store::is_disk_full(&e), "{e}");

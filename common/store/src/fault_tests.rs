@@ -60,7 +60,7 @@ fn iterations_end_at_the_first_error() {
 #[test]
 fn the_unit_count_is_kept_with_every_write_and_counted_again_at_open() {
     let dir = Dir::new();
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     let check = |store: &SledStore, what: &str| {
         assert_eq!(store.n_units().unwrap(), units_in_trees(store), "after {what}");
     };
@@ -92,7 +92,7 @@ fn the_unit_count_is_kept_with_every_write_and_counted_again_at_open() {
     check(&store, "reserve_keys");
     assert_eq!(store.n_units().unwrap(), 4);
     drop(store);
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     assert_eq!(store.n_units().unwrap(), 4, "counted again at open");
     store.reopen().unwrap();
     assert_eq!(store.n_units().unwrap(), 4, "counted again at a reopen");
@@ -100,7 +100,7 @@ fn the_unit_count_is_kept_with_every_write_and_counted_again_at_open() {
 
 /// A store with a ready block and a pending block, closed; returns their IDs and units.
 fn store_with_two_blocks(dir: &Path) -> ((Uuid, Vec<KeyUnit>), (Uuid, Vec<KeyUnit>)) {
-    let store = SledStore::open(dir).unwrap();
+    let store = SledStore::open(dir, &crate::custody::test_kek()).unwrap();
     let (ready, pending) = ((Uuid::new_v4(), units(3)), (Uuid::new_v4(), units(2)));
     store.put_ready(&meta(ready.0, 3), &ready.1).unwrap();
     store.put_pending(&meta(pending.0, 2), &pending.1).unwrap();
@@ -110,7 +110,7 @@ fn store_with_two_blocks(dir: &Path) -> ((Uuid, Vec<KeyUnit>), (Uuid, Vec<KeyUni
 
 /// Breaks an invariant with sled directly, in a store closed again afterwards.
 fn behind_the_stores_back(dir: &Path, damage: impl FnOnce(&Trees)) {
-    let store = SledStore::open(dir).unwrap();
+    let store = SledStore::open(dir, &crate::custody::test_kek()).unwrap();
     damage(&store.trees());
     store.trees().db.flush().unwrap();
 }
@@ -123,14 +123,16 @@ fn verification_catches_invariants_broken_behind_the_stores_back() {
         (
             "a ready unit without a block record",
             Box::new(move |t, _, _| {
-                t.ready.insert(stray.as_bytes(), encode_key(Uuid::new_v4(), &[7; 32]).as_slice()).unwrap();
+                t.ready.insert(stray.as_bytes(), t.sealed_unit(stray, Uuid::new_v4(), &[7; 32]).as_slice()).unwrap();
                 format!("tree `ready`, key {stray}: the unit names block")
             }),
         ),
         (
             "a unit both pending and ready",
             Box::new(|t, _, (block, keys)| {
-                t.ready.insert(keys[0].key_id.as_bytes(), encode_key(*block, &keys[0].key).as_slice()).unwrap();
+                t.ready
+                    .insert(keys[0].key_id.as_bytes(), t.sealed_unit(keys[0].key_id, *block, &keys[0].key).as_slice())
+                    .unwrap();
                 format!("tree `pending`, key {}: the unit is both pending and ready", keys[0].key_id)
             }),
         ),
@@ -144,7 +146,9 @@ fn verification_catches_invariants_broken_behind_the_stores_back() {
         (
             "a unit of the wrong size",
             Box::new(|t, (block, keys), _| {
-                t.ready.insert(keys[2].key_id.as_bytes(), encode_key(*block, &[1; 31]).as_slice()).unwrap();
+                t.ready
+                    .insert(keys[2].key_id.as_bytes(), t.sealed_unit(keys[2].key_id, *block, &[1; 31]).as_slice())
+                    .unwrap();
                 format!("tree `ready`, key {}: the unit holds 31 bytes; block {block}'s units hold 32", keys[2].key_id)
             }),
         ),
@@ -158,7 +162,7 @@ fn verification_catches_invariants_broken_behind_the_stores_back() {
         (
             "a unit its block does not list",
             Box::new(move |t, (block, _), _| {
-                t.ready.insert(stray.as_bytes(), encode_key(*block, &[9; 32]).as_slice()).unwrap();
+                t.ready.insert(stray.as_bytes(), t.sealed_unit(stray, *block, &[9; 32]).as_slice()).unwrap();
                 format!("tree `ready`, key {stray}: the unit names block {block}, whose record does not list it")
             }),
         ),
@@ -174,11 +178,19 @@ fn verification_catches_invariants_broken_behind_the_stores_back() {
                     created_unix_ms: 1,
                 };
                 t.reserved
-                    .insert(stray.as_bytes(), kme::encode_reservation(&reservation, &[0; 32]).as_slice())
+                    .insert(
+                        stray.as_bytes(),
+                        kme::encode_reservation(&reservation, &t.sealed_reservation(stray, &[0; 32])).as_slice(),
+                    )
                     .unwrap();
                 t.cancelled.insert(stray.as_bytes(), &kme::encode_tombstone(false, 1)).unwrap();
                 let other = Uuid::new_v4();
-                t.reserved.insert(other.as_bytes(), kme::encode_reservation(&reservation, &[0; 5]).as_slice()).unwrap();
+                t.reserved
+                    .insert(
+                        other.as_bytes(),
+                        kme::encode_reservation(&reservation, &t.sealed_reservation(other, &[0; 5])).as_slice(),
+                    )
+                    .unwrap();
                 format!("tree `kme_reservations`, key {stray}: the key is both reserved and cancelled")
             }),
         ),
@@ -189,20 +201,23 @@ fn verification_catches_invariants_broken_behind_the_stores_back() {
         let mut expected = String::new();
         behind_the_stores_back(&dir.0, |t| expected = damage(t, &ready, &pending));
         // Offline, as `qkdctl store verify` does.
-        let report = verify_dir(&dir.0);
+        let report = verify_dir(&dir.0, &crate::custody::test_kek());
         assert!(!report.is_healthy(), "{what}: not found");
         assert!(report.checked, "{what}");
         let listed: Vec<String> = report.problems.iter().map(ToString::to_string).collect();
         assert!(listed.iter().any(|p| p.starts_with(&expected)), "{what}: expected {expected:?} in {listed:#?}");
         // At start: refused, with the damage named.
-        let message = match SledStore::open(&dir.0) {
+        let message = match SledStore::open(&dir.0, &crate::custody::test_kek()) {
             Ok(_) => panic!("{what}: a damaged store was opened"),
             Err(e) => e.to_string(),
         };
         assert!(message.contains("failed verification"), "{what}: {message}");
         assert!(message.contains(&expected), "{what}: {message}");
         assert!(!message.contains("daemon still running"), "{what}: {message}");
-        assert!(matches!(fault_of(&SledStore::open(&dir.0).err().unwrap()), Some(StoreFault::Invalid { .. })));
+        assert!(matches!(
+            fault_of(&SledStore::open(&dir.0, &crate::custody::test_kek()).err().unwrap()),
+            Some(StoreFault::Invalid { .. })
+        ));
     }
 }
 
@@ -214,17 +229,17 @@ fn a_crash_leftover_is_a_note_before_recovery_and_gone_after_it() {
     behind_the_stores_back(&dir.0, |t| {
         // Units written before a record that never came: an interrupted block write.
         for key in units(4) {
-            t.pending.insert(key.key_id.as_bytes(), encode_key(orphan, &key.key).as_slice()).unwrap();
+            t.pending.insert(key.key_id.as_bytes(), t.sealed_unit(key.key_id, orphan, &key.key).as_slice()).unwrap();
         }
     });
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.is_healthy(), "{:?}", report.problems);
     assert!(report.notes.iter().any(|n| n.contains(&format!("4 units name block {orphan}"))), "{:?}", report.notes);
     assert_eq!(report.counts.pending_units, 6);
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     assert_eq!(store.n_units().unwrap(), 5, "recovery removed the orphans");
     drop(store);
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.is_healthy() && report.notes.is_empty(), "{report:?}");
     assert_eq!(
         report.counts,
@@ -253,14 +268,15 @@ fn a_database_that_lost_its_contents_is_refused() {
             std::fs::remove_file(&path).unwrap();
         }
     }
-    let message = SledStore::open(&dir.0).err().expect("an emptied store is refused").to_string();
+    let message =
+        SledStore::open(&dir.0, &crate::custody::test_kek()).err().expect("an emptied store is refused").to_string();
     assert!(message.contains("lost its contents"), "{message}");
 }
 
 #[test]
 fn a_disk_fault_puts_the_store_out_of_service_and_the_next_call_reopens_it() {
     let dir = Dir::new();
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     assert!(store.is_healthy());
     let block = Uuid::new_v4();
     // The disk "fills" right after the block's record reached it, before its units were
@@ -284,7 +300,7 @@ fn a_disk_fault_puts_the_store_out_of_service_and_the_next_call_reopens_it() {
 #[test]
 fn a_store_that_cannot_be_reopened_fails_at_once_until_it_can() {
     let dir = Dir::new();
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     store.put_ready(&meta(Uuid::new_v4(), 1), &units(1)).unwrap();
     fail_before_step(Some(0), Crash::DiskFull);
     assert!(store.put_ready(&meta(Uuid::new_v4(), 2), &units(2)).is_err());
@@ -314,11 +330,11 @@ fn a_store_that_cannot_be_reopened_fails_at_once_until_it_can() {
 #[test]
 fn a_store_held_by_another_handle_is_reported_locked_and_only_then_asks_about_the_daemon() {
     let dir = Dir::new();
-    let _held = SledStore::open(&dir.0).unwrap();
-    let error = SledStore::open(&dir.0).err().expect("the lock is held");
+    let _held = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
+    let error = SledStore::open(&dir.0, &crate::custody::test_kek()).err().expect("the lock is held");
     assert!(matches!(fault_of(&error), Some(StoreFault::Locked { .. })), "{error}");
     assert!(error.to_string().contains("is the daemon still running?"), "{error}");
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(!report.checked && !report.is_healthy());
     assert!(report.problems[0].message.contains("is the daemon still running?"), "{report:?}");
 }
@@ -363,7 +379,7 @@ fn flush_counts(dir: &Path) -> (u64, String) {
 #[test]
 fn every_flush_is_counted_in_the_database_then_in_a_file() {
     let dir = Dir::new();
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     // A new store counts from its first flush.
     assert!(!dir.0.join(verify::FLUSHES_FILE).exists());
     store.put_ready(&meta(Uuid::new_v4(), 2), &units(2)).unwrap();
@@ -373,11 +389,11 @@ fn every_flush_is_counted_in_the_database_then_in_a_file() {
     // put_ready flushes three times, put_pending twice, and closing once.
     assert_eq!(count, 6);
     assert_eq!(file, "qkd key store flushes 6\n");
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     store.flush().unwrap();
     drop(store);
     assert_eq!(flush_counts(&dir.0).0, 8, "continued from the database's count");
-    assert!(verify_dir(&dir.0).is_healthy());
+    assert!(verify_dir(&dir.0, &crate::custody::test_kek()).is_healthy());
 }
 
 #[test]
@@ -386,32 +402,32 @@ fn a_database_that_lost_its_last_writes_is_refused() {
     // replays its log up to the damage and drops the rest without an error. Here the data file
     // is set back to an earlier state of the same store, which is what that leaves.
     let (dir, earlier) = (Dir::new(), Dir::new());
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     store.put_ready(&meta(Uuid::new_v4(), 3), &units(3)).unwrap();
     drop(store);
     put_sled_files(&dir.0, &earlier.0);
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     store.put_ready(&meta(Uuid::new_v4(), 4), &units(4)).unwrap();
     drop(store);
     put_sled_files(&earlier.0, &dir.0);
 
     let expected = "database: the database is damaged: it lost writes that had reached the disk";
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.checked && !report.is_healthy());
     assert!(report.problems[0].to_string().starts_with(expected), "{:?}", report.problems);
-    let error = SledStore::open(&dir.0).err().expect("refused");
+    let error = SledStore::open(&dir.0, &crate::custody::test_kek()).err().expect("refused");
     assert!(matches!(fault_of(&error), Some(StoreFault::Invalid { .. })), "{error}");
     assert!(error.to_string().contains(expected), "{error}");
     // Refused before recovery or a flush changed anything: the same finding again.
-    assert!(!verify_dir(&dir.0).is_healthy());
+    assert!(!verify_dir(&dir.0, &crate::custody::test_kek()).is_healthy());
 
     // The counter file is what tells: without it, the store opens with the first block only
     // (and writes the file again, from the database).
     std::fs::remove_file(dir.0.join(verify::FLUSHES_FILE)).unwrap();
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.is_healthy(), "{:?}", report.problems);
     assert!(report.notes.iter().any(|n| n.contains("qkd-store.flushes is missing")), "{:?}", report.notes);
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     assert_eq!(store.n_units().unwrap(), 3);
     drop(store);
     assert!(dir.0.join(verify::FLUSHES_FILE).is_file());
@@ -420,18 +436,18 @@ fn a_database_that_lost_its_last_writes_is_refused() {
 #[test]
 fn a_damaged_flush_counter_file_is_a_note_and_written_again() {
     let dir = Dir::new();
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     store.put_ready(&meta(Uuid::new_v4(), 1), &units(1)).unwrap();
     drop(store);
     // A power cut can leave the file (written without an fsync) empty.
     std::fs::write(dir.0.join(verify::FLUSHES_FILE), "").unwrap();
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.is_healthy(), "{:?}", report.problems);
     assert!(report.notes.iter().any(|n| n.contains("qkd-store.flushes is damaged")), "{:?}", report.notes);
-    drop(SledStore::open(&dir.0).unwrap());
+    drop(SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap());
     let (count, file) = flush_counts(&dir.0);
     assert_eq!(file, format!("qkd key store flushes {count}\n"));
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.is_healthy() && report.notes.is_empty(), "{report:?}");
 }
 
@@ -446,7 +462,7 @@ fn unfinished_snapshot(dir: &Path) -> PathBuf {
 #[test]
 fn an_unfinished_snapshot_file_is_removed_at_open_unless_the_store_is_held() {
     let dir = Dir::new();
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     store.put_ready(&meta(Uuid::new_v4(), 3), &units(3)).unwrap();
     let before = store.summary().unwrap();
     drop(store);
@@ -455,21 +471,21 @@ fn an_unfinished_snapshot_file_is_removed_at_open_unless_the_store_is_held() {
     let snap = unfinished_snapshot(&dir.0);
     assert!(matches!(sled::Config::new().path(&dir.0).open(), Err(sled::Error::Corruption { .. })));
     // Verification removes it, and says so.
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(&dir.0, &crate::custody::test_kek());
     assert!(report.is_healthy(), "{:?}", report.problems);
     assert!(report.notes.iter().any(|n| n.starts_with(&format!("removed {}", snap.display()))), "{:?}", report.notes);
     assert!(!snap.exists());
     // So does opening the store, which then holds what it held.
     let snap = unfinished_snapshot(&dir.0);
-    let store = SledStore::open(&dir.0).unwrap();
+    let store = SledStore::open(&dir.0, &crate::custody::test_kek()).unwrap();
     assert!(!snap.exists());
     assert_eq!(store.summary().unwrap(), before);
 
     // While a process holds the store, sled may be writing that file: it is left alone.
     let snap = unfinished_snapshot(&dir.0);
-    let error = SledStore::open(&dir.0).err().expect("held");
+    let error = SledStore::open(&dir.0, &crate::custody::test_kek()).err().expect("held");
     assert!(matches!(fault_of(&error), Some(StoreFault::Locked { .. })), "{error}");
-    assert!(!verify_dir(&dir.0).checked);
+    assert!(!verify_dir(&dir.0, &crate::custody::test_kek()).checked);
     assert!(snap.exists());
     std::fs::remove_file(&snap).unwrap();
     drop(store);

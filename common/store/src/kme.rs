@@ -21,9 +21,10 @@ use uuid::Uuid;
 use zeroize::Zeroizing;
 
 use super::{
-    CallError, DbResult, KeyUnit, SledStore, StoreError, Trees, count_down, count_entries, db_error, decode_key,
-    until_error,
+    CallError, DbResult, KeyUnit, SledStore, StoreError, Trees, count_down, count_entries, db_error, unit_slot,
+    unseal_error, until_error,
 };
+use crate::custody::{self, Kind};
 
 /// Name of the sled tree holding the reservations.
 pub(super) const RESERVATIONS_TREE: &str = "kme_reservations";
@@ -238,7 +239,7 @@ impl Trees {
             if !select(&key_id) {
                 continue;
             }
-            let (_, bytes) = decode_key(&value)?;
+            let (_, bytes) = self.unseal_unit(key_id, &value)?;
             out.push(KeyUnit { key_id, key: bytes });
             if out.len() == limit {
                 break;
@@ -282,41 +283,59 @@ impl Trees {
             if !missing.is_empty() {
                 return sled::transaction::abort(KmeStoreError::MissingUnits(missing));
             }
-            let mut removed = 0u64;
+            let mut slots = Vec::with_capacity(unit_ids.len());
             for unit_id in unit_ids {
-                if ready.remove(unit_id.as_bytes())?.is_some() {
-                    removed += 1;
+                if let Some(value) = ready.remove(unit_id.as_bytes())? {
+                    slots.extend(unit_slot(&value));
                 }
             }
-            Ok(removed)
+            Ok(slots)
         });
-        count_down(&self.n_ready, unwrap_kme_tx(result)?);
+        let slots = unwrap_kme_tx(result)?;
+        count_down(&self.n_ready, slots.len() as u64);
+        // Erased now, durably at the next flush of the store (not waited for, like the removal:
+        // see above and `custody`).
+        self.erase_slots(slots, false)?;
         Ok(())
     }
 
     /// See [`SledStore::discard_ready_units`].
     pub(crate) fn discard_ready_units(&self, unit_ids: &[Uuid]) -> Result<usize, StoreError> {
         let result = self.ready.transaction(|ready| {
-            let mut n = 0;
+            let (mut n, mut slots) = (0, Vec::new());
             for unit_id in unit_ids {
-                if ready.remove(unit_id.as_bytes())?.is_some() {
+                if let Some(value) = ready.remove(unit_id.as_bytes())? {
                     n += 1;
+                    slots.extend(unit_slot(&value));
                 }
             }
-            Ok(n)
+            Ok((n, slots))
         });
-        let n = match result {
+        let (n, slots) = match result {
             Ok(n) => n,
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
             Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e)),
         };
         count_down(&self.n_ready, n as u64);
+        // The flush makes both the removal and the erasure durable.
+        self.erase_slots(slots, false)?;
         self.flush()?;
         Ok(n)
     }
 
     /// See [`SledStore::reserve_keys`].
     pub(crate) fn reserve_keys(&self, reservations: &[KeyReservation]) -> Result<(), KmeStoreError> {
+        // Each reservation's secret is durable before its record is written (see `custody`).
+        let new_slots = self.allocate_slots(reservations.len())?;
+        let result = self.reserve_in(reservations, &new_slots);
+        if result.is_err() {
+            self.erase_slots(new_slots.iter().map(|s| s.index), false)?;
+        }
+        result
+    }
+
+    /// [`Trees::reserve_keys`] with the reservations' slots allocated.
+    fn reserve_in(&self, reservations: &[KeyReservation], new_slots: &[custody::Slot]) -> Result<(), KmeStoreError> {
         use sled::Transactional;
         let (tree, tombstones) = (&self.reserved, &self.cancelled);
         let result = (&self.ready, tree, tombstones).transaction(|(ready, reserved, cancelled)| {
@@ -333,7 +352,7 @@ impl Trees {
                 for unit_id in &reservation.unit_ids {
                     match ready.get(unit_id.as_bytes())? {
                         None => missing.push(*unit_id),
-                        Some(value) => match decode_key(&value) {
+                        Some(value) => match self.unseal_unit(*unit_id, &value) {
                             Ok((_, bytes)) if bytes.len() == UNIT_BYTES => units.push(bytes),
                             Ok((_, bytes)) => {
                                 return sled::transaction::abort(KmeStoreError::BadUnit {
@@ -347,17 +366,19 @@ impl Trees {
                 }
                 if missing.is_empty() {
                     let key = combine_units(units.iter().map(|u| u.as_slice()), reservation.size_bits);
-                    records.push(encode_reservation(reservation, &key));
+                    let slot = &new_slots[records.len()];
+                    let sealed = self.keys.seal(slot, Kind::Reservation, reservation.key_id, None, &key);
+                    records.push(encode_reservation(reservation, &sealed));
                 }
             }
             if !missing.is_empty() {
                 return sled::transaction::abort(KmeStoreError::MissingUnits(missing));
             }
-            let mut removed = 0u64;
+            let mut removed = Vec::new();
             for reservation in reservations {
                 for unit_id in &reservation.unit_ids {
-                    if ready.remove(unit_id.as_bytes())?.is_some() {
-                        removed += 1;
+                    if let Some(value) = ready.remove(unit_id.as_bytes())? {
+                        removed.extend(unit_slot(&value));
                     }
                 }
             }
@@ -366,7 +387,12 @@ impl Trees {
             }
             Ok(removed)
         });
-        match unwrap_kme_tx(result).map(|removed| count_down(&self.n_ready, removed)) {
+        let mut erased = Vec::new();
+        let outcome = unwrap_kme_tx(result).map(|removed| {
+            count_down(&self.n_ready, removed.len() as u64);
+            erased = removed;
+        });
+        match outcome {
             Err(KmeStoreError::MissingUnits(missing)) => {
                 // A unit of a block still pending here, or being published (a unit is in exactly
                 // one of the two trees at every moment of the move), is not lost: say so, so that
@@ -386,7 +412,12 @@ impl Trees {
                 }
             }
             Err(e) => Err(e),
-            Ok(()) => Ok(self.flush()?),
+            Ok(()) => {
+                self.flush()?;
+                // The units now live in the reservations only: their own slots go.
+                self.erase_slots(erased, true)?;
+                Ok(())
+            }
         }
     }
 
@@ -407,7 +438,11 @@ impl Trees {
                     continue;
                 };
                 let record = match decode_reservation(&value) {
-                    Ok(record) if record.key.len() == (record.size_bits / 8) as usize => record,
+                    Ok(record)
+                        if custody::sealed_plain_len(record.sealed.len()) == Some((record.size_bits / 8) as usize) =>
+                    {
+                        record
+                    }
                     Ok(_) => {
                         let e = StoreError::Corrupt(format!("reserved key {key_id} does not have its recorded size"));
                         return sled::transaction::abort(KmeStoreError::Store(e));
@@ -428,8 +463,18 @@ impl Trees {
             if let Some(key_id) = not_found {
                 return sled::transaction::abort(KmeStoreError::NotFound(key_id));
             }
-            let mut keys = Vec::with_capacity(records.len());
+            let (mut keys, mut erased) = (Vec::with_capacity(records.len()), Vec::new());
             for (key_id, mut record) in records {
+                let key = match self.keys.open(&self.slots, Kind::Reservation, key_id, None, &record.sealed) {
+                    Ok(key) => key,
+                    Err(e) => {
+                        return sled::transaction::abort(KmeStoreError::Store(unseal_error(
+                            &e,
+                            "reserved key",
+                            key_id,
+                        )));
+                    }
+                };
                 for (slave, delivered) in &mut record.slaves {
                     if slave == caller {
                         *delivered = true;
@@ -437,19 +482,22 @@ impl Trees {
                 }
                 if record.slaves.iter().all(|(_, delivered)| *delivered) {
                     reserved.remove(key_id.as_bytes())?;
+                    erased.extend(custody::sealed_slot(&record.sealed));
                 } else {
                     reserved.insert(key_id.as_bytes(), encode_record(&record).as_slice())?;
                 }
-                keys.push(KeyUnit { key_id, key: record.key });
+                keys.push(KeyUnit { key_id, key });
             }
-            Ok(keys)
+            Ok((keys, erased))
         });
-        let keys = match result {
+        let (keys, erased) = match result {
             Ok(keys) => keys,
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
             Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e).into()),
         };
         self.flush()?;
+        // Delivered to every slave: the key becomes unrecoverable (see `custody`).
+        self.erase_slots(erased, true)?;
         Ok(keys)
     }
 
@@ -459,7 +507,7 @@ impl Trees {
         let (tree, tombstones) = (&self.reserved, &self.cancelled);
         let result = (tree, tombstones).transaction(|(reserved, cancelled)| {
             let mut outcomes = Vec::with_capacity(key_ids.len());
-            let mut delivered = Vec::new();
+            let (mut delivered, mut erased) = (Vec::new(), Vec::new());
             for key_id in key_ids {
                 let id = key_id.as_bytes();
                 if let Some(tombstone) = cancelled.get(id)? {
@@ -477,8 +525,9 @@ impl Trees {
                             outcomes.push(false);
                             continue;
                         }
-                        Ok(_) => {
+                        Ok(record) => {
                             reserved.remove(id)?;
+                            erased.extend(custody::sealed_slot(&record.sealed));
                             true
                         }
                         Err(e) => return sled::transaction::abort(KmeStoreError::Store(e)),
@@ -487,9 +536,9 @@ impl Trees {
                 cancelled.insert(id, encode_tombstone(outcome, now_unix_ms).as_slice())?;
                 outcomes.push(outcome);
             }
-            Ok((outcomes, delivered))
+            Ok((outcomes, delivered, erased))
         });
-        let (outcomes, delivered) = match result {
+        let (outcomes, delivered, erased) = match result {
             Ok(out) => out,
             Err(sled::transaction::TransactionError::Abort(e)) => return Err(e),
             Err(sled::transaction::TransactionError::Storage(e)) => return Err(db_error(e).into()),
@@ -498,6 +547,7 @@ impl Trees {
             error!(%key_id, "asked to cancel a reservation already delivered to a slave; kept");
         }
         self.flush()?;
+        self.erase_slots(erased, true)?;
         Ok(outcomes)
     }
 
@@ -509,15 +559,16 @@ impl Trees {
     /// See [`SledStore::purge_reservations`].
     pub(crate) fn purge_reservations(&self, created_before_unix_ms: u64) -> Result<usize, StoreError> {
         let tree = &self.reserved;
-        let mut n = 0;
+        let (mut n, mut erased) = (0, Vec::new());
         for item in until_error(tree.iter()) {
             let (key, value) = item.db()?;
-            let created = decode_reservation(&value)?.created_unix_ms;
+            let record = decode_reservation(&value)?;
             // Compare-and-swap so that a concurrent delivery is never undone.
-            if created < created_before_unix_ms
+            if record.created_unix_ms < created_before_unix_ms
                 && tree.compare_and_swap(&key, Some(&value), None::<&[u8]>).db()?.is_ok()
             {
                 n += 1;
+                erased.extend(custody::sealed_slot(&record.sealed));
             }
         }
         let tombstones = &self.cancelled;
@@ -533,6 +584,7 @@ impl Trees {
         }
         if n + n_tombstones > 0 {
             self.flush()?;
+            self.erase_slots(erased, true)?;
         }
         Ok(n)
     }
@@ -569,27 +621,28 @@ struct Reservation {
     master: String,
     /// Each slave and whether it has fetched the key.
     slaves: Vec<(String, bool)>,
-    key: Zeroizing<Vec<u8>>,
+    /// The key bytes, sealed (see [`custody`]).
+    sealed: Vec<u8>,
 }
 
-/// Format version of reservation records.
-const RECORD_VERSION: u8 = 1;
+/// Format version of reservation records (2: the key sealed).
+const RECORD_VERSION: u8 = 2;
 
-pub(crate) fn encode_reservation(reservation: &KeyReservation, key: &[u8]) -> Zeroizing<Vec<u8>> {
+pub(crate) fn encode_reservation(reservation: &KeyReservation, sealed: &[u8]) -> Vec<u8> {
     encode_record(&Reservation {
         created_unix_ms: reservation.created_unix_ms,
         size_bits: reservation.size_bits,
         master: reservation.master.clone(),
         slaves: reservation.slaves.iter().map(|s| (s.clone(), false)).collect(),
-        key: Zeroizing::new(key.to_vec()),
+        sealed: sealed.to_vec(),
     })
 }
 
 /// Record: version byte, created (u64 LE), size bits (u32 LE), master (u16 LE length + UTF-8),
 /// slave count (u16 LE) and per slave a delivered byte and its ID (u16 LE length + UTF-8), then
-/// the key bytes.
-fn encode_record(record: &Reservation) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(64 + record.key.len()));
+/// the sealed key bytes.
+fn encode_record(record: &Reservation) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + record.sealed.len());
     out.push(RECORD_VERSION);
     out.extend_from_slice(&record.created_unix_ms.to_le_bytes());
     out.extend_from_slice(&record.size_bits.to_le_bytes());
@@ -599,7 +652,7 @@ fn encode_record(record: &Reservation) -> Zeroizing<Vec<u8>> {
         out.push(u8::from(*delivered));
         push_str(&mut out, slave);
     }
-    out.extend_from_slice(&record.key);
+    out.extend_from_slice(&record.sealed);
     out
 }
 
@@ -626,8 +679,13 @@ fn decode_reservation(value: &[u8]) -> Result<Reservation, StoreError> {
         let delivered = reader.take(1)?[0] != 0;
         slaves.push((reader.string()?, delivered));
     }
-    let key = Zeroizing::new(value[reader.pos..].to_vec());
-    Ok(Reservation { created_unix_ms, size_bits, master, slaves, key })
+    let sealed = value[reader.pos..].to_vec();
+    Ok(Reservation { created_unix_ms, size_bits, master, slaves, sealed })
+}
+
+/// The sealed key of a reservation record.
+pub(crate) fn reservation_sealed(value: &[u8]) -> Result<Vec<u8>, StoreError> {
+    Ok(decode_reservation(value)?.sealed)
 }
 
 /// What is wrong with a reservation record, if anything (for [`crate::verify`]).
@@ -636,8 +694,12 @@ pub(crate) fn check_reservation(value: &[u8]) -> Result<(), String> {
     if !record.size_bits.is_multiple_of(8) {
         return Err(format!("its size, {} bits, is not whole bytes", record.size_bits));
     }
-    if record.key.len() != (record.size_bits / 8) as usize {
-        return Err(format!("it holds {} key bytes for a size of {} bits", record.key.len(), record.size_bits));
+    match custody::sealed_plain_len(record.sealed.len()) {
+        None => return Err("its sealed key is truncated".into()),
+        Some(len) if len != (record.size_bits / 8) as usize => {
+            return Err(format!("it holds {len} key bytes for a size of {} bits", record.size_bits));
+        }
+        Some(_) => {}
     }
     if record.master.is_empty() {
         return Err("it names no master SAE".into());

@@ -89,13 +89,17 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+pub use custody::{Kek, KekFault, SLOTS_FILE};
+
 pub use fault::{StoreFault, describe, fault_of, is_disk_full};
 pub use qkd_core::store::{BlockMeta, BlockState, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary};
 pub use verify::{Problem, StoreCounts, Verification, verify_dir};
 
+use custody::{Keys, Kind, Slots, Unseal};
 use fault::{locate, sled_at};
 use verify::Stage;
 
+pub mod custody;
 pub mod fault;
 pub mod faulty;
 pub mod kme;
@@ -205,6 +209,8 @@ pub struct SledStore {
     slot: RwLock<Option<Trees>>,
     /// Whether the store is in service.
     health: Mutex<Health>,
+    /// The keys derived from the KEK (see [`custody`]).
+    keys: std::sync::Arc<Keys>,
 }
 
 /// Why the store is out of service, if it is, and when it may reopen by itself.
@@ -246,16 +252,25 @@ impl SledStore {
     /// in the same process (the tests, `qkdctl`, [`SledStore::reopen`]) can find the lock still
     /// held for a moment. The lock is retried for up to [`LOCK_WAIT`]; a store held by another
     /// process still fails, with [`StoreFault::Locked`].
-    pub fn open(dir: &Path) -> Result<Self, StoreError> {
-        let trees = open_trees(dir)?;
-        Ok(Self { dir: Some(dir.to_owned()), slot: RwLock::new(Some(trees)), health: Mutex::default() })
+    ///
+    /// The key-encryption key `kek` is checked first (see [`custody`]): a wrong KEK, or a store
+    /// made by an earlier version that kept its keys unsealed, is refused with a
+    /// [`KekFault`] (inside [`StoreError::Backend`]) before any file of the store is opened for
+    /// writing or changed.
+    pub fn open(dir: &Path, kek: &Kek) -> Result<Self, StoreError> {
+        let keys = std::sync::Arc::new(kek.derive());
+        let trees = open_trees(dir, &keys)?;
+        Ok(Self { dir: Some(dir.to_owned()), slot: RwLock::new(Some(trees)), health: Mutex::default(), keys })
     }
 
-    /// A store in a temporary location, deleted when dropped (simulations and tests). It
-    /// cannot be reopened, so its failures are only returned.
+    /// A store in a temporary location, deleted when dropped (simulations and tests), sealed
+    /// under a random KEK with its slots in memory. It cannot be reopened, so its failures are
+    /// only returned.
     pub fn temporary() -> Result<Self, StoreError> {
         let db = sled::Config::new().temporary(true).open().db()?;
-        Ok(Self { dir: None, slot: RwLock::new(Some(Trees::new(db)?)), health: Mutex::default() })
+        let keys = std::sync::Arc::new(Kek::generate("(random KEK of a temporary store)").derive());
+        let trees = Trees::new(db, keys.clone(), Slots::memory())?;
+        Ok(Self { dir: None, slot: RwLock::new(Some(trees)), health: Mutex::default(), keys })
     }
 
     /// The store's directory (`None` for a temporary store).
@@ -391,7 +406,7 @@ impl SledStore {
                 tracing::warn!(path = %dir.display(), "sled panicked closing the key store before reopening it");
             }
         }
-        match open_trees(dir) {
+        match open_trees(dir, &self.keys) {
             Ok(trees) => {
                 *slot = Some(trees);
                 let old = std::mem::take(&mut *self.health());
@@ -437,6 +452,10 @@ impl std::ops::Deref for TreesGuard<'_> {
 /// through [`SledStore::with`].
 pub(crate) struct Trees {
     db: sled::Db,
+    /// The keys derived from the KEK.
+    keys: std::sync::Arc<Keys>,
+    /// The per-unit secrets (see [`custody`]).
+    slots: Slots,
     blocks: sled::Tree,
     ready: sled::Tree,
     pending: sled::Tree,
@@ -523,7 +542,7 @@ fn flush_counted(db: &sled::Db, counter: Option<&FlushCounter>) -> Result<(), sl
 impl GroupFlush {
     /// Returns once a flush that started after this call has succeeded, running it if no other
     /// caller does; the error of that flush otherwise.
-    fn flush(&self, db: &sled::Db) -> Result<(), StoreError> {
+    fn flush(&self, db: &sled::Db, slots: &Slots) -> Result<(), StoreError> {
         // Invariant: nothing panics while holding this lock, so it is never poisoned.
         let mut state = self.state.lock().expect("flush lock poisoned");
         // Any flush numbered `needed` or later started after this caller's writes.
@@ -544,7 +563,9 @@ impl GroupFlush {
                 // Only the flush that runs uses the counter: no other changes it meanwhile.
                 let counter = state.counter.clone();
                 drop(state);
-                let result = flush_counted(db, counter.as_ref());
+                // Erasures made so far reach the disk with this flush (see `custody`).
+                let result =
+                    slots.sync_if_dirty().map_err(sled::Error::Io).and_then(|()| flush_counted(db, counter.as_ref()));
                 state = self.state.lock().expect("flush lock poisoned");
                 state.running = false;
                 state.finished = number;
@@ -570,8 +591,10 @@ impl GroupFlush {
 
 impl Trees {
     /// Opens every tree once; the counters start at zero (see [`Trees::set_counts`]).
-    fn new(db: sled::Db) -> Result<Self, StoreError> {
+    fn new(db: sled::Db, keys: std::sync::Arc<Keys>, slots: Slots) -> Result<Self, StoreError> {
         Ok(Self {
+            keys,
+            slots,
             blocks: db.open_tree("blocks").db()?,
             ready: db.open_tree("ready").db()?,
             pending: db.open_tree("pending").db()?,
@@ -609,6 +632,7 @@ impl Trees {
         let mut states: std::collections::HashMap<Uuid, Option<BlockState>> = std::collections::HashMap::new();
         let (mut removed, mut published) = (0u64, 0u64);
         let mut to_publish = Vec::new();
+        let mut removed_slots = Vec::new();
         let mut last: Option<sled::IVec> = None;
         for item in until_error(self.pending.iter()) {
             let (key_id, value) = item.map_err(|e| {
@@ -636,7 +660,9 @@ impl Trees {
             };
             match state {
                 None => {
-                    self.pending.remove(&key_id).db()?;
+                    if let Some(value) = self.pending.remove(&key_id).db()? {
+                        removed_slots.extend(unit_slot(&value));
+                    }
                     removed += 1;
                 }
                 Some(BlockState::Ready) => {
@@ -650,7 +676,21 @@ impl Trees {
             }
         }
         published += self.publish_batch(&to_publish)?;
-        if removed + published > 0 {
+        self.erase_slots(removed_slots, false)?;
+        let erased = self.remove_erased()?;
+        if erased > 0 {
+            tracing::warn!(
+                erased,
+                "key store: removed records of units delivered or discarded before a crash (their slots were erased, \
+                 their removal had not reached the disk)"
+            );
+        }
+        let used = self.used_slots()?;
+        let zeroed = self.slots.scrub(&used).map_err(|e| self.slot_error(e))?;
+        if zeroed > 0 {
+            tracing::warn!(zeroed, "key store: zeroed slots no record names (erasures a crash interrupted)");
+        }
+        if removed + published + erased > 0 {
             tracing::warn!(
                 removed,
                 published,
@@ -660,6 +700,55 @@ impl Trees {
             self.flush()?;
         }
         Ok(())
+    }
+
+    /// Removes the `ready` units and the reservations whose slots were erased (see [`custody`]:
+    /// they were delivered or discarded, and a crash lost their removal). Returns how many.
+    /// Pending units are left alone: a pending unit's slot is erased only after its record is
+    /// removed, so an erased one is damage, for verification to report.
+    fn remove_erased(&self) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for (tree, name) in [(&self.ready, "ready"), (&self.reserved, kme::RESERVATIONS_TREE)] {
+            let mut erased = Vec::new();
+            for item in until_error(tree.iter()) {
+                let (key, value) = item.map_err(|e| sled_at(format!("recovery, reading tree `{name}`"), e))?;
+                let sealed = if name == "ready" {
+                    decode_key(&value).ok().map(|(_, sealed)| sealed.to_vec())
+                } else {
+                    kme::reservation_sealed(&value).ok()
+                };
+                let Some(sealed) = sealed else {
+                    continue;
+                };
+                if Keys::is_erased(&self.slots, &sealed).map_err(|e| self.slot_error(e))? {
+                    erased.push(key);
+                }
+            }
+            for key in erased {
+                if tree.remove(&key).db()?.is_some() {
+                    n += 1;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    /// The slots named by the records of `pending`, `ready` and the reservations.
+    pub(crate) fn used_slots(&self) -> Result<std::collections::HashSet<u32>, StoreError> {
+        let mut used = std::collections::HashSet::new();
+        for (tree, name) in [(&self.pending, "pending"), (&self.ready, "ready")] {
+            for item in until_error(tree.iter().values()) {
+                let value = item.map_err(|e| sled_at(format!("reading tree `{name}`"), e))?;
+                used.extend(unit_slot(&value));
+            }
+        }
+        for item in until_error(self.reserved.iter().values()) {
+            let value = item.map_err(|e| sled_at(format!("reading tree `{}`", kme::RESERVATIONS_TREE), e))?;
+            if let Ok(sealed) = kme::reservation_sealed(&value) {
+                used.extend(custody::sealed_slot(&sealed));
+            }
+        }
+        Ok(used)
     }
 
     /// Moves the units of a block whose record says ready (durably) from `pending` to `ready`,
@@ -722,7 +811,43 @@ impl Trees {
     }
 
     fn flush(&self) -> Result<(), StoreError> {
-        self.group_flush.flush(&self.db)
+        self.group_flush.flush(&self.db, &self.slots)
+    }
+
+    /// A slot-file I/O error as a store error (an I/O fault: the store goes out of service).
+    pub(crate) fn slot_error(&self, e: std::io::Error) -> StoreError {
+        sled_at(format!("the slot file {}", self.slots.path().display()), sled::Error::Io(e))
+    }
+
+    /// Takes `n` slots for new sealed records and makes their secrets durable, before any record
+    /// naming them is written (see [`custody`]).
+    pub(crate) fn allocate_slots(&self, n: usize) -> Result<Vec<custody::Slot>, StoreError> {
+        let slots = self.slots.allocate(n).map_err(|e| self.slot_error(e))?;
+        if let Err(e) = self.slots.sync() {
+            let _ = self.slots.erase(slots.iter().map(|s| s.index));
+            return Err(self.slot_error(e));
+        }
+        Ok(slots)
+    }
+
+    /// Erases the slots of records just removed (zeroed in place; durable at the next flush,
+    /// or now with `sync`).
+    pub(crate) fn erase_slots(&self, indices: impl IntoIterator<Item = u32>, sync: bool) -> Result<(), StoreError> {
+        self.slots.erase(indices).map_err(|e| self.slot_error(e))?;
+        if sync {
+            self.slots.sync().map_err(|e| self.slot_error(e))?;
+        }
+        Ok(())
+    }
+
+    /// The key bytes of the unit record `value` of unit `key_id`, and its block.
+    pub(crate) fn unseal_unit(&self, key_id: Uuid, value: &[u8]) -> Result<(Uuid, Zeroizing<Vec<u8>>), StoreError> {
+        let (block_id, sealed) = decode_key(value)?;
+        let key = self
+            .keys
+            .open(&self.slots, Kind::Unit, key_id, Some(block_id), sealed)
+            .map_err(|e| unseal_error(&e, "unit", key_id))?;
+        Ok((block_id, key))
     }
 
     /// Stores a block (see "Block writes" in the crate documentation): units to `pending`,
@@ -732,9 +857,12 @@ impl Trees {
         if self.blocks.contains_key(block_key).db()? {
             return Err(StoreError::DuplicateBlock(meta.block_id));
         }
-        for key in keys {
-            let old =
-                self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &key.key).as_slice()).db()?;
+        // Each unit's secret is durable in its slot before its record is written (see
+        // `custody`).
+        let slots = self.allocate_slots(keys.len())?;
+        for (key, slot) in keys.iter().zip(&slots) {
+            let sealed = self.keys.seal(slot, Kind::Unit, key.key_id, Some(meta.block_id), &key.key);
+            let old = self.pending.insert(key.key_id.as_bytes(), encode_key(meta.block_id, &sealed).as_slice()).db()?;
             if old.is_none() {
                 self.n_pending.fetch_add(1, Ordering::Relaxed);
             }
@@ -793,12 +921,15 @@ impl Trees {
             return Err(StoreError::NotPending(block_id));
         }
         self.flush()?;
+        let mut erased = Vec::with_capacity(key_ids.len());
         for key_id in &key_ids {
-            if self.pending.remove(key_id.as_bytes()).db()?.is_some() {
+            if let Some(value) = self.pending.remove(key_id.as_bytes()).db()? {
                 count_down(&self.n_pending, 1);
+                erased.extend(unit_slot(&value));
             }
         }
-        self.flush()
+        self.flush()?;
+        self.erase_slots(erased, true)
     }
 
     fn summary(&self) -> Result<StoreSummary, StoreError> {
@@ -807,7 +938,8 @@ impl Trees {
         // sled iterates in key order; UUID bytes order is key-ID order.
         for item in until_error(self.ready.iter()) {
             let (key_id, value) = item.db()?;
-            let (_, key) = decode_key(&value)?;
+            let unit_id = Uuid::from_slice(&key_id).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let (_, key) = self.unseal_unit(unit_id, &value)?;
             hasher.update(&key_id);
             hasher.update(key.as_slice());
             n_keys += 1;
@@ -969,7 +1101,12 @@ fn remove_unfinished_snapshots(dir: &Path) -> std::io::Result<Option<Vec<PathBuf
 /// Opens the store in `dir` for service: `conf` checked, database opened, marker checked (and
 /// written for a new store), interrupted writes recovered, store verified and counted (see
 /// "Opening" in the crate documentation). Every error names the store's directory.
-fn open_trees(dir: &Path) -> Result<Trees, StoreError> {
+fn open_trees(dir: &Path, keys: &std::sync::Arc<Keys>) -> Result<Trees, StoreError> {
+    // The KEK first: a wrong one, or an old unsealed store, is refused before anything is
+    // written (sled's open alone may write).
+    if !Slots::check(dir, keys).map_err(StoreError::backend)? {
+        Slots::create(dir, keys).map_err(StoreError::backend)?;
+    }
     for note in verify::check_conf(dir).map_err(StoreError::backend)? {
         tracing::warn!(path = %dir.display(), "{note}");
     }
@@ -979,7 +1116,8 @@ fn open_trees(dir: &Path) -> Result<Trees, StoreError> {
         tracing::warn!(path = %dir.display(), "{note}");
     }
     let opened = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<Trees, StoreError> {
-        let trees = Trees::new(db)?;
+        let slots = Slots::open(dir, keys, true).map_err(StoreError::backend)?;
+        let trees = Trees::new(db, keys.clone(), slots)?;
         let mut v = Verification::new(dir);
         verify::check_marker(&trees, dir, true, &mut v)?;
         let flushes = verify::check_flushes(&trees, dir, true, &mut v)?;
@@ -1041,20 +1179,39 @@ fn decode_block(value: &[u8]) -> Result<(BlockMeta, BlockState, Vec<Uuid>), Stor
     Ok((meta, state, key_ids))
 }
 
-/// Key record: block ID (16 bytes) then the key bytes.
-fn encode_key(block_id: Uuid, key: &[u8]) -> Zeroizing<Vec<u8>> {
-    let mut out = Zeroizing::new(Vec::with_capacity(16 + key.len()));
+/// Key record: block ID (16 bytes) then the sealed key bytes (see [`custody`]).
+fn encode_key(block_id: Uuid, sealed: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + sealed.len());
     out.extend_from_slice(block_id.as_bytes());
-    out.extend_from_slice(key);
+    out.extend_from_slice(sealed);
     out
 }
 
-fn decode_key(value: &[u8]) -> Result<(Uuid, Zeroizing<Vec<u8>>), StoreError> {
-    if value.len() < 16 {
+/// A key record's block ID and sealed key bytes (at least a seal's length).
+fn decode_key(value: &[u8]) -> Result<(Uuid, &[u8]), StoreError> {
+    if value.len() < 16 + custody::SEAL_OVERHEAD {
         return Err(StoreError::Corrupt("truncated key record".into()));
     }
     let block_id = Uuid::from_slice(&value[..16]).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    Ok((block_id, Zeroizing::new(value[16..].to_vec())))
+    Ok((block_id, &value[16..]))
+}
+
+/// The slot a unit record names (`None`: the record is malformed).
+pub(crate) fn unit_slot(value: &[u8]) -> Option<u32> {
+    decode_key(value).ok().and_then(|(_, sealed)| custody::sealed_slot(sealed))
+}
+
+/// Key bytes a unit record holds, from its length.
+pub(crate) fn unit_len(value: &[u8]) -> Option<usize> {
+    decode_key(value).ok().and_then(|(_, sealed)| custody::sealed_plain_len(sealed.len()))
+}
+
+/// A record that could not be opened, as a store error.
+pub(crate) fn unseal_error(e: &Unseal, what: &str, id: Uuid) -> StoreError {
+    match e {
+        Unseal::Io(detail) => StoreError::backend(std::io::Error::other(format!("{what} {id}: {detail}"))),
+        _ => StoreError::Corrupt(format!("{what} {id} cannot be opened: {e}")),
+    }
 }
 
 #[cfg(test)]
@@ -1062,3 +1219,19 @@ mod tests;
 
 #[cfg(test)]
 mod fault_tests;
+
+#[cfg(test)]
+impl Trees {
+    /// A unit record sealed as the store seals one (its slot allocated), for tests that write
+    /// records behind the store's back.
+    pub(crate) fn sealed_unit(&self, key_id: Uuid, block_id: Uuid, key: &[u8]) -> Vec<u8> {
+        let slot = self.allocate_slots(1).unwrap().pop().unwrap();
+        encode_key(block_id, &self.keys.seal(&slot, Kind::Unit, key_id, Some(block_id), key))
+    }
+
+    /// A reservation's sealed key, as [`Trees::sealed_unit`].
+    pub(crate) fn sealed_reservation(&self, key_id: Uuid, key: &[u8]) -> Vec<u8> {
+        let slot = self.allocate_slots(1).unwrap().pop().unwrap();
+        self.keys.seal(&slot, Kind::Reservation, key_id, None, key).to_vec()
+    }
+}

@@ -24,7 +24,7 @@ fn units(n: usize, fill: u8) -> Vec<KeyUnit> {
 #[test]
 fn pending_keys_are_not_summarised_until_ready() {
     let dir = tempdir();
-    let store = SledStore::open(&dir).unwrap();
+    let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     let block = Uuid::new_v4();
     store.put_pending(&meta(block, 2), &units(2, 7)).unwrap();
     assert_eq!(store.summary().unwrap().n_keys, 0);
@@ -38,7 +38,10 @@ fn pending_keys_are_not_summarised_until_ready() {
 #[test]
 fn same_keys_give_same_digest_whatever_the_path() {
     let (dir_a, dir_b) = (tempdir(), tempdir());
-    let (a, b) = (SledStore::open(&dir_a).unwrap(), SledStore::open(&dir_b).unwrap());
+    let (a, b) = (
+        SledStore::open(&dir_a, &crate::custody::test_kek()).unwrap(),
+        SledStore::open(&dir_b, &crate::custody::test_kek()).unwrap(),
+    );
     let block = Uuid::new_v4();
     let keys = units(3, 1);
     a.put_ready(&meta(block, 3), &keys).unwrap();
@@ -47,7 +50,7 @@ fn same_keys_give_same_digest_whatever_the_path() {
     assert_eq!(a.summary().unwrap(), b.summary().unwrap());
     // A different key byte changes the digest.
     let c_dir = tempdir();
-    let c = SledStore::open(&c_dir).unwrap();
+    let c = SledStore::open(&c_dir, &crate::custody::test_kek()).unwrap();
     let mut other = keys.clone();
     other[1].key[0] ^= 1;
     c.put_ready(&meta(block, 3), &other).unwrap();
@@ -59,11 +62,11 @@ fn dropped_pending_block_leaves_nothing_and_survives_reopen() {
     let dir = tempdir();
     let block = Uuid::new_v4();
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         store.put_pending(&meta(block, 2), &units(2, 0)).unwrap();
         assert!(matches!(store.put_pending(&meta(block, 1), &units(1, 0)), Err(StoreError::DuplicateBlock(_))));
     }
-    let store = SledStore::open(&dir).unwrap();
+    let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     assert_eq!(store.pending_blocks().unwrap(), vec![block]);
     store.drop_pending(block).unwrap();
     assert_eq!(store.block_state(block).unwrap(), None);
@@ -87,7 +90,7 @@ fn concurrent_writers_sharing_flushes_all_find_their_blocks_after_a_reopen() {
     // Group commit: eight threads store blocks at once, each waiting for a flush that started
     // after its write; every block is on disk when the store is opened again.
     let dir = tempdir();
-    let store = std::sync::Arc::new(SledStore::open(&dir).unwrap());
+    let store = std::sync::Arc::new(SledStore::open(&dir, &crate::custody::test_kek()).unwrap());
     let threads: Vec<_> = (0..8u8)
         .map(|t| {
             let store = store.clone();
@@ -105,7 +108,7 @@ fn concurrent_writers_sharing_flushes_all_find_their_blocks_after_a_reopen() {
     let blocks: Vec<Uuid> = threads.into_iter().flat_map(|t| t.join().unwrap()).collect();
     let before = store.summary().unwrap();
     drop(store);
-    let reopened = SledStore::open(&dir).unwrap();
+    let reopened = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     assert_eq!(reopened.summary().unwrap(), before);
     assert_eq!(before.n_keys, 160);
     for block in blocks {
@@ -117,7 +120,11 @@ fn concurrent_writers_sharing_flushes_all_find_their_blocks_after_a_reopen() {
 /// and, optionally, a record in `state`, with nothing published.
 fn interrupted_write(store: &SledStore, block: Uuid, keys: &[KeyUnit], state: Option<BlockState>) {
     for key in keys {
-        store.trees().pending.insert(key.key_id.as_bytes(), encode_key(block, &key.key).as_slice()).unwrap();
+        store
+            .trees()
+            .pending
+            .insert(key.key_id.as_bytes(), store.trees().sealed_unit(key.key_id, block, &key.key).as_slice())
+            .unwrap();
     }
     if let Some(state) = state {
         store
@@ -135,7 +142,7 @@ fn opening_the_store_finishes_block_writes_a_crash_interrupted() {
     let (unrecorded, ready, pending) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let (unrecorded_keys, ready_keys, pending_keys) = (units(3, 10), units(4, 20), units(2, 30));
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         // Crash after the units, before the record: the block never existed.
         interrupted_write(&store, unrecorded, &unrecorded_keys, None);
         // Crash after a ready record, before publishing: the units must become servable.
@@ -144,7 +151,7 @@ fn opening_the_store_finishes_block_writes_a_crash_interrupted() {
         interrupted_write(&store, pending, &pending_keys, Some(BlockState::Pending));
         assert_eq!(store.summary().unwrap().n_keys, 0, "nothing is servable before the reopen");
     }
-    let store = SledStore::open(&dir).unwrap();
+    let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     let summary = store.summary().unwrap();
     assert_eq!((summary.n_keys, summary.n_ready_blocks, summary.n_pending_blocks), (4, 1, 1));
     for key in &ready_keys {
@@ -163,7 +170,7 @@ fn a_ready_record_with_unpublished_units_is_finished_by_mark_ready() {
     // Bob's mark_ready crashed after writing the record: the Hello that settles the block calls
     // mark_ready again, which publishes the units (here without a reopen).
     let dir = tempdir();
-    let store = SledStore::open(&dir).unwrap();
+    let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     let block = Uuid::new_v4();
     interrupted_write(&store, block, &units(5, 40), Some(BlockState::Ready));
     store.mark_ready(block).unwrap();
@@ -176,7 +183,7 @@ fn a_ready_record_with_unpublished_units_is_finished_by_mark_ready() {
 fn a_block_of_twenty_thousand_units_is_stored_and_published_whole() {
     // 20 000 units are the keys of a 10^7-bit block (the size the daemons' memory bound is for).
     let dir = tempdir();
-    let store = SledStore::open(&dir).unwrap();
+    let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     let block = Uuid::new_v4();
     let keys = units(20_000, 0);
     store.put_pending(&meta(block, keys.len()), &keys).unwrap();
@@ -244,7 +251,7 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
     for publish_crash in 0.. {
         let dir = tempdir();
         let block = Uuid::new_v4();
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         store.put_pending(&meta(block, n_units), &units(n_units, 0)).unwrap();
         crash_before_step(Some(publish_crash));
         let finished = store.mark_ready(block).is_ok();
@@ -272,7 +279,7 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
 
         for recover_crash in 0.. {
             crash_before_step(Some(recover_crash));
-            let opened = SledStore::open(&dir);
+            let opened = SledStore::open(&dir, &crate::custody::test_kek());
             crash_before_step(None);
             if opened.is_ok() {
                 break;
@@ -282,7 +289,7 @@ fn a_unit_reserved_between_two_crashes_is_never_deliverable_twice() {
             assert_eq!(n_in_both(&pending, &ready), 0, "recovery crash {recover_crash}: units in both trees");
         }
 
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         let context = format!("publish crash {publish_crash}, {} units reserved", reserved.len());
         for unit_id in &reserved {
             let id = unit_id.as_bytes();
@@ -319,21 +326,26 @@ fn recovery_drops_the_pending_copy_of_a_unit_found_in_both_trees() {
     let block = Uuid::new_v4();
     let keys = units(2, 50);
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         interrupted_write(&store, block, &keys, Some(BlockState::Ready));
-        store.trees().ready.insert(keys[0].key_id.as_bytes(), encode_key(block, &[0xAA; 32]).as_slice()).unwrap();
+        store
+            .trees()
+            .ready
+            .insert(keys[0].key_id.as_bytes(), store.trees().sealed_unit(keys[0].key_id, block, &[0xAA; 32]).as_slice())
+            .unwrap();
         store.trees().db.flush().unwrap();
     }
-    let store = SledStore::open(&dir).unwrap();
+    let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
     assert_eq!((count(&store.trees().ready), count(&store.trees().pending)), (2, 0));
-    let (_, published) = decode_key(&store.trees().ready.get(keys[0].key_id.as_bytes()).unwrap().unwrap()).unwrap();
+    let value = store.trees().ready.get(keys[0].key_id.as_bytes()).unwrap().unwrap();
+    let (_, published) = store.trees().unseal_unit(keys[0].key_id, &value).unwrap();
     assert_eq!(published.as_slice(), &[0xAA; 32], "the published copy is kept");
 }
 
 #[test]
 fn the_memory_store_gives_the_same_summary_as_sled_for_the_same_blocks() {
     let dir = tempdir();
-    let (sled, memory) = (SledStore::open(&dir).unwrap(), MemoryStore::new());
+    let (sled, memory) = (SledStore::open(&dir, &crate::custody::test_kek()).unwrap(), MemoryStore::new());
     let (ready, pending, promoted) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
     let (ready_keys, pending_keys, promoted_keys) = (units(3, 1), units(2, 2), units(4, 3));
     for store in [&sled as &dyn KeyStore, &memory] {

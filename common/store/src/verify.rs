@@ -47,8 +47,9 @@ use std::path::{Path, PathBuf};
 
 use uuid::Uuid;
 
+use crate::custody::{Kek, Kind, Slots, Unseal};
 use crate::fault::{StoreFault, classify, locate, sled_at};
-use crate::{BlockState, StoreError, Trees, decode_block, decode_key, kme, open_db, until_error};
+use crate::{BlockState, StoreError, Trees, decode_block, decode_key, kme, open_db, unit_len, until_error};
 
 /// sled's configuration file in a store's directory.
 pub(crate) const CONF_FILE: &str = "conf";
@@ -208,12 +209,29 @@ impl Verification {
 /// Verifies the stopped store in `dir` (`qkdctl store verify`): every check of the module
 /// documentation, without recovery (so a crash's leftovers are notes) and without changing a
 /// record. Opening the database lets sled replay its log, as any open does.
-pub fn verify_dir(dir: &Path) -> Verification {
+///
+/// The KEK is checked first, as at open (a wrong one stops the check before anything is
+/// opened); every sealed unit and reservation is then opened with it, so that verification
+/// also proves that every key can be served.
+pub fn verify_dir(dir: &Path, kek: &Kek) -> Verification {
     let mut v = Verification::new(dir);
     if !dir.join("db").is_file() {
         v.blocked("database", format!("{} holds no key store (no sled data file `db`)", dir.display()));
         return v;
     }
+    let keys = std::sync::Arc::new(kek.derive());
+    let slots = match Slots::open(dir, &keys, false) {
+        Ok(slots) => slots,
+        Err(fault) => {
+            match fault {
+                crate::KekFault::SlotsDamaged { .. } => {
+                    v.problem(format!("file {}", crate::SLOTS_FILE), None, fault.to_string())
+                }
+                _ => v.blocked("key-encryption key", fault.to_string()),
+            }
+            return v;
+        }
+    };
     match check_conf(dir) {
         Ok(notes) => v.notes.extend(notes),
         Err(fault) => {
@@ -235,7 +253,7 @@ pub fn verify_dir(dir: &Path) -> Verification {
         }
     };
     let outcome = std::panic::catch_unwind(AssertUnwindSafe(|| -> Result<(), StoreError> {
-        let trees = Trees::new(db)?;
+        let trees = Trees::new(db, keys, slots)?;
         check_marker(&trees, dir, false, &mut v)?;
         check_flushes(&trees, dir, false, &mut v)?;
         trees.check(Stage::AsFound, &mut v)
@@ -551,7 +569,18 @@ impl Trees {
         let mut blocks = self.check_blocks(stage, v)?;
         self.check_units(stage, v, &mut blocks)?;
         self.check_unlisted(v, &blocks)?;
-        self.check_reservations(v)?;
+        self.check_reservations(stage, v)?;
+        let used = self.used_slots()?;
+        let unused = self.slots.unused_secrets(&used).map_err(|e| self.slot_error(e))?;
+        if unused > 0 {
+            let finding = format!("{unused} slot(s) of {} hold a secret no record names", self.slots.path().display());
+            match stage {
+                Stage::Recovered => v.problem(format!("file {}", crate::SLOTS_FILE), None, finding),
+                Stage::AsFound => v.notes.push(format!(
+                    "{finding} (an erasure interrupted by a crash, or a write under way); the next start zeroes them"
+                )),
+            }
+        }
         for name in self.db.tree_names() {
             if !KNOWN_TREES.iter().any(|known| known.as_bytes() == name.as_ref()) {
                 v.notes.push(format!("tree {:?} is not used by this version", String::from_utf8_lossy(&name)));
@@ -634,9 +663,10 @@ impl Trees {
                 }
                 for (tree, copy) in [("pending", &in_pending), ("ready", &in_ready)] {
                     // An undecodable unit is reported by the pass over its tree.
-                    let Some(Ok((owner, bytes))) = copy.as_ref().map(|value| decode_key(value)) else {
+                    let Some(Ok((owner, _))) = copy.as_ref().map(|value| decode_key(value)) else {
                         continue;
                     };
+                    let n_bytes = copy.as_deref().and_then(crate::unit_len).unwrap_or(0);
                     if owner != block_id {
                         v.problem(
                             tree_place(tree),
@@ -646,11 +676,11 @@ impl Trees {
                         continue;
                     }
                     info.found += 1;
-                    if let Some(len) = unit_len.filter(|len| *len != bytes.len()) {
+                    if let Some(len) = unit_len.filter(|len| *len != n_bytes) {
                         v.problem(
                             tree_place(tree),
                             Some(key_id.to_string()),
-                            format!("the unit holds {} bytes; block {block_id}'s units hold {len}", bytes.len()),
+                            format!("the unit holds {n_bytes} bytes; block {block_id}'s units hold {len}"),
                         );
                     }
                 }
@@ -684,6 +714,7 @@ impl Trees {
             let Some(owner) = check_unit(v, &place, key, value) else {
                 return Ok(());
             };
+            self.check_seal(v, stage, "pending", key, value)?;
             match blocks.get_mut(&owner) {
                 Some(info) => info.claimed += 1,
                 None => *unrecorded.entry(owner).or_default() += 1,
@@ -712,6 +743,7 @@ impl Trees {
             let Some(owner) = check_unit(v, &place, key, value) else {
                 return Ok(());
             };
+            self.check_seal(v, stage, "ready", key, value)?;
             match blocks.get_mut(&owner) {
                 None => {
                     v.problem(&place, Some(key_name(key)), format!("the unit names block {owner}, which has no record"))
@@ -759,7 +791,7 @@ impl Trees {
     }
 
     /// The KME's trees.
-    fn check_reservations(&self, v: &mut Verification) -> Result<(), StoreError> {
+    fn check_reservations(&self, stage: Stage, v: &mut Verification) -> Result<(), StoreError> {
         let place = tree_place(kme::RESERVATIONS_TREE);
         scan(&self.reserved, kme::RESERVATIONS_TREE, v, |v, key, value| {
             v.counts.reservations += 1;
@@ -769,6 +801,8 @@ impl Trees {
             }
             if let Err(problem) = kme::check_reservation(value) {
                 v.problem(&place, name.clone(), problem);
+            } else {
+                self.check_seal(v, stage, kme::RESERVATIONS_TREE, key, value)?;
             }
             match self.cancelled.contains_key(key) {
                 Ok(true) => v.problem(&place, name, "the key is both reserved and cancelled"),
@@ -791,6 +825,50 @@ impl Trees {
     }
 }
 
+impl Trees {
+    /// Opens the sealed key of a record of `tree` (a unit, or a reservation) with the KEK: a
+    /// record whose slot was erased is a crash's leftover (removed at the next start) in
+    /// `ready` and the reservations, damage in `pending`; one that does not authenticate is
+    /// damage.
+    fn check_seal(
+        &self,
+        v: &mut Verification,
+        stage: Stage,
+        tree: &str,
+        key: &[u8],
+        value: &[u8],
+    ) -> Result<(), StoreError> {
+        let Ok(id) = Uuid::from_slice(key) else {
+            return Ok(());
+        };
+        let opened = if tree == kme::RESERVATIONS_TREE {
+            let Ok(sealed) = kme::reservation_sealed(value) else {
+                return Ok(());
+            };
+            self.keys.open(&self.slots, Kind::Reservation, id, None, &sealed).map(drop)
+        } else {
+            let Ok((block, sealed)) = decode_key(value) else {
+                return Ok(());
+            };
+            self.keys.open(&self.slots, Kind::Unit, id, Some(block), sealed).map(drop)
+        };
+        match opened {
+            Ok(()) => {}
+            Err(Unseal::Io(detail)) => {
+                return Err(self.slot_error(std::io::Error::other(detail)));
+            }
+            Err(Unseal::Erased) if tree != "pending" && stage == Stage::AsFound => v.notes.push(format!(
+                "tree `{tree}`, key {id}: its slot was erased (delivered or discarded before a crash that lost the \
+                 record's removal); the next start removes it"
+            )),
+            Err(e) => {
+                v.problem(tree_place(tree), Some(id.to_string()), format!("the sealed key cannot be opened: {e}"))
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Checks one unit record of `pending` or `ready`; returns the block it names if it decodes.
 fn check_unit(v: &mut Verification, place: &str, key: &[u8], value: &[u8]) -> Option<Uuid> {
     if key.len() != 16 {
@@ -798,7 +876,7 @@ fn check_unit(v: &mut Verification, place: &str, key: &[u8], value: &[u8]) -> Op
         return None;
     }
     match decode_key(value) {
-        Ok((_, bytes)) if bytes.is_empty() => {
+        Ok(_) if unit_len(value) == Some(0) => {
             v.problem(place, Some(key_name(key)), "the unit holds no key bytes");
             None
         }

@@ -216,12 +216,12 @@ fn cancellation_tombstones_survive_a_reopen() {
     let unit = KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9u8; UNIT_BYTES]) };
     let r = reservation(&[&unit], 256, &["s"]);
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         store.put_ready(&meta(), std::slice::from_ref(&unit)).unwrap();
         assert_eq!(store.cancel_reservations(&[r.key_id], 2000).unwrap(), vec![false]);
     }
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         assert!(matches!(store.reserve_keys(std::slice::from_ref(&r)), Err(KmeStoreError::Cancelled(_))));
         assert_eq!(ready_count(&store), 1);
     }
@@ -234,12 +234,12 @@ fn reservations_survive_a_reopen() {
     let unit = KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9u8; UNIT_BYTES]) };
     let r = reservation(&[&unit], 256, &["s"]);
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         store.put_ready(&meta(), std::slice::from_ref(&unit)).unwrap();
         store.reserve_keys(std::slice::from_ref(&r)).unwrap();
     }
     {
-        let store = SledStore::open(&dir).unwrap();
+        let store = SledStore::open(&dir, &crate::custody::test_kek()).unwrap();
         assert_eq!(ready_count(&store), 0);
         assert_eq!(store.deliver_reserved_keys(&[r.key_id], "m", "s").unwrap()[0].key.as_slice(), &[9u8; 32]);
     }

@@ -1,0 +1,277 @@
+//! Key custody at rest (docs/store.md, "Key custody"): keys delivered to applications through
+//! the real KMEs leave no trace in the data directories, and a daemon given a wrong or missing
+//! key-encryption key refuses to start (so its KME serves nothing) without touching its store.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use base64::Engine;
+use qkd_kme::KmeConfig;
+use qkd_store::{BlockMeta, Kek, KeyStore, KeyUnit, SledStore};
+use serde_json::{Value, json};
+use uuid::Uuid;
+use zeroize::Zeroizing;
+
+use super::*;
+
+/// The two lab applications: app-a at Alice's KME, app-b at Bob's.
+const SAES: [(&str, &str); 2] = [("app-a", "alice-kme"), ("app-b", "bob-kme")];
+
+/// A free loopback port (the KME binds its addresses from its configuration).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
+}
+
+/// The `[kme]` section of `node` (at `listen`, its peer channel at `peer_listen`, the peer's at
+/// `peer`).
+fn kme_config(
+    lab: &Lab,
+    node: &str,
+    peer_node: &str,
+    listen: std::net::SocketAddr,
+    peer_listen: std::net::SocketAddr,
+    peer: std::net::SocketAddr,
+) -> KmeConfig {
+    let saes: Vec<Value> = SAES.iter().map(|(sae, kme)| json!({ "sae_id": sae, "kme_id": kme })).collect();
+    serde_json::from_value(json!({
+        "listen": listen.to_string(),
+        "tls": serde_json::to_value(lab.pki.kme_files(node)).expect("tls files"),
+        "peer_listen": peer_listen.to_string(),
+        "peer_addr": peer.to_string(),
+        "peer_name": peer_node,
+        "kme_id": format!("{node}-kme"),
+        "peer_kme_id": format!("{peer_node}-kme"),
+        "saes": saes,
+        "allow_simulated_keys": true,
+    }))
+    .expect("kme config")
+}
+
+/// An HTTPS client presenting `sae`'s certificate from the lab PKI.
+fn sae_client(lab: &Lab, sae: &str) -> reqwest::Client {
+    use qkd_tls::pki::Kind;
+    let ca = std::fs::read(lab.pki.sae_trust_anchor(sae)).expect("read the node CA");
+    let mut pem = std::fs::read(lab.pki.cert_path(Kind::Sae, sae)).expect("read the SAE certificate");
+    pem.push(b'\n');
+    pem.extend(std::fs::read(lab.pki.key_path(Kind::Sae, sae)).expect("read the SAE key"));
+    reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(&ca).expect("ca pem")])
+        .identity(reqwest::Identity::from_pem(&pem).expect("identity pem"))
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client")
+}
+
+/// `(status, JSON body)` of a request.
+async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
+    match request.send().await {
+        Ok(response) => {
+            let code = response.status().as_u16();
+            (code, response.json().await.unwrap_or(Value::Null))
+        }
+        Err(e) => (0, json!({ "error": e.to_string() })),
+    }
+}
+
+/// The (key ID, key bytes) of a key container.
+fn keys_of(container: &Value) -> Vec<(String, Zeroizing<Vec<u8>>)> {
+    container["keys"]
+        .as_array()
+        .expect("keys")
+        .iter()
+        .map(|k| {
+            let bytes = base64::engine::general_purpose::STANDARD.decode(k["key"].as_str().expect("key")).expect("b64");
+            (k["key_ID"].as_str().expect("key_ID").to_owned(), Zeroizing::new(bytes))
+        })
+        .collect()
+}
+
+/// Every file under `dir` (recursively) and its bytes.
+fn files_under(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).unwrap_or_else(|e| panic!("read {}: {e}", dir.display())) {
+        let path = entry.expect("entry").path();
+        if path.is_dir() {
+            out.extend(files_under(&path));
+        } else {
+            out.insert(path.clone(), std::fs::read(&path).expect("read a file"));
+        }
+    }
+    out
+}
+
+/// The files under `dirs` that hold `needle`.
+fn grep(dirs: &[PathBuf], needle: &[u8]) -> Vec<PathBuf> {
+    dirs.iter()
+        .flat_map(|dir| files_under(dir))
+        .filter(|(_, bytes)| bytes.windows(needle.len()).any(|w| w == needle))
+        .map(|(path, _)| path)
+        .collect()
+}
+
+/// Alice and Bob with their KMEs; the applications fetch keys both ways (master at one KME,
+/// slave at the other); the daemons stop. No file of either data directory (stores, slot files,
+/// audit logs, status files) holds a delivered key's bytes, raw, base64 or hex; nor does any hold
+/// a key still in the store (they are sealed); while the audit logs do hold the key IDs (the
+/// search reads every file).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_keys_leave_no_trace_in_the_data_directories() {
+    let lab = Lab::new("custody");
+    for (sae, _) in SAES {
+        lab.pki.ensure_sae(sae).expect("issue the SAE certificate");
+    }
+    let (grpc, fibre) = bind_pair().await;
+    let (etsi_a, etsi_b, peer_a, peer_b) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let mut alice_cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    alice_cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi_a, peer_a, peer_b));
+    let mut bob_cfg = lab.bob_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    bob_cfg.kme = Some(kme_config(&lab, "bob", "alice", etsi_b, peer_b, peer_a));
+    let alice = spawn_alice_with(&lab, alice_cfg, grpc, Some(fibre));
+    let bob = spawn_bob_with(&lab, bob_cfg);
+
+    let (app_a, app_b) = (sae_client(&lab, "app-a"), sae_client(&lab, "app-b"));
+    let url =
+        |kme: std::net::SocketAddr, sae: &str, endpoint: &str| format!("https://{kme}/api/v1/keys/{sae}/{endpoint}");
+    // Polled until both KMEs hold keys for the pair (blocks take a few seconds).
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (a, b) = (
+            call(app_a.get(url(etsi_a, "app-b", "status"))).await,
+            call(app_b.get(url(etsi_b, "app-a", "status"))).await,
+        );
+        let count = |(code, status): &(u16, Value)| {
+            if *code == 200 { status["stored_key_count"].as_u64().unwrap_or(0) } else { 0 }
+        };
+        if count(&a) >= 4 && count(&b) >= 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no keys at both KMEs within 120 s: {a:?} {b:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut delivered = Vec::new();
+    for (master, master_kme, slave, slave_kme, master_id, slave_id) in
+        [(&app_a, etsi_a, &app_b, etsi_b, "app-a", "app-b"), (&app_b, etsi_b, &app_a, etsi_a, "app-b", "app-a")]
+    {
+        let (code, container) = call(master.get(url(master_kme, slave_id, "enc_keys?number=3"))).await;
+        assert_eq!(code, 200, "{container}");
+        let keys = keys_of(&container);
+        assert_eq!(keys.len(), 3);
+        let body = json!({ "key_IDs": keys.iter().map(|(id, _)| json!({ "key_ID": id })).collect::<Vec<_>>() });
+        let (code, fetched) = call(slave.post(url(slave_kme, master_id, "dec_keys")).json(&body)).await;
+        assert_eq!(code, 200, "{fetched}");
+        let fetched = keys_of(&fetched);
+        assert_eq!(
+            fetched.iter().map(|(id, k)| (id.clone(), k.to_vec())).collect::<Vec<_>>(),
+            keys.iter().map(|(id, k)| (id.clone(), k.to_vec())).collect::<Vec<_>>(),
+            "the slave gets the master's keys"
+        );
+        delivered.extend(keys);
+    }
+    bob.stop().await.expect("bob");
+    alice.stop().await.expect("alice");
+
+    let data_dirs = [lab.dir.0.join("alice"), lab.dir.0.join("bob")];
+    // The search reads every file: the audit logs name the delivered key IDs.
+    for (id, _) in &delivered {
+        assert!(!grep(&data_dirs, id.as_bytes()).is_empty(), "key ID {id} in no audit log");
+    }
+    for (id, key) in &delivered {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key.as_slice());
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        for (form, needle) in [("raw", key.as_slice()), ("base64", b64.as_bytes()), ("hex", hex.as_bytes())] {
+            let found = grep(&data_dirs, needle);
+            assert!(found.is_empty(), "key {id} ({form}) found in {found:?}");
+        }
+    }
+    // Keys still held are sealed too: none of them is in clear either.
+    for node in ["alice", "bob"] {
+        let store = SledStore::open(&lab.dir.0.join(node).join("store"), &lab.kek(node)).expect("open the store");
+        assert!(store.verify().expect("verify").is_healthy());
+        let held = store.select_ready_units(50, |_| true).expect("units");
+        assert!(!held.is_empty(), "{node} holds keys still");
+        drop(store);
+        for unit in &held {
+            assert!(grep(&data_dirs, &unit.key).is_empty(), "{node}'s unit {} in clear", unit.key_id);
+        }
+    }
+}
+
+/// A data directory whose store holds keys (sealed under `lab`'s KEK of `node`); returns the
+/// store's files.
+fn store_with_keys(lab: &Lab, node: &str) -> BTreeMap<PathBuf, Vec<u8>> {
+    let dir = lab.dir.0.join(node).join("store");
+    let store = SledStore::open(&dir, &lab.kek(node)).expect("create the store");
+    let units: Vec<KeyUnit> =
+        (0..8).map(|i| KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![i as u8 ^ 0xA5; 32]) }).collect();
+    let meta = BlockMeta {
+        block_id: Uuid::new_v4(),
+        created_unix_ms: 1,
+        n_sifted_bits: 1000,
+        qber_z: 0.02,
+        qber_x: 0.03,
+        phase_error_upper: 0.05,
+        leak_bits: 300,
+        final_bits: 256 * units.len() as u64,
+        simulated: true,
+    };
+    store.put_ready(&meta, &units).expect("put_ready");
+    drop(store);
+    files_under(&dir)
+}
+
+/// Alice with her KME, given a wrong KEK: she refuses to start with an error naming the KEK
+/// file, her KME never listens, and every file of her store is byte for byte as before. Then
+/// with a missing KEK file: refused too, naming the file and how to make one. With the right
+/// one she starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kme_with_a_wrong_or_missing_kek_refuses_to_serve_and_leaves_the_store_untouched() {
+    let lab = Lab::new("custody-kek");
+    let before = store_with_keys(&lab, "alice");
+    let store_dir = lab.dir.0.join("alice").join("store");
+    let wrong = lab.dir.0.join("keks").join("wrong.kek");
+    Kek::generate("wrong").write_new(&wrong).expect("write a wrong KEK");
+    let missing = lab.dir.0.join("keks").join("missing.kek");
+
+    for (kek_file, expected) in [(&wrong, "wrong KEK"), (&missing, "qkdctl store kek")] {
+        let (grpc, fibre) = bind_pair().await;
+        let (etsi, peer_listen) = (free_addr(), free_addr());
+        let mut cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+        cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi, peer_listen, free_addr()));
+        cfg.store.kek_file = Some(kek_file.clone());
+        let alice = spawn_alice_with(&lab, cfg, grpc, Some(fibre));
+        let error = match tokio::time::timeout(Duration::from_secs(30), alice.task).await {
+            Ok(joined) => joined.expect("alice panicked").expect_err("alice started with a bad KEK"),
+            Err(_) => panic!("alice did not refuse a bad KEK ({})", kek_file.display()),
+        };
+        let message = format!("{error:#}");
+        assert!(message.contains(&kek_file.display().to_string()), "names the KEK file: {message}");
+        assert!(message.contains(expected), "{message}");
+        assert!(tokio::net::TcpStream::connect(etsi).await.is_err(), "the KME listens");
+        assert_eq!(files_under(&store_dir), before, "the store changed ({})", kek_file.display());
+    }
+
+    // The right KEK: she starts, her KME answers, and the keys are there.
+    let (grpc, fibre) = bind_pair().await;
+    let etsi = free_addr();
+    let mut cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi, free_addr(), free_addr()));
+    let alice = spawn_alice_with(&lab, cfg, grpc, Some(fibre));
+    lab.pki.ensure_sae("app-a").expect("issue the SAE certificate");
+    let app_a = sae_client(&lab, "app-a");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        let (code, status) = call(app_a.get(format!("https://{etsi}/api/v1/keys/app-b/status"))).await;
+        if code == 200 {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "alice's KME does not answer: {code} {status}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    // Alice owns the units whose UUID ends in an even byte: some of the 8, most likely; the
+    // count is what her store holds for the pair, whatever it is.
+    assert!(status["stored_key_count"].is_u64(), "{status}");
+    alice.stop().await.expect("alice");
+    let store = SledStore::open(&store_dir, &lab.kek("alice")).expect("open");
+    assert_eq!(store.n_units().expect("units"), 8);
+}
