@@ -502,6 +502,31 @@ pub fn install_secret(data_dir: &Path, secret: &SecretFile, reset: bool) -> anyh
     Ok(Installed::Staged)
 }
 
+/// Gives the nodes at `data_dirs` (a lab's, on one machine) one new secret, written nowhere
+/// else, unless they all have a pool already. `Ok(true)`: installed; `Ok(false)`: every node had
+/// a pool, nothing done. Some with a pool and some without is refused: the new secret would not
+/// be theirs.
+pub fn init_nodes(data_dirs: &[&Path]) -> anyhow::Result<bool> {
+    let has_pool: Vec<bool> = data_dirs.iter().map(|d| d.join("auth").join("pool").exists()).collect();
+    if has_pool.iter().all(|&h| h) {
+        return Ok(false);
+    }
+    if has_pool.iter().any(|&h| h) {
+        let with: Vec<String> =
+            data_dirs.iter().zip(&has_pool).filter(|(_, h)| **h).map(|(d, _)| d.display().to_string()).collect();
+        anyhow::bail!(
+            "{} already hold(s) an authentication key pool and the others do not: install one secret at every node \
+             with `qkdctl auth-secret install --reset` instead",
+            with.join(", ")
+        );
+    }
+    let secret = SecretFile::generate(DEFAULT_SECRET_BYTES);
+    for dir in data_dirs {
+        install_secret(dir, &secret, false)?;
+    }
+    Ok(true)
+}
+
 /// An offline view of a node's pool, for `qkdctl auth-secret status`.
 #[derive(Debug, serde::Serialize)]
 pub struct PoolSummary {

@@ -38,6 +38,13 @@ pub enum AuthCommand {
         #[arg(long)]
         reset: bool,
     },
+    /// Lab set-up: one new secret installed at every node whose data directory is given (all on
+    /// this machine), written nowhere else; nothing if they all have a pool already.
+    Init {
+        /// A node's data directory (give each node's).
+        #[arg(long = "data-dir", required = true, num_args = 1)]
+        data_dirs: Vec<PathBuf>,
+    },
     /// The pool of a node: bits left, placeholder or not, secrets applied and staged (works
     /// while the daemon runs).
     Status {
@@ -55,6 +62,15 @@ pub fn run(command: AuthCommand) -> anyhow::Result<()> {
         AuthCommand::New { out, bytes } => new(&out, bytes),
         AuthCommand::Install { data_dir, secret, reset } => install(&data_dir, &secret, reset),
         AuthCommand::Status { data_dir, json } => status(&data_dir, json),
+        AuthCommand::Init { data_dirs } => {
+            let dirs: Vec<&Path> = data_dirs.iter().map(PathBuf::as_path).collect();
+            if auth_pool::init_nodes(&dirs)? {
+                println!("one new pre-shared authentication secret installed at {} nodes", dirs.len());
+            } else {
+                println!("every node has an authentication key pool already; nothing done");
+            }
+            Ok(())
+        }
     }
 }
 

@@ -222,11 +222,8 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     } else {
         write_configs(&dir, &pki, &mut settings)?;
         // One pre-shared authentication secret for both nodes (never written anywhere else).
-        let secret = common::auth_pool::SecretFile::generate(common::auth_pool::DEFAULT_SECRET_BYTES);
-        for node in ["alice", "bob"] {
-            common::auth_pool::install_secret(&dir.join(node), &secret, false)
-                .with_context(|| format!("installing the lab's authentication secret at {node}"))?;
-        }
+        common::auth_pool::init_nodes(&[&dir.join("alice"), &dir.join("bob")])
+            .context("installing the lab's authentication secret")?;
         let path = dir.join("lab-args.json");
         std::fs::write(&path, serde_json::to_string_pretty(&settings)?)
             .with_context(|| format!("writing {}", path.display()))?;

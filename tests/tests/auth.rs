@@ -332,7 +332,7 @@ async fn a_man_in_the_middle_with_valid_certificates_stores_no_key_and_an_exhaus
     let tampered = state.lock().unwrap().tampered.clone();
     assert!(tampered.len() >= 8, "{tampered:?}");
     for node in ["alice", "bob"] {
-        let store = qkd_store::SledStore::open(&lab.dir.0.join(node).join("store")).unwrap();
+        let store = qkd_store::SledStore::open(&lab.dir.0.join(node).join("store"), &lab.kek(node)).unwrap();
         for block in &tampered {
             let id = uuid::Uuid::parse_str(block).unwrap();
             assert_eq!(store.block_state(id).unwrap(), None, "{node} stored the altered block {block}");
