@@ -685,8 +685,20 @@ async fn emit_frames(
                     }
                     Ok(Err(e)) => {
                         // Bob closing the fibre is routine (he stops or restarts and reconnects);
-                        // the classical channel reports a link that stays down.
-                        info!(reason = %e, "fibre: receiver disconnected; waiting for it to reconnect");
+                        // the classical channel reports a link that stays down. The OS's words for
+                        // a closed socket ("Broken pipe") read like a failure: said plainly.
+                        let closed = matches!(
+                            &e,
+                            common::fibre::FibreError::Io(io) if matches!(
+                                io.kind(),
+                                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                            )
+                        );
+                        if closed {
+                            info!("fibre: the receiver closed the fibre; waiting for it to reconnect");
+                        } else {
+                            info!(reason = %e, "fibre: receiver disconnected; waiting for it to reconnect");
+                        }
                         receiver = None;
                         status.fibre_connected = false;
                     }

@@ -259,7 +259,8 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
                 // start after Bob): not a failure worth a warning.
                 let never_linked = status.lock().expect("status lock poisoned").sessions == 0;
                 if never_linked {
-                    info!(reason = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "Alice not reachable yet; retrying");
+                    tracing::debug!(reason = %format!("{e:#}"), "first connection to Alice failed");
+                    info!(retry_in_ms = backoff.as_millis() as u64, "Alice not reachable yet; retrying");
                 } else {
                     warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "link down; reconnecting");
                 }
