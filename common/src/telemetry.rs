@@ -10,6 +10,12 @@
 //! values are read from the daemon's status at each scrape and each sample
 //! ([`NodeSnapshot`]). Every series carries the labels `node` (the daemon's `node_id`) and
 //! `role` (`alice`, `bob`).
+//!
+//! Names follow Prometheus's conventions (`qkd_` prefix, `_total` counters, `_seconds`
+//! histograms, ratios as `_ratio`, amounts of key in bytes, the base unit `promtool check metrics`
+//! asks for). QKD reasons in bits: the totals are the bit counts divided by 8 (rounded down;
+//! multiply by 8 in PromQL for bits), and the rate gauges are in bits per second
+//! (`qkd_secret_key_rate_bits_per_second`), as the status page and `qkdctl status` show them.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -416,14 +422,14 @@ fn describe() {
         "Reconciliation efficiency f = leak / (n h(QBER Z)) of the last committed block (1 is the Shannon limit)"
     );
     describe_counter!(
-        "qkd_reconciliation_leak_bits_total",
-        "Bits disclosed by error correction and verification in committed blocks"
+        "qkd_reconciliation_disclosed_bytes_total",
+        "Key disclosed by error correction and verification in committed blocks, bytes (bits / 8)"
     );
     describe_counter!("qkd_detections_total", "Detections announced by Bob's receiver");
-    describe_counter!("qkd_sifted_bits_total", "Sifted key bits");
+    describe_counter!("qkd_sifted_key_bytes_total", "Sifted key, bytes (bits / 8)");
     describe_counter!(
-        "qkd_secret_key_bits_total",
-        "Secret key bits of committed blocks (final keys, authentication refill included)"
+        "qkd_secret_key_bytes_total",
+        "Secret key of committed blocks (final keys, authentication refill included), bytes (bits / 8)"
     );
     describe_gauge!("qkd_detection_rate_per_second", "Detections per second over the last minute");
     describe_gauge!("qkd_sifted_key_rate_bits_per_second", "Sifted key bits per second over the last minute");
@@ -440,7 +446,7 @@ fn describe() {
         "qkd_decoder_phase_offset_radians",
         "The decoder's uncorrected phase offset: what the phase feedback has left to correct"
     );
-    describe_gauge!("qkd_auth_pool_bits", "Unused bits in the authentication key pool");
+    describe_gauge!("qkd_auth_pool_bytes", "Unused key in the authentication key pool, bytes (bits / 8)");
     describe_gauge!(
         "qkd_store_units",
         "Key units in the store, by state (ready: servable; pending: awaiting the peer's commit)"
@@ -482,12 +488,12 @@ fn record_status(status: &NodeStatus) {
     if let Some(f) = s.reconciliation_efficiency {
         gauge!("qkd_reconciliation_efficiency").set(f);
     }
-    counter!("qkd_reconciliation_leak_bits_total").absolute(s.leak_bits);
+    counter!("qkd_reconciliation_disclosed_bytes_total").absolute(s.leak_bits / 8);
     if let Some(d) = s.detections {
         counter!("qkd_detections_total").absolute(d);
     }
-    counter!("qkd_sifted_bits_total").absolute(s.sifted_bits);
-    counter!("qkd_secret_key_bits_total").absolute(s.secret_bits);
+    counter!("qkd_sifted_key_bytes_total").absolute(s.sifted_bits / 8);
+    counter!("qkd_secret_key_bytes_total").absolute(s.secret_bits / 8);
     if let Some(r) = status.detection_rate_hz {
         gauge!("qkd_detection_rate_per_second").set(r);
     }
@@ -513,7 +519,7 @@ fn record_status(status: &NodeStatus) {
         gauge!("qkd_decoder_phase_offset_radians").set(p);
     }
     if let Some(bits) = s.auth_pool_bits {
-        gauge!("qkd_auth_pool_bits").set(bits as f64);
+        gauge!("qkd_auth_pool_bytes").set(bits as f64 / 8.0);
     }
     if let Some(levels) = status.store {
         gauge!("qkd_store_units", "state" => "ready").set(levels.ready_units as f64);
