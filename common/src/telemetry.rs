@@ -582,7 +582,10 @@ mod tests {
         // 1 unit/s drawn: 100 units last 100 s.
         assert_eq!(exhaustion_s(&h, 100), Some(100.0));
         h.push_back(sample(1200.0, 150));
+        // Still falling over the window (200 -> 150 in 200 s): 150 units at 0.25 unit/s.
+        assert_eq!(exhaustion_s(&h, 150), Some(600.0));
+        h.push_back(sample(1300.0, 250));
         // Rising over the window: never at this draw.
-        assert_eq!(exhaustion_s(&h, 150), Some(f64::INFINITY));
+        assert_eq!(exhaustion_s(&h, 250), Some(f64::INFINITY));
     }
 }
