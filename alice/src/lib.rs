@@ -11,7 +11,6 @@ use common::fibre::{encode_frame, write_frame};
 use common::grpc::status_from_link_error;
 use proto::link::link_server::{Link, LinkServer};
 use proto::link::*;
-use qkd_core::auth::AuthPool;
 use qkd_core::link::abort::AbortReason;
 use qkd_core::link::alice::{AliceCore, AliceEvent, PreparedFrame};
 use qkd_core::link::{HandleContext, LinkError, Request, Response};
@@ -40,7 +39,8 @@ pub struct AliceStatus {
     pub blocks_committed: u64,
     /// Blocks aborted.
     pub blocks_aborted: u64,
-    /// Key units stored.
+    /// Key units (of `key_unit_bits`) stored by committed blocks, the authentication refill not
+    /// counted.
     pub keys_stored: u64,
     /// Secret bits stored.
     pub secret_bits: u64,
@@ -49,8 +49,6 @@ pub struct AliceStatus {
     /// Set while the key store is out of service (a full or failing disk): why. Alice is then
     /// unready and retries the reopen every second.
     pub store_failure: Option<String>,
-    /// Unused bits in the authentication key pool (at start, then after each committed block).
-    pub auth_pool_bits: u64,
     /// Set while no key can be distilled for want of authentication key (the pool is exhausted,
     /// or the two pools differ): what to do. Cleared by the next committed block.
     pub auth_alarm: Option<String>,
@@ -66,6 +64,82 @@ pub struct AliceStatus {
     /// emitter fell behind the clock (a stalled worker, a fibre write that took too long). 0 in
     /// a healthy run; each skip is logged at warn.
     pub frames_missed: u64,
+    /// Sifted key bits of the committed blocks.
+    pub sifted_bits: u64,
+    /// Bits disclosed by error correction and verification in committed blocks.
+    pub leak_bits: u64,
+    /// The last committed block's statistics.
+    pub last_block: Option<BlockStats>,
+    /// Blocks aborted, by reason (snake case, as the metrics label them).
+    pub aborted_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Unused bits of the authentication key pool (at start, then after each committed block).
+    pub auth_pool_bits: Option<u64>,
+    /// When Bob last called the classical channel, Unix ms.
+    pub last_peer_request_unix_ms: Option<u64>,
+    /// The source monitor's latest reading (mean photon number, g2(0)), if the source has one.
+    pub source_reading: Option<(f64, f64)>,
+}
+
+/// A committed block's statistics, as Alice's status keeps the last one.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct BlockStats {
+    /// Key-basis QBER.
+    pub qber_z: f64,
+    /// Test-basis QBER.
+    pub qber_x: f64,
+    /// Upper bound on the phase error.
+    pub phase_error_upper: f64,
+    /// Bits disclosed by error correction and verification.
+    pub leak_bits: u64,
+    /// Final key bits (authentication refill included).
+    pub final_bits: u64,
+    /// Sifted key bits.
+    pub sifted_bits: u64,
+}
+
+/// Bob counts as linked while he called within this time.
+const LINKED_WITHIN_MS: u64 = 10_000;
+
+impl AliceStatus {
+    /// The status as the telemetry reads it.
+    pub fn snapshot(&self) -> common::telemetry::NodeSnapshot {
+        let link_up =
+            self.last_peer_request_unix_ms.is_some_and(|t| now_unix_ms().saturating_sub(t) <= LINKED_WITHIN_MS);
+        let state = if self.device_error.is_some() {
+            "device failed"
+        } else if link_up {
+            "linked"
+        } else {
+            "waiting for Bob"
+        };
+        let last = self.last_block.as_ref();
+        common::telemetry::NodeSnapshot {
+            state: state.into(),
+            link_up,
+            qber_z: last.map(|b| b.qber_z),
+            qber_x: last.map(|b| b.qber_x),
+            phase_error_upper: last.map(|b| b.phase_error_upper),
+            reconciliation_efficiency: last
+                .and_then(|b| common::telemetry::reconciliation_efficiency(b.leak_bits, b.sifted_bits, b.qber_z)),
+            detections: None,
+            sifted_bits: self.sifted_bits,
+            secret_bits: self.secret_bits,
+            leak_bits: self.leak_bits,
+            blocks_committed: self.blocks_committed,
+            blocks_aborted: self.aborted_by_reason.clone(),
+            frames: self.frames_emitted,
+            frames_dropped: self.frames_lost,
+            frames_missed: Some(self.frames_missed),
+            sessions: None,
+            phase_offset_rad: None,
+            auth_pool_bits: self.auth_pool_bits,
+            device: common::telemetry::DeviceReadings {
+                source_mu: self.source_reading.map(|r| r.0),
+                source_g2: self.source_reading.map(|r| r.1),
+                ..Default::default()
+            },
+        }
+    }
 }
 
 /// Loads `config` (with `data_dir` overriding its data directory), binds the listeners and runs
@@ -112,10 +186,10 @@ pub async fn run(
     let device = common::device::open_transmitter(&cfg.device, &link, cfg.protocol.frame_pulses).await?;
     let simulated = device.info().simulated();
     let auth = common::auth_pool::open_node_pool(&cfg.data_dir)?;
-    let auth_pool_bits = auth.available_bits().unwrap_or(0);
     let mut core =
         AliceCore::new(cfg.node_id.clone(), cfg.protocol.clone(), security.clone(), ChaCha20Rng::from_os_rng(), auth);
     core.set_simulated(simulated);
+    let auth_pool_bits = core.auth_pool_bits().ok();
     let (core, core_thread) = CoreHandle::spawn(core, store.clone()).context("starting the core's thread")?;
     let status = Arc::new(Mutex::new(AliceStatus {
         device: device.info().summary(),
@@ -123,6 +197,21 @@ pub async fn run(
         auth_pool_bits,
         ..AliceStatus::default()
     }));
+    let unit = common::telemetry::UnitSize {
+        unit_bits: u64::from(cfg.protocol.key_unit_bits),
+        auth_refill_bits: cfg.protocol.auth_refill_bits,
+    };
+    let telemetry = {
+        let status = status.clone();
+        common::telemetry::Telemetry::new(
+            &cfg.node_id,
+            "alice",
+            move || status.lock().expect("status lock poisoned").snapshot(),
+            store.clone(),
+            unit,
+            None,
+        )
+    };
     let fibre_addr = fibre_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     if simulated {
         warn!(
@@ -166,6 +255,7 @@ pub async fn run(
         peer_name: cfg.classical.peer_name.clone(),
         peer_check,
         status: status.clone(),
+        unit,
     };
     let incoming =
         tls.grpc_incoming(grpc_listener, "classical channel").context("TLS configuration of the classical channel")?;
@@ -176,9 +266,10 @@ pub async fn run(
     let health = common::service::Health::default();
     let health_server = {
         let (addr, health, shutdown) = (cfg.health_listen, health.clone(), shutdown.clone());
+        let telemetry = telemetry.clone();
         async move {
             if let Some(addr) = addr
-                && let Err(e) = common::service::serve_health(addr, health, shutdown).await
+                && let Err(e) = common::service::serve_health(addr, health, Some(telemetry), shutdown).await
             {
                 warn!(error = %e, "health endpoint failed");
             }
@@ -193,12 +284,20 @@ pub async fn run(
             kme_cfg.audit_log.get_or_insert_with(|| cfg.data_dir.join("delivery-audit.jsonl"));
         }
         let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
+        let recorder = telemetry.recorder();
         async move {
             match kme_cfg {
                 Some(kme_cfg) => {
-                    let result =
-                        qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Alice, &tls, store, simulated, shutdown.clone())
-                            .await;
+                    let result = qkd_kme::run_kme(
+                        &kme_cfg,
+                        qkd_kme::KmeSide::Alice,
+                        &tls,
+                        store,
+                        simulated,
+                        Some(recorder),
+                        shutdown.clone(),
+                    )
+                    .await;
                     if let Err(e) = &result {
                         tracing::error!(error = %e, "key management entity failed; stopping");
                         shutdown.cancel();
@@ -427,6 +526,8 @@ struct LinkService {
     peer_name: String,
     peer_check: Arc<qkd_tls::verify::PeerCheck>,
     status: Arc<Mutex<AliceStatus>>,
+    /// What a key unit is, to count the units of a committed block.
+    unit: common::telemetry::UnitSize,
 }
 
 impl LinkService {
@@ -454,6 +555,7 @@ impl LinkService {
         A: TryFrom<Response, Error = LinkError>,
     {
         self.authorize(&request)?;
+        self.status.lock().expect("status lock poisoned").last_peer_request_unix_ms = Some(now_unix_ms());
         let (response, event) = self.core.handle(request.into_inner().into()).await?;
         self.record(event);
         Ok(tonic::Response::new(A::try_from(response).map_err(status_from_link_error)?))
@@ -479,11 +581,22 @@ impl LinkService {
                     final_bits = meta.final_bits,
                     "block committed: keys stored as ready"
                 );
-                status.auth_pool_bits = auth.pool_bits;
                 status.auth_alarm = None;
                 status.blocks_committed += 1;
-                status.keys_stored += meta.final_bits / 256;
+                status.keys_stored +=
+                    meta.final_bits.saturating_sub(self.unit.auth_refill_bits) / self.unit.unit_bits.max(1);
                 status.secret_bits += meta.final_bits;
+                status.sifted_bits += meta.n_sifted_bits;
+                status.leak_bits += meta.leak_bits;
+                status.auth_pool_bits = Some(auth.pool_bits);
+                status.last_block = Some(BlockStats {
+                    qber_z: meta.qber_z,
+                    qber_x: meta.qber_x,
+                    phase_error_upper: meta.phase_error_upper,
+                    leak_bits: meta.leak_bits,
+                    final_bits: meta.final_bits,
+                    sifted_bits: meta.n_sifted_bits,
+                });
             }
             AliceEvent::Aborted { block_id, abort, by_bob } => {
                 warn!(
@@ -497,6 +610,7 @@ impl LinkService {
                 if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {
                     status.auth_alarm = Some(abort.to_string());
                 }
+                *status.aborted_by_reason.entry(common::telemetry::reason_label(&abort.reason)).or_default() += 1;
                 status.last_abort_reason =
                     Some(if by_bob { format!("Bob aborted: {abort}") } else { abort.to_string() });
             }
@@ -609,6 +723,9 @@ async fn emit_frames(
                 let (frame, photons) = source.emit();
                 let wire = encode_frame(photons.index, photons.n_pulses, &photons.photons);
                 let n_photons = photons.photons.len() as u64;
+                if let Some(r) = &frame.reading {
+                    status.lock().expect("status lock poisoned").source_reading = Some((r.mu, r.g2));
+                }
                 core.register_frame(
                     frame.index,
                     PreparedFrame { n_pulses: frame.n_pulses, states: frame.states, reading: frame.reading },
@@ -622,8 +739,20 @@ async fn emit_frames(
                     }
                     Ok(Err(e)) => {
                         // Bob closing the fibre is routine (he stops or restarts and reconnects);
-                        // the classical channel reports a link that stays down.
-                        info!(reason = %e, "fibre: receiver disconnected; waiting for it to reconnect");
+                        // the classical channel reports a link that stays down. The OS's words for
+                        // a closed socket ("Broken pipe") read like a failure: said plainly.
+                        let closed = matches!(
+                            &e,
+                            common::fibre::FibreError::Io(io) if matches!(
+                                io.kind(),
+                                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+                            )
+                        );
+                        if closed {
+                            info!("fibre: the receiver closed the fibre; waiting for it to reconnect");
+                        } else {
+                            info!(reason = %e, "fibre: receiver disconnected; waiting for it to reconnect");
+                        }
                         receiver = None;
                         status.fibre_connected = false;
                     }
@@ -657,6 +786,9 @@ async fn run_transmitter(
         };
         match event {
             Ok(Some(TxEvent::Frame(frame))) => {
+                if let Some(r) = &frame.reading {
+                    status.lock().expect("status lock poisoned").source_reading = Some((r.mu, r.g2));
+                }
                 core.register_frame(
                     frame.index,
                     PreparedFrame { n_pulses: frame.n_pulses, states: frame.states, reading: frame.reading },

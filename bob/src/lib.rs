@@ -37,6 +37,10 @@ pub struct BobStatus {
     pub pending_bits: u64,
     /// The last block's outcome.
     pub last_block: Option<BlockReport>,
+    /// The last committed block (not written to the status file: `last_block` has it when it
+    /// is the last).
+    #[serde(skip)]
+    pub last_committed: Option<BlockReport>,
     /// Current uncorrected phase offset of the decoder, radians (simulated receivers only: the
     /// simulation's truth).
     pub phase_error_rad: f64,
@@ -55,11 +59,82 @@ pub struct BobStatus {
     pub store_failure: Option<String>,
     /// The error that ended the last failed session (kept).
     pub last_session_error: Option<String>,
-    /// Unused bits in the authentication key pool (after the last block).
-    pub auth_pool_bits: u64,
     /// Set while no key can be distilled for want of authentication key (the pool is exhausted,
     /// or the two pools differ): what to do. Cleared by the next committed block.
     pub auth_alarm: Option<String>,
+    /// Blocks aborted, by reason (snake case, as the metrics label them).
+    pub aborted_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Bits disclosed by error correction and verification in committed blocks.
+    pub leak_bits: u64,
+    /// Unused bits of the authentication key pool (at start, then after each block).
+    pub auth_pool_bits: Option<u64>,
+    /// The receiver's monitors as last read (about once a second).
+    pub monitors: common::telemetry::DeviceReadings,
+    /// Whether the receiver reports its phase offset (`phase_error_rad` is then its reading).
+    pub phase_reported: bool,
+}
+
+impl BobStatus {
+    /// The status as the telemetry reads it.
+    pub fn snapshot(&self) -> common::telemetry::NodeSnapshot {
+        let state = if self.device_error.is_some() {
+            "device failed"
+        } else if self.connected {
+            "linked"
+        } else {
+            "connecting to Alice"
+        };
+        let last = self.last_block.as_ref();
+        let committed = self.last_committed.as_ref();
+        common::telemetry::NodeSnapshot {
+            state: state.into(),
+            link_up: self.connected,
+            qber_z: last.filter(|b| b.qber_z > 0.0 || b.abort_reason.is_none()).map(|b| b.qber_z),
+            qber_x: last.map(|b| b.qber_x),
+            phase_error_upper: last.filter(|b| b.phase_error_upper > 0.0).map(|b| b.phase_error_upper),
+            reconciliation_efficiency: committed
+                .and_then(|b| common::telemetry::reconciliation_efficiency(b.leak_bits, b.n_bits, b.qber_z)),
+            detections: Some(self.total.detections),
+            sifted_bits: self.total.sifted_bits,
+            secret_bits: self.total.secret_bits,
+            leak_bits: self.leak_bits,
+            blocks_committed: self.total.blocks_committed,
+            blocks_aborted: self.aborted_by_reason.clone(),
+            frames: self.total.frames,
+            frames_dropped: self.total.frames_dropped,
+            frames_missed: None,
+            sessions: Some(self.sessions),
+            phase_offset_rad: self.phase_reported.then_some(self.phase_error_rad),
+            auth_pool_bits: self.auth_pool_bits,
+            device: self.monitors.clone(),
+        }
+    }
+}
+
+/// The receiver's monitor readings as the telemetry keeps them.
+fn device_readings(m: &qkd_device::Monitors, last_block: Option<&BlockReport>) -> common::telemetry::DeviceReadings {
+    use qkd_device::LockState;
+    let locks = [("reference_clock", m.reference_clock), ("sync", m.sync), ("phase", m.phase)]
+        .into_iter()
+        .filter_map(|(name, state)| match state {
+            LockState::Locked => Some((name.to_string(), true)),
+            LockState::Unlocked => Some((name.to_string(), false)),
+            _ => None,
+        })
+        .collect();
+    // Bob's receiver has no source monitor: the source's readings are those of the last block.
+    let source = m
+        .source
+        .as_ref()
+        .map(|r| (r.mu, r.g2))
+        .or_else(|| last_block.filter(|b| b.monitor_mu > 0.0).map(|b| (b.monitor_mu, b.monitor_g2)));
+    common::telemetry::DeviceReadings {
+        source_mu: source.map(|s| s.0),
+        source_g2: source.map(|s| s.1),
+        count_rates: m.rates.clone(),
+        temperatures: m.temperatures.clone(),
+        locks,
+    }
 }
 
 /// Loads `config` (with `data_dir` overriding its data directory) and runs until SIGINT or
@@ -100,11 +175,26 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         status.clone(),
         shutdown.clone(),
     ));
+    let telemetry = {
+        let status = status.clone();
+        let capacity = (cfg.max_stored_units > 0).then_some(cfg.max_stored_units);
+        common::telemetry::Telemetry::new(
+            &cfg.node_id,
+            "bob",
+            move || status.lock().expect("status lock poisoned").snapshot(),
+            store.clone(),
+            common::telemetry::UnitSize {
+                unit_bits: u64::from(cfg.protocol.key_unit_bits),
+                auth_refill_bits: cfg.protocol.auth_refill_bits,
+            },
+            capacity,
+        )
+    };
     let health = common::service::Health::default();
     if let Some(addr) = cfg.health_listen {
-        let (health, shutdown) = (health.clone(), shutdown.clone());
+        let (health, shutdown, telemetry) = (health.clone(), shutdown.clone(), telemetry.clone());
         tokio::spawn(async move {
-            if let Err(e) = common::service::serve_health(addr, health, shutdown).await {
+            if let Err(e) = common::service::serve_health(addr, health, Some(telemetry), shutdown).await {
                 warn!(error = %e, "health endpoint failed");
             }
         });
@@ -113,9 +203,18 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     let kme = cfg.kme.clone().map(|mut kme_cfg| {
         kme_cfg.audit_log.get_or_insert_with(|| cfg.data_dir.join(AUDIT_LOG));
         let (tls, store, shutdown) = (tls.clone(), store.clone(), shutdown.clone());
+        let recorder = telemetry.recorder();
         tokio::spawn(async move {
-            let result =
-                qkd_kme::run_kme(&kme_cfg, qkd_kme::KmeSide::Bob, &tls, store, simulated, shutdown.clone()).await;
+            let result = qkd_kme::run_kme(
+                &kme_cfg,
+                qkd_kme::KmeSide::Bob,
+                &tls,
+                store,
+                simulated,
+                Some(recorder),
+                shutdown.clone(),
+            )
+            .await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "key management entity failed; stopping");
                 shutdown.cancel();
@@ -132,7 +231,7 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
         "bob started"
     );
     let auth = common::auth_pool::open_node_pool(&cfg.data_dir)?;
-    status.lock().expect("status lock poisoned").auth_pool_bits = auth.available_bits().unwrap_or(0);
+    status.lock().expect("status lock poisoned").auth_pool_bits = auth.available_bits().ok();
     let (events_tx, mut events) = mpsc::channel(RX_QUEUE_FRAMES);
     let (reports, reports_rx) = mpsc::unbounded_channel();
     let receiver_task = tokio::spawn(run_receiver(device, events_tx, reports_rx, status.clone(), shutdown.clone()));
@@ -196,7 +295,15 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
                 if committed {
                     backoff = min_backoff;
                 }
-                warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "link down; reconnecting");
+                // Before the first session, Alice not listening yet is how a pair starts (she may
+                // start after Bob): not a failure worth a warning.
+                let never_linked = status.lock().expect("status lock poisoned").sessions == 0;
+                if never_linked {
+                    tracing::debug!(reason = %format!("{e:#}"), "first connection to Alice failed");
+                    info!(retry_in_ms = backoff.as_millis() as u64, "Alice not reachable yet; retrying");
+                } else {
+                    warn!(error = %format!("{e:#}"), retry_in_ms = backoff.as_millis() as u64, "link down; reconnecting");
+                }
                 {
                     let mut s = status.lock().expect("status lock poisoned");
                     s.last_error = Some(format!("{e:#}"));
@@ -287,9 +394,12 @@ async fn run_receiver(
             last_monitors = std::time::Instant::now();
             match device.monitors().await {
                 Ok(m) => {
+                    let mut status = status.lock().expect("status lock poisoned");
                     if let Some(phase) = m.phase_error_rad {
-                        status.lock().expect("status lock poisoned").phase_error_rad = phase;
+                        status.phase_error_rad = phase;
+                        status.phase_reported = true;
                     }
+                    status.monitors = device_readings(&m, status.last_block.as_ref());
                 }
                 Err(e) => warn!(error = %e, "device: reading the monitors failed"),
             }
@@ -406,20 +516,24 @@ async fn session(
         add_counters(&mut s.total, &bob.counters, &last);
         last = bob.counters.clone();
         s.pending_bits = bob.pending_bits();
-        if let Some(report) = &report {
-            s.auth_pool_bits = report.auth.pool_bits;
+        if let Some(report) = report {
             match &report.abort_reason {
-                None => s.auth_alarm = None,
-                Some(abort)
-                    if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) =>
-                {
-                    s.auth_alarm = Some(abort.to_string());
+                Some(abort) => {
+                    *s.aborted_by_reason.entry(common::telemetry::reason_label(&abort.reason)).or_default() += 1;
+                    if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {
+                        s.auth_alarm = Some(abort.to_string());
+                    }
                 }
-                Some(_) => {}
+                None => {
+                    s.leak_bits += report.leak_bits;
+                    s.last_committed = Some(report.clone());
+                    s.auth_alarm = None;
+                }
             }
-        }
-        if report.is_some() {
-            s.last_block = report;
+            if report.auth.pool_bits > 0 || report.abort_reason.is_none() {
+                s.auth_pool_bits = Some(report.auth.pool_bits);
+            }
+            s.last_block = Some(report);
         }
     };
     reader_stop.cancel();

@@ -13,7 +13,9 @@
 //! * [`grpc`]: the gRPC status of each link error and back.
 //! * [`device`]: the quantum devices (`qkd-device` drivers) as `[device]` chooses them.
 //! * [`fibre`]: the simulated fibre's frames as a byte stream.
-//! * [`logging`], [`service`], [`status`]: logs, systemd notification, the status file.
+//! * [`logging`], [`service`], [`status`]: logs, systemd notification and the health listener,
+//!   the status file.
+//! * [`telemetry`]: Prometheus metrics, the status page's history, `qkdctl status`'s state.
 
 pub mod auth_pool;
 pub mod config;
@@ -23,6 +25,7 @@ pub mod grpc;
 pub mod logging;
 pub mod service;
 pub mod status;
+pub mod telemetry;
 
 #[cfg(test)]
 mod link_tests;

@@ -88,13 +88,24 @@ impl Health {
     }
 }
 
-/// Serves `GET /healthz` (200 while the process runs) and `GET /readyz` (200 when ready, 503
-/// otherwise) over plain HTTP on `addr`, until `shutdown`.
-pub async fn serve_health(addr: SocketAddr, health: Health, shutdown: CancellationToken) -> std::io::Result<()> {
-    use axum::http::StatusCode;
+/// The status page (`GET /`): plots drawn by its own script from `/status/history.json`.
+const STATUS_PAGE: &str = include_str!("status_page.html");
+
+/// Serves over plain HTTP on `addr`, until `shutdown`: `GET /healthz` (200 while the process
+/// runs), `GET /readyz` (200 when ready, 503 otherwise) and, with `telemetry`, `GET /metrics`
+/// (Prometheus text format), `GET /` (the live status page), `GET /status.json` (the current
+/// state, `qkdctl status`) and `GET /status/history.json` (the last hour, one sample every
+/// [`crate::telemetry::SAMPLE_PERIOD`]). Nothing served here holds key material.
+pub async fn serve_health(
+    addr: SocketAddr,
+    health: Health,
+    telemetry: Option<Arc<crate::telemetry::Telemetry>>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    use axum::http::{StatusCode, header};
     use axum::routing::get;
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    let app = axum::Router::new().route("/healthz", get(|| async { (StatusCode::OK, "live\n") })).route(
+    let mut app = axum::Router::new().route("/healthz", get(|| async { (StatusCode::OK, "live\n") })).route(
         "/readyz",
         get(move || {
             let health = health.clone();
@@ -107,6 +118,44 @@ pub async fn serve_health(addr: SocketAddr, health: Health, shutdown: Cancellati
             }
         }),
     );
-    info!(%addr, "health endpoint listening (GET /healthz, /readyz)");
+    if let Some(telemetry) = telemetry {
+        tokio::spawn(telemetry.clone().run_sampler(shutdown.clone()));
+        let (t1, t2, t3) = (telemetry.clone(), telemetry.clone(), telemetry);
+        app = app
+            .route(
+                "/metrics",
+                get(move || {
+                    let t = t1.clone();
+                    async move {
+                        let text = tokio::task::spawn_blocking(move || t.render()).await.unwrap_or_default();
+                        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], text)
+                    }
+                }),
+            )
+            .route("/status.json", get(move || std::future::ready(axum::Json(t2.status()))))
+            .route(
+                "/status/history.json",
+                get(move || {
+                    let t = t3.clone();
+                    async move { axum::Json(serde_json::to_value(t.history()).unwrap_or_default()) }
+                }),
+            )
+            .route(
+                "/",
+                get(|| async {
+                    (
+                        [
+                            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+                            (
+                                header::CONTENT_SECURITY_POLICY,
+                                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+                            ),
+                        ],
+                        STATUS_PAGE,
+                    )
+                }),
+            );
+    }
+    info!(%addr, "health endpoint listening (GET /healthz, /readyz, /metrics, / status page)");
     axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await
 }

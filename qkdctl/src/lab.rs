@@ -257,6 +257,9 @@ pub fn run(args: LabArgs) -> anyhow::Result<()> {
     children.0.push(("bob", spawn("bob", &bob_cfg, &dir.join("logs/bob.log"))?));
     let pids: Vec<String> = children.0.iter().map(|(name, c)| format!("{name} pid {}", c.id())).collect();
     println!("lab: {}; logs in {}/logs; Ctrl-C to stop", pids.join(", "), dir.display());
+    if let Some(pages) = status_pages(&dir) {
+        println!("lab: status pages {pages}; `qkdctl status --dir {}` for one line per daemon", dir.display());
+    }
     println!(
         "lab: the quantum channel is SIMULATED ({}): keys are marked simulated, and the lab's KMEs serve them \
          because their configs set allow_simulated_keys = true",
@@ -321,7 +324,7 @@ fn progress(dir: &Path, elapsed: Duration, dt: f64, last_detections: u64) -> u64
     let pct = |x: Option<f64>| x.map_or("  -  ".to_string(), |x| format!("{:.2}%", 100.0 * x));
     let secret_bits = n(&total["secret_bits"]);
     println!(
-        "[{:>5.0}s] {} | detections {:>8.0}/s | QBER Z {} X {} | blocks {} ok, {} aborted | keys {} | secret key rate {:.0} bit/s",
+        "[{:>5.0}s] {} | detections {:>8.0}/s | QBER Z {} X {} (last block) | blocks {} ok, {} aborted | stored {} key units | secret key {:.0} bit/s (mean since start)",
         elapsed.as_secs_f64(),
         if bob["connected"].as_bool() == Some(true) { "linked " } else { "waiting" },
         (detections.saturating_sub(last_detections)) as f64 / dt,
@@ -336,6 +339,17 @@ fn progress(dir: &Path, elapsed: Duration, dt: f64, last_detections: u64) -> u64
         println!("          last block aborted: {reason}");
     }
     detections
+}
+
+/// The daemons' status pages, from `lab.json` (a lab made by an older qkdctl has none).
+fn status_pages(dir: &Path) -> Option<String> {
+    let lab: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("lab.json")).ok()?).ok()?;
+    let pages: Vec<String> = lab["daemons"]
+        .as_array()?
+        .iter()
+        .filter_map(|d| Some(format!("{} {}", d["node"].as_str()?, d["status_page"].as_str()?)))
+        .collect();
+    (!pages.is_empty()).then(|| pages.join(", "))
 }
 
 fn free_port() -> anyhow::Result<u16> {
@@ -382,6 +396,7 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
         }
     };
     let (etsi_a, etsi_b, peer_a, peer_b) = (free_port()?, free_port()?, free_port()?, free_port()?);
+    let (health_a, health_b) = (free_port()?, free_port()?);
     let distance = args.distance_km.map_or(String::new(), |d| format!("distance_km = {d}\n"));
     let shared = format!(
         "# The physical link model (a preset from presets/, or `file = \"my-link.toml\"`).\n\
@@ -425,7 +440,9 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
     };
     let alice = format!(
         "# Alice (transmitter) of the qkdctl lab. Relative paths are relative to this file.\n\
-         node_id = \"alice\"\n# Key store and status file.\ndata_dir = \"alice\"\n\n\
+         node_id = \"alice\"\n# Key store and status file.\ndata_dir = \"alice\"\n\
+         # Plain HTTP: /healthz, /readyz, /metrics (Prometheus), / (the status page).\n\
+         health_listen = \"127.0.0.1:{health_a}\"\n\n\
          # The key store's key-encryption key (KEK): it seals every stored key; made by the lab\n\
          # (`qkdctl store kek --out FILE`), kept outside the data directory.\n\
          [store]\nkek_file = \"keks/alice.kek\"\n\n\
@@ -437,6 +454,8 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
     let bob = format!(
         "# Bob (receiver) of the qkdctl lab. Relative paths are relative to this file.\n\
          node_id = \"bob\"\n# Key store and status file.\ndata_dir = \"bob\"\n\
+         # Plain HTTP: /healthz, /readyz, /metrics (Prometheus), / (the status page).\n\
+         health_listen = \"127.0.0.1:{health_b}\"\n\
          # Most 256-bit key units the store may hold (0: no limit); while it is full, new blocks are\n\
          # aborted (\"key store is full\") until applications fetch keys.\nmax_stored_units = {max_units}\n\n\
          # The key store's key-encryption key (KEK): it seals every stored key; made by the lab\n\
@@ -475,6 +494,12 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
             { "kme_id": "bob-kme", "etsi_addr": format!("127.0.0.1:{etsi_b}") },
         ],
         "saes": [sae("app-a", "alice-kme"), sae("app-b", "bob-kme")],
+        "daemons": [
+            { "node": "alice", "health_addr": format!("127.0.0.1:{health_a}"),
+              "status_page": format!("http://127.0.0.1:{health_a}/"), "log": dir.join("logs/alice.log") },
+            { "node": "bob", "health_addr": format!("127.0.0.1:{health_b}"),
+              "status_page": format!("http://127.0.0.1:{health_b}/"), "log": dir.join("logs/bob.log") },
+        ],
     });
     let path = dir.join("lab.json");
     std::fs::write(&path, serde_json::to_string_pretty(&lab_json)?)
@@ -482,15 +507,23 @@ fn write_configs(dir: &Path, pki: &LabPki, args: &mut LabSettings) -> anyhow::Re
     Ok(())
 }
 
-/// Records in `lab.json` whether the lab is running (`"running"`, and the PID of `qkdctl lab` while
-/// it runs), so that scripts can tell a stopped lab's addresses from a live one's.
+/// Records in `lab.json` whether the lab is running (`"running"`, the PID of `qkdctl lab` while
+/// it runs, `started_unix_s`, and `stopped_unix_s` once it stopped), so that scripts can tell a
+/// stopped lab's addresses from a live one's.
 fn mark_running(dir: &Path, running: bool) -> anyhow::Result<()> {
     let path = dir.join("lab.json");
     let text = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let mut lab: serde_json::Value =
         serde_json::from_slice(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
     lab["running"] = serde_json::Value::Bool(running);
     lab["pid"] = if running { serde_json::json!(std::process::id()) } else { serde_json::Value::Null };
+    if running {
+        lab["started_unix_s"] = serde_json::json!(now);
+        lab["stopped_unix_s"] = serde_json::Value::Null;
+    } else {
+        lab["stopped_unix_s"] = serde_json::json!(now);
+    }
     std::fs::write(&path, serde_json::to_string_pretty(&lab)?).with_context(|| format!("writing {}", path.display()))
 }
 

@@ -14,6 +14,7 @@ mod lab;
 mod pki;
 mod plot;
 mod simulate;
+mod status;
 mod store;
 
 /// Operator tool of the QKD link: run a local lab, inspect key stores.
@@ -30,6 +31,9 @@ enum Command {
     /// Ctrl-C (or --duration-s). Creates a throw-away PKI, configs and stores in --dir, and
     /// reuses them on the next run.
     Lab(lab::LabArgs),
+    /// One line per running daemon: state, QBER, secret key rate, authentication pool, store
+    /// (from the daemons' health listeners: --addr, or the lab in --dir).
+    Status(status::StatusArgs),
     /// Run a daemon in this process (used by `lab`, which starts Alice and Bob as two processes
     /// of this same executable; deployments use the `alice` and `bob` binaries).
     #[command(hide = true)]
@@ -185,6 +189,10 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Lab(args) => lab::run(args),
+        Command::Status(args) => match status::run(args) {
+            Ok(code) => return code,
+            Err(e) => Err(e),
+        },
         Command::Pki { command } => pki::run(command),
         Command::Keys { command } => keys::run(command),
         Command::DemoApp(args) => demo::run(args),

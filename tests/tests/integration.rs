@@ -11,6 +11,7 @@ mod device;
 mod etsi;
 mod lab;
 mod link;
+mod ops;
 mod pki;
 mod service;
 mod sim;

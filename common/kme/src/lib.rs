@@ -33,7 +33,7 @@ pub use config::{KmeConfig, KmeConfigError, KmeSettings, SaeEntry};
 pub use identity::{IdentitySource, KmeId, KmeSide, SaeId};
 pub use peer::{CancelError, CancelOutcome, CancelRequest, GrpcPeer, ReserveError, ReservePeer, ReserveRequest};
 pub use pool::KmeState;
-pub use server::serve_etsi;
+pub use server::{SharedRecorder, serve_etsi};
 
 use qkd_store::SledStore;
 use qkd_tls::{TlsError, TlsMaterial};
@@ -73,13 +73,16 @@ pub enum KmeError {
 /// `cfg.peer_listen` (KME-to-KME gRPC), then as [`run_kme_with_listeners`].
 ///
 /// `simulated`: the link feeding `store` runs on a simulated quantum channel (see
-/// [`KmeState::set_channel_simulated`]).
+/// [`KmeState::set_channel_simulated`]). `metrics`: the daemon's recorder, for the HTTPS
+/// server's request counts and latencies ([`KmeState::set_metrics_recorder`]).
+#[allow(clippy::too_many_arguments)]
 pub async fn run_kme(
     cfg: &KmeConfig,
     side: KmeSide,
     node_tls: &TlsMaterial,
     store: Arc<SledStore>,
     simulated: bool,
+    metrics: Option<SharedRecorder>,
     shutdown: CancellationToken,
 ) -> Result<(), KmeError> {
     let bind = |addr: SocketAddr| async move {
@@ -87,7 +90,7 @@ pub async fn run_kme(
     };
     let https = bind(cfg.listen).await?;
     let peer = bind(cfg.peer_listen).await?;
-    run_kme_with_listeners(cfg, side, node_tls, store, https, peer, simulated, shutdown).await
+    run_kme_with_listeners(cfg, side, node_tls, store, https, peer, simulated, metrics, shutdown).await
 }
 
 /// Runs the KME on bound listeners until `shutdown`: the ETSI HTTPS server on `https_listener`
@@ -105,6 +108,7 @@ pub async fn run_kme_with_listeners(
     https_listener: TcpListener,
     peer_listener: TcpListener,
     simulated: bool,
+    metrics: Option<SharedRecorder>,
     shutdown: CancellationToken,
 ) -> Result<(), KmeError> {
     let settings = cfg.settings()?;
@@ -112,6 +116,9 @@ pub async fn run_kme_with_listeners(
     let peer = GrpcPeer::connect_lazy(&cfg.peer_addr, &cfg.peer_name, node_tls, settings.peer_timeout)?;
     let state = KmeState::new(settings, side, store, Arc::new(peer));
     state.set_channel_simulated(simulated);
+    if let Some(recorder) = metrics {
+        state.set_metrics_recorder(recorder);
+    }
     match &cfg.audit_log {
         Some(path) => {
             let log = audit::AuditLog::open(path).map_err(|e| KmeError::Audit(e.to_string()))?;

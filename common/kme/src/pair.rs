@@ -271,7 +271,9 @@ impl KmePair {
             let (addr, peer_addr) = (local(&https)?, local(&peer)?);
             let task = tokio::spawn({
                 let (store, shutdown, node) = (store.clone(), shutdown.clone(), node.clone());
-                async move { crate::run_kme_with_listeners(&cfg, side, &node, store, https, peer, true, shutdown).await }
+                async move {
+                    crate::run_kme_with_listeners(&cfg, side, &node, store, https, peer, true, None, shutdown).await
+                }
             });
             Ok::<_, PairError>(RunningKme { addr, peer_addr, store, node, shutdown, task })
         };

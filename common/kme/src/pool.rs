@@ -91,6 +91,8 @@ struct Inner {
     simulated: AtomicBool,
     /// The delivery audit log ([`KmeState::set_audit_log`]).
     audit: std::sync::OnceLock<AuditLog>,
+    /// Where the HTTPS server's request metrics go ([`KmeState::set_metrics_recorder`]).
+    metrics: std::sync::OnceLock<crate::server::SharedRecorder>,
 }
 
 /// A Get key that passed every check: who, how many, how big.
@@ -128,6 +130,7 @@ impl KmeState {
                 shutdown: CancellationToken::new(),
                 simulated: AtomicBool::new(holds_simulated),
                 audit: std::sync::OnceLock::new(),
+                metrics: std::sync::OnceLock::new(),
             }),
         }
     }
@@ -137,6 +140,18 @@ impl KmeState {
     /// [`KmeState::serves_simulated_keys`]). Once simulated, always: the store keeps the keys.
     pub fn set_channel_simulated(&self, simulated: bool) {
         self.inner.simulated.fetch_or(simulated, Ordering::SeqCst);
+    }
+
+    /// Counts the HTTPS server's requests (by endpoint, method and status) and their latencies in
+    /// `recorder` from now on: the daemon's own recorder, so that two KMEs in one process keep
+    /// separate counts. Without one, nothing is counted.
+    pub fn set_metrics_recorder(&self, recorder: crate::server::SharedRecorder) {
+        let _ = self.inner.metrics.set(recorder);
+    }
+
+    /// The recorder set by [`KmeState::set_metrics_recorder`], if any.
+    pub fn metrics_recorder(&self) -> Option<&crate::server::SharedRecorder> {
+        self.inner.metrics.get()
     }
 
     /// Records every delivery in `log` from now on, and refuses deliveries it cannot record.

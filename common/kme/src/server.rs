@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, ExtensionRejection, PathRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Path, Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -59,6 +59,12 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Time open connections get to finish their requests at shutdown.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A metrics recorder shared with the daemon that renders it (its `/metrics`).
+pub type SharedRecorder = Arc<dyn metrics::Recorder + Send + Sync>;
+
+/// Upper bounds of the request-latency histogram's buckets, seconds.
+pub const LATENCY_BUCKETS_S: [f64; 12] = [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5];
+
 /// The caller of a request: the SAE ID read from its client certificate, if any could be read.
 #[derive(Clone, Debug)]
 pub struct Caller(pub Option<SaeId>);
@@ -82,7 +88,49 @@ pub fn router(state: KmeState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// The endpoint a request reached, named for the metrics' `endpoint` label (a fixed set: the
+/// SAE IDs of the path never become label values).
+fn endpoint_name(matched: Option<&MatchedPath>) -> &'static str {
+    match matched.map(MatchedPath::as_str) {
+        Some(STATUS_PATH) => "status",
+        Some(ENC_KEYS_PATH) => "enc_keys",
+        Some(DEC_KEYS_PATH) => "dec_keys",
+        Some(OPENAPI_PATH) => "openapi",
+        _ => "other",
+    }
+}
+
+/// Middleware of every route: counts the request by endpoint, method and status
+/// (`qkd_etsi_requests_total`) and records its latency (`qkd_etsi_request_duration_seconds`) in
+/// the KME's recorder, if it has one. Only the route template and the status code are recorded.
+async fn observe(
+    State(state): State<KmeState>,
+    matched: Option<MatchedPath>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let start = std::time::Instant::now();
+    let endpoint = endpoint_name(matched.as_ref());
+    let method = match *request.method() {
+        axum::http::Method::GET => "GET",
+        axum::http::Method::POST => "POST",
+        _ => "other",
+    };
+    let response = next.run(request).await;
+    if let Some(recorder) = state.metrics_recorder() {
+        let status = response.status().as_u16().to_string();
+        let elapsed = start.elapsed().as_secs_f64();
+        metrics::with_local_recorder(recorder.as_ref(), || {
+            metrics::counter!("qkd_etsi_requests_total", "endpoint" => endpoint, "method" => method, "status" => status)
+                .increment(1);
+            metrics::histogram!("qkd_etsi_request_duration_seconds", "endpoint" => endpoint).record(elapsed);
+        });
+    }
+    response
 }
 
 /// Serves the API on `listener` until `shutdown`, then lets open connections finish (up to
