@@ -70,6 +70,9 @@ pub struct AliceStatus {
     pub leak_bits: u64,
     /// The last committed block's statistics.
     pub last_block: Option<BlockStats>,
+    /// The last block aborted and its reason's label (not in the status file).
+    #[serde(skip)]
+    pub last_aborted: Option<(String, String)>,
     /// Blocks aborted, by reason (snake case, as the metrics label them).
     pub aborted_by_reason: std::collections::BTreeMap<String, u64>,
     /// Unused bits of the authentication key pool (at start, then after each committed block).
@@ -606,11 +609,22 @@ impl LinkService {
                     by_bob,
                     "block aborted: no key stored"
                 );
-                status.blocks_aborted += 1;
                 if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {
                     status.auth_alarm = Some(abort.to_string());
                 }
-                *status.aborted_by_reason.entry(common::telemetry::reason_label(&abort.reason)).or_default() += 1;
+                let label = common::telemetry::reason_label(&abort.reason);
+                match status.last_aborted.take() {
+                    // The same block again: Bob found Alice's abort answer altered (its tag does not
+                    // match), so its reason becomes his; counted once.
+                    Some((id, previous)) if id == block_id.to_string() => {
+                        if let Some(count) = status.aborted_by_reason.get_mut(&previous) {
+                            *count = count.saturating_sub(1);
+                        }
+                    }
+                    _ => status.blocks_aborted += 1,
+                }
+                *status.aborted_by_reason.entry(label.clone()).or_default() += 1;
+                status.last_aborted = Some((block_id.to_string(), label));
                 status.last_abort_reason =
                     Some(if by_bob { format!("Bob aborted: {abort}") } else { abort.to_string() });
             }

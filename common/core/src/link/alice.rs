@@ -582,8 +582,15 @@ impl AliceCore {
         let length = match outcome {
             Ok(length) => length,
             Err(abort) => {
+                // Her tag on the abort too, over the transcript with this answer (tag field
+                // empty): Bob tells an altered transcript (an authentication failure) from a block
+                // that truly failed. The block's pads were spent at StartBlock either way.
+                let mut response = AmplifyResponse { abort: Some(abort.to_wire()), ..Default::default() };
+                block.transcript.absorb("Amplify", req, &response);
+                if !block.transcript.too_long() {
+                    response.alice_tag = block.auth.tag(Direction::AliceToBob, block.transcript.bytes()).to_vec();
+                }
                 remove_block(session, block_id);
-                let response = AmplifyResponse { abort: Some(abort.to_wire()), ..Default::default() };
                 return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
             }
         };

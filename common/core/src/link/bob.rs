@@ -480,15 +480,34 @@ impl<P: LinkPeer> BobLink<P> {
 
         let req = AmplifyRequest { block_id: started.block_id.clone(), verified };
         let mut amplify = self.peer.amplify(req.clone()).await?;
+        // Alice's tag, before anything else of her answer is used (an abort carries one too).
+        let alice_tag = std::mem::take(&mut amplify.alice_tag);
+        transcript.absorb("Amplify", &req, &amplify);
+        let authentic = !transcript.too_long() && auth.verify(Direction::AliceToBob, transcript.bytes(), &alice_tag);
         if let Some(abort) = &amplify.abort {
-            report.abort_reason = Some(Abort::from_wire(abort));
+            let abort = Abort::from_wire(abort);
+            if authentic || abort.reason == AbortReason::AuthenticationFailed {
+                report.abort_reason = Some(abort);
+            } else {
+                // The block failed because its transcript was altered, not because the channel
+                // did: said so at both ends (Alice's abort is replaced by this reason), and the
+                // hash key is replaced.
+                retire_hash_key(self.auth.as_ref(), auth.key_offset)?;
+                let abort = Abort::new(
+                    AbortReason::AuthenticationFailed,
+                    format!(
+                        "Alice aborted the block ({abort}), and her tag does not match Bob's transcript: a message \
+                         was altered; the hash key is replaced"
+                    ),
+                );
+                tracing::warn!(block = %block_id, "{abort}");
+                self.abort(&started.block_id, &abort).await?;
+                report.abort_reason = Some(abort);
+            }
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
-        // Alice's tag, before anything else of her answer is used.
-        let alice_tag = std::mem::take(&mut amplify.alice_tag);
-        transcript.absorb("Amplify", &req, &amplify);
-        if transcript.too_long() || !auth.verify(Direction::AliceToBob, transcript.bytes(), &alice_tag) {
+        if !authentic {
             retire_hash_key(self.auth.as_ref(), auth.key_offset)?;
             let abort = Abort::new(
                 AbortReason::AuthenticationFailed,
