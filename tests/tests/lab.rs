@@ -51,6 +51,21 @@ fn bad_flags_are_refused_before_anything_is_written() {
     }
 }
 
+/// An error names the path it failed on: a lab directory that cannot be made (its parent is a
+/// file) is refused with that path, and the file is left as it was.
+#[test]
+fn a_directory_that_cannot_be_made_is_named_in_the_error() {
+    let root = tests::TempDir::new("lab-path");
+    let file = root.0.join("not-a-directory");
+    std::fs::write(&file, b"a file").unwrap();
+    let dir = file.join("lab");
+    let out = lab(&dir, &["--duration-s", "1"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "accepted: {stderr}");
+    assert!(stderr.contains(&dir.display().to_string()) && stderr.contains("Not a directory"), "{stderr}");
+    assert_eq!(std::fs::read(&file).unwrap(), b"a file");
+}
+
 #[test]
 fn an_existing_lab_refuses_other_settings_and_a_second_lab_on_it() {
     let root = tests::TempDir::new("lab-reuse");
