@@ -440,14 +440,27 @@ impl<P: LinkPeer> BobLink<P> {
             // Answers that contradict each other (a channel far noisier than the estimate, or
             // altered messages) would keep Cascade searching: it stops once it has disclosed as
             // many bits as the block holds, which leaves no key anyway.
-            let abort = Abort::new(
+            let gave_up = Abort::new(
                 AbortReason::NoSecretKey,
                 format!(
                     "error correction disclosed more than the block's {} bits; no key can remain",
                     stats.n_key_bits
                 ),
             );
-            self.abort(&started.block_id, &abort).await?;
+            // Verify and Amplify (not verified) all the same: Alice's tagged abort tells a noisy
+            // channel from altered answers.
+            let req = VerifyRequest { block_id: started.block_id.clone(), n_corrected: stats.n_key_bits };
+            let verify = self.peer.verify(req.clone()).await?;
+            transcript.absorb("Verify", &req, &verify);
+            let req = AmplifyRequest { block_id: started.block_id.clone(), verified: false };
+            let mut amplify = self.peer.amplify(req.clone()).await?;
+            let alice_tag = std::mem::take(&mut amplify.alice_tag);
+            transcript.absorb("Amplify", &req, &amplify);
+            let authentic =
+                !transcript.too_long() && auth.verify(Direction::AliceToBob, transcript.bytes(), &alice_tag);
+            let alice = amplify.abort.as_ref().map_or(gave_up.clone(), Abort::from_wire);
+            let abort =
+                self.attribute_abort(&started.block_id, auth.key_offset, authentic, alice, Some(gave_up)).await?;
             report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
@@ -486,24 +499,8 @@ impl<P: LinkPeer> BobLink<P> {
         let authentic = !transcript.too_long() && auth.verify(Direction::AliceToBob, transcript.bytes(), &alice_tag);
         if let Some(abort) = &amplify.abort {
             let abort = Abort::from_wire(abort);
-            if authentic || abort.reason == AbortReason::AuthenticationFailed {
-                report.abort_reason = Some(abort);
-            } else {
-                // The block failed because its transcript was altered, not because the channel
-                // did: said so at both ends (Alice's abort is replaced by this reason), and the
-                // hash key is replaced.
-                retire_hash_key(self.auth.as_ref(), auth.key_offset)?;
-                let abort = Abort::new(
-                    AbortReason::AuthenticationFailed,
-                    format!(
-                        "Alice aborted the block ({abort}), and her tag does not match Bob's transcript: a message \
-                         was altered; the hash key is replaced"
-                    ),
-                );
-                tracing::warn!(block = %block_id, "{abort}");
-                self.abort(&started.block_id, &abort).await?;
-                report.abort_reason = Some(abort);
-            }
+            let abort = self.attribute_abort(&started.block_id, auth.key_offset, authentic, abort, None).await?;
+            report.abort_reason = Some(abort);
             self.counters.blocks_aborted += 1;
             return Ok(report);
         }
@@ -593,6 +590,38 @@ impl<P: LinkPeer> BobLink<P> {
         self.counters.keys_stored += report.n_keys;
         self.counters.secret_bits += report.final_bits;
         Ok(report)
+    }
+
+    /// Alice aborted the block in her Amplify answer (`alice`): with her tag matching Bob's
+    /// transcript (`authentic`) the block truly failed, for Bob's own reason if he has one (`own`,
+    /// told to Alice) or hers; otherwise a message was altered, and the block is named an
+    /// authentication failure at both ends and the hash key replaced.
+    async fn attribute_abort(
+        &mut self,
+        block_id: &str,
+        key_offset: u64,
+        authentic: bool,
+        alice: Abort,
+        own: Option<Abort>,
+    ) -> Result<Abort, LinkError> {
+        if authentic || alice.reason == AbortReason::AuthenticationFailed {
+            if let Some(own) = own {
+                self.abort(block_id, &own).await?;
+                return Ok(own);
+            }
+            return Ok(alice);
+        }
+        retire_hash_key(self.auth.as_ref(), key_offset)?;
+        let abort = Abort::new(
+            AbortReason::AuthenticationFailed,
+            format!(
+                "Alice aborted the block ({alice}), and her tag does not match Bob's transcript: a message was \
+                 altered; the hash key is replaced"
+            ),
+        );
+        tracing::warn!(block = %block_id, "{abort}");
+        self.abort(block_id, &abort).await?;
+        Ok(abort)
     }
 
     /// Cascade over the block's frames, all frames' queries in each round trip.

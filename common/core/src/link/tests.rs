@@ -804,12 +804,6 @@ fn a_flipped_bit_in_any_message_of_a_block_stores_no_key_at_either_end() {
                         Outcome::Aborted(AbortReason::AuthenticationFailed) => {
                             *auth_failures.entry((name, way)).or_default() += 1;
                         }
-                        // Cascade gave up on contradicting answers before any tag was exchanged.
-                        // (A block that Alice aborts at Amplify, after error correction ran on
-                        // altered data, carries her tag: the failure is named an authentication
-                        // failure, as above.)
-                        Outcome::Aborted(AbortReason::NoSecretKey)
-                            if ["Parities", "Syndromes", "Reveal", "StartBlock"].contains(&name) => {}
                         Outcome::Aborted(reason) => panic!("{case}: aborted for {reason}"),
                         Outcome::Failed(e) => {
                             let authenticated = e.contains("authentication failed");
