@@ -406,13 +406,41 @@ impl AliceCore {
         let auth_pool = self.auth.clone();
         let session = session_mut(&mut self.session, &req.session_id)?;
         if req.n_bits != session.acc_bits.len() as u64 || req.n_frames != session.acc_frames {
-            return Err(LinkError::State(format!(
-                "block boundary differs: Bob has {} bits from {} frames, Alice {} bits from {} frames",
-                req.n_bits,
-                req.n_frames,
-                session.acc_bits.len(),
-                session.acc_frames
-            )));
+            let abort = Abort::new(
+                AbortReason::TranscriptMismatch,
+                format!(
+                    "block boundary differs: Bob has {} bits from {} frames, Alice {} bits from {} frames",
+                    req.n_bits,
+                    req.n_frames,
+                    session.acc_bits.len(),
+                    session.acc_frames
+                ),
+            );
+            // The sifted data since the last block is dropped; the refusal is tagged over it, so
+            // that Bob tells altered Sift messages from honest ends that disagree.
+            let mut transcript = std::mem::take(&mut session.acc_transcript);
+            session.acc_bits = BitVec::new();
+            session.acc_counts = XCounts::default();
+            session.acc_pulses = 0;
+            session.acc_frames = 0;
+            session.acc_monitor = SourceMonitor::default();
+            let mut response = StartBlockResponse {
+                block_id: block_id.to_string(),
+                abort: Some(abort.to_wire()),
+                auth_pool_bits: auth_pool.available_bits()?,
+                ..Default::default()
+            };
+            if let Ok(auth) = alice_allocate(auth_pool.as_ref())? {
+                response.auth_pad_offset = auth.pad_offset;
+                response.auth_key_offset = auth.key_offset;
+                response.auth_pool_bits = auth_pool.available_bits()?;
+                transcript.absorb("StartBlock", req, &response);
+                if !transcript.too_long() {
+                    response.alice_tag = auth.tag(Direction::AliceToBob, transcript.bytes()).to_vec();
+                }
+            }
+            tracing::warn!(block = %block_id, "{abort}");
+            return Ok((response, Some(AliceEvent::Aborted { block_id, abort, by_bob: false })));
         }
         let key = std::mem::take(&mut session.acc_bits);
         let stats = BlockStats {
@@ -473,6 +501,7 @@ impl AliceCore {
             auth_key_offset: auth.key_offset,
             auth_pool_bits: auth_pool.available_bits()?,
             auth_apply_secrets,
+            alice_tag: Vec::new(),
         };
         let mut transcript = sift_rounds;
         transcript.absorb("StartBlock", req, &response);

@@ -369,6 +369,29 @@ impl<P: LinkPeer> BobLink<P> {
             return Ok(report);
         }
         report.auth.pool_bits = self.auth.available_bits()?;
+        if let Some(wire) = &started.abort
+            && !started.alice_tag.is_empty()
+        {
+            // A tagged refusal (the block boundary differs): altered Sift messages, or honest ends
+            // that disagree.
+            let alice = Abort::from_wire(wire);
+            let abort = match bob_accept(self.auth.as_ref(), started.auth_key_offset, started.auth_pad_offset)? {
+                Err(refused) => refused,
+                Ok(auth) => {
+                    let mut answer = started.clone();
+                    answer.alice_tag = Vec::new();
+                    let mut transcript = sift_rounds;
+                    transcript.absorb("StartBlock", &start, &answer);
+                    let authentic = !transcript.too_long()
+                        && auth.verify(Direction::AliceToBob, transcript.bytes(), &started.alice_tag);
+                    self.attribute_abort(&started.block_id, auth.key_offset, authentic, alice, None).await?
+                }
+            };
+            tracing::warn!(block = %block_id, "{abort}");
+            report.abort_reason = Some(abort);
+            self.counters.blocks_aborted += 1;
+            return Ok(report);
+        }
         if let Some(abort) = &started.abort {
             let abort = Abort::from_wire(abort);
             if matches!(abort.reason, AbortReason::AuthPoolExhausted | AbortReason::AuthPoolsDiffer) {

@@ -18,7 +18,8 @@ use crate::postproc::finite_key::SecurityParams;
 /// 6: Wegman-Carter authentication of every block (`alice_tag` in Amplify, `bob_tag` in Commit,
 ///    pad positions at StartBlock) and the authentication pool's refill from each block's key.
 /// 7: pre-shared secrets applied at StartBlock at both ends (`auth_staged_secrets`,
-///    `auth_apply_secrets`, the pool's size checked) and the placeholder flag at `Hello`.
+///    `auth_apply_secrets`, the pool's size checked), the placeholder flag at `Hello`, and
+///    tagged refusals (a differing block boundary at StartBlock, Alice's aborts at Amplify).
 pub const LINK_PROTOCOL_VERSION: u32 = 7;
 
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical

@@ -224,15 +224,21 @@ impl Rig {
 
     /// Emits, detects and sifts frames until a block is ready.
     async fn fill_block<P: LinkPeer>(&mut self, bob: &mut BobLink<P>) {
+        self.try_fill_block(bob).await.unwrap();
+    }
+
+    /// [`Rig::fill_block`], returning a failed sift's error.
+    async fn try_fill_block<P: LinkPeer>(&mut self, bob: &mut BobLink<P>) -> Result<(), LinkError> {
         while !bob.block_ready() {
             let n_pulses = self.params.frame_pulses;
             let secret = FrameSecret::random(&mut self.rng);
             let detections = detect(&secret, n_pulses, &mut self.rng);
             let frame = PreparedFrame { n_pulses, states: TxStates::derived(secret, P_Z), reading: Some(READING) };
             self.alice.lock().core.register_frame(self.frame_idx, frame);
-            bob.sift_frame(self.frame_idx, n_pulses, &detections).await.unwrap();
             self.frame_idx += 1;
+            bob.sift_frame(self.frame_idx - 1, n_pulses, &detections).await?;
         }
+        Ok(())
     }
 }
 
@@ -729,13 +735,16 @@ impl Rig {
         let peer = Mitm::new(&self.alice, fault);
         let fired = peer.fired.clone();
         let mut bob = self.open_with(peer).await;
-        self.fill_block(&mut bob).await;
-        let outcome = match bob.process_block(&self.bob_store, 0).await {
-            Ok(report) => match report.abort_reason {
-                None => Outcome::Committed,
-                Some(abort) => Outcome::Aborted(abort.reason),
-            },
+        let outcome = match self.try_fill_block(&mut bob).await {
+            // A Sift message altered into one the other end refuses (undecodable, inconsistent).
             Err(e) => Outcome::Failed(e.to_string()),
+            Ok(()) => match bob.process_block(&self.bob_store, 0).await {
+                Ok(report) => match report.abort_reason {
+                    None => Outcome::Committed,
+                    Some(abort) => Outcome::Aborted(abort.reason),
+                },
+                Err(e) => Outcome::Failed(e.to_string()),
+            },
         };
         let fired = *fired.lock().unwrap();
         drop(bob);
@@ -769,7 +778,7 @@ fn a_flipped_bit_in_any_message_of_a_block_stores_no_key_at_either_end() {
         ..ProtocolParams::default()
     };
     let mut cases = Vec::new();
-    for name in ["StartBlock", "Parities", "Verify", "Amplify", "Commit"] {
+    for name in ["Sift", "StartBlock", "Parities", "Verify", "Amplify", "Commit"] {
         cases.push((cascade.clone(), name));
     }
     for name in ["Syndromes", "Reveal"] {
@@ -820,6 +829,8 @@ fn a_flipped_bit_in_any_message_of_a_block_stores_no_key_at_either_end() {
     // queries that still make sense, the Amplify parameters, Bob's tag itself. (An altered
     // AmplifyRequest can only change its block ID or say "not verified": both drop the block.)
     for case in [
+        ("Sift", Way::Request),
+        ("Sift", Way::Response),
         ("StartBlock", Way::Response),
         ("Parities", Way::Request),
         ("Parities", Way::Response),
