@@ -5,22 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
-use super::tests::{Crash, fail_before_step};
+use super::tests::{Crash, fail_before_step, meta};
 use super::*;
-
-fn meta(block_id: Uuid, n: usize) -> BlockMeta {
-    BlockMeta {
-        block_id,
-        created_unix_ms: 1,
-        n_sifted_bits: 1000,
-        qber_z: 0.02,
-        qber_x: 0.03,
-        phase_error_upper: 0.05,
-        leak_bits: 300,
-        final_bits: 256 * n as u64,
-        simulated: false,
-    }
-}
 
 fn units(n: usize) -> Vec<KeyUnit> {
     (0..n).map(|i| KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![i as u8; 32]) }).collect()

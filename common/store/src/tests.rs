@@ -1,7 +1,7 @@
 use super::*;
 
 /// Metadata of a block of `n` 256-bit units.
-fn meta(block_id: Uuid, n: usize) -> BlockMeta {
+pub(crate) fn meta(block_id: Uuid, n: usize) -> BlockMeta {
     BlockMeta {
         block_id,
         created_unix_ms: 1,

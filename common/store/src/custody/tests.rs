@@ -2,7 +2,8 @@ use std::collections::BTreeMap;
 
 use super::*;
 use crate::kme::{KeyReservation, UNIT_BYTES};
-use crate::{BlockMeta, KeyStore, KeyUnit, SledStore, StoreError, fault_of, unit_slot};
+use crate::tests::meta;
+use crate::{KeyStore, KeyUnit, SledStore, StoreError, fault_of, unit_slot};
 
 struct Dir(PathBuf);
 
@@ -17,20 +18,6 @@ impl Dir {
 impl Drop for Dir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn meta(block_id: Uuid, n: usize) -> BlockMeta {
-    BlockMeta {
-        block_id,
-        created_unix_ms: 1,
-        n_sifted_bits: 1000,
-        qber_z: 0.02,
-        qber_x: 0.03,
-        phase_error_upper: 0.05,
-        leak_bits: 300,
-        final_bits: 256 * n as u64,
-        simulated: false,
     }
 }
 
