@@ -243,7 +243,9 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     while !shutdown.is_cancelled() {
         // A store out of service (a full or failing disk) is reopened first: no session, and so
         // no block, starts until it is back. Unhealthy meanwhile (status, readiness, systemd).
-        let reopened = {
+        let reopened = if store.is_healthy() {
+            Ok(Ok(false))
+        } else {
             let store = store.clone();
             tokio::task::spawn_blocking(move || store.reopen_if_failed()).await
         };

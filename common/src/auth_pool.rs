@@ -247,11 +247,6 @@ impl FileAuthPool {
         Ok(pool)
     }
 
-    /// The pool's directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, Persisted> {
         // Invariant: nothing panics while holding this lock.
         self.inner.lock().expect("auth pool lock poisoned")

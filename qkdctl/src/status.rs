@@ -86,22 +86,11 @@ fn lab_daemons(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
 
 async fn fetch(client: &reqwest::Client, addr: &str) -> Result<NodeStatus, String> {
     let url = format!("http://{addr}/status.json");
-    let response = client.get(&url).send().await.map_err(|e| format!("{url}: {}", error_chain(&e)))?;
+    let response = client.get(&url).send().await.map_err(|e| format!("{url}: {:#}", anyhow::Error::new(e)))?;
     if !response.status().is_success() {
         return Err(format!("{url}: HTTP {}", response.status()));
     }
     response.json::<NodeStatus>().await.map_err(|e| format!("{url}: {e}"))
-}
-
-fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
-    let mut text = error.to_string();
-    let mut source = error.source();
-    while let Some(e) = source {
-        text.push_str(": ");
-        text.push_str(&e.to_string());
-        source = e.source();
-    }
-    text
 }
 
 /// `alice  linked | QBER Z 3.74% X 3.60% | secret key 8018 bit/s | auth pool 9984 bits | store 412 units ready`
