@@ -23,6 +23,10 @@ pub struct PairArgs {
     /// max_key_per_request of both KMEs.
     #[arg(long, default_value_t = 128)]
     pub max_key_per_request: u32,
+    /// requests_per_second_per_sae of both KMEs (429 past it). 0, the default here, serves
+    /// without a rate limit, for benchmarks; deployed KMEs default to 200.
+    #[arg(long, default_value_t = 0)]
+    pub requests_per_second_per_sae: u32,
 }
 
 /// Serves the pair until SIGINT or SIGTERM.
@@ -30,8 +34,16 @@ pub async fn serve(args: PairArgs) -> anyhow::Result<()> {
     let dir = &args.dir;
     std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let _ = std::fs::remove_file(dir.join("ready"));
-    let options =
-        PairOptions { n_units: args.units, max_key_per_request: args.max_key_per_request, ..PairOptions::default() };
+    let defaults = PairOptions::default();
+    let options = PairOptions {
+        n_units: args.units,
+        max_key_per_request: args.max_key_per_request,
+        abuse: qkd_kme::limits::AbuseLimits {
+            requests_per_second_per_sae: args.requests_per_second_per_sae,
+            ..defaults.abuse
+        },
+        ..defaults
+    };
     let pair = KmePair::start(&options, dir).await.context("starting the KME pair")?;
     let (master, slave) = (&options.a_saes[0], &options.b_saes[0]);
     pair.pki.write_sae_pem(master, &dir.join("client.pem"))?;

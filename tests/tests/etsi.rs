@@ -46,11 +46,12 @@ struct NetOptions {
     max_key_per_request: u32,
     allow_simulated_keys: bool,
     audit_logs: Option<(std::path::PathBuf, std::path::PathBuf)>,
+    abuse: qkd_kme::limits::AbuseLimits,
 }
 
 impl Default for NetOptions {
     fn default() -> Self {
-        Self { n_units: 64, max_key_per_request: 128, allow_simulated_keys: true, audit_logs: None }
+        Self { n_units: 64, max_key_per_request: 128, allow_simulated_keys: true, audit_logs: None, abuse: Default::default() }
     }
 }
 
@@ -65,6 +66,7 @@ impl Net {
             b_saes: B_SAES.iter().map(|s| s.to_string()).collect(),
             allow_simulated_keys: options.allow_simulated_keys,
             audit_logs: options.audit_logs,
+            abuse: options.abuse,
         };
         let pair = KmePair::start(&options, &dir.0).await.expect("start the kme pair");
         assert_eq!(pair.units[0].key.len(), UNIT_BYTES);
@@ -852,4 +854,197 @@ async fn deliveries_are_audited_and_an_unwritable_audit_log_refuses_delivery() {
 
 fn hex_of(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Limits of the ETSI server, each answered in the standard's Error shape: an SAE past its open
+/// connections gets 429 (and that connection is closed), the KME past its connections 503, an SAE
+/// past its request rate 429 with `Retry-After`; an idle connection is closed, which gives its
+/// place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_rate_and_idle_limits_answer_429_or_503_with_an_error_body() {
+    let abuse = qkd_kme::limits::AbuseLimits {
+        max_connections: 3,
+        max_connections_per_sae: 2,
+        requests_per_second_per_sae: 2,
+        request_burst_per_sae: 4,
+        idle_timeout: Duration::from_secs(3),
+    };
+    let net = Net::start(NetOptions { abuse, ..NetOptions::default() }).await;
+    let status = url(&net.a, "sae-b1", "status");
+    // One connection per client: HTTP/2, whose requests all share one connection (an HTTP/1.1
+    // pool may open a second connection before the first is back in the pool).
+    let connection = |sae: &str| {
+        client_with(net.pki.ca.cert_pem(), Some(&net.pki.sae(sae).unwrap()), |b| b.http2_prior_knowledge())
+    };
+    let (a1_first, a1_second) = (connection("sae-a1"), connection("sae-a1"));
+    assert_eq!(a1_first.get(&status).await.0, 200);
+    assert_eq!(a1_second.get(&status).await.0, 200);
+    // A third connection of sae-a1 is refused with 429; the answer is held for its Retry-After
+    // (5 s), so it is awaited at the end while the test goes on.
+    // Over HTTP/1.1, to see the refused connection closed.
+    let a1_third = client_with(net.pki.ca.cert_pem(), Some(&net.pki.sae("sae-a1").unwrap()), |b| b.http1_only());
+    let status_url = status.clone();
+    let over_sae = tokio::spawn(async move {
+        let sent = std::time::Instant::now();
+        let refused = a1_third.0.get(&status_url).send().await.expect("an answer");
+        assert!(sent.elapsed() >= Duration::from_secs(5), "a refusal answered before its Retry-After");
+        assert_eq!(refused.status().as_u16(), 429);
+        assert_eq!(refused.headers()["retry-after"], "5");
+        assert_eq!(refused.headers()["connection"], "close");
+        let body: Value = refused.json().await.expect("an Error body");
+        assert!(body["message"].as_str().unwrap().contains("max_connections_per_sae"), "{body}");
+    });
+
+    // sae-a2 takes the KME's last place; one more connection is refused with 503.
+    let a2 = connection("sae-a2");
+    assert_eq!(a2.get(&status).await.0, 200);
+    let a2_again = connection("sae-a2");
+    let status_url = status.clone();
+    let over_kme = tokio::spawn(async move {
+        let busy = a2_again.get(&status_url).await;
+        assert_error(&busy, 503, None);
+        assert!(busy.1["message"].as_str().unwrap().contains("at most 3 connections"), "{}", busy.1);
+    });
+
+    // sae-a1 has spent 3 of its 4 tokens (the refused request never reached the bucket). At 2
+    // per second, a quick run of requests soon finds the bucket empty; each refusal is held for
+    // its Retry-After before it is answered, and no more requests succeed than the bucket allows.
+    let (mut ok, mut refused) = (0u32, 0u32);
+    let started = std::time::Instant::now();
+    for _ in 0..10 {
+        let sent = std::time::Instant::now();
+        let response = a1_first.0.get(&status).send().await.expect("an answer");
+        match response.status().as_u16() {
+            200 => {
+                // Read to the end, so that the connection is used again.
+                response.bytes().await.expect("a status body");
+                ok += 1;
+            }
+            429 => {
+                refused += 1;
+                assert!(sent.elapsed() >= Duration::from_secs(1), "a refusal answered before its Retry-After");
+                assert_eq!(response.headers()["retry-after"], "1");
+                let body: Value = response.json().await.unwrap();
+                assert!(body["message"].as_str().unwrap().contains("requests_per_second_per_sae"), "{body}");
+            }
+            other => panic!("{other}"),
+        }
+    }
+    let allowed = 4.0 + 2.0 * started.elapsed().as_secs_f64();
+    assert!(refused > 0, "10 requests at once never went over 2 per second");
+    assert!(f64::from(ok) <= allowed, "{ok} requests accepted in {:?}", started.elapsed());
+    // sae-a2's bucket is its own.
+    assert_eq!(a2.get(&status).await.0, 200);
+    over_sae.await.expect("the connection over the SAE's limit");
+    over_kme.await.expect("the connection over the KME's limit");
+
+    // Left alone, sae-a1's connections are closed after the idle time, and a new connection of
+    // sae-a1 is admitted again.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let answer = connection("sae-a1").0.get(&status).send().await.expect("an answer").status().as_u16();
+        if answer == 200 {
+            break;
+        }
+        assert!([429, 503].contains(&answer), "{answer}");
+        assert!(std::time::Instant::now() < deadline, "idle connections were never closed");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    net.stop().await;
+}
+
+/// Acceptance of the abuse limits: one SAE opens 1,000 connections and requests as fast as it
+/// can over all of them, while another SAE fetches key pairs one after another. The other SAE's
+/// Get key and Get key with key IDs stay under 50 ms at the 99th percentile, and every answer to
+/// anyone is 200, 429 or 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_sae_flooding_a_thousand_connections_leaves_the_others_served_within_50_ms() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    const CONNECTIONS: usize = 1000;
+    const PAIRS: usize = 300;
+    // The default limits. The flooding SAE gets a key whenever its bucket allows (200 per
+    // second): the store holds enough for that and the other SAE's pairs.
+    let started = std::time::Instant::now();
+    let net = Arc::new(Net::start(NetOptions { n_units: 30_000, ..NetOptions::default() }).await);
+    eprintln!("store filled in {:?}", started.elapsed());
+    let stop = Arc::new(AtomicBool::new(false));
+    // Answers to the flood by status code (index: 200, 429, 503, other), and transport errors.
+    let counts: Arc<[AtomicU64; 5]> = Arc::new(Default::default());
+    let abuser = net.pki.sae("sae-a1").unwrap();
+    let flood_url = url(&net.a, "sae-b1", "enc_keys");
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        // A client of its own per connection (HTTP/1.1, one connection each).
+        let client = client_with(net.pki.ca.cert_pem(), Some(&abuser), |b| b.http1_only().pool_max_idle_per_host(1));
+        let (stop, counts, flood_url) = (stop.clone(), counts.clone(), flood_url.clone());
+        flood.spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let slot = match client.0.get(&flood_url).send().await {
+                    Ok(response) => {
+                        let slot = match response.status().as_u16() {
+                            200 => 0,
+                            429 => 1,
+                            503 => 2,
+                            _ => 3,
+                        };
+                        let _ = response.bytes().await;
+                        slot
+                    }
+                    Err(_) => 4,
+                };
+                counts[slot].fetch_add(1, Ordering::Relaxed);
+            }
+        });
+    }
+    // The flood is under way once it has had a thousand answers, most of them refusals.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while counts[1].load(Ordering::Relaxed) < CONNECTIONS as u64 {
+        assert!(std::time::Instant::now() < deadline, "the flood never got going: {counts:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let (master, slave) = (net.client("sae-a2"), net.client("sae-b2"));
+    let (mut get_key, mut dec_keys) = (Vec::new(), Vec::new());
+    for _ in 0..PAIRS {
+        let start = std::time::Instant::now();
+        let (code, container) = master.get(&url(&net.a, "sae-b2", "enc_keys")).await;
+        get_key.push(start.elapsed());
+        assert_eq!(code, 200, "{container} after {:?}, flood answers {counts:?}", started.elapsed());
+        let keys = keys_of(&container);
+        let start = std::time::Instant::now();
+        let fetched = slave.dec_keys(&net.b, "sae-a2", &ids(&keys)).await;
+        dec_keys.push(start.elapsed());
+        assert_eq!(fetched, keys);
+    }
+    stop.store(true, Ordering::Relaxed);
+    while flood.join_next().await.is_some() {}
+
+    let p99 = |latencies: &mut Vec<Duration>| {
+        latencies.sort();
+        latencies[(latencies.len() * 99).div_ceil(100) - 1]
+    };
+    let (get_p99, dec_p99) = (p99(&mut get_key), p99(&mut dec_keys));
+    let counts: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    eprintln!(
+        "after {:?}: flood of {CONNECTIONS} connections: {} answered 200, {} 429, {} 503, {} other, {} transport errors; \
+         the other SAE's Get key p50 {:?} p99 {get_p99:?}, Get key with key IDs p50 {:?} p99 {dec_p99:?}",
+        started.elapsed(),
+        counts[0],
+        counts[1],
+        counts[2],
+        counts[3],
+        counts[4],
+        get_key[PAIRS / 2],
+        dec_keys[PAIRS / 2],
+    );
+    eprintln!(
+        "slowest Get key {:?}, slowest Get key with key IDs {:?}",
+        &get_key[PAIRS - 5..],
+        &dec_keys[PAIRS - 5..]
+    );
+    assert_eq!(counts[3], 0, "answers other than 200, 429 and 503");
+    assert!(counts[0] > 0, "the flooding SAE got no key at all: the limits refuse more than they should");
+    assert!(get_p99 < Duration::from_millis(50), "Get key p99 {get_p99:?}");
+    assert!(dec_p99 < Duration::from_millis(50), "Get key with key IDs p99 {dec_p99:?}");
+    Arc::into_inner(net).expect("no other owner").stop().await;
 }

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use super::identity::{IdentitySource, KmeId, SaeId};
+pub use super::limits::AbuseLimits;
 use qkd_tls::TlsFiles;
 
 /// Largest key size this implementation accepts in configuration, bits (256 units of 256 bits).
@@ -81,6 +82,25 @@ pub struct KmeConfig {
     /// daemon's `delivery-audit.jsonl` in its data directory.
     #[serde(default)]
     pub audit_log: Option<std::path::PathBuf>,
+    /// Most TLS connections served at once; past it, a new connection's requests are answered
+    /// 503. Default 1024.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: u32,
+    /// Most connections one SAE may hold open at once; past it, its new connection's requests
+    /// are answered 429. Default 64.
+    #[serde(default = "default_max_connections_per_sae")]
+    pub max_connections_per_sae: u32,
+    /// Sustained requests per second of one SAE (every endpoint); past it, 429 with
+    /// `Retry-After`. 0: no limit. Default 200.
+    #[serde(default = "default_requests_per_second_per_sae")]
+    pub requests_per_second_per_sae: u32,
+    /// Requests one SAE may make in a burst after a quiet time. Default 400.
+    #[serde(default = "default_request_burst_per_sae")]
+    pub request_burst_per_sae: u32,
+    /// A connection (HTTP/1.1 or HTTP/2) with no request for this many seconds is closed.
+    /// Default 60.
+    #[serde(default = "default_idle_timeout_s")]
+    pub idle_timeout_s: u64,
 }
 
 /// One SAE of the network and the KME it is attached to.
@@ -113,6 +133,51 @@ fn default_peer_timeout_ms() -> u64 {
 }
 fn default_reservation_ttl_s() -> u64 {
     86_400
+}
+fn default_max_connections() -> u32 {
+    AbuseLimits::default().max_connections
+}
+fn default_max_connections_per_sae() -> u32 {
+    AbuseLimits::default().max_connections_per_sae
+}
+fn default_requests_per_second_per_sae() -> u32 {
+    AbuseLimits::default().requests_per_second_per_sae
+}
+fn default_request_burst_per_sae() -> u32 {
+    AbuseLimits::default().request_burst_per_sae
+}
+fn default_idle_timeout_s() -> u64 {
+    AbuseLimits::default().idle_timeout.as_secs()
+}
+
+/// Largest message the KME-to-KME channel accepts, bytes: tonic's default decoding limit, set
+/// explicitly on the peer server so that [`reserve_request_bound`] checks against the truth.
+pub const PEER_MAX_MESSAGE_BYTES: usize = 4 << 20;
+
+/// Longest SAE ID accepted in configuration, bytes.
+pub const MAX_SAE_ID_BYTES: usize = 1024;
+
+/// Bytes of a protobuf length-delimited field (tag of one byte, as every field number of
+/// `kme.proto` is below 16) holding `len` bytes: tag, varint length, content.
+fn field_bytes(len: usize) -> usize {
+    let mut varint = 1;
+    while len >> (7 * varint) != 0 {
+        varint += 1;
+    }
+    1 + varint + len
+}
+
+/// An upper bound of the encoded size of the largest Reserve request (`proto/kme.proto`) a KME
+/// with these limits may send: `max_key_per_request` keys of `max_key_size` bits (each key a
+/// 16-byte ID and its 256-bit units' 16-byte IDs), a master and `max_sae_id_count` + 1 slaves
+/// of the longest SAE ID, the source KME ID. Every field is counted at its largest encoding, so
+/// the bound is never below the real size (a test checks it against prost's exact encoding).
+pub fn reserve_request_bound(limits: &Limits, kme_id_bytes: usize) -> usize {
+    let units_per_key = (limits.max_key_size as usize).div_ceil(8 * qkd_store::kme::UNIT_BYTES);
+    let key = field_bytes(field_bytes(16) + units_per_key * field_bytes(16));
+    let sae_ids = (2 + limits.max_sae_id_count as usize) * field_bytes(MAX_SAE_ID_BYTES);
+    // size_bits: tag and a varint of at most 5 bytes.
+    field_bytes(kme_id_bytes) + sae_ids + 6 + limits.max_key_per_request as usize * key
 }
 
 /// A `[kme]` section that does not make sense (the message names the field).
@@ -148,6 +213,8 @@ pub struct KmeSettings {
     pub reservation_ttl: Option<Duration>,
     /// Serve keys of a simulated quantum channel.
     pub allow_simulated_keys: bool,
+    /// Connections, request rates and idle time granted to callers.
+    pub abuse: AbuseLimits,
 }
 
 /// Key sizes and counts, all validated.
@@ -229,10 +296,35 @@ impl KmeConfig {
         if self.peer_timeout_ms == 0 {
             return err("peer_timeout_ms must be at least 1".into());
         }
+        let bound = reserve_request_bound(&limits, self.kme_id.len());
+        if bound > PEER_MAX_MESSAGE_BYTES {
+            return err(format!(
+                "max_key_per_request ({}) times max_key_size ({} bits) is too large: the reservation of \
+                 one request at the peer KME could take {bound} bytes, more than the KME-to-KME \
+                 channel's {PEER_MAX_MESSAGE_BYTES}; lower either",
+                limits.max_key_per_request, limits.max_key_size
+            ));
+        }
+        let abuse = AbuseLimits {
+            max_connections: self.max_connections,
+            max_connections_per_sae: self.max_connections_per_sae,
+            requests_per_second_per_sae: self.requests_per_second_per_sae,
+            request_burst_per_sae: self.request_burst_per_sae,
+            idle_timeout: Duration::from_secs(self.idle_timeout_s),
+        };
+        if abuse.max_connections == 0 || abuse.max_connections_per_sae == 0 {
+            return err("max_connections and max_connections_per_sae must be at least 1".into());
+        }
+        if abuse.requests_per_second_per_sae > 0 && abuse.request_burst_per_sae == 0 {
+            return err("request_burst_per_sae must be at least 1 when requests_per_second_per_sae is set".into());
+        }
+        if self.idle_timeout_s == 0 {
+            return err("idle_timeout_s must be at least 1".into());
+        }
         let mut saes = HashMap::new();
         for (i, entry) in self.saes.iter().enumerate() {
-            if entry.sae_id.is_empty() || entry.sae_id.len() > 1024 {
-                return err(format!("saes[{i}].sae_id must hold 1 to 1024 bytes"));
+            if entry.sae_id.is_empty() || entry.sae_id.len() > MAX_SAE_ID_BYTES {
+                return err(format!("saes[{i}].sae_id must hold 1 to {MAX_SAE_ID_BYTES} bytes"));
             }
             let attachment = if entry.kme_id == self.kme_id {
                 Attachment::Local
@@ -254,6 +346,7 @@ impl KmeConfig {
             peer_timeout: Duration::from_millis(self.peer_timeout_ms),
             reservation_ttl: (self.reservation_ttl_s > 0).then(|| Duration::from_secs(self.reservation_ttl_s)),
             allow_simulated_keys: self.allow_simulated_keys,
+            abuse,
         })
     }
 }

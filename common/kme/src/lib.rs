@@ -7,6 +7,7 @@
 //!   of reserved keys to slaves, each once.
 //! * [`peer`]: the KME-to-KME gRPC channel (`proto/kme.proto`).
 //! * [`identity`]: SAE IDs from client certificates, unit ownership.
+//! * [`limits`]: connections, request rates and idle time granted to callers (429, 503).
 //! * [`config`]: the `[kme]` configuration section.
 //! * [`pair`]: two KMEs on loopback with a throw-away PKI (`qkdctl keys pair`, the tests).
 //!
@@ -16,6 +17,7 @@ pub mod api;
 pub mod audit;
 pub mod config;
 pub mod identity;
+pub mod limits;
 pub mod pair;
 pub mod peer;
 pub mod pool;

@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
+use crate::limits::AbuseLimits;
 use crate::{IdentitySource, KmeConfig, KmeError, KmeSide, SaeEntry};
 
 /// KME IDs of the pair (source_KME_ID and target_KME_ID in Get status).
@@ -43,6 +44,8 @@ pub struct PairOptions {
     /// `allow_simulated_keys` of both KMEs. The pair's units are random test keys, stored
     /// marked simulated: without it, Get key answers 503. Default true.
     pub allow_simulated_keys: bool,
+    /// Connection, rate and idle limits of both KMEs (the `[kme]` defaults by default).
+    pub abuse: AbuseLimits,
 }
 
 impl Default for PairOptions {
@@ -52,6 +55,7 @@ impl Default for PairOptions {
             max_key_per_request: 128,
             allow_simulated_keys: true,
             audit_logs: None,
+            abuse: AbuseLimits::default(),
             a_saes: vec!["sae-a1".into(), "sae-a2".into()],
             b_saes: vec!["sae-b1".into(), "sae-b2".into()],
         }
@@ -257,6 +261,11 @@ impl KmePair {
                 reservation_ttl_s: 0,
                 allow_simulated_keys: options.allow_simulated_keys,
                 audit_log: None,
+                max_connections: options.abuse.max_connections,
+                max_connections_per_sae: options.abuse.max_connections_per_sae,
+                requests_per_second_per_sae: options.abuse.requests_per_second_per_sae,
+                request_burst_per_sae: options.abuse.request_burst_per_sae,
+                idle_timeout_s: options.abuse.idle_timeout.as_secs(),
             })
         };
         let mut cfg_a = config(KME_A, KME_B, &https_a, peer_addr_a, peer_addr_b, "bob")?;

@@ -17,6 +17,7 @@ use tonic::{Request, Response, Status};
 use tracing::warn;
 use uuid::Uuid;
 
+use super::config::PEER_MAX_MESSAGE_BYTES;
 use super::identity::{KmeId, SaeId};
 use super::pool::KmeState;
 use qkd_tls::TlsMaterial;
@@ -126,7 +127,10 @@ impl GrpcPeer {
             .connect_timeout(timeout)
             .timeout(timeout)
             .connect_with_connector_lazy(connector);
-        Ok(Self { client: KmePeerClient::new(channel) })
+        let client = KmePeerClient::new(channel)
+            .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES);
+        Ok(Self { client })
     }
 
     /// Asks the peer KME for its ID (a health check).
@@ -156,11 +160,11 @@ impl ReservePeer for GrpcPeer {
             };
             let response = client.reserve(message).await.map_err(|status| {
                 if never_sent(&status) {
-                    ReserveError::NotSent(status.message().to_owned())
+                    ReserveError::NotSent(peer_text(status.message()))
                 } else if answered_by_peer(&status) {
-                    ReserveError::Refused(status.message().to_owned())
+                    ReserveError::Refused(peer_text(status.message()))
                 } else {
-                    ReserveError::Unreachable(status.message().to_owned())
+                    ReserveError::Unreachable(peer_text(status.message()))
                 }
             })?;
             let response = response.into_inner();
@@ -190,9 +194,9 @@ impl ReservePeer for GrpcPeer {
             };
             let response = client.cancel(message).await.map_err(|status| {
                 if answered_by_peer(&status) {
-                    CancelError::Refused(status.message().to_owned())
+                    CancelError::Refused(peer_text(status.message()))
                 } else {
-                    CancelError::Unreachable(status.message().to_owned())
+                    CancelError::Unreachable(peer_text(status.message()))
                 }
             })?;
             let outcomes = response.into_inner().outcomes;
@@ -212,6 +216,23 @@ impl ReservePeer for GrpcPeer {
                 .collect()
         })
     }
+}
+
+/// Longest text of the peer's (an error message) kept, bytes: the rest is cut before it is
+/// logged or shown to an SAE.
+pub const MAX_PEER_TEXT_BYTES: usize = 256;
+
+/// `text` from the peer, cut to at most [`MAX_PEER_TEXT_BYTES`] on a character boundary (marked
+/// with an ellipsis when cut).
+pub(super) fn peer_text(text: &str) -> String {
+    if text.len() <= MAX_PEER_TEXT_BYTES {
+        return text.to_owned();
+    }
+    let mut end = MAX_PEER_TEXT_BYTES;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
 }
 
 /// Whether the call failed while connecting (TCP or TLS), before any byte of the request was
@@ -257,6 +278,8 @@ pub fn peer_server(
     peer_check: qkd_tls::verify::PeerCheck,
 ) -> KmePeerServer<PeerService> {
     KmePeerServer::new(PeerService { state, peer_name, peer_check })
+        .max_decoding_message_size(PEER_MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(PEER_MAX_MESSAGE_BYTES)
 }
 
 impl PeerService {

@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 use super::KmeError;
 use super::api::{self, EtsiError, KeyRequest};
 use super::identity::{IdentitySource, SaeId, sae_id_from_certificate};
+use super::limits::{Admission, REFUSAL_SOCKETS, Refusal};
 use super::pool::KmeState;
 use qkd_tls::TlsMaterial;
 
@@ -79,7 +80,7 @@ pub fn https_server_config(tls: &TlsMaterial) -> Result<Arc<rustls::ServerConfig
 
 /// The axum router of the API. Handlers read the caller from the [`Caller`] extension (absent:
 /// the request is refused with 401).
-pub fn router(state: KmeState) -> Router {
+pub fn router(state: KmeState, admission: Arc<Admission>) -> Router {
     Router::new()
         .route(STATUS_PATH, get(status))
         .route(ENC_KEYS_PATH, get(enc_keys_get).post(enc_keys_post))
@@ -88,8 +89,29 @@ pub fn router(state: KmeState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .layer(axum::middleware::from_fn_with_state(admission, limit_rate))
         .layer(axum::middleware::from_fn_with_state(state.clone(), observe))
         .with_state(state)
+}
+
+/// Middleware of every route: takes a token of the caller's bucket, or answers 429 with
+/// `Retry-After` before any work is done.
+async fn limit_rate(
+    State(admission): State<Arc<Admission>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let caller = request.extensions().get::<Caller>().and_then(|c| c.0.clone());
+    match admission.admit_request(caller.as_ref(), std::time::Instant::now()) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            debug!(caller = ?caller, "request over the SAE's rate limit refused (429)");
+            // See Refusal::answer_delay: a client retrying at once gets one refusal a second
+            // per request in flight, not as many as the CPU can answer.
+            tokio::time::sleep(refusal.answer_delay()).await;
+            refusal.into_response()
+        }
+    }
 }
 
 /// The endpoint a request reached, named for the metrics' `endpoint` label (a fixed set: the
@@ -134,7 +156,8 @@ async fn observe(
 }
 
 /// Serves the API on `listener` until `shutdown`, then lets open connections finish (up to
-/// 10 s).
+/// 10 s). Connections, request rates and idle time are limited as the KME's settings say
+/// ([`crate::limits::AbuseLimits`]).
 pub async fn serve_etsi(
     listener: TcpListener,
     state: KmeState,
@@ -142,25 +165,56 @@ pub async fn serve_etsi(
     shutdown: CancellationToken,
 ) -> Result<(), KmeError> {
     let acceptor = TlsAcceptor::from(tls);
-    let identity = state.settings().identity;
-    let router = router(state);
+    let settings = state.settings();
+    let identity = settings.identity;
+    let limits = settings.abuse;
+    let listed: std::collections::HashSet<SaeId> = settings.saes.keys().cloned().collect();
+    let admission = Admission::new(limits, move |sae| listed.contains(sae));
+    let router = router(state.clone(), admission.clone());
+    // Sockets held at once, refused ones included; past it the server stops accepting (the
+    // kernel's backlog holds new connections) until one ends.
+    let sockets = Arc::new(tokio::sync::Semaphore::new((limits.max_connections + REFUSAL_SOCKETS) as usize));
     let connections = TaskTracker::new();
-    info!(addr = %listener.local_addr()?, "ETSI key delivery API listening");
+    info!(
+        addr = %listener.local_addr()?,
+        max_connections = limits.max_connections,
+        max_connections_per_sae = limits.max_connections_per_sae,
+        requests_per_second_per_sae = limits.requests_per_second_per_sae,
+        idle_timeout_s = limits.idle_timeout.as_secs(),
+        "ETSI key delivery API listening"
+    );
+    let mut warned_full = false;
     loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => break,
+            permit = sockets.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+        };
+        if sockets.available_permits() == 0 && !warned_full {
+            warn!(
+                sockets = limits.max_connections + REFUSAL_SOCKETS,
+                "ETSI server holds all the sockets it may; new connections wait in the listen backlog"
+            );
+        }
+        warned_full = sockets.available_permits() == 0;
         let accepted = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => accepted,
         };
         match accepted {
             Ok((tcp, remote)) => {
-                connections.spawn(serve_connection(
-                    tcp,
+                let connection = Connection {
                     remote,
-                    acceptor.clone(),
                     identity,
-                    router.clone(),
-                    shutdown.clone(),
-                ));
+                    admission: admission.clone(),
+                    state: state.clone(),
+                    router: router.clone(),
+                    shutdown: shutdown.clone(),
+                };
+                let acceptor = acceptor.clone();
+                connections.spawn(async move {
+                    connection.serve(tcp, acceptor).await;
+                    drop(permit);
+                });
             }
             Err(e) => {
                 // Out of file descriptors and the like: back off instead of spinning.
@@ -176,58 +230,198 @@ pub async fn serve_etsi(
     Ok(())
 }
 
-async fn serve_connection(
-    tcp: TcpStream,
+/// Most requests in flight on one HTTP/2 connection.
+const MAX_CONCURRENT_STREAMS: u32 = 32;
+
+/// One accepted socket and what serving it needs.
+struct Connection {
     remote: SocketAddr,
-    acceptor: TlsAcceptor,
     identity: IdentitySource,
+    admission: Arc<Admission>,
+    state: KmeState,
     router: Router,
     shutdown: CancellationToken,
-) {
-    let _ = tcp.set_nodelay(true);
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            debug!(%remote, error = %e, "TLS handshake refused");
-            return;
+}
+
+/// What a connection's requests are answered with: the API, or one refusal.
+enum Service {
+    Api(Router),
+    Refuse(Refusal),
+}
+
+impl Connection {
+    fn record<F: FnOnce()>(&self, f: F) {
+        if let Some(recorder) = self.state.metrics_recorder() {
+            metrics::with_local_recorder(recorder.as_ref(), f);
         }
-        Err(_) => {
-            debug!(%remote, "TLS handshake timed out");
-            return;
-        }
-    };
-    let leaf = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first());
-    let caller = match leaf.map(|leaf| sae_id_from_certificate(leaf, identity)) {
-        Some(Ok(sae_id)) => Caller(Some(sae_id)),
-        Some(Err(e)) => {
-            warn!(%remote, error = %e, "no SAE ID in a client certificate; its requests get 401");
-            Caller(None)
-        }
-        None => Caller(None),
-    };
-    debug!(%remote, caller = ?caller.0, "ETSI connection");
-    let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(caller.clone());
-        tower::ServiceExt::oneshot(router.clone(), request)
-    });
-    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
-    let connection = builder.serve_connection(TokioIo::new(tls), service);
-    tokio::pin!(connection);
-    let mut draining = false;
-    loop {
-        tokio::select! {
-            result = connection.as_mut() => {
-                if let Err(e) = result {
-                    debug!(%remote, error = %e, "ETSI connection ended with an error");
+    }
+
+    fn record_open(&self) {
+        let open = f64::from(self.admission.open_connections());
+        self.record(|| metrics::gauge!("qkd_etsi_connections_open").set(open));
+    }
+
+    async fn serve(self, tcp: TcpStream, acceptor: TlsAcceptor) {
+        let remote = self.remote;
+        let _ = tcp.set_nodelay(true);
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                debug!(%remote, error = %e, "TLS handshake refused");
+                return;
+            }
+            Err(_) => {
+                debug!(%remote, "TLS handshake timed out");
+                return;
+            }
+        };
+        let leaf = tls.get_ref().1.peer_certificates().and_then(|certs| certs.first());
+        let caller = match leaf.map(|leaf| sae_id_from_certificate(leaf, self.identity)) {
+            Some(Ok(sae_id)) => Caller(Some(sae_id)),
+            Some(Err(e)) => {
+                warn!(%remote, error = %e, "no SAE ID in a client certificate; its requests get 401");
+                Caller(None)
+            }
+            None => Caller(None),
+        };
+        let (slot, service) = match self.admission.admit_connection(caller.0.as_ref()) {
+            Ok(slot) => (Some(slot), Service::Api(self.router.clone())),
+            Err(refusal) => {
+                let reason = match refusal {
+                    Refusal::KmeBusy { .. } => "kme_connections",
+                    _ => "sae_connections",
+                };
+                debug!(%remote, caller = ?caller.0, reason, "connection over a limit: its requests are refused");
+                self.record(|| metrics::counter!("qkd_etsi_connections_refused_total", "reason" => reason).increment(1));
+                (None, Service::Refuse(refusal))
+            }
+        };
+        self.record_open();
+        debug!(%remote, caller = ?caller.0, "ETSI connection");
+        self.run(tls, caller, service).await;
+        drop(slot);
+        self.record_open();
+    }
+
+    /// Serves HTTP on the TLS stream until the client closes it, it stays idle for the idle
+    /// timeout, or shutdown. A refused connection answers its first request(s) with the refusal
+    /// and is closed.
+    async fn run(&self, tls: tokio_rustls::server::TlsStream<TcpStream>, caller: Caller, service: Service) {
+        let remote = self.remote;
+        let activity = Arc::new(Activity::default());
+        let refused = matches!(service, Service::Refuse(_));
+        let answered = Arc::new(tokio::sync::Notify::new());
+        let service = {
+            let (activity, answered) = (activity.clone(), answered.clone());
+            let service = Arc::new(service);
+            hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                let (activity, answered, service) = (activity.clone(), answered.clone(), service.clone());
+                request.extensions_mut().insert(caller.clone());
+                let busy = activity.start();
+                async move {
+                    let response = match &*service {
+                        Service::Api(router) => tower::ServiceExt::oneshot(router.clone(), request).await,
+                        Service::Refuse(refusal) => {
+                            // Answered only after the time the client is told to wait: a client
+                            // that reconnects at once would otherwise turn refusals into a storm
+                            // of TLS handshakes that takes the CPU from the admitted callers.
+                            tokio::time::sleep(refusal.answer_delay()).await;
+                            let mut response = refusal.clone().into_response();
+                            // HTTP/2 has no Connection header: its GOAWAY (the graceful shutdown
+                            // below) says the same.
+                            if request.version() < hyper::Version::HTTP_2 {
+                                let close = header::HeaderValue::from_static("close");
+                                response.headers_mut().insert(header::CONNECTION, close);
+                            }
+                            answered.notify_one();
+                            Ok(response)
+                        }
+                    };
+                    drop(busy);
+                    response
                 }
-                break;
-            }
-            () = shutdown.cancelled(), if !draining => {
-                connection.as_mut().graceful_shutdown();
-                draining = true;
+            })
+        };
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        builder.http1().timer(TokioTimer::new()).header_read_timeout(HANDSHAKE_TIMEOUT);
+        builder.http2().timer(TokioTimer::new()).max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        let connection = builder.serve_connection(TokioIo::new(tls), service);
+        tokio::pin!(connection);
+        let idle_timeout = self.admission.limits().idle_timeout;
+        let mut closing = false;
+        loop {
+            let idle_deadline = activity.idle_deadline(idle_timeout);
+            tokio::select! {
+                result = connection.as_mut() => {
+                    if let Err(e) = result {
+                        debug!(%remote, error = %e, "ETSI connection ended with an error");
+                    }
+                    break;
+                }
+                () = self.shutdown.cancelled(), if !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = answered.notified(), if refused && !closing => {
+                    connection.as_mut().graceful_shutdown();
+                    closing = true;
+                }
+                () = tokio::time::sleep_until(idle_deadline), if !closing => {
+                    if activity.is_idle_for(idle_timeout) {
+                        debug!(%remote, idle_s = idle_timeout.as_secs(), "closing an idle ETSI connection");
+                        connection.as_mut().graceful_shutdown();
+                        closing = true;
+                    }
+                }
             }
         }
+    }
+}
+
+/// Requests in flight on a connection and when the last one ended.
+struct Activity {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: std::sync::Mutex<tokio::time::Instant>,
+}
+
+impl Default for Activity {
+    fn default() -> Self {
+        Self { in_flight: 0.into(), last: std::sync::Mutex::new(tokio::time::Instant::now()) }
+    }
+}
+
+/// A request in flight; its end is the connection's latest activity.
+struct Busy(Arc<Activity>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        *self.0.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = tokio::time::Instant::now();
+        self.0.in_flight.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Activity {
+    fn start(self: &Arc<Self>) -> Busy {
+        self.in_flight.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Busy(self.clone())
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        *self.last.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// When to look again whether the connection has been idle for `timeout`: `timeout` after
+    /// its last request ended, or from now while a request is in flight.
+    fn idle_deadline(&self, timeout: Duration) -> tokio::time::Instant {
+        if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::Instant::now() + timeout
+        } else {
+            self.last() + timeout
+        }
+    }
+
+    fn is_idle_for(&self, timeout: Duration) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 && self.last().elapsed() >= timeout
     }
 }
 

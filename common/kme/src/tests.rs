@@ -136,8 +136,51 @@ fn config_section_parses_with_defaults_and_rejects_nonsense() {
         KmeConfig { peer_kme_id: "KME_A".into(), ..cfg.clone() },
         KmeConfig { saes: vec![SaeEntry { sae_id: "x".into(), kme_id: "KME_C".into() }], ..cfg.clone() },
         KmeConfig { saes: vec![cfg.saes[0].clone(), cfg.saes[0].clone()], ..cfg.clone() },
+        KmeConfig { max_connections: 0, ..cfg.clone() },
+        KmeConfig { max_connections_per_sae: 0, ..cfg.clone() },
+        KmeConfig { request_burst_per_sae: 0, ..cfg.clone() },
+        KmeConfig { idle_timeout_s: 0, ..cfg.clone() },
+        // 4096 keys of 65536 bits: 1M unit IDs, far more than one KME-to-KME message holds.
+        KmeConfig { max_key_per_request: 4096, max_key_size: 65_536, ..cfg.clone() },
     ] {
         assert!(bad.settings().is_err(), "{bad:?}");
+    }
+}
+
+#[test]
+fn the_abuse_limits_have_defaults_and_a_zero_rate_needs_no_burst() {
+    let cfg: KmeConfig = toml::from_str(SECTION).unwrap();
+    assert_eq!(cfg.settings().unwrap().abuse, crate::limits::AbuseLimits::default());
+    let unlimited = KmeConfig { requests_per_second_per_sae: 0, request_burst_per_sae: 0, ..cfg };
+    assert_eq!(unlimited.settings().unwrap().abuse.requests_per_second_per_sae, 0);
+}
+
+/// The largest Reserve request that limits allow, encoded by prost, next to the bound that the
+/// configuration checks: the bound is never below it, and is tight to within the fields counted
+/// at their longest (SAE IDs, varint lengths).
+#[test]
+fn the_reserve_request_bound_is_never_below_the_exact_encoding() {
+    use crate::config::{MAX_SAE_ID_BYTES, Limits, reserve_request_bound};
+    use prost::Message;
+    for (max_key_per_request, max_key_size, max_sae_id_count) in
+        [(1, 8, 0), (128, 1024, 0), (4096, 256, 0), (16, 65_536, 64), (100, 8 * 33, 3), (1000, 4096, 1)]
+    {
+        let limits = Limits { max_key_per_request, max_key_size, max_sae_id_count, ..Limits::default() };
+        let kme_id = "K".repeat(40);
+        let units = (max_key_size as usize).div_ceil(8 * UNIT_BYTES);
+        let id = vec![0xffu8; 16];
+        let message = proto::kme::ReserveRequest {
+            source_kme_id: kme_id.clone(),
+            master_sae_id: "m".repeat(MAX_SAE_ID_BYTES),
+            slave_sae_ids: vec!["s".repeat(MAX_SAE_ID_BYTES); 1 + max_sae_id_count as usize],
+            size_bits: max_key_size,
+            keys: (0..max_key_per_request)
+                .map(|_| proto::kme::ReservedKey { key_id: id.clone(), unit_ids: vec![id.clone(); units] })
+                .collect(),
+        };
+        let (exact, bound) = (message.encoded_len(), reserve_request_bound(&limits, kme_id.len()));
+        assert!(bound >= exact, "{limits:?}: bound {bound} < exact {exact}");
+        assert!(bound <= exact + 8 * max_key_per_request as usize + 8, "{limits:?}: bound {bound}, exact {exact}");
     }
 }
 
