@@ -6,6 +6,13 @@ use anyhow::Context;
 use clap::Parser;
 use common::config::AliceConfig;
 
+/// Every heap block is wiped when it is freed, and when it moves as it grows (the default
+/// `realloc` of `GlobalAlloc` allocates, copies and frees): key material never outlives its
+/// owner in freed memory, whichever crate's buffer (a growing bit vector, an HTTP body, a TLS
+/// record) held it.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> = zeroizing_alloc::ZeroAlloc(std::alloc::System);
+
 /// Alice, the transmitter of a QKD link: emits photons on the simulated fibre and serves the
 /// classical post-processing channel (gRPC, mutual TLS) to Bob. Distilled keys go to the key
 /// store in the data directory.

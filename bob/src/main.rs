@@ -6,6 +6,13 @@ use anyhow::Context;
 use clap::Parser;
 use common::config::BobConfig;
 
+/// Every heap block is wiped when it is freed, and when it moves as it grows (the default
+/// `realloc` of `GlobalAlloc` allocates, copies and frees): key material never outlives its
+/// owner in freed memory, whichever crate's buffer (a growing bit vector, an HTTP body, a TLS
+/// record) held it.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> = zeroizing_alloc::ZeroAlloc(std::alloc::System);
+
 /// Bob, the receiver of a QKD link: detects photons from the simulated fibre and drives the
 /// classical post-processing with Alice (gRPC, mutual TLS). Distilled keys go to the key store
 /// in the data directory. Reconnects by itself, with back-off, when Alice goes away.

@@ -17,6 +17,13 @@ mod simulate;
 mod status;
 mod store;
 
+/// Every heap block is wiped when it is freed, and when it moves as it grows (the default
+/// `realloc` of `GlobalAlloc` allocates, copies and frees): key material never outlives its
+/// owner in freed memory, whichever crate's buffer (a growing bit vector, an HTTP body, a TLS
+/// record) held it.
+#[global_allocator]
+static ALLOCATOR: zeroizing_alloc::ZeroAlloc<std::alloc::System> = zeroizing_alloc::ZeroAlloc(std::alloc::System);
+
 /// Operator tool of the QKD link: run a local lab, inspect key stores.
 #[derive(Parser, Debug)]
 #[command(version)]

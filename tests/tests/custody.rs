@@ -130,7 +130,45 @@ async fn delivered_keys_leave_no_trace_in_the_data_directories() {
     let alice = spawn_alice_with(&lab, alice_cfg, grpc, Some(fibre));
     let bob = spawn_bob_with(&lab, bob_cfg);
 
-    let (app_a, app_b) = (sae_client(&lab, "app-a"), sae_client(&lab, "app-b"));
+    let delivered = deliver_both_ways(&lab, etsi_a, etsi_b).await;
+    bob.stop().await.expect("bob");
+    alice.stop().await.expect("alice");
+
+    let data_dirs = [lab.dir.0.join("alice"), lab.dir.0.join("bob")];
+    // The search reads every file: the audit logs name the delivered key IDs.
+    for (id, _) in &delivered {
+        assert!(!grep(&data_dirs, id.as_bytes()).is_empty(), "key ID {id} in no audit log");
+    }
+    for (id, key) in &delivered {
+        let b64 = base64::engine::general_purpose::STANDARD.encode(key.as_slice());
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
+        for (form, needle) in [("raw", key.as_slice()), ("base64", b64.as_bytes()), ("hex", hex.as_bytes())] {
+            let found = grep(&data_dirs, needle);
+            assert!(found.is_empty(), "key {id} ({form}) found in {found:?}");
+        }
+    }
+    // Keys still held are sealed too: none of them is in clear either.
+    for node in ["alice", "bob"] {
+        let store = SledStore::open(&lab.dir.0.join(node).join("store"), &lab.kek(node)).expect("open the store");
+        assert!(store.verify().expect("verify").is_healthy());
+        let held = store.select_ready_units(50, |_| true).expect("units");
+        assert!(!held.is_empty(), "{node} holds keys still");
+        drop(store);
+        for unit in &held {
+            assert!(grep(&data_dirs, &unit.key).is_empty(), "{node}'s unit {} in clear", unit.key_id);
+        }
+    }
+}
+
+/// Waits until the KMEs at `etsi_a` (app-a's) and `etsi_b` (app-b's) both hold keys, then
+/// delivers 3 keys each way (app-a master at its KME, app-b slave at the other, and back);
+/// returns them. The clients are dropped, so their connections close.
+async fn deliver_both_ways(
+    lab: &Lab,
+    etsi_a: std::net::SocketAddr,
+    etsi_b: std::net::SocketAddr,
+) -> Vec<(String, Zeroizing<Vec<u8>>)> {
+    let (app_a, app_b) = (sae_client(lab, "app-a"), sae_client(lab, "app-b"));
     let url =
         |kme: std::net::SocketAddr, sae: &str, endpoint: &str| format!("https://{kme}/api/v1/keys/{sae}/{endpoint}");
     // Polled until both KMEs hold keys for the pair (blocks take a few seconds).
@@ -168,33 +206,134 @@ async fn delivered_keys_leave_no_trace_in_the_data_directories() {
         );
         delivered.extend(keys);
     }
-    bob.stop().await.expect("bob");
-    alice.stop().await.expect("alice");
+    delivered
+}
 
-    let data_dirs = [lab.dir.0.join("alice"), lab.dir.0.join("bob")];
-    // The search reads every file: the audit logs name the delivered key IDs.
-    for (id, _) in &delivered {
-        assert!(!grep(&data_dirs, id.as_bytes()).is_empty(), "key ID {id} in no audit log");
+/// A daemon process of the test, killed if the test ends before it stopped.
+struct Daemon {
+    name: &'static str,
+    child: std::process::Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    fn start(name: &'static str, config: &Path, log: PathBuf) -> Self {
+        let child = std::process::Command::new(workspace_binary(name))
+            .arg("--config")
+            .arg(config)
+            .stderr(std::fs::File::create(&log).expect("create the log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self { name, child, log }
     }
-    for (id, key) in &delivered {
-        let b64 = base64::engine::general_purpose::STANDARD.encode(key.as_slice());
-        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
-        for (form, needle) in [("raw", key.as_slice()), ("base64", b64.as_bytes()), ("hex", hex.as_bytes())] {
-            let found = grep(&data_dirs, needle);
-            assert!(found.is_empty(), "key {id} ({form}) found in {found:?}");
+
+    /// SIGTERM, and the exit status is success.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        std::process::Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        let status = self.child.wait().expect("wait");
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(status.success(), "{} exited with {status}; its log:\n{log}", self.name);
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every readable mapping of process `pid`, read through /proc/PID/mem (which needs
+/// CAP_SYS_PTRACE for a process that made itself non-dumpable): `(mapping, bytes)`.
+fn process_memory(pid: u32) -> Vec<(String, Vec<u8>)> {
+    use std::os::unix::fs::FileExt;
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).expect("read /proc/PID/maps");
+    let mem = std::fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem (needs CAP_SYS_PTRACE)");
+    let mut regions = Vec::new();
+    for line in maps.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let (range, perms) = (fields[0], fields[1]);
+        let name = fields.get(5).copied().unwrap_or("[anonymous]");
+        if !perms.starts_with('r') || name == "[vvar]" || name == "[vsyscall]" || name.starts_with("[vvar") {
+            continue;
+        }
+        let (start, end) = range.split_once('-').expect("a range");
+        let (start, end) = (u64::from_str_radix(start, 16).unwrap(), u64::from_str_radix(end, 16).unwrap());
+        let mut bytes = vec![0u8; (end - start) as usize];
+        // A mapping that cannot be read (a guard page, a device) holds nothing of ours.
+        if mem.read_exact_at(&mut bytes, start).is_ok() {
+            regions.push((line.to_owned(), bytes));
         }
     }
-    // Keys still held are sealed too: none of them is in clear either.
-    for node in ["alice", "bob"] {
-        let store = SledStore::open(&lab.dir.0.join(node).join("store"), &lab.kek(node)).expect("open the store");
-        assert!(store.verify().expect("verify").is_healthy());
-        let held = store.select_ready_units(50, |_| true).expect("units");
-        assert!(!held.is_empty(), "{node} holds keys still");
-        drop(store);
-        for unit in &held {
-            assert!(grep(&data_dirs, &unit.key).is_empty(), "{node}'s unit {} in clear", unit.key_id);
+    regions
+}
+
+/// Acceptance of memory hygiene: real `alice` and `bob` processes with their KMEs; the
+/// applications fetch keys both ways and close their connections. Then every readable page of
+/// both processes (through /proc/PID/mem, as a debugger or a core dump would see them) is
+/// searched for the delivered keys, raw and base64: none is found, because every buffer that
+/// held one was wiped when it was freed (the daemons' wiping allocator) and the store holds
+/// units sealed. The search is checked to work: it finds each KME's ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delivered_keys_are_not_in_the_daemons_memory() {
+    let lab = Lab::new("custody-memory");
+    for (sae, _) in SAES {
+        lab.pki.ensure_sae(sae).expect("issue the SAE certificate");
+    }
+    let (grpc, fibre) = bind_pair().await;
+    let (grpc_addr, fibre_addr) = (grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    drop((grpc, fibre));
+    let (etsi_a, etsi_b, peer_a, peer_b) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let mut alice_cfg = lab.alice_config(grpc_addr, fibre_addr);
+    alice_cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi_a, peer_a, peer_b));
+    let mut bob_cfg = lab.bob_config(grpc_addr, fibre_addr);
+    bob_cfg.kme = Some(kme_config(&lab, "bob", "alice", etsi_b, peer_b, peer_a));
+    let (alice_toml, bob_toml) = (lab.dir.0.join("alice.toml"), lab.dir.0.join("bob.toml"));
+    std::fs::write(&alice_toml, toml::to_string(&alice_cfg).expect("alice toml")).unwrap();
+    std::fs::write(&bob_toml, toml::to_string(&bob_cfg).expect("bob toml")).unwrap();
+    let alice = Daemon::start("alice", &alice_toml, lab.dir.0.join("alice.log"));
+    let bob = Daemon::start("bob", &bob_toml, lab.dir.0.join("bob.log"));
+
+    let delivered = deliver_both_ways(&lab, etsi_a, etsi_b).await;
+
+    // The clients have closed their connections; the KMEs end their side when they read the
+    // close, so the search is repeated (for up to 10 s) while it still finds a key.
+    for daemon in [&alice, &bob] {
+        let pid = daemon.child.id();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let memory = process_memory(pid);
+            let total: usize = memory.iter().map(|(_, bytes)| bytes.len()).sum();
+            let found_in = |needle: &[u8]| -> Vec<String> {
+                let finder = memchr::memmem::Finder::new(needle);
+                memory.iter().filter(|(_, bytes)| finder.find(bytes).is_some()).map(|(map, _)| map.clone()).collect()
+            };
+            let kme_id = format!("{}-kme", daemon.name);
+            assert!(!found_in(kme_id.as_bytes()).is_empty(), "the search of {} ({total} bytes) does not work", daemon.name);
+            let mut found = Vec::new();
+            for (id, key) in &delivered {
+                let b64 = base64::engine::general_purpose::STANDARD.encode(key.as_slice());
+                for (form, needle) in [("raw", key.as_slice()), ("base64", b64.as_bytes())] {
+                    for mapping in found_in(needle) {
+                        found.push(format!("key {id} ({form}) at {mapping}"));
+                    }
+                }
+            }
+            if found.is_empty() {
+                eprintln!(
+                    "{}: {total} bytes of memory searched, none of the {} delivered keys found",
+                    daemon.name,
+                    delivered.len()
+                );
+                break;
+            }
+            assert!(Instant::now() < deadline, "delivered keys in {}'s memory:\n{}", daemon.name, found.join("\n"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
         }
     }
+    bob.stop();
+    alice.stop();
 }
 
 /// A data directory whose store holds keys (sealed under `lab`'s KEK of `node`); returns the
