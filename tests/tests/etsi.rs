@@ -953,12 +953,33 @@ async fn connection_rate_and_idle_limits_answer_429_or_503_with_an_error_body() 
     net.stop().await;
 }
 
-/// Acceptance of the abuse limits: one SAE opens 1,000 connections and requests as fast as it
-/// can over all of them, while another SAE fetches key pairs one after another. The other SAE's
-/// Get key and Get key with key IDs stay under 50 ms at the 99th percentile, and every answer to
-/// anyone is 200, 429 or 503.
+/// The abuse limits under a flood: one SAE opens 1,000 connections and requests keys as fast as
+/// it can over all of them, while another SAE fetches key pairs one after another. The other SAE
+/// gets every pair, the flooding SAE gets keys at its rate and refusals past it, and every answer
+/// to anyone is 200, 429 or 503. The latencies are printed; their bound is checked by the load
+/// test below, which CI runs alone (other tests running beside this one share its two cores).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_sae_flooding_a_thousand_connections_leaves_the_others_served_within_50_ms() {
+async fn one_sae_flooding_a_thousand_connections_leaves_the_others_served() {
+    let (get_p99, dec_p99) = flood_of_a_thousand_connections().await;
+    eprintln!("beside other tests: Get key p99 {get_p99:?}, Get key with key IDs p99 {dec_p99:?}");
+}
+
+/// Acceptance of the abuse limits (issue: key custody, "a KME that holds under abuse"): under
+/// the flood above, the other SAE's Get key and Get key with key IDs stay under 50 ms at the
+/// 99th percentile. A load test, run alone by CI (`.ci/run`, stage "ETSI load test"):
+/// `cargo test --test integration -- --ignored --exact etsi::load_test_other_saes_p99_under_50_ms_during_a_flood`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a load test: run alone, by CI's load-test stage"]
+async fn load_test_other_saes_p99_under_50_ms_during_a_flood() {
+    let (get_p99, dec_p99) = flood_of_a_thousand_connections().await;
+    assert!(get_p99 < Duration::from_millis(50), "Get key p99 {get_p99:?}");
+    assert!(dec_p99 < Duration::from_millis(50), "Get key with key IDs p99 {dec_p99:?}");
+}
+
+/// One SAE (sae-a1) floods KME A with 1,000 connections requesting keys in a loop while sae-a2
+/// and sae-b2 fetch 300 key pairs one after another; returns the 99th percentiles of their Get
+/// key and Get key with key IDs.
+async fn flood_of_a_thousand_connections() -> (Duration, Duration) {
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     const CONNECTIONS: usize = 1000;
     const PAIRS: usize = 300;
@@ -1043,8 +1064,9 @@ async fn one_sae_flooding_a_thousand_connections_leaves_the_others_served_within
         &dec_keys[PAIRS - 5..]
     );
     assert_eq!(counts[3], 0, "answers other than 200, 429 and 503");
+    assert_eq!(counts[4], 0, "the flood's connections failed below HTTP");
     assert!(counts[0] > 0, "the flooding SAE got no key at all: the limits refuse more than they should");
-    assert!(get_p99 < Duration::from_millis(50), "Get key p99 {get_p99:?}");
-    assert!(dec_p99 < Duration::from_millis(50), "Get key with key IDs p99 {dec_p99:?}");
+    assert!(counts[1] > counts[0], "the flooding SAE was not held to its rate");
     Arc::into_inner(net).expect("no other owner").stop().await;
+    (get_p99, dec_p99)
 }
