@@ -92,7 +92,9 @@ use zeroize::Zeroizing;
 pub use custody::{Kek, KekFault, SLOTS_FILE};
 
 pub use fault::{StoreFault, describe, fault_of, is_disk_full};
-pub use qkd_core::store::{BlockMeta, BlockState, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary};
+pub use qkd_core::store::{
+    BlockMeta, BlockState, HeldUnits, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary, UnitHoldings,
+};
 pub use verify::{Problem, StoreCounts, Verification, verify_dir};
 
 use custody::{Keys, Kind, Slots, Unseal};
@@ -972,6 +974,50 @@ impl Trees {
     }
 }
 
+impl Trees {
+    /// See [`KeyStore::holdings`]: every block record read, each of its units looked up in the
+    /// tree of its state.
+    fn holdings(&self) -> Result<UnitHoldings, StoreError> {
+        let mut holdings = UnitHoldings::default();
+        for item in until_error(self.blocks.iter()) {
+            let (_, value) = item.db()?;
+            let (meta, state, key_ids) = decode_block(&value)?;
+            let units = match state {
+                BlockState::Pending => &self.pending,
+                BlockState::Ready => {
+                    holdings.n_ready_blocks += 1;
+                    &self.ready
+                }
+            };
+            let held =
+                key_ids.iter().map(|id| units.contains_key(id.as_bytes()).db()).collect::<Result<Vec<_>, _>>()?;
+            if held.contains(&true) {
+                holdings.blocks.push(HeldUnits { block_id: meta.block_id, state, key_ids, held });
+            }
+        }
+        Ok(holdings)
+    }
+
+    /// See [`KeyStore::drop_reservations`]: every reservation erased (compare-and-swap, so that
+    /// a concurrent delivery is never undone), durably, and its slot erased. Tombstones stay.
+    fn drop_reservations(&self) -> Result<u64, StoreError> {
+        let (mut n, mut erased) = (0, Vec::new());
+        for item in until_error(self.reserved.iter()) {
+            let (key, value) = item.db()?;
+            let slot = kme::reservation_sealed(&value).ok().and_then(|sealed| custody::sealed_slot(&sealed));
+            if self.reserved.compare_and_swap(&key, Some(&value), None::<&[u8]>).db()?.is_ok() {
+                n += 1;
+                erased.extend(slot);
+            }
+        }
+        if n > 0 {
+            self.flush()?;
+            self.erase_slots(erased, true)?;
+        }
+        Ok(n)
+    }
+}
+
 impl KeyStore for SledStore {
     fn put_pending(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError> {
         self.with(|t| t.put(meta, keys, BlockState::Pending))
@@ -1013,6 +1059,24 @@ impl KeyStore for SledStore {
 
     fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError> {
         self.with(|t| t.blocks())
+    }
+
+    fn holdings(&self) -> Result<UnitHoldings, StoreError> {
+        self.with(|t| t.holdings())
+    }
+
+    /// In sled transactions of [`PUBLISH_BATCH`] units (a transaction keeps its writes in
+    /// memory), each durable before the next.
+    fn discard_units(&self, unit_ids: &[Uuid]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for batch in unit_ids.chunks(PUBLISH_BATCH) {
+            n += self.discard_ready_units(batch)? as u64;
+        }
+        Ok(n)
+    }
+
+    fn drop_reservations(&self) -> Result<u64, StoreError> {
+        self.with(|t| t.drop_reservations())
     }
 
     fn is_healthy(&self) -> bool {
