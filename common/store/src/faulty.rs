@@ -207,6 +207,10 @@ impl<S: KeyStore + ?Sized> KeyStore for FaultyStore<S> {
         self.write(|s| s.drop_reservations())
     }
 
+    fn reagreed(&self) {
+        self.inner.reagreed();
+    }
+
     fn is_healthy(&self) -> bool {
         !self.stuck.load(Ordering::SeqCst) && self.inner.is_healthy()
     }

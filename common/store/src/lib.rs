@@ -213,6 +213,9 @@ pub struct SledStore {
     health: Mutex<Health>,
     /// The keys derived from the KEK (see [`custody`]).
     keys: std::sync::Arc<Keys>,
+    /// Reservations are not handed out until the link's re-agreement at `Hello` has run
+    /// ([`SledStore::hold_reservations_until_reagreed`]).
+    reservations_held: std::sync::atomic::AtomicBool,
 }
 
 /// Why the store is out of service, if it is, and when it may reopen by itself.
@@ -262,7 +265,13 @@ impl SledStore {
     pub fn open(dir: &Path, kek: &Kek) -> Result<Self, StoreError> {
         let keys = std::sync::Arc::new(kek.derive());
         let trees = open_trees(dir, &keys)?;
-        Ok(Self { dir: Some(dir.to_owned()), slot: RwLock::new(Some(trees)), health: Mutex::default(), keys })
+        Ok(Self {
+            dir: Some(dir.to_owned()),
+            slot: RwLock::new(Some(trees)),
+            health: Mutex::default(),
+            keys,
+            reservations_held: Default::default(),
+        })
     }
 
     /// A store in a temporary location, deleted when dropped (simulations and tests), sealed
@@ -272,7 +281,27 @@ impl SledStore {
         let db = sled::Config::new().temporary(true).open().db()?;
         let keys = std::sync::Arc::new(Kek::generate("(random KEK of a temporary store)").derive());
         let trees = Trees::new(db, keys.clone(), Slots::memory())?;
-        Ok(Self { dir: None, slot: RwLock::new(Some(trees)), health: Mutex::default(), keys })
+        Ok(Self {
+            dir: None,
+            slot: RwLock::new(Some(trees)),
+            health: Mutex::default(),
+            keys,
+            reservations_held: Default::default(),
+        })
+    }
+
+    /// Holds the KME's reservations back ([`SledStore::deliver_reserved_keys`] refuses with
+    /// [`kme::KmeStoreError::AwaitingReagreement`]) until the link's re-agreement at `Hello`
+    /// ([`KeyStore::reagreed`]): a store just restored from an older copy may hold reservations
+    /// that were fetched since, which the re-agreement erases. The daemons call this when they
+    /// open their store.
+    pub fn hold_reservations_until_reagreed(&self) {
+        self.reservations_held.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether reservations are held back until the re-agreement at `Hello`.
+    pub fn reservations_held(&self) -> bool {
+        self.reservations_held.load(Ordering::SeqCst)
     }
 
     /// The store's directory (`None` for a temporary store).
@@ -984,10 +1013,7 @@ impl Trees {
             let (meta, state, key_ids) = decode_block(&value)?;
             let units = match state {
                 BlockState::Pending => &self.pending,
-                BlockState::Ready => {
-                    holdings.n_ready_blocks += 1;
-                    &self.ready
-                }
+                BlockState::Ready => &self.ready,
             };
             let held =
                 key_ids.iter().map(|id| units.contains_key(id.as_bytes()).db()).collect::<Result<Vec<_>, _>>()?;
@@ -1077,6 +1103,12 @@ impl KeyStore for SledStore {
 
     fn drop_reservations(&self) -> Result<u64, StoreError> {
         self.with(|t| t.drop_reservations())
+    }
+
+    fn reagreed(&self) {
+        if self.reservations_held.swap(false, Ordering::SeqCst) {
+            tracing::info!(path = %self.label().display(), "key store re-agreed with the peer's: reservations served again");
+        }
     }
 
     fn is_healthy(&self) -> bool {

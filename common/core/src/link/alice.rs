@@ -369,7 +369,8 @@ impl AliceCore {
             simulated: self.simulated || req.simulated_channel,
         });
         reagreement.log("alice");
-        let event = AliceEvent::SessionOpened { bob_id: req.bob_id.clone(), session_id: id, settled_ready, reagreement };
+        let event =
+            AliceEvent::SessionOpened { bob_id: req.bob_id.clone(), session_id: id, settled_ready, reagreement };
         Ok((response, event))
     }
 
@@ -761,7 +762,9 @@ fn reagree(
     if side.differ {
         reagreement.reservations_dropped = store.drop_reservations()?;
     }
-    Ok((side.agreed.encode()?, side.differ, reagreement))
+    let agreed = side.agreed.encode()?;
+    store.reagreed();
+    Ok((agreed, side.differ, reagreement))
 }
 
 /// The block `block_id` names, if `request` fits its phase: the one place where a request meets

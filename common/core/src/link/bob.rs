@@ -7,12 +7,12 @@ use proto::link::*;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{Reagreement, Reconciliation, UnitMap};
 use super::abort::{Abort, AbortReason};
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
 use super::request::{Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
+use super::{Reagreement, Reconciliation, UnitMap};
 use crate::auth::{AuthPool, AuthReport, Direction, bob_accept, bob_apply_secrets, retire_hash_key};
 use crate::bits::BitVec;
 use crate::postproc::binary_entropy;
@@ -238,6 +238,7 @@ impl<P: LinkPeer> BobLink<P> {
             reagreement.stores_differed = true;
             reagreement.reservations_dropped = store.drop_reservations()?;
         }
+        store.reagreed();
         reagreement.log("bob");
         // A refill joins the pool only when its block is ready here (as at Alice, in the same
         // order), so both pools hold the same bits.

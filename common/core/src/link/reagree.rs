@@ -6,8 +6,7 @@
 //! the unit at that end, so the two ends compare *which units of which blocks* they still hold,
 //! not only block IDs. At every `Hello`:
 //!
-//! 1. Bob sends the units his store holds ([`UnitMap`], ready and pending blocks) and the number
-//!    of ready block records he keeps;
+//! 1. Bob sends the units his store holds ([`UnitMap`], ready and pending blocks);
 //! 2. Alice keeps, of her units, those Bob holds too, and drops (erases, durably) the others
 //!    before she answers with the intersection;
 //! 3. Bob settles his pending blocks (as before), then drops his units outside the intersection.
@@ -26,7 +25,9 @@
 //! reservations: a slave then cannot fetch a key its master already has (it asks for new keys),
 //! but no key is ever delivered twice. Alice, who sees both stores' units, decides and says so
 //! ([`proto::link::HelloResponse::stores_differed`]). Stores that agree keep their reservations:
-//! a restart or reconnection costs nothing. A copy that differs from the current store only by
+//! a restart or reconnection costs nothing. Until its first re-agreement a daemon's store serves
+//! no reservation at all ([`crate::store::KeyStore::reagreed`] releases them), so that a restored
+//! copy cannot hand one out before `Hello`. A copy that differs from the current store only by
 //! reservations fetched since it was made (no block committed and no unit delivered in between)
 //! cannot be told from an up-to-date store: docs/store.md says what the operator does then.
 //!
@@ -346,7 +347,11 @@ pub(crate) fn alice_side(
 
 /// Bob's side: the units of his holdings outside Alice's answer `agreed`, by block. Refuses an
 /// answer that names a unit Bob did not claim (Alice answers with a subset of Bob's map).
-pub(crate) fn bob_side(own: &UnitHoldings, claimed: &UnitMap, agreed: &UnitMap) -> Result<Vec<(Uuid, Vec<Uuid>)>, LinkError> {
+pub(crate) fn bob_side(
+    own: &UnitHoldings,
+    claimed: &UnitMap,
+    agreed: &UnitMap,
+) -> Result<Vec<(Uuid, Vec<Uuid>)>, LinkError> {
     for (block_id, flags) in agreed.iter() {
         let ok = claimed
             .get(block_id)

@@ -1133,8 +1133,7 @@ fn a_store_restored_from_an_older_copy_keeps_only_the_units_both_hold() {
         let in_backup = ready_units(&backup);
         let delivered = rig.deliver(4);
         rig.commit_blocks(1).await;
-        let newer: Vec<uuid::Uuid> =
-            ready_units(rig.alice_store.as_ref()).difference(&in_backup).copied().collect();
+        let newer: Vec<uuid::Uuid> = ready_units(rig.alice_store.as_ref()).difference(&in_backup).copied().collect();
         assert!(!newer.is_empty());
         rig.bob_store = backup;
         assert!(delivered.iter().all(|u| ready_units(&rig.bob_store).contains(u)), "the copy holds them");

@@ -119,11 +119,9 @@ pub struct HeldUnits {
 /// `qkd_core::link::reagree`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UnitHoldings {
-    /// The blocks of which at least one unit is held, in block-ID order.
+    /// The blocks of which at least one unit is held, in block-ID order (blocks whose units
+    /// were all served keep their records, but are not listed).
     pub blocks: Vec<HeldUnits>,
-    /// Block records in the ready state, whether or not any of their units is still held
-    /// (records stay when their units are served).
-    pub n_ready_blocks: u64,
 }
 
 impl StoreError {
@@ -154,8 +152,8 @@ pub trait KeyStore: Send + Sync {
     /// Number of key units held, ready or pending (what the store's size limit counts). Must
     /// not loop on a backend error: a durable store keeps this count rather than iterating.
     fn n_units(&self) -> Result<u64, StoreError>;
-    /// Which units of which blocks the store still holds, and how many ready block records it
-    /// keeps (see [`UnitHoldings`]). Reads every block record.
+    /// Which units of which blocks the store still holds (see [`UnitHoldings`]). Reads every
+    /// block record.
     fn holdings(&self) -> Result<UnitHoldings, StoreError>;
     /// Removes whichever of `unit_ids` are ready, durably, and erases them (units the peer no
     /// longer holds, found by the re-agreement at `Hello`). Pending units are left alone (a
@@ -169,6 +167,11 @@ pub trait KeyStore: Send + Sync {
     fn drop_reservations(&self) -> Result<u64, StoreError> {
         Ok(0)
     }
+    /// Says that the re-agreement at `Hello` has run at this end (and erased the reservations if
+    /// the stores differed): a store that holds its reservations back until then (a daemon's,
+    /// whose store may have just been restored from an older copy) serves them again. Default:
+    /// nothing to release.
+    fn reagreed(&self) {}
     /// Whether the store is in service: `false` once its backend failed (a full disk, an I/O
     /// error) until [`KeyStore::reopen_if_failed`] brings it back. Does no I/O. Stores that
     /// cannot fail that way keep this default (`true`).
