@@ -336,7 +336,7 @@ pub(crate) fn alice_side(
     }
     for (block_id, theirs) in bob.iter() {
         let ours = mine.get(block_id);
-        let lacking = theirs.iter().enumerate().any(|(i, &h)| h && !ours.is_some_and(|o| o.get(i) == Some(&true)));
+        let lacking = theirs.iter().enumerate().any(|(i, &h)| h && ours.is_none_or(|o| o.get(i) != Some(&true)));
         if lacking && (alice_state(*block_id)?.is_some() || !bob_pending.contains(block_id)) {
             side.differ = true;
         }
@@ -369,7 +369,7 @@ pub(crate) fn bob_side(
             .held
             .iter()
             .enumerate()
-            .filter(|&(i, &held)| held && !agreed.is_some_and(|a| a.get(i) == Some(&true)))
+            .filter(|&(i, &held)| held && agreed.is_none_or(|a| a.get(i) != Some(&true)))
             .map(|(i, _)| block.key_ids[i])
             .collect();
         if !dropped.is_empty() {
