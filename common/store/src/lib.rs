@@ -1091,7 +1091,7 @@ impl KeyStore for SledStore {
         self.with(|t| t.holdings())
     }
 
-    /// In sled transactions of [`PUBLISH_BATCH`] units (a transaction keeps its writes in
+    /// In sled transactions of `PUBLISH_BATCH` units (a transaction keeps its writes in
     /// memory), each durable before the next.
     fn discard_units(&self, unit_ids: &[Uuid]) -> Result<u64, StoreError> {
         let mut n = 0;
