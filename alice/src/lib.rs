@@ -68,6 +68,11 @@ pub struct AliceStatus {
     pub sifted_bits: u64,
     /// Bits disclosed by error correction and verification in committed blocks.
     pub leak_bits: u64,
+    /// Key units dropped at `Hello` because the peer's store did not hold them (see
+    /// `qkd_core::link::reagree`).
+    pub units_dropped_at_hello: u64,
+    /// KME reservations erased at `Hello` because the two stores differed.
+    pub reservations_dropped_at_hello: u64,
     /// The last committed block's statistics.
     pub last_block: Option<BlockStats>,
     /// The last block aborted and its reason's label (not in the status file).
@@ -136,6 +141,8 @@ impl AliceStatus {
             sessions: None,
             phase_offset_rad: None,
             auth_pool_bits: self.auth_pool_bits,
+            units_dropped_at_hello: self.units_dropped_at_hello,
+            reservations_dropped_at_hello: self.reservations_dropped_at_hello,
             device: common::telemetry::DeviceReadings {
                 source_mu: self.source_reading.map(|r| r.0),
                 source_g2: self.source_reading.map(|r| r.1),
@@ -183,6 +190,9 @@ pub async fn run(
     // its store (and so its KME) is used; a wrong one leaves the store untouched.
     let kek = cfg.store.load_kek().context("loading the key store's key-encryption key ([store])")?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store"), &kek).context("opening the key store")?);
+    // A store restored from an older copy may hold reservations fetched since: none is served
+    // before the first Hello has re-agreed the store with the peer's.
+    store.hold_reservations_until_reagreed();
     drop(kek);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let security = cfg.security.params(link.p_z).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -263,7 +273,11 @@ pub async fn run(
     let incoming =
         tls.grpc_incoming(grpc_listener, "classical channel").context("TLS configuration of the classical channel")?;
     let grpc = tonic::transport::Server::builder()
-        .add_service(LinkServer::new(service))
+        .add_service(
+            LinkServer::new(service)
+                .max_decoding_message_size(qkd_core::link::reagree::MAX_LINK_MESSAGE_BYTES)
+                .max_encoding_message_size(qkd_core::link::reagree::MAX_LINK_MESSAGE_BYTES),
+        )
         .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
 
     let health = common::service::Health::default();
@@ -568,8 +582,10 @@ impl LinkService {
         let Some(event) = event else { return };
         let mut status = self.status.lock().expect("status lock poisoned");
         match event {
-            AliceEvent::SessionOpened { bob_id, session_id, settled_ready } => {
+            AliceEvent::SessionOpened { bob_id, session_id, settled_ready, reagreement } => {
                 info!(bob = %bob_id, session = %session_id, settled_ready, "session opened");
+                status.units_dropped_at_hello += reagreement.units_dropped;
+                status.reservations_dropped_at_hello += reagreement.reservations_dropped;
             }
             AliceEvent::Committed(meta, security, auth) => {
                 info!(

@@ -66,6 +66,11 @@ pub struct BobStatus {
     pub aborted_by_reason: std::collections::BTreeMap<String, u64>,
     /// Bits disclosed by error correction and verification in committed blocks.
     pub leak_bits: u64,
+    /// Key units dropped at `Hello` because the peer's store did not hold them (see
+    /// `qkd_core::link::reagree`).
+    pub units_dropped_at_hello: u64,
+    /// KME reservations erased at `Hello` because the two stores differed.
+    pub reservations_dropped_at_hello: u64,
     /// Unused bits of the authentication key pool (at start, then after each block).
     pub auth_pool_bits: Option<u64>,
     /// The receiver's monitors as last read (about once a second).
@@ -106,6 +111,8 @@ impl BobStatus {
             sessions: Some(self.sessions),
             phase_offset_rad: self.phase_reported.then_some(self.phase_error_rad),
             auth_pool_bits: self.auth_pool_bits,
+            units_dropped_at_hello: self.units_dropped_at_hello,
+            reservations_dropped_at_hello: self.reservations_dropped_at_hello,
             device: self.monitors.clone(),
         }
     }
@@ -158,6 +165,9 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     // its store (and so its KME) is used; a wrong one leaves the store untouched.
     let kek = cfg.store.load_kek().context("loading the key store's key-encryption key ([store])")?;
     let store = Arc::new(SledStore::open(&cfg.data_dir.join("store"), &kek).context("opening the key store")?);
+    // A store restored from an older copy may hold reservations fetched since: none is served
+    // before the first Hello has re-agreed the store with the peer's.
+    store.hold_reservations_until_reagreed();
     drop(kek);
     let tls = cfg.tls.load().context("loading TLS material")?;
     let (device, photons) = common::device::open_receiver(&cfg.device, &link, cfg.protocol.frame_pulses).await?;
@@ -452,7 +462,10 @@ async fn session(
         }
         None => None,
     };
-    let peer = GrpcPeer { client: LinkClient::new(channel) };
+    let client = LinkClient::new(channel)
+        .max_decoding_message_size(qkd_core::link::reagree::MAX_LINK_MESSAGE_BYTES)
+        .max_encoding_message_size(qkd_core::link::reagree::MAX_LINK_MESSAGE_BYTES);
+    let peer = GrpcPeer { client };
     let (mut bob, (ready, dropped)) = off_the_workers(BobLink::open(
         peer,
         &cfg.node_id,
@@ -471,6 +484,8 @@ async fn session(
         s.connected = true;
         s.sessions += 1;
         s.last_error = None;
+        s.units_dropped_at_hello += bob.reagreement().units_dropped;
+        s.reservations_dropped_at_hello += bob.reagreement().reservations_dropped;
     }
     health.set_ready(true);
 

@@ -79,6 +79,13 @@ pub struct NodeSnapshot {
     pub phase_offset_rad: Option<f64>,
     /// Unused bits of the authentication key pool.
     pub auth_pool_bits: Option<u64>,
+    /// Key units this end dropped at `Hello` because the peer's store did not hold them (the
+    /// re-agreement of the stores after one was lost or restored from an older copy).
+    #[serde(default)]
+    pub units_dropped_at_hello: u64,
+    /// KME reservations this end erased at `Hello` because the two stores differed.
+    #[serde(default)]
+    pub reservations_dropped_at_hello: u64,
     /// The device's monitors, as last read.
     pub device: DeviceReadings,
 }
@@ -442,6 +449,14 @@ fn describe() {
         "Frame periods the simulated source skipped because it fell behind its clock"
     );
     describe_counter!("qkd_sessions_total", "Sessions of the classical channel opened");
+    describe_counter!(
+        "qkd_store_units_dropped_at_hello_total",
+        "Key units dropped at Hello because the peer's store did not hold them (a store lost or restored)"
+    );
+    describe_counter!(
+        "qkd_store_reservations_dropped_at_hello_total",
+        "KME reservations erased at Hello because the two stores differed"
+    );
     describe_gauge!(
         "qkd_decoder_phase_offset_radians",
         "The decoder's uncorrected phase offset: what the phase feedback has left to correct"
@@ -515,6 +530,8 @@ fn record_status(status: &NodeStatus) {
     if let Some(n) = s.sessions {
         counter!("qkd_sessions_total").absolute(n);
     }
+    counter!("qkd_store_units_dropped_at_hello_total").absolute(s.units_dropped_at_hello);
+    counter!("qkd_store_reservations_dropped_at_hello_total").absolute(s.reservations_dropped_at_hello);
     if let Some(p) = s.phase_offset_rad {
         gauge!("qkd_decoder_phase_offset_radians").set(p);
     }

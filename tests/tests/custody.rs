@@ -19,13 +19,13 @@ use super::*;
 const SAES: [(&str, &str); 2] = [("app-a", "alice-kme"), ("app-b", "bob-kme")];
 
 /// A free loopback port (the KME binds its addresses from its configuration).
-fn free_addr() -> std::net::SocketAddr {
+pub(super) fn free_addr() -> std::net::SocketAddr {
     std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr")
 }
 
 /// The `[kme]` section of `node` (at `listen`, its peer channel at `peer_listen`, the peer's at
 /// `peer`).
-fn kme_config(
+pub(super) fn kme_config(
     lab: &Lab,
     node: &str,
     peer_node: &str,
@@ -49,7 +49,7 @@ fn kme_config(
 }
 
 /// An HTTPS client presenting `sae`'s certificate from the lab PKI.
-fn sae_client(lab: &Lab, sae: &str) -> reqwest::Client {
+pub(super) fn sae_client(lab: &Lab, sae: &str) -> reqwest::Client {
     use qkd_tls::pki::Kind;
     let ca = std::fs::read(lab.pki.sae_trust_anchor(sae)).expect("read the node CA");
     let mut pem = std::fs::read(lab.pki.cert_path(Kind::Sae, sae)).expect("read the SAE certificate");
@@ -64,7 +64,7 @@ fn sae_client(lab: &Lab, sae: &str) -> reqwest::Client {
 }
 
 /// `(status, JSON body)` of a request.
-async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
+pub(super) async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
     match request.send().await {
         Ok(response) => {
             let code = response.status().as_u16();
@@ -75,7 +75,7 @@ async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
 }
 
 /// The (key ID, key bytes) of a key container.
-fn keys_of(container: &Value) -> Vec<(String, Zeroizing<Vec<u8>>)> {
+pub(super) fn keys_of(container: &Value) -> Vec<(String, Zeroizing<Vec<u8>>)> {
     container["keys"]
         .as_array()
         .expect("keys")

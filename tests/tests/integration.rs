@@ -13,6 +13,7 @@ mod lab;
 mod link;
 mod ops;
 mod pki;
+mod reagree;
 mod service;
 mod sim;
 mod store;

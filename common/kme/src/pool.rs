@@ -299,6 +299,14 @@ impl KmeState {
                 Err(EtsiError::Unauthorized(format!("SAE {slave} is not a slave SAE of the requested keys")))
             }
             Err(KmeStoreError::NotFound(_)) => Err(EtsiError::bad_request(api::MSG_KEYS_NOT_FOUND)),
+            Err(KmeStoreError::AwaitingReagreement) => {
+                info!(master = %master, slave = %slave, "refused keys: the store awaits its re-agreement with the peer's");
+                Err(EtsiError::Unavailable(
+                    "the KME's key store has not been re-agreed with the peer's since it started (the link is not up \
+                     yet); try again later"
+                        .into(),
+                ))
+            }
             Err(e) => Err(store_unavailable(&e)),
         }
     }

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use uuid::Uuid;
 
-use crate::{BlockMeta, BlockState, KeyStore, KeyUnit, StoreError, StoreFault, StoreSummary};
+use crate::{BlockMeta, BlockState, KeyStore, KeyUnit, StoreError, StoreFault, StoreSummary, UnitHoldings};
 
 /// A [`KeyStore`] that fails writes with a disk-full error on demand (see the module
 /// documentation).
@@ -139,7 +139,7 @@ impl<S: KeyStore + ?Sized> FaultyStore<S> {
         call(&self.inner)
     }
 
-    fn write(&self, call: impl FnOnce(&S) -> Result<(), StoreError>) -> Result<(), StoreError> {
+    fn write<T>(&self, call: impl FnOnce(&S) -> Result<T, StoreError>) -> Result<T, StoreError> {
         self.writes.fetch_add(1, Ordering::SeqCst);
         if self.disk_full() {
             if self.fail_after_write.load(Ordering::SeqCst) {
@@ -193,6 +193,22 @@ impl<S: KeyStore + ?Sized> KeyStore for FaultyStore<S> {
 
     fn n_units(&self) -> Result<u64, StoreError> {
         self.read(|s| s.n_units())
+    }
+
+    fn holdings(&self) -> Result<UnitHoldings, StoreError> {
+        self.read(|s| s.holdings())
+    }
+
+    fn discard_units(&self, unit_ids: &[Uuid]) -> Result<u64, StoreError> {
+        self.write(|s| s.discard_units(unit_ids))
+    }
+
+    fn drop_reservations(&self) -> Result<u64, StoreError> {
+        self.write(|s| s.drop_reservations())
+    }
+
+    fn reagreed(&self) {
+        self.inner.reagreed();
     }
 
     fn is_healthy(&self) -> bool {

@@ -71,6 +71,12 @@ pub enum KmeStoreError {
     /// The caller is not one of the key's slave SAEs; nothing changed.
     #[error("the caller is not a slave SAE of key {0}")]
     NotSlave(Uuid),
+    /// The store's reservations are held back until the link has re-agreed the store with the
+    /// peer's at `Hello` ([`SledStore::hold_reservations_until_reagreed`]); nothing changed.
+    #[error(
+        "the key store has not been re-agreed with the peer's yet (the link's Hello): reservations are held until then"
+    )]
+    AwaitingReagreement,
 }
 
 /// One ETSI key to reserve: its ID, the units that make it and who may fetch it.
@@ -153,15 +159,20 @@ impl SledStore {
     /// reserved for `master` and not yet delivered to `caller`; a key is erased once every slave
     /// has fetched it. Returns the keys in the order of `key_ids`.
     ///
-    /// Errors, nothing changed: [`KmeStoreError::NotSlave`] when `caller` is not a slave of a
-    /// reserved key (checked first), otherwise [`KmeStoreError::NotFound`] for an unknown key, a
-    /// key of another master, or one already delivered to `caller`.
+    /// Errors, nothing changed: [`KmeStoreError::AwaitingReagreement`] while reservations are
+    /// held ([`SledStore::hold_reservations_until_reagreed`]); [`KmeStoreError::NotSlave`] when
+    /// `caller` is not a slave of a reserved key (checked first), otherwise
+    /// [`KmeStoreError::NotFound`] for an unknown key, a key of another master, or one already
+    /// delivered to `caller`.
     pub fn deliver_reserved_keys(
         &self,
         key_ids: &[Uuid],
         master: &str,
         caller: &str,
     ) -> Result<Vec<KeyUnit>, KmeStoreError> {
+        if self.reservations_held() {
+            return Err(KmeStoreError::AwaitingReagreement);
+        }
         self.with(|t| t.deliver_reserved_keys(key_ids, master, caller))
     }
 

@@ -92,7 +92,9 @@ use zeroize::Zeroizing;
 pub use custody::{Kek, KekFault, SLOTS_FILE};
 
 pub use fault::{StoreFault, describe, fault_of, is_disk_full};
-pub use qkd_core::store::{BlockMeta, BlockState, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary};
+pub use qkd_core::store::{
+    BlockMeta, BlockState, HeldUnits, KeyStore, KeyUnit, MemoryStore, StoreError, StoreSummary, UnitHoldings,
+};
 pub use verify::{Problem, StoreCounts, Verification, verify_dir};
 
 use custody::{Keys, Kind, Slots, Unseal};
@@ -211,6 +213,9 @@ pub struct SledStore {
     health: Mutex<Health>,
     /// The keys derived from the KEK (see [`custody`]).
     keys: std::sync::Arc<Keys>,
+    /// Reservations are not handed out until the link's re-agreement at `Hello` has run
+    /// ([`SledStore::hold_reservations_until_reagreed`]).
+    reservations_held: std::sync::atomic::AtomicBool,
 }
 
 /// Why the store is out of service, if it is, and when it may reopen by itself.
@@ -260,7 +265,13 @@ impl SledStore {
     pub fn open(dir: &Path, kek: &Kek) -> Result<Self, StoreError> {
         let keys = std::sync::Arc::new(kek.derive());
         let trees = open_trees(dir, &keys)?;
-        Ok(Self { dir: Some(dir.to_owned()), slot: RwLock::new(Some(trees)), health: Mutex::default(), keys })
+        Ok(Self {
+            dir: Some(dir.to_owned()),
+            slot: RwLock::new(Some(trees)),
+            health: Mutex::default(),
+            keys,
+            reservations_held: Default::default(),
+        })
     }
 
     /// A store in a temporary location, deleted when dropped (simulations and tests), sealed
@@ -270,7 +281,27 @@ impl SledStore {
         let db = sled::Config::new().temporary(true).open().db()?;
         let keys = std::sync::Arc::new(Kek::generate("(random KEK of a temporary store)").derive());
         let trees = Trees::new(db, keys.clone(), Slots::memory())?;
-        Ok(Self { dir: None, slot: RwLock::new(Some(trees)), health: Mutex::default(), keys })
+        Ok(Self {
+            dir: None,
+            slot: RwLock::new(Some(trees)),
+            health: Mutex::default(),
+            keys,
+            reservations_held: Default::default(),
+        })
+    }
+
+    /// Holds the KME's reservations back ([`SledStore::deliver_reserved_keys`] refuses with
+    /// [`kme::KmeStoreError::AwaitingReagreement`]) until the link's re-agreement at `Hello`
+    /// ([`KeyStore::reagreed`]): a store just restored from an older copy may hold reservations
+    /// that were fetched since, which the re-agreement erases. The daemons call this when they
+    /// open their store.
+    pub fn hold_reservations_until_reagreed(&self) {
+        self.reservations_held.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether reservations are held back until the re-agreement at `Hello`.
+    pub fn reservations_held(&self) -> bool {
+        self.reservations_held.load(Ordering::SeqCst)
     }
 
     /// The store's directory (`None` for a temporary store).
@@ -972,6 +1003,47 @@ impl Trees {
     }
 }
 
+impl Trees {
+    /// See [`KeyStore::holdings`]: every block record read, each of its units looked up in the
+    /// tree of its state.
+    fn holdings(&self) -> Result<UnitHoldings, StoreError> {
+        let mut holdings = UnitHoldings::default();
+        for item in until_error(self.blocks.iter()) {
+            let (_, value) = item.db()?;
+            let (meta, state, key_ids) = decode_block(&value)?;
+            let units = match state {
+                BlockState::Pending => &self.pending,
+                BlockState::Ready => &self.ready,
+            };
+            let held =
+                key_ids.iter().map(|id| units.contains_key(id.as_bytes()).db()).collect::<Result<Vec<_>, _>>()?;
+            if held.contains(&true) {
+                holdings.blocks.push(HeldUnits { block_id: meta.block_id, state, key_ids, held });
+            }
+        }
+        Ok(holdings)
+    }
+
+    /// See [`KeyStore::drop_reservations`]: every reservation erased (compare-and-swap, so that
+    /// a concurrent delivery is never undone), durably, and its slot erased. Tombstones stay.
+    fn drop_reservations(&self) -> Result<u64, StoreError> {
+        let (mut n, mut erased) = (0, Vec::new());
+        for item in until_error(self.reserved.iter()) {
+            let (key, value) = item.db()?;
+            let slot = kme::reservation_sealed(&value).ok().and_then(|sealed| custody::sealed_slot(&sealed));
+            if self.reserved.compare_and_swap(&key, Some(&value), None::<&[u8]>).db()?.is_ok() {
+                n += 1;
+                erased.extend(slot);
+            }
+        }
+        if n > 0 {
+            self.flush()?;
+            self.erase_slots(erased, true)?;
+        }
+        Ok(n)
+    }
+}
+
 impl KeyStore for SledStore {
     fn put_pending(&self, meta: &BlockMeta, keys: &[KeyUnit]) -> Result<(), StoreError> {
         self.with(|t| t.put(meta, keys, BlockState::Pending))
@@ -1013,6 +1085,30 @@ impl KeyStore for SledStore {
 
     fn blocks(&self) -> Result<Vec<(BlockMeta, BlockState)>, StoreError> {
         self.with(|t| t.blocks())
+    }
+
+    fn holdings(&self) -> Result<UnitHoldings, StoreError> {
+        self.with(|t| t.holdings())
+    }
+
+    /// In sled transactions of `PUBLISH_BATCH` units (a transaction keeps its writes in
+    /// memory), each durable before the next.
+    fn discard_units(&self, unit_ids: &[Uuid]) -> Result<u64, StoreError> {
+        let mut n = 0;
+        for batch in unit_ids.chunks(PUBLISH_BATCH) {
+            n += self.discard_ready_units(batch)? as u64;
+        }
+        Ok(n)
+    }
+
+    fn drop_reservations(&self) -> Result<u64, StoreError> {
+        self.with(|t| t.drop_reservations())
+    }
+
+    fn reagreed(&self) {
+        if self.reservations_held.swap(false, Ordering::SeqCst) {
+            tracing::info!(path = %self.label().display(), "key store re-agreed with the peer's: reservations served again");
+        }
     }
 
     fn is_healthy(&self) -> bool {

@@ -183,6 +183,8 @@ pub enum AliceEvent {
         session_id: Uuid,
         /// How many of Bob's pending blocks Alice holds as ready.
         settled_ready: usize,
+        /// What the re-agreement of the stores dropped at Alice.
+        reagreement: super::Reagreement,
     },
     /// A block was committed with its keys, its security report and what authentication cost.
     Committed(BlockMeta, Box<KeyLength>, AuthReport),
@@ -322,12 +324,15 @@ impl AliceCore {
         self.auth
             .settle_all(&mut |block_id| Ok(store.block_state(block_id)? == Some(crate::store::BlockState::Ready)))?;
         let mut ready_block_ids = Vec::new();
+        let mut bob_pending = Vec::new();
         for id in &req.pending_block_ids {
             let block_id = parse_uuid(id, "pending block id")?;
+            bob_pending.push(block_id);
             if store.block_state(block_id)? == Some(crate::store::BlockState::Ready) {
                 ready_block_ids.push(id.clone());
             }
         }
+        let (held_units, stores_differed, reagreement) = reagree(store, req, &bob_pending)?;
         if req.auth_placeholder != self.auth.is_placeholder() {
             tracing::warn!(
                 bob = %req.bob_id,
@@ -338,22 +343,7 @@ impl AliceCore {
             );
         }
         let id = self.uuid();
-        self.session = Some(Session {
-            id,
-            acc_bits: BitVec::new(),
-            acc_counts: XCounts::default(),
-            acc_pulses: 0,
-            acc_frames: 0,
-            acc_monitor: SourceMonitor::default(),
-            acc_transcript: Transcript::default(),
-            blocks: HashMap::new(),
-            simulated: self.simulated || req.simulated_channel,
-        });
-        let event = AliceEvent::SessionOpened {
-            bob_id: req.bob_id.clone(),
-            session_id: id,
-            settled_ready: ready_block_ids.len(),
-        };
+        let settled_ready = ready_block_ids.len();
         let response = HelloResponse {
             session_id: id.to_string(),
             alice_id: self.alice_id.clone(),
@@ -361,7 +351,26 @@ impl AliceCore {
             next_frame_idx: self.frames.last_key_value().map_or(0, |(k, _)| k + 1),
             auth_placeholder: self.auth.is_placeholder(),
             simulated_channel: self.simulated,
+            held_units,
+            stores_differed,
         };
+        // The session's first block authenticates its Hello too (see `reagree`).
+        let mut acc_transcript = Transcript::default();
+        acc_transcript.absorb("Hello", req, &response);
+        self.session = Some(Session {
+            id,
+            acc_bits: BitVec::new(),
+            acc_counts: XCounts::default(),
+            acc_pulses: 0,
+            acc_frames: 0,
+            acc_monitor: SourceMonitor::default(),
+            acc_transcript,
+            blocks: HashMap::new(),
+            simulated: self.simulated || req.simulated_channel,
+        });
+        reagreement.log("alice");
+        let event =
+            AliceEvent::SessionOpened { bob_id: req.bob_id.clone(), session_id: id, settled_ready, reagreement };
         Ok((response, event))
     }
 
@@ -730,6 +739,32 @@ impl AliceCore {
     fn uuid(&mut self) -> Uuid {
         uuid::Builder::from_random_bytes(self.rng.random()).into_uuid()
     }
+}
+
+/// Alice's part of the re-agreement at `Hello` (see [`super::reagree`]): drops, durably, her units
+/// that Bob does not hold, and her KME reservations if the stores differ; returns the packed
+/// intersection for her answer, whether the stores differed, and what she dropped. `bob_pending`:
+/// Bob's pending blocks.
+fn reagree(
+    store: &dyn KeyStore,
+    req: &HelloRequest,
+    bob_pending: &[Uuid],
+) -> Result<(Vec<u8>, bool, super::Reagreement), LinkError> {
+    let bob = super::UnitMap::decode(&req.held_units)?;
+    let own = store.holdings()?;
+    let side = super::reagree::alice_side(&own, &bob, bob_pending, |block_id| Ok(store.block_state(block_id)?))?;
+    let mut reagreement = super::Reagreement::default();
+    for (block_id, units) in &side.discard {
+        reagreement.units_dropped += store.discard_units(units)?;
+        reagreement.blocks.push((*block_id, units.len() as u64));
+    }
+    reagreement.stores_differed = side.differ;
+    if side.differ {
+        reagreement.reservations_dropped = store.drop_reservations()?;
+    }
+    let agreed = side.agreed.encode()?;
+    store.reagreed();
+    Ok((agreed, side.differ, reagreement))
 }
 
 /// The block `block_id` names, if `request` fits its phase: the one place where a request meets

@@ -7,12 +7,12 @@ use proto::link::*;
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::Reconciliation;
 use super::abort::{Abort, AbortReason};
 use super::reconcile::{LDPC_QBER_MARGIN, LDPC_REVEAL_STEPS, cascade_frames, join_frames, ldpc_family, ldpc_frames};
 use super::request::{Request, Response};
 use super::transcript::Transcript;
 use super::{LinkError, ProtocolParams, parse_uuid};
+use super::{Reagreement, Reconciliation, UnitMap};
 use crate::auth::{AuthPool, AuthReport, Direction, bob_accept, bob_apply_secrets, retire_hash_key};
 use crate::bits::BitVec;
 use crate::postproc::binary_entropy;
@@ -159,13 +159,19 @@ pub struct BobLink<P: LinkPeer> {
     simulated: bool,
     /// Bob's authentication key pool.
     auth: Arc<dyn AuthPool>,
-    /// The Sift rounds since the last block: the start of the next block's transcript.
+    /// The Sift rounds since the last block (and the session's Hello, until the first block):
+    /// the start of the next block's transcript.
     acc_transcript: Transcript,
+    /// What the re-agreement at Hello dropped here.
+    reagreement: Reagreement,
 }
 
 impl<P: LinkPeer> BobLink<P> {
     /// Opens a session and settles blocks left pending by an earlier session: those Alice holds
-    /// as ready become ready here, the others are dropped (step 3 of the two-ended commit).
+    /// as ready become ready here, the others are dropped (step 3 of the two-ended commit); then
+    /// re-agrees the two stores unit by unit ([`super::reagree`]): the units Alice does not hold
+    /// are dropped here, as she dropped those Bob does not hold ([`BobLink::reagreement`] says
+    /// what was dropped).
     /// Returns the link and the number of blocks (made ready, dropped). `simulated`: Bob's
     /// receiver is simulated; if it is, or Alice's source is, every block of the session is
     /// marked simulated in the store. `auth` is Bob's authentication key pool (the same
@@ -180,15 +186,22 @@ impl<P: LinkPeer> BobLink<P> {
         auth: Arc<dyn AuthPool>,
     ) -> Result<(Self, (usize, usize)), LinkError> {
         let pending = store.pending_blocks()?;
-        let hello = peer
-            .hello(HelloRequest {
-                bob_id: bob_id.to_owned(),
-                params_digest: params.digest(&security),
-                pending_block_ids: pending.iter().map(Uuid::to_string).collect(),
-                simulated_channel: simulated,
-                auth_placeholder: auth.is_placeholder(),
-            })
-            .await?;
+        let holdings = store.holdings()?;
+        let claimed = UnitMap::from_holdings(&holdings);
+        let request = HelloRequest {
+            bob_id: bob_id.to_owned(),
+            params_digest: params.digest(&security),
+            pending_block_ids: pending.iter().map(Uuid::to_string).collect(),
+            simulated_channel: simulated,
+            auth_placeholder: auth.is_placeholder(),
+            held_units: claimed.encode()?,
+        };
+        let hello = peer.hello(request.clone()).await?;
+        // The session's first block authenticates its Hello too (see `reagree`).
+        let mut acc_transcript = Transcript::default();
+        acc_transcript.absorb("Hello", &request, &hello);
+        drop(request);
+        let agreed = UnitMap::decode(&hello.held_units)?;
         if hello.auth_placeholder != auth.is_placeholder() {
             let (with, without) = if auth.is_placeholder() { ("Alice's", "Bob's") } else { ("Bob's", "Alice's") };
             tracing::warn!(
@@ -213,6 +226,20 @@ impl<P: LinkPeer> BobLink<P> {
                 dropped += 1;
             }
         }
+        // Re-agreement (see `reagree`): the units outside Alice's answer are dropped here too.
+        let mut reagreement = Reagreement::default();
+        for (block_id, units) in super::reagree::bob_side(&holdings, &claimed, &agreed)? {
+            if store.block_state(block_id)? == Some(crate::store::BlockState::Ready) {
+                reagreement.units_dropped += store.discard_units(&units)?;
+                reagreement.blocks.push((block_id, units.len() as u64));
+            }
+        }
+        if hello.stores_differed {
+            reagreement.stores_differed = true;
+            reagreement.reservations_dropped = store.drop_reservations()?;
+        }
+        store.reagreed();
+        reagreement.log("bob");
         // A refill joins the pool only when its block is ready here (as at Alice, in the same
         // order), so both pools hold the same bits.
         auth.settle_all(&mut |block_id| Ok(store.block_state(block_id)? == Some(crate::store::BlockState::Ready)))?;
@@ -233,9 +260,15 @@ impl<P: LinkPeer> BobLink<P> {
             counters: LinkCounters::default(),
             simulated: simulated || hello.simulated_channel,
             auth,
-            acc_transcript: Transcript::default(),
+            acc_transcript,
+            reagreement,
         };
         Ok((link, (ready, dropped)))
+    }
+
+    /// What the re-agreement of the stores at this session's `Hello` dropped at Bob.
+    pub fn reagreement(&self) -> &Reagreement {
+        &self.reagreement
     }
 
     /// Sifts one frame of detections with Alice; returns the frame's test counts (for the

@@ -14,6 +14,7 @@ pub mod alice;
 pub mod bob;
 pub mod memory;
 pub mod params;
+pub mod reagree;
 pub mod reconcile;
 pub mod request;
 #[doc(hidden)]
@@ -22,6 +23,7 @@ pub mod transcript;
 
 pub use abort::{Abort, AbortReason};
 pub use params::ProtocolParams;
+pub use reagree::{Reagreement, UnitMap};
 pub use reconcile::Reconciliation;
 pub use request::{HandleContext, Request, Response};
 

@@ -20,7 +20,8 @@ use crate::postproc::finite_key::SecurityParams;
 /// 7: pre-shared secrets applied at StartBlock at both ends (`auth_staged_secrets`,
 ///    `auth_apply_secrets`, the pool's size checked), the placeholder flag at `Hello`, and
 ///    tagged refusals (a differing block boundary at StartBlock, Alice's aborts at Amplify).
-pub const LINK_PROTOCOL_VERSION: u32 = 7;
+/// 8: the stores re-agreed unit by unit at `Hello` (`held_units`, `stores_differed`), and `Hello` absorbed into the transcript of the session's first block.
+pub const LINK_PROTOCOL_VERSION: u32 = 8;
 
 /// Post-processing parameters. Alice and Bob compare a digest of these (and of the physical
 /// parameters the security analysis uses) when a session opens.

@@ -1043,3 +1043,202 @@ fn pool_exhaustion_stops_blocks_and_a_new_secret_resumes_them() {
         rig.assert_consistent();
     });
 }
+
+/// Both stores hold the same keys (Alice keeps the records of blocks a lost store lacks).
+fn assert_same_keys(rig: &Rig) {
+    let (a, b) = (rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+    assert_eq!((a.n_keys, a.digest, a.n_pending_blocks), (b.n_keys, b.digest, b.n_pending_blocks));
+}
+
+/// The units a store holds in ready blocks.
+fn ready_units(store: &dyn KeyStore) -> std::collections::BTreeSet<uuid::Uuid> {
+    let holdings = store.holdings().unwrap();
+    let mut units = std::collections::BTreeSet::new();
+    for block in holdings.blocks.iter().filter(|b| b.state == crate::store::BlockState::Ready) {
+        units.extend(block.key_ids.iter().zip(&block.held).filter(|(_, held)| **held).map(|(id, _)| *id));
+    }
+    units
+}
+
+impl Rig {
+    /// Commits `n` blocks in one session.
+    async fn commit_blocks(&mut self, n: usize) {
+        let mut bob = self.open(Crash::None).await;
+        for _ in 0..n {
+            self.fill_block(&mut bob).await;
+            let report = bob.process_block(&self.bob_store, 0).await.unwrap();
+            assert_eq!(report.abort_reason, None, "{report:?}");
+        }
+    }
+
+    /// Delivers `n` units through the KMEs (every third one held): the master's KME takes them
+    /// and the peer's reserves them, so both stores lose them. Returns them.
+    fn deliver(&self, n: usize) -> Vec<uuid::Uuid> {
+        let units: Vec<uuid::Uuid> = ready_units(self.alice_store.as_ref()).into_iter().step_by(3).take(n).collect();
+        assert_eq!(units.len(), n);
+        assert_eq!(self.alice_store.discard_units(&units).unwrap(), n as u64);
+        assert_eq!(self.bob_store.discard_units(&units).unwrap(), n as u64);
+        units
+    }
+
+    /// What Alice's last Hello dropped at her end.
+    fn alice_reagreement(&self) -> super::Reagreement {
+        match self.alice.lock().events.iter().rev().find(|e| matches!(e, AliceEvent::SessionOpened { .. })) {
+            Some(AliceEvent::SessionOpened { reagreement, .. }) => reagreement.clone(),
+            other => panic!("no session opened: {other:?}"),
+        }
+    }
+}
+
+/// Issue 15, acceptance 4, in memory: Bob's store is lost (a new, empty one) after keys were
+/// delivered; after Hello both stores hold the same units (none), Alice having dropped hers, and
+/// both ends know that the stores differed.
+#[test]
+fn a_lost_store_at_bob_makes_alice_drop_every_unit_at_hello() {
+    block_on(async {
+        let mut rig = Rig::new(51);
+        rig.commit_blocks(2).await;
+        let delivered = rig.deliver(5);
+        let held_at_alice = ready_units(rig.alice_store.as_ref());
+        assert!(!held_at_alice.is_empty());
+        rig.bob_store = MemoryStore::new();
+        let bob = rig.open(Crash::None).await;
+        assert!(ready_units(rig.alice_store.as_ref()).is_empty());
+        assert_same_keys(&rig);
+        let at_alice = rig.alice_reagreement();
+        assert_eq!(at_alice.units_dropped, held_at_alice.len() as u64);
+        assert_eq!(at_alice.blocks.len(), 2);
+        assert!(at_alice.stores_differed);
+        assert_eq!((bob.reagreement().units_dropped, bob.reagreement().stores_differed), (0, true));
+        assert!(delivered.iter().all(|u| !held_at_alice.contains(u)));
+        // The link goes on: the next block commits at both ends.
+        drop(bob);
+        rig.commit_blocks(1).await;
+        assert!(!ready_units(&rig.bob_store).is_empty());
+        assert_same_keys(&rig);
+    });
+}
+
+/// Issue 15, acceptance 4, in memory: Bob's store restored from a copy taken before some
+/// deliveries and before the last block. After Hello both stores hold exactly the units both
+/// held: the delivered units are held nowhere (Bob's copy still had them: he drops them), the
+/// last block's units are dropped at Alice (Bob's copy lacks them), and both know the stores
+/// differed.
+#[test]
+fn a_store_restored_from_an_older_copy_keeps_only_the_units_both_hold() {
+    block_on(async {
+        let mut rig = Rig::new(52);
+        rig.commit_blocks(1).await;
+        let backup = rig.bob_store.snapshot();
+        let in_backup = ready_units(&backup);
+        let delivered = rig.deliver(4);
+        rig.commit_blocks(1).await;
+        let newer: Vec<uuid::Uuid> = ready_units(rig.alice_store.as_ref()).difference(&in_backup).copied().collect();
+        assert!(!newer.is_empty());
+        rig.bob_store = backup;
+        assert!(delivered.iter().all(|u| ready_units(&rig.bob_store).contains(u)), "the copy holds them");
+        let bob = rig.open(Crash::None).await;
+        let (alice, bob_units) = (ready_units(rig.alice_store.as_ref()), ready_units(&rig.bob_store));
+        assert_eq!(alice, bob_units);
+        let expected: std::collections::BTreeSet<uuid::Uuid> =
+            in_backup.iter().filter(|u| !delivered.contains(u)).copied().collect();
+        assert_eq!(alice, expected);
+        assert_same_keys(&rig);
+        assert_eq!(bob.reagreement().units_dropped, delivered.len() as u64);
+        assert!(bob.reagreement().stores_differed);
+        let at_alice = rig.alice_reagreement();
+        assert_eq!(at_alice.units_dropped, newer.len() as u64);
+        assert!(at_alice.stores_differed);
+        // A second Hello finds nothing to drop.
+        drop(bob);
+        let bob = rig.open(Crash::None).await;
+        assert_eq!(bob.reagreement(), &super::Reagreement::default());
+        assert_eq!(rig.alice_reagreement(), super::Reagreement::default());
+    });
+}
+
+/// A copy that differs only by deliveries made since (no block committed in between) is still
+/// found different, by the units it holds that Alice delivered; a unit removed at one end only (a
+/// master's removal lost in a crash at Alice) is dropped at the other.
+#[test]
+fn units_delivered_since_a_copy_or_at_one_end_only_are_dropped_at_the_other() {
+    block_on(async {
+        let mut rig = Rig::new(53);
+        rig.commit_blocks(1).await;
+        let backup = rig.bob_store.snapshot();
+        let delivered = rig.deliver(3);
+        rig.bob_store = backup;
+        let bob = rig.open(Crash::None).await;
+        assert_eq!(bob.reagreement().units_dropped, 3);
+        assert!(bob.reagreement().stores_differed && rig.alice_reagreement().stores_differed);
+        assert_eq!(rig.alice_reagreement().units_dropped, 0);
+        assert!(delivered.iter().all(|u| !ready_units(&rig.bob_store).contains(u)));
+        assert_eq!(rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+        drop(bob);
+        // Bob's KME reserved a unit for Alice's master; Alice's removal was lost in a crash.
+        let unit = *ready_units(&rig.bob_store).first().unwrap();
+        assert_eq!(rig.bob_store.discard_units(&[unit]).unwrap(), 1);
+        let bob = rig.open(Crash::None).await;
+        assert_eq!(rig.alice_reagreement().units_dropped, 1);
+        assert_eq!(rig.alice_reagreement().blocks.len(), 1);
+        assert!(!ready_units(rig.alice_store.as_ref()).contains(&unit));
+        assert_eq!(bob.reagreement().units_dropped, 0);
+        assert!(bob.reagreement().stores_differed);
+        assert_eq!(rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+        // Stores that agree keep everything, reservations included.
+        drop(bob);
+        let bob = rig.open(Crash::None).await;
+        assert_eq!(bob.reagreement(), &super::Reagreement::default());
+        assert_eq!(rig.alice_reagreement(), super::Reagreement::default());
+    });
+}
+
+/// Alice's store is the one restored from an older copy: she drops the units Bob delivered since,
+/// and both know the stores differed.
+#[test]
+fn alices_store_restored_from_an_older_copy_is_re_agreed_too() {
+    block_on(async {
+        let mut rig = Rig::new(54);
+        rig.commit_blocks(1).await;
+        let backup = rig.alice_store.snapshot();
+        let delivered = rig.deliver(2);
+        rig.alice_store = Arc::new(backup);
+        rig.alice.lock().store = rig.alice_store.clone();
+        let bob = rig.open(Crash::None).await;
+        let at_alice = rig.alice_reagreement();
+        assert_eq!(at_alice.units_dropped, 2);
+        assert!(at_alice.stores_differed && bob.reagreement().stores_differed);
+        assert!(delivered.iter().all(|u| !ready_units(rig.alice_store.as_ref()).contains(u)));
+        assert_eq!(rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
+    });
+}
+
+/// A peer that alters Bob's Hello on its way to Alice (his node ID, which nothing checks).
+struct AlteredHello(MemoryAlice);
+
+impl LinkPeer for AlteredHello {
+    async fn call(&mut self, mut request: Request) -> Result<Response, LinkError> {
+        if let Request::Hello(hello) = &mut request {
+            hello.bob_id.push('!');
+        }
+        self.0.call(request).await
+    }
+}
+
+/// The session's first block authenticates its Hello: an altered Hello makes that block fail
+/// authentication, and the next session's blocks commit again.
+#[test]
+fn an_altered_hello_fails_the_authentication_of_the_sessions_first_block() {
+    block_on(async {
+        let mut rig = Rig::new(55);
+        let mut bob = rig.open_with(AlteredHello(rig.alice.clone())).await;
+        rig.fill_block(&mut bob).await;
+        let report = bob.process_block(&rig.bob_store, 0).await.unwrap();
+        assert_eq!(report.abort_reason.map(|a| a.reason), Some(AbortReason::AuthenticationFailed));
+        assert_eq!(rig.alice_store.summary().unwrap().n_keys, 0);
+        drop(bob);
+        rig.commit_blocks(1).await;
+        rig.assert_consistent();
+        assert!(rig.alice_store.summary().unwrap().n_keys > 0);
+    });
+}

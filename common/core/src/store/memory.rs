@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
-use super::{BlockMeta, BlockState, KeyStore, KeyUnit, StoreError, StoreSummary};
+use super::{BlockMeta, BlockState, HeldUnits, KeyStore, KeyUnit, StoreError, StoreSummary, UnitHoldings};
 
 /// A [`KeyStore`] held in memory: nothing survives the process, so "durably" means "before
 /// returning". It keeps the layout and the answers of the durable store (`qkd_store::SledStore`):
@@ -19,7 +19,7 @@ pub struct MemoryStore {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
+#[derive(Clone, Default)]
 struct Inner {
     /// Block ID -> (metadata, state, key IDs), in block-ID order.
     blocks: BTreeMap<Uuid, (BlockMeta, BlockState, Vec<Uuid>)>,
@@ -33,6 +33,12 @@ impl MemoryStore {
     /// An empty store.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A copy of the store as it is now, as a backup taken now would hold it (for tests that
+    /// restore a store from an older copy).
+    pub fn snapshot(&self) -> MemoryStore {
+        MemoryStore { inner: Mutex::new(self.lock().clone()) }
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -140,6 +146,27 @@ impl KeyStore for MemoryStore {
         let inner = self.lock();
         Ok((inner.ready.len() + inner.pending.len()) as u64)
     }
+
+    fn holdings(&self) -> Result<UnitHoldings, StoreError> {
+        let inner = self.lock();
+        let mut holdings = UnitHoldings::default();
+        for (block_id, (_, state, key_ids)) in &inner.blocks {
+            let units = match state {
+                BlockState::Pending => &inner.pending,
+                BlockState::Ready => &inner.ready,
+            };
+            let held: Vec<bool> = key_ids.iter().map(|id| units.contains_key(id)).collect();
+            if held.contains(&true) {
+                holdings.blocks.push(HeldUnits { block_id: *block_id, state: *state, key_ids: key_ids.clone(), held });
+            }
+        }
+        Ok(holdings)
+    }
+
+    fn discard_units(&self, unit_ids: &[Uuid]) -> Result<u64, StoreError> {
+        let mut inner = self.lock();
+        Ok(unit_ids.iter().filter(|id| inner.ready.remove(id).is_some()).count() as u64)
+    }
 }
 
 #[cfg(test)]
@@ -235,6 +262,44 @@ mod tests {
         // Dropping an unknown block is not an error; marking it ready is.
         store.drop_pending(block).unwrap();
         assert!(matches!(store.mark_ready(block), Err(StoreError::NotPending(_))));
+    }
+
+    #[test]
+    fn holdings_list_held_units_by_block_and_discarding_removes_ready_units_only() {
+        let store = MemoryStore::new();
+        let (ready, pending, served) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let ready_keys = units(3, 0);
+        let pending_keys = units(2, 0);
+        let served_keys = units(1, 0);
+        store.put_ready(&meta(ready), &ready_keys).unwrap();
+        store.put_pending(&meta(pending), &pending_keys).unwrap();
+        store.put_ready(&meta(served), &served_keys).unwrap();
+        // A pending unit is not discarded; ready ones are, once.
+        let discard = [ready_keys[1].key_id, pending_keys[0].key_id, served_keys[0].key_id];
+        assert_eq!(store.discard_units(&discard).unwrap(), 2);
+        assert_eq!(store.discard_units(&discard).unwrap(), 0);
+        let holdings = store.holdings().unwrap();
+        // The served block's record stays, but it is not listed: nothing of it is held.
+        assert_eq!(store.blocks().unwrap().len(), 3);
+        assert_eq!(
+            holdings.blocks,
+            vec![
+                HeldUnits {
+                    block_id: ready,
+                    state: BlockState::Ready,
+                    key_ids: ready_keys.iter().map(|k| k.key_id).collect(),
+                    held: vec![true, false, true],
+                },
+                HeldUnits {
+                    block_id: pending,
+                    state: BlockState::Pending,
+                    key_ids: pending_keys.iter().map(|k| k.key_id).collect(),
+                    held: vec![true, true],
+                },
+            ]
+        );
+        assert_eq!(store.n_units().unwrap(), 4);
+        assert_eq!(store.summary().unwrap().n_keys, 2);
     }
 
     #[test]

@@ -100,6 +100,30 @@ pub struct StoreSummary {
     pub digest: String,
 }
 
+/// Which units of one stored block a store still holds (see [`KeyStore::holdings`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeldUnits {
+    /// The block.
+    pub block_id: Uuid,
+    /// Its state.
+    pub state: BlockState,
+    /// Every unit the block's record lists, in the record's order (the order of the block's key
+    /// IDs in Alice's Amplify answer, the same at both ends).
+    pub key_ids: Vec<Uuid>,
+    /// One flag per unit of `key_ids`: whether the store still holds it (ready or pending);
+    /// `false` once it was delivered, reserved for the KME, discarded or dropped.
+    pub held: Vec<bool>,
+}
+
+/// What a store holds, block by block: the input of the re-agreement at `Hello` (see
+/// `qkd_core::link::reagree`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UnitHoldings {
+    /// The blocks of which at least one unit is held, in block-ID order (blocks whose units
+    /// were all served keep their records, but are not listed).
+    pub blocks: Vec<HeldUnits>,
+}
+
 impl StoreError {
     /// A failure of the storage backend (see [`StoreError::Backend`]).
     pub fn backend(error: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
@@ -128,6 +152,26 @@ pub trait KeyStore: Send + Sync {
     /// Number of key units held, ready or pending (what the store's size limit counts). Must
     /// not loop on a backend error: a durable store keeps this count rather than iterating.
     fn n_units(&self) -> Result<u64, StoreError>;
+    /// Which units of which blocks the store still holds (see [`UnitHoldings`]). Reads every
+    /// block record.
+    fn holdings(&self) -> Result<UnitHoldings, StoreError>;
+    /// Removes whichever of `unit_ids` are ready, durably, and erases them (units the peer no
+    /// longer holds, found by the re-agreement at `Hello`). Pending units are left alone (a
+    /// pending block is settled whole, by [`KeyStore::drop_pending`] or
+    /// [`KeyStore::mark_ready`]). Returns how many units were removed.
+    fn discard_units(&self, unit_ids: &[Uuid]) -> Result<u64, StoreError>;
+    /// Erases, durably, every key reserved for the KME and not fetched yet by all its slaves (a
+    /// store found behind its peer at `Hello`: restored from an older copy, its reservations may
+    /// have been fetched since). Returns how many. Stores without reservations keep this
+    /// default (`Ok(0)`).
+    fn drop_reservations(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+    /// Says that the re-agreement at `Hello` has run at this end (and erased the reservations if
+    /// the stores differed): a store that holds its reservations back until then (a daemon's,
+    /// whose store may have just been restored from an older copy) serves them again. Default:
+    /// nothing to release.
+    fn reagreed(&self) {}
     /// Whether the store is in service: `false` once its backend failed (a full disk, an I/O
     /// error) until [`KeyStore::reopen_if_failed`] brings it back. Does no I/O. Stores that
     /// cannot fail that way keep this default (`true`).

@@ -289,3 +289,62 @@ fn units_of_a_block_not_committed_here_are_not_yet_ready_rather_than_missing() {
         Err(KmeStoreError::MissingUnits(_))
     ));
 }
+
+/// The re-agreement's operations on sled (`KeyStore::holdings`, `discard_units`,
+/// `drop_reservations`): holdings list the units still held per block (a reserved unit is no
+/// longer held), discarding removes ready units only and erases them, durably; dropping
+/// reservations erases them all (a slave can no longer fetch them) and keeps the tombstones.
+#[test]
+fn holdings_discards_and_dropped_reservations_after_a_reopen() {
+    let dir = std::env::temp_dir().join(format!("qkd-store-reagree-{}", Uuid::new_v4()));
+    let kek = crate::custody::test_kek();
+    let pending_block = Uuid::new_v4();
+    let (ready_block, units) = {
+        let store = SledStore::open(&dir, &kek).unwrap();
+        let units: Vec<KeyUnit> = (0..5)
+            .map(|i| KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![i as u8; UNIT_BYTES]) })
+            .collect();
+        let m = BlockMeta { final_bits: 5 * 256, ..meta() };
+        store.put_ready(&m, &units).unwrap();
+        let mut pending_meta = meta();
+        pending_meta.block_id = pending_block;
+        let pending_units = [KeyUnit { key_id: Uuid::new_v4(), key: Zeroizing::new(vec![9; UNIT_BYTES]) }];
+        store.put_pending(&pending_meta, &pending_units).unwrap();
+        let r = reservation(&[&units[0]], 256, &["s"]);
+        store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+        store.cancel_reservations(&[Uuid::new_v4()], 1000).unwrap();
+        // Units 1 and 3 discarded; the pending unit is not.
+        assert_eq!(store.discard_units(&[units[1].key_id, units[3].key_id, pending_units[0].key_id]).unwrap(), 2);
+        assert_eq!(store.drop_reservations().unwrap(), 1);
+        assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "s"), Err(KmeStoreError::NotFound(_))));
+        (m.block_id, units)
+    };
+    let store = SledStore::open(&dir, &kek).unwrap();
+    assert!(store.verify().unwrap().is_healthy());
+    let holdings = store.holdings().unwrap();
+    assert_eq!(holdings.blocks.len(), 2);
+    let ready = holdings.blocks.iter().find(|b| b.block_id == ready_block).unwrap();
+    assert_eq!(ready.key_ids, units.iter().map(|u| u.key_id).collect::<Vec<_>>());
+    assert_eq!(ready.held, vec![false, false, true, false, true]);
+    let pending = holdings.blocks.iter().find(|b| b.block_id == pending_block).unwrap();
+    assert_eq!((pending.state, pending.held.as_slice()), (crate::BlockState::Pending, &[true][..]));
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    assert_eq!(store.n_units().unwrap(), 3);
+    assert_eq!(store.drop_reservations().unwrap(), 0);
+}
+
+/// A daemon's store holds its reservations back until the re-agreement at Hello: a slave's
+/// fetch is refused, nothing changes, and after `KeyStore::reagreed` the key is handed out once.
+#[test]
+fn reservations_held_until_reagreed_are_then_delivered_once() {
+    let (store, units) = store_with_units(2);
+    let r = reservation(&[&units[0]], 256, &["s"]);
+    store.reserve_keys(std::slice::from_ref(&r)).unwrap();
+    store.hold_reservations_until_reagreed();
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "s"), Err(KmeStoreError::AwaitingReagreement)));
+    assert_eq!(store.reserved_key_count().unwrap(), 1);
+    store.reagreed();
+    assert!(!store.reservations_held());
+    assert_eq!(store.deliver_reserved_keys(&[r.key_id], "m", "s").unwrap().len(), 1);
+    assert!(matches!(store.deliver_reserved_keys(&[r.key_id], "m", "s"), Err(KmeStoreError::NotFound(_))));
+}
