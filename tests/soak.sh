@@ -5,6 +5,9 @@
 # SAMPLE_S the resident memory (VmRSS) and open file descriptors of both daemons, the key pairs
 # matched and failed, and each daemon's committed blocks are written to DIR/soak.csv.
 #
+# The daemons read ALICE__* and BOB__* overrides from the environment, e.g.
+# BOB__MAX_STORED_UNITS=5000 for a store that fills within minutes (memory at a full store).
+#
 # Usage: tests/soak.sh [DURATION_S] [INTERVAL_S] [SAMPLE_S]
 #   DURATION_S  seconds of soak (default 3600)
 #   INTERVAL_S  seconds between key pairs (default 0.2)
@@ -50,7 +53,7 @@ pids+=("$!")
     --peer-sae app-b --peer "127.0.0.1:$slave_port" --interval-s "$interval" >"$dir/master.log" 2>&1 &
 pids+=("$!")
 
-daemon_pid() { pgrep -f -- "daemon $1 --config" | head -n1; }
+daemon_pid() { pgrep -f -- "daemon $1 --config $lab/" | head -n1; }
 rss_kib() { awk '/^VmRSS/ {print $2}' "/proc/$1/status"; }
 fds() { find "/proc/$1/fd" -mindepth 1 -maxdepth 1 2>/dev/null | wc -l; }
 blocks() {

@@ -484,6 +484,11 @@ fn describe() {
         "qkd_etsi_request_duration_seconds",
         "ETSI GS QKD 014 request latency, from routing to the response"
     );
+    describe_gauge!("qkd_etsi_connections_open", "ETSI API connections admitted and open now");
+    describe_counter!(
+        "qkd_etsi_connections_refused_total",
+        "ETSI API connections refused by reason: kme_connections (503, max_connections), sae_connections (429, max_connections_per_sae)"
+    );
 }
 
 /// Sets the link's metrics from `status` (in the daemon's recorder).
