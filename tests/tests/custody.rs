@@ -310,7 +310,11 @@ async fn delivered_keys_are_not_in_the_daemons_memory() {
                 memory.iter().filter(|(_, bytes)| finder.find(bytes).is_some()).map(|(map, _)| map.clone()).collect()
             };
             let kme_id = format!("{}-kme", daemon.name);
-            assert!(!found_in(kme_id.as_bytes()).is_empty(), "the search of {} ({total} bytes) does not work", daemon.name);
+            assert!(
+                !found_in(kme_id.as_bytes()).is_empty(),
+                "the search of {} ({total} bytes) does not work",
+                daemon.name
+            );
             let mut found = Vec::new();
             for (id, key) in &delivered {
                 let b64 = base64::engine::general_purpose::STANDARD.encode(key.as_slice());

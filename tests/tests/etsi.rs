@@ -51,7 +51,13 @@ struct NetOptions {
 
 impl Default for NetOptions {
     fn default() -> Self {
-        Self { n_units: 64, max_key_per_request: 128, allow_simulated_keys: true, audit_logs: None, abuse: Default::default() }
+        Self {
+            n_units: 64,
+            max_key_per_request: 128,
+            allow_simulated_keys: true,
+            audit_logs: None,
+            abuse: Default::default(),
+        }
     }
 }
 
@@ -873,9 +879,8 @@ async fn connection_rate_and_idle_limits_answer_429_or_503_with_an_error_body() 
     let status = url(&net.a, "sae-b1", "status");
     // One connection per client: HTTP/2, whose requests all share one connection (an HTTP/1.1
     // pool may open a second connection before the first is back in the pool).
-    let connection = |sae: &str| {
-        client_with(net.pki.ca.cert_pem(), Some(&net.pki.sae(sae).unwrap()), |b| b.http2_prior_knowledge())
-    };
+    let connection =
+        |sae: &str| client_with(net.pki.ca.cert_pem(), Some(&net.pki.sae(sae).unwrap()), |b| b.http2_prior_knowledge());
     let (a1_first, a1_second) = (connection("sae-a1"), connection("sae-a1"));
     assert_eq!(a1_first.get(&status).await.0, 200);
     assert_eq!(a1_second.get(&status).await.0, 200);
@@ -1058,11 +1063,7 @@ async fn flood_of_a_thousand_connections() -> (Duration, Duration) {
         get_key[PAIRS / 2],
         dec_keys[PAIRS / 2],
     );
-    eprintln!(
-        "slowest Get key {:?}, slowest Get key with key IDs {:?}",
-        &get_key[PAIRS - 5..],
-        &dec_keys[PAIRS - 5..]
-    );
+    eprintln!("slowest Get key {:?}, slowest Get key with key IDs {:?}", &get_key[PAIRS - 5..], &dec_keys[PAIRS - 5..]);
     assert_eq!(counts[3], 0, "answers other than 200, 429 and 503");
     assert_eq!(counts[4], 0, "the flood's connections failed below HTTP");
     assert!(counts[0] > 0, "the flooding SAE got no key at all: the limits refuse more than they should");

@@ -292,7 +292,9 @@ impl Connection {
                     _ => "sae_connections",
                 };
                 debug!(%remote, caller = ?caller.0, reason, "connection over a limit: its requests are refused");
-                self.record(|| metrics::counter!("qkd_etsi_connections_refused_total", "reason" => reason).increment(1));
+                self.record(|| {
+                    metrics::counter!("qkd_etsi_connections_refused_total", "reason" => reason).increment(1)
+                });
                 (None, Service::Refuse(refusal))
             }
         };

@@ -160,7 +160,7 @@ fn the_abuse_limits_have_defaults_and_a_zero_rate_needs_no_burst() {
 /// at their longest (SAE IDs, varint lengths).
 #[test]
 fn the_reserve_request_bound_is_never_below_the_exact_encoding() {
-    use crate::config::{MAX_SAE_ID_BYTES, Limits, reserve_request_bound};
+    use crate::config::{Limits, MAX_SAE_ID_BYTES, reserve_request_bound};
     use prost::Message;
     for (max_key_per_request, max_key_size, max_sae_id_count) in
         [(1, 8, 0), (128, 1024, 0), (4096, 256, 0), (16, 65_536, 64), (100, 8 * 33, 3), (1000, 4096, 1)]
