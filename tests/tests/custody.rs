@@ -75,14 +75,14 @@ pub(super) async fn call(request: reqwest::RequestBuilder) -> (u16, Value) {
 }
 
 /// The (key ID, key bytes) of a key container.
-pub(super) fn keys_of(container: &Value) -> Vec<(String, Zeroizing<Vec<u8>>)> {
+fn keys_of(container: &Value) -> Vec<(String, Vec<u8>)> {
     container["keys"]
         .as_array()
         .expect("keys")
         .iter()
         .map(|k| {
             let bytes = base64::engine::general_purpose::STANDARD.decode(k["key"].as_str().expect("key")).expect("b64");
-            (k["key_ID"].as_str().expect("key_ID").to_owned(), Zeroizing::new(bytes))
+            (k["key_ID"].as_str().expect("key_ID").to_owned(), bytes)
         })
         .collect()
 }
@@ -130,6 +130,7 @@ async fn delivered_keys_leave_no_trace_in_the_data_directories() {
     let alice = spawn_alice_with(&lab, alice_cfg, grpc, Some(fibre));
     let bob = spawn_bob_with(&lab, bob_cfg);
 
+    wait_for_keys(&lab, etsi_a, etsi_b, 4).await;
     let delivered = deliver_both_ways(&lab, etsi_a, etsi_b).await;
     bob.stop().await.expect("bob");
     alice.stop().await.expect("alice");
@@ -160,50 +161,77 @@ async fn delivered_keys_leave_no_trace_in_the_data_directories() {
     }
 }
 
-/// Waits until the KMEs at `etsi_a` (app-a's) and `etsi_b` (app-b's) both hold keys, then
-/// delivers 3 keys each way (app-a master at its KME, app-b slave at the other, and back);
-/// returns them. The clients are dropped, so their connections close.
-async fn deliver_both_ways(
-    lab: &Lab,
-    etsi_a: std::net::SocketAddr,
-    etsi_b: std::net::SocketAddr,
-) -> Vec<(String, Zeroizing<Vec<u8>>)> {
+/// The URL of an ETSI endpoint of the KME at `kme` for the peer SAE `sae`.
+pub(super) fn url(kme: std::net::SocketAddr, sae: &str, endpoint: &str) -> String {
+    format!("https://{kme}/api/v1/keys/{sae}/{endpoint}")
+}
+
+/// Waits (up to 180 s) until the KMEs at `etsi_a` (app-a's) and `etsi_b` (app-b's) can both
+/// serve at least `n` keys to the pair.
+pub(super) async fn wait_for_keys(lab: &Lab, etsi_a: std::net::SocketAddr, etsi_b: std::net::SocketAddr, n: u64) {
     let (app_a, app_b) = (sae_client(lab, "app-a"), sae_client(lab, "app-b"));
-    let url =
-        |kme: std::net::SocketAddr, sae: &str, endpoint: &str| format!("https://{kme}/api/v1/keys/{sae}/{endpoint}");
-    // Polled until both KMEs hold keys for the pair (blocks take a few seconds).
-    let deadline = Instant::now() + Duration::from_secs(120);
+    let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let (a, b) = (
+        let (x, y) = (
             call(app_a.get(url(etsi_a, "app-b", "status"))).await,
             call(app_b.get(url(etsi_b, "app-a", "status"))).await,
         );
         let count = |(code, status): &(u16, Value)| {
             if *code == 200 { status["stored_key_count"].as_u64().unwrap_or(0) } else { 0 }
         };
-        if count(&a) >= 4 && count(&b) >= 4 {
-            break;
+        if count(&x) >= n && count(&y) >= n {
+            return;
         }
-        assert!(Instant::now() < deadline, "no keys at both KMEs within 120 s: {a:?} {b:?}");
+        assert!(Instant::now() < deadline, "no {n} keys at both KMEs within 180 s: {x:?} {y:?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+}
+
+/// Get key at the master's KME: `(key ID, key bytes)` of `number` keys of 256 bits (one unit
+/// each).
+pub(super) async fn enc_keys(
+    lab: &Lab,
+    kme: std::net::SocketAddr,
+    master: &str,
+    slave: &str,
+    number: u32,
+) -> Vec<(String, Vec<u8>)> {
+    let (code, container) =
+        call(sae_client(lab, master).get(url(kme, slave, &format!("enc_keys?number={number}")))).await;
+    assert_eq!(code, 200, "{container}");
+    keys_of(&container)
+}
+
+/// Get key with key IDs at the slave's KME: the status and the keys.
+pub(super) async fn dec_keys(
+    lab: &Lab,
+    kme: std::net::SocketAddr,
+    slave: &str,
+    master: &str,
+    keys: &[(String, Vec<u8>)],
+) -> (u16, Vec<(String, Vec<u8>)>) {
+    let body = json!({ "key_IDs": keys.iter().map(|(id, _)| json!({ "key_ID": id })).collect::<Vec<_>>() });
+    let (code, answer) = call(sae_client(lab, slave).post(url(kme, master, "dec_keys")).json(&body)).await;
+    (code, if code == 200 { keys_of(&answer) } else { vec![] })
+}
+
+/// One delivery of 3 keys both ways: app-a master at its KME `etsi_a` (app-b fetches at
+/// `etsi_b`), and app-b master at `etsi_b`. Returns the keys; the clients are dropped, so their
+/// connections close.
+pub(super) async fn deliver_both_ways(
+    lab: &Lab,
+    etsi_a: std::net::SocketAddr,
+    etsi_b: std::net::SocketAddr,
+) -> Vec<(String, Vec<u8>)> {
     let mut delivered = Vec::new();
-    for (master, master_kme, slave, slave_kme, master_id, slave_id) in
-        [(&app_a, etsi_a, &app_b, etsi_b, "app-a", "app-b"), (&app_b, etsi_b, &app_a, etsi_a, "app-b", "app-a")]
+    for (master_kme, slave_kme, master, slave) in
+        [(etsi_a, etsi_b, "app-a", "app-b"), (etsi_b, etsi_a, "app-b", "app-a")]
     {
-        let (code, container) = call(master.get(url(master_kme, slave_id, "enc_keys?number=3"))).await;
-        assert_eq!(code, 200, "{container}");
-        let keys = keys_of(&container);
+        let keys = enc_keys(lab, master_kme, master, slave, 3).await;
         assert_eq!(keys.len(), 3);
-        let body = json!({ "key_IDs": keys.iter().map(|(id, _)| json!({ "key_ID": id })).collect::<Vec<_>>() });
-        let (code, fetched) = call(slave.post(url(slave_kme, master_id, "dec_keys")).json(&body)).await;
-        assert_eq!(code, 200, "{fetched}");
-        let fetched = keys_of(&fetched);
-        assert_eq!(
-            fetched.iter().map(|(id, k)| (id.clone(), k.to_vec())).collect::<Vec<_>>(),
-            keys.iter().map(|(id, k)| (id.clone(), k.to_vec())).collect::<Vec<_>>(),
-            "the slave gets the master's keys"
-        );
+        let (code, fetched) = dec_keys(lab, slave_kme, slave, master, &keys).await;
+        assert_eq!(code, 200);
+        assert!(fetched == keys, "the slave gets the master's keys");
         delivered.extend(keys);
     }
     delivered
@@ -295,6 +323,7 @@ async fn delivered_keys_are_not_in_the_daemons_memory() {
     let alice = Daemon::start("alice", &alice_toml, lab.dir.0.join("alice.log"));
     let bob = Daemon::start("bob", &bob_toml, lab.dir.0.join("bob.log"));
 
+    wait_for_keys(&lab, etsi_a, etsi_b, 4).await;
     let delivered = deliver_both_ways(&lab, etsi_a, etsi_b).await;
 
     // The clients have closed their connections; the KMEs end their side when they read the

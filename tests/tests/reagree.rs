@@ -7,10 +7,9 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use qkd_store::{BlockState, KeyStore, SledStore};
-use serde_json::{Value, json};
 use uuid::Uuid;
 
-use super::custody::{call, free_addr, keys_of, kme_config, sae_client};
+use super::custody::{dec_keys, deliver_both_ways, enc_keys, free_addr, kme_config, wait_for_keys};
 use super::*;
 
 /// Where the two KMEs listen (ETSI, peer channel), fixed for the whole test so that a restarted
@@ -22,10 +21,6 @@ struct Addrs {
     etsi_b: std::net::SocketAddr,
     peer_a: std::net::SocketAddr,
     peer_b: std::net::SocketAddr,
-}
-
-fn url(kme: std::net::SocketAddr, sae: &str, endpoint: &str) -> String {
-    format!("https://{kme}/api/v1/keys/{sae}/{endpoint}")
 }
 
 async fn start_alice(lab: &Lab, a: &Addrs) -> Running {
@@ -43,71 +38,6 @@ fn start_bob(lab: &Lab, a: &Addrs) -> Running {
     let mut cfg = lab.bob_config(a.grpc, a.fibre);
     cfg.kme = Some(kme_config(lab, "bob", "alice", a.etsi_b, a.peer_b, a.peer_a));
     spawn_bob_with(lab, cfg)
-}
-
-/// Waits until both KMEs can serve at least `n` keys to the pair.
-async fn wait_for_keys(lab: &Lab, a: &Addrs, n: u64) {
-    let (app_a, app_b) = (sae_client(lab, "app-a"), sae_client(lab, "app-b"));
-    let deadline = std::time::Instant::now() + Duration::from_secs(180);
-    loop {
-        let (x, y) = (
-            call(app_a.get(url(a.etsi_a, "app-b", "status"))).await,
-            call(app_b.get(url(a.etsi_b, "app-a", "status"))).await,
-        );
-        let count = |(code, status): &(u16, Value)| {
-            if *code == 200 { status["stored_key_count"].as_u64().unwrap_or(0) } else { 0 }
-        };
-        if count(&x) >= n && count(&y) >= n {
-            return;
-        }
-        assert!(std::time::Instant::now() < deadline, "no {n} keys at both KMEs within 180 s: {x:?} {y:?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-/// Get key at the master's KME: `(key ID, key bytes)` of `number` keys of 256 bits (one unit
-/// each).
-async fn enc_keys(
-    lab: &Lab,
-    kme: std::net::SocketAddr,
-    master: &str,
-    slave: &str,
-    number: u32,
-) -> Vec<(String, Vec<u8>)> {
-    let (code, container) =
-        call(sae_client(lab, master).get(url(kme, slave, &format!("enc_keys?number={number}")))).await;
-    assert_eq!(code, 200, "{container}");
-    keys_of(&container).into_iter().map(|(id, key)| (id, key.to_vec())).collect()
-}
-
-/// Get key with key IDs at the slave's KME: the status and the keys.
-async fn dec_keys(
-    lab: &Lab,
-    kme: std::net::SocketAddr,
-    slave: &str,
-    master: &str,
-    keys: &[(String, Vec<u8>)],
-) -> (u16, Vec<(String, Vec<u8>)>) {
-    let body = json!({ "key_IDs": keys.iter().map(|(id, _)| json!({ "key_ID": id })).collect::<Vec<_>>() });
-    let (code, answer) = call(sae_client(lab, slave).post(url(kme, master, "dec_keys")).json(&body)).await;
-    let keys =
-        if code == 200 { keys_of(&answer).into_iter().map(|(id, key)| (id, key.to_vec())).collect() } else { vec![] };
-    (code, keys)
-}
-
-/// One delivery both ways: master at Alice's KME (slave fetches at Bob's), and master at Bob's.
-async fn deliver_both_ways(lab: &Lab, a: &Addrs) -> Vec<(String, Vec<u8>)> {
-    let mut delivered = Vec::new();
-    for (master_kme, slave_kme, master, slave) in
-        [(a.etsi_a, a.etsi_b, "app-a", "app-b"), (a.etsi_b, a.etsi_a, "app-b", "app-a")]
-    {
-        let keys = enc_keys(lab, master_kme, master, slave, 3).await;
-        let (code, fetched) = dec_keys(lab, slave_kme, slave, master, &keys).await;
-        assert_eq!(code, 200);
-        assert!(fetched == keys, "the slave gets the master's keys");
-        delivered.extend(keys);
-    }
-    delivered
 }
 
 /// The units a stopped node's store holds in ready blocks, with their bytes, and its pending
@@ -204,8 +134,8 @@ async fn a_restored_or_lost_store_at_bob_is_re_agreed_at_hello_and_no_delivered_
     };
     let alice = start_alice(&lab, &a).await;
     let bob = start_bob(&lab, &a);
-    wait_for_keys(&lab, &a, 12).await;
-    let mut delivered = deliver_both_ways(&lab, &a).await;
+    wait_for_keys(&lab, a.etsi_a, a.etsi_b, 12).await;
+    let mut delivered = deliver_both_ways(&lab, a.etsi_a, a.etsi_b).await;
     // Reserved at Bob for app-b, fetched only after the copy is taken.
     let reserved = enc_keys(&lab, a.etsi_a, "app-a", "app-b", 2).await;
 
@@ -220,8 +150,8 @@ async fn a_restored_or_lost_store_at_bob_is_re_agreed_at_hello_and_no_delivered_
     assert_eq!(code, 200);
     assert!(fetched == reserved, "the slave gets the master's keys");
     delivered.extend(reserved.clone());
-    wait_for_keys(&lab, &a, 8).await;
-    delivered.extend(deliver_both_ways(&lab, &a).await);
+    wait_for_keys(&lab, a.etsi_a, a.etsi_b, 8).await;
+    delivered.extend(deliver_both_ways(&lab, a.etsi_a, a.etsi_b).await);
 
     // (b) Restored from the copy.
     bob.stop().await.expect("bob");
@@ -239,8 +169,8 @@ async fn a_restored_or_lost_store_at_bob_is_re_agreed_at_hello_and_no_delivered_
         }
     }
     // Keys flow both ways again.
-    wait_for_keys(&lab, &a, 4).await;
-    delivered.extend(deliver_both_ways(&lab, &a).await);
+    wait_for_keys(&lab, a.etsi_a, a.etsi_b, 4).await;
+    delivered.extend(deliver_both_ways(&lab, a.etsi_a, a.etsi_b).await);
     let reserved = enc_keys(&lab, a.etsi_a, "app-a", "app-b", 1).await;
     bob.stop().await.expect("bob");
     alice.stop().await.expect("alice");
@@ -277,8 +207,8 @@ async fn a_restored_or_lost_store_at_bob_is_re_agreed_at_hello_and_no_delivered_
     let alice = start_alice(&lab, &a).await;
     let bob = start_bob(&lab, &a);
     wait_for_status(&lab, "alice", "units dropped at Hello", "/units_dropped_at_hello", before_loss.len() as u64).await;
-    wait_for_keys(&lab, &a, 4).await;
-    delivered.extend(deliver_both_ways(&lab, &a).await);
+    wait_for_keys(&lab, a.etsi_a, a.etsi_b, 4).await;
+    delivered.extend(deliver_both_ways(&lab, a.etsi_a, a.etsi_b).await);
     bob.stop().await.expect("bob");
     alice.stop().await.expect("alice");
     let after_loss = assert_stores_agree(&lab, &delivered);

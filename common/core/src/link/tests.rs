@@ -1088,6 +1088,15 @@ impl Rig {
             other => panic!("no session opened: {other:?}"),
         }
     }
+
+    /// Ends `bob`'s session and opens a new one: stores that agree, its Hello drops nothing at
+    /// either end.
+    async fn assert_next_hello_drops_nothing(&mut self, bob: BobLink<FlakyAlice>) {
+        drop(bob);
+        let bob = self.open(Crash::None).await;
+        assert_eq!(bob.reagreement(), &super::Reagreement::default());
+        assert_eq!(self.alice_reagreement(), super::Reagreement::default());
+    }
 }
 
 /// Issue 15, acceptance 4, in memory: Bob's store is lost (a new, empty one) after keys were
@@ -1150,10 +1159,7 @@ fn a_store_restored_from_an_older_copy_keeps_only_the_units_both_hold() {
         assert_eq!(at_alice.units_dropped, newer.len() as u64);
         assert!(at_alice.stores_differed);
         // A second Hello finds nothing to drop.
-        drop(bob);
-        let bob = rig.open(Crash::None).await;
-        assert_eq!(bob.reagreement(), &super::Reagreement::default());
-        assert_eq!(rig.alice_reagreement(), super::Reagreement::default());
+        rig.assert_next_hello_drops_nothing(bob).await;
     });
 }
 
@@ -1186,10 +1192,7 @@ fn units_delivered_since_a_copy_or_at_one_end_only_are_dropped_at_the_other() {
         assert!(bob.reagreement().stores_differed);
         assert_eq!(rig.alice_store.summary().unwrap(), rig.bob_store.summary().unwrap());
         // Stores that agree keep everything, reservations included.
-        drop(bob);
-        let bob = rig.open(Crash::None).await;
-        assert_eq!(bob.reagreement(), &super::Reagreement::default());
-        assert_eq!(rig.alice_reagreement(), super::Reagreement::default());
+        rig.assert_next_hello_drops_nothing(bob).await;
     });
 }
 
