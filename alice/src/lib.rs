@@ -281,12 +281,16 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned());
 
     let health = common::service::Health::default();
+    let health_listener = match cfg.health_listen {
+        Some(addr) => Some(common::service::bind_health(addr).await?),
+        None => None,
+    };
     let health_server = {
-        let (addr, health, shutdown) = (cfg.health_listen, health.clone(), shutdown.clone());
+        let (health, shutdown) = (health.clone(), shutdown.clone());
         let telemetry = telemetry.clone();
         async move {
-            if let Some(addr) = addr
-                && let Err(e) = common::service::serve_health(addr, health, Some(telemetry), shutdown).await
+            if let Some(listener) = health_listener
+                && let Err(e) = common::service::serve_health(listener, health, Some(telemetry), shutdown).await
             {
                 warn!(error = %e, "health endpoint failed");
             }

@@ -202,9 +202,10 @@ pub async fn run(cfg: BobConfig, link: LinkParams, shutdown: CancellationToken) 
     };
     let health = common::service::Health::default();
     if let Some(addr) = cfg.health_listen {
+        let listener = common::service::bind_health(addr).await?;
         let (health, shutdown, telemetry) = (health.clone(), shutdown.clone(), telemetry.clone());
         tokio::spawn(async move {
-            if let Err(e) = common::service::serve_health(addr, health, Some(telemetry), shutdown).await {
+            if let Err(e) = common::service::serve_health(listener, health, Some(telemetry), shutdown).await {
                 warn!(error = %e, "health endpoint failed");
             }
         });

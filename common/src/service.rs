@@ -88,6 +88,14 @@ impl Health {
     }
 }
 
+/// Binds the health listener at `addr` (`health_listen`), with an error that names it.
+pub async fn bind_health(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    use anyhow::Context as _;
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the health endpoint health_listen = {addr}"))
+}
+
 /// The status page (`GET /`): plots drawn by its own script from `/status/history.json`.
 const STATUS_PAGE: &str = include_str!("status_page.html");
 
@@ -96,15 +104,18 @@ const STATUS_PAGE: &str = include_str!("status_page.html");
 /// (Prometheus text format), `GET /` (the live status page), `GET /status.json` (the current
 /// state, `qkdctl status`) and `GET /status/history.json` (the last hour, one sample every
 /// [`crate::telemetry::SAMPLE_PERIOD`]). Nothing served here holds key material.
+///
+/// The caller binds `listener` itself (see [`bind_health`]) before it tells the supervisor it
+/// is ready, so that READY=1 means the health endpoint answers.
 pub async fn serve_health(
-    addr: SocketAddr,
+    listener: tokio::net::TcpListener,
     health: Health,
     telemetry: Option<Arc<crate::telemetry::Telemetry>>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     use axum::http::{StatusCode, header};
     use axum::routing::get;
-    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let addr = listener.local_addr()?;
     let mut app = axum::Router::new().route("/healthz", get(|| async { (StatusCode::OK, "live\n") })).route(
         "/readyz",
         get(move || {
