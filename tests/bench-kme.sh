@@ -7,7 +7,7 @@
 # Usage: tests/bench-kme.sh [CLIENTS] [DURATION_S] [UNITS]
 #   CLIENTS     concurrent client loops (default 8)
 #   DURATION_S  seconds of load (default 20)
-#   UNITS       ready 256-bit units in the pool, half of them servable at KME A (default 200000)
+#   UNITS       ready 256-bit units in the pool (default 200000)
 # Prints the JSON report of `qkdctl keys bench` (requests/s, p50 and p99 latency per call).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -166,8 +166,9 @@ pub(super) fn url(kme: std::net::SocketAddr, sae: &str, endpoint: &str) -> Strin
     format!("https://{kme}/api/v1/keys/{sae}/{endpoint}")
 }
 
-/// Waits (up to 180 s) until the KMEs at `etsi_a` (app-a's) and `etsi_b` (app-b's) can both
-/// serve at least `n` keys to the pair.
+/// Waits (up to 180 s) until the KMEs at `etsi_a` (app-a's) and `etsi_b` (app-b's) can serve
+/// at least `n` keys each way at once. Either KME may serve any ready unit, so each counts them
+/// all: `2 n` keys.
 pub(super) async fn wait_for_keys(lab: &Lab, etsi_a: std::net::SocketAddr, etsi_b: std::net::SocketAddr, n: u64) {
     let (app_a, app_b) = (sae_client(lab, "app-a"), sae_client(lab, "app-b"));
     let deadline = Instant::now() + Duration::from_secs(180);
@@ -179,7 +180,7 @@ pub(super) async fn wait_for_keys(lab: &Lab, etsi_a: std::net::SocketAddr, etsi_
         let count = |(code, status): &(u16, Value)| {
             if *code == 200 { status["stored_key_count"].as_u64().unwrap_or(0) } else { 0 }
         };
-        if count(&x) >= n && count(&y) >= n {
+        if count(&x) >= 2 * n && count(&y) >= 2 * n {
             return;
         }
         assert!(Instant::now() < deadline, "no {n} keys at both KMEs within 180 s: {x:?} {y:?}");
@@ -446,4 +447,59 @@ async fn a_kme_with_a_wrong_or_missing_kek_refuses_to_serve_and_leaves_the_store
     alice.stop().await.expect("alice");
     let store = SledStore::open(&store_dir, &lab.kek("alice")).expect("open");
     assert_eq!(store.n_units().expect("units"), 8);
+}
+
+/// One-way use (every master at Alice's KME) with a small store at Bob: the store fills, Bob
+/// aborts blocks ("key store full"), and Alice's KME still serves every unit in it (its own
+/// half, then Bob's half, borrowed), each once and the same at the slave's KME; once keys are
+/// fetched, blocks are committed again. Before borrowing, Alice's KME answered "not enough key"
+/// with Bob's half of the store untouched, the store stayed full and the link stopped for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_way_use_drains_a_full_store_and_the_link_resumes() {
+    const MAX_STORED_UNITS: u64 = 40;
+    let lab = Lab::new("oneway");
+    for (sae, _) in SAES {
+        lab.pki.ensure_sae(sae).expect("issue the SAE certificate");
+    }
+    let (grpc, fibre) = bind_pair().await;
+    let (etsi_a, etsi_b, peer_a, peer_b) = (free_addr(), free_addr(), free_addr(), free_addr());
+    let mut alice_cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    alice_cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi_a, peer_a, peer_b));
+    let mut bob_cfg = lab.bob_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+    bob_cfg.kme = Some(kme_config(&lab, "bob", "alice", etsi_b, peer_b, peer_a));
+    bob_cfg.max_stored_units = MAX_STORED_UNITS;
+    let alice = spawn_alice_with(&lab, alice_cfg, grpc, Some(fibre));
+    let bob = spawn_bob_with(&lab, bob_cfg);
+
+    let full = wait_for("a block aborted because Bob's store is full", Duration::from_secs(180), || {
+        lab.status("bob").filter(|s| {
+            s.pointer("/last_block/abort_reason").and_then(Value::as_str).is_some_and(|r| r.contains("store is full"))
+        })
+    })
+    .await;
+    let committed_when_full = counter(&full, "/total/blocks_committed");
+    let (app_a, app_b) = (sae_client(&lab, "app-a"), sae_client(&lab, "app-b"));
+    let (_, status) = call(app_a.get(url(etsi_a, "app-b", "status"))).await;
+    let stored = status["stored_key_count"].as_u64().expect("stored_key_count");
+    assert!(stored >= MAX_STORED_UNITS, "the store is full, and Alice's KME counts all of it: {status}");
+    // app-a takes it all, in requests of up to 8 keys; app-b fetches each key from Bob's KME.
+    let mut delivered = Vec::new();
+    while (delivered.len() as u64) < stored {
+        let number = (stored - delivered.len() as u64).min(8) as u32;
+        let keys = enc_keys(&lab, etsi_a, "app-a", "app-b", number).await;
+        let (code, fetched) = dec_keys(&lab, etsi_b, "app-b", "app-a", &keys).await;
+        assert_eq!(code, 200);
+        assert!(fetched == keys, "the slave gets the master's keys");
+        delivered.extend(keys);
+    }
+    let distinct: std::collections::HashSet<&Vec<u8>> = delivered.iter().map(|(_, key)| key).collect();
+    assert_eq!(distinct.len(), delivered.len(), "a key was delivered twice");
+    // The store has room again: Bob commits blocks.
+    wait_for("a block committed after the store was drained", Duration::from_secs(180), || {
+        lab.status("bob").filter(|s| counter(s, "/total/blocks_committed") > committed_when_full)
+    })
+    .await;
+    drop((app_a, app_b));
+    bob.stop().await.expect("bob");
+    alice.stop().await.expect("alice");
 }

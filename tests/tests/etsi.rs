@@ -266,8 +266,8 @@ async fn status_reports_every_field_with_its_type() {
     assert!(n("min_key_size") <= n("key_size") && n("key_size") <= n("max_key_size"));
     assert!(n("stored_key_count") <= n("max_key_count"));
     assert_eq!((n("key_size"), n("max_SAE_ID_count")), (256, 0));
-    // Half the units belong to A, one unit per 256-bit key.
-    assert_eq!(n("stored_key_count"), net.units.len() as u64 / 2);
+    // Every ready unit can be served by A (its own first, then B's), one unit per 256-bit key.
+    assert_eq!(n("stored_key_count"), net.units.len() as u64);
 
     assert_error(&client.get(&url(&net.a, "sae-a1", "status")).await, 400, None);
     assert_error(&client.get(&url(&net.a, "sae-a2", "status")).await, 400, None);
@@ -428,23 +428,24 @@ async fn dec_keys_hands_each_key_once_to_its_slave_only() {
 async fn short_store_gives_503_and_nothing_half_delivered() {
     let net = Net::start(NetOptions { n_units: 6, ..NetOptions::default() }).await;
     let master = net.client("sae-a1");
-    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 3);
-    assert_error(&master.get(&format!("{}?number=4", url(&net.a, "sae-b1", "enc_keys"))).await, 503, None);
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 6);
+    assert_error(&master.get(&format!("{}?number=7", url(&net.a, "sae-b1", "enc_keys"))).await, 503, None);
     assert_error(
-        &master.post(&url(&net.a, "sae-b1", "enc_keys"), Body::Json(json!({"number": 1, "size": 1024}))).await,
+        &master.post(&url(&net.a, "sae-b1", "enc_keys"), Body::Json(json!({"number": 2, "size": 1024}))).await,
         503,
         None,
     );
-    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 3);
+    assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 6);
     assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
     assert_eq!(net.b.store.summary().unwrap().n_keys, 6, "the peer's pool is untouched");
-    // Exactly what is left can still be taken, then 503.
-    let (code, container) = master.get(&format!("{}?number=3", url(&net.a, "sae-b1", "enc_keys"))).await;
-    assert_eq!((code, keys_of(&container).len()), (200, 3));
+    // Exactly what is left can still be taken (A's three units and B's three), then 503.
+    let (code, container) = master.get(&format!("{}?number=6", url(&net.a, "sae-b1", "enc_keys"))).await;
+    assert_eq!((code, keys_of(&container).len()), (200, 6));
     assert_eq!(master.stored_key_count(&net.a, "sae-b1").await, 0);
     assert_error(&master.get(&url(&net.a, "sae-b1", "enc_keys")).await, 503, None);
-    // B's own half is still whole.
-    assert_eq!(net.client("sae-b1").stored_key_count(&net.b, "sae-a1").await, 3);
+    // Nothing is left at B either: the stores agree.
+    assert_eq!(net.client("sae-b1").stored_key_count(&net.b, "sae-a1").await, 0);
+    assert_eq!(net.a.store.summary().unwrap(), net.b.store.summary().unwrap());
     net.stop().await;
 }
 
@@ -511,7 +512,7 @@ async fn peer_channel_refuses_a_node_with_another_name() {
     .unwrap();
     assert!(mallory.ping().await.is_err());
     assert!(matches!(mallory.reserve(request.clone()).await, Err(ReserveError::Refused(_))));
-    // A reservation naming B's own units, or a foreign KME, is refused even from the real peer.
+    // A reservation naming a foreign KME is refused even from the real peer.
     let alice = GrpcPeer::connect_lazy(
         &net.b.peer_addr.to_string(),
         "bob",
@@ -520,9 +521,6 @@ async fn peer_channel_refuses_a_node_with_another_name() {
     )
     .unwrap();
     assert_eq!(alice.ping().await.unwrap().0, "KME_B");
-    let owned_by_bob = net.units.iter().find(|u| KmeSide::Bob.owns(&u.key_id)).unwrap().key_id;
-    let own_unit = ReserveRequest { keys: vec![(Uuid::new_v4(), vec![owned_by_bob])], ..request.clone() };
-    assert!(matches!(alice.reserve(own_unit).await, Err(ReserveError::Refused(_))));
     let foreign = ReserveRequest { source_kme_id: qkd_kme::KmeId("KME_X".into()), ..request.clone() };
     assert!(matches!(alice.reserve(foreign).await, Err(ReserveError::Refused(_))));
     assert_eq!(net.b.store.reserved_key_count().unwrap(), 0);
@@ -632,7 +630,7 @@ async fn concurrent_clients_at_both_kmes_never_share_a_key() {
             while !stop.is_cancelled() {
                 let count = client.stored_key_count(kme, slave).await;
                 assert!(count <= last, "stored_key_count grew from {last} to {count}");
-                assert!(count <= N_UNITS as u64 / 2);
+                assert!(count <= N_UNITS as u64);
                 last = count;
                 n_polls += 1;
             }
@@ -678,10 +676,10 @@ async fn concurrent_clients_at_both_kmes_never_share_a_key() {
     for fetch in fetches {
         fetch.await.expect("slave task");
     }
-    // The counts are exactly what is left of each half.
-    let half = N_UNITS as u64 / 2;
-    assert_eq!(net.client("sae-a1").stored_key_count(&net.a, "sae-b1").await, half - taken[&true]);
-    assert_eq!(net.client("sae-b1").stored_key_count(&net.b, "sae-a1").await, half - taken[&false]);
+    // The counts are exactly what is left (either KME may serve any unit left).
+    let left = N_UNITS as u64 - taken[&true] - taken[&false];
+    assert_eq!(net.client("sae-a1").stored_key_count(&net.a, "sae-b1").await, left);
+    assert_eq!(net.client("sae-b1").stored_key_count(&net.b, "sae-a1").await, left);
     assert_eq!(net.a.store.summary().unwrap().n_keys, N_UNITS as u64 - taken[&true] - taken[&false]);
     assert_eq!(net.a.store.summary().unwrap(), net.b.store.summary().unwrap(), "both pools hold the same units");
     assert_eq!(net.a.store.reserved_key_count().unwrap() + net.b.store.reserved_key_count().unwrap(), 0);

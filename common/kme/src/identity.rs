@@ -78,7 +78,15 @@ pub fn sae_id_from_certificate(der: &[u8], source: IdentitySource) -> Result<Sae
     }
 }
 
-/// Which of the two KMEs this is; decides which key units it may serve.
+/// Which of the two KMEs this is; decides which key units it picks first.
+///
+/// Each KME owns half of the units (by the last byte of their IDs) and picks its own first, so
+/// that two KMEs serving masters at once rarely reach for the same unit. Ownership is a
+/// preference, not a right: a KME short of its own units borrows the peer's, or one-way use (all
+/// masters at one KME) would leave the other half of the store unusable until it filled the store
+/// and stopped the link. What stops two KMEs from handing out one unit is the reservation: a
+/// KME reserves at the peer only units that the peer's own Get key does not hold in flight, and
+/// removes them from its pool in the same step ([`crate::KmeState`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum KmeSide {
@@ -89,8 +97,7 @@ pub enum KmeSide {
 }
 
 impl KmeSide {
-    /// The KME owning the unit `unit_id`. Split ownership means the two KMEs never offer the
-    /// same unit to two masters; the peer's reservation confirms it before any key is handed out.
+    /// The KME owning the unit `unit_id` (the one that picks it first).
     pub fn owner_of(unit_id: &Uuid) -> Self {
         if unit_id.as_bytes()[15].is_multiple_of(2) { Self::Alice } else { Self::Bob }
     }

@@ -44,10 +44,13 @@ pub enum ReserveError {
     /// changed nothing.
     #[error("the peer KME does not hold {} of the units", .0.len())]
     Missing(Vec<Uuid>),
-    /// The peer holds these units but has not committed their block yet (the two-ended commit
-    /// is under way): they will be reservable shortly. The peer changed nothing.
-    #[error("{} of the units are not committed at the peer KME yet", .0.len())]
-    NotYetReady(Vec<Uuid>),
+    /// The peer holds these units but cannot reserve them now: their block is not committed
+    /// there yet (the two-ended commit is under way), or the peer's own Get key holds them in
+    /// flight (a KME short of its own units borrows the peer's, see [`crate::KmeSide`]). They
+    /// may be reservable shortly; the caller keeps them and picks others. The peer changed
+    /// nothing.
+    #[error("{} of the units are not reservable at the peer KME now (not committed there yet, or in use)", .0.len())]
+    NotNow(Vec<Uuid>),
     /// The peer refused the request (it is inconsistent with its configuration, or its store
     /// failed). The peer changed nothing.
     #[error("the peer KME refused: {0}")]
@@ -178,7 +181,7 @@ impl ReservePeer for GrpcPeer {
                 return Err(ReserveError::Missing(ids(&response.missing_unit_ids)?));
             }
             if !response.not_ready_unit_ids.is_empty() {
-                return Err(ReserveError::NotYetReady(ids(&response.not_ready_unit_ids)?));
+                return Err(ReserveError::NotNow(ids(&response.not_ready_unit_ids)?));
             }
             Ok(())
         })
@@ -329,7 +332,7 @@ impl KmePeer for PeerService {
                 missing_unit_ids: missing.iter().map(|u| u.as_bytes().to_vec()).collect(),
                 ..ReserveResponse::default()
             })),
-            Err(ReserveError::NotYetReady(units)) => Ok(Response::new(ReserveResponse {
+            Err(ReserveError::NotNow(units)) => Ok(Response::new(ReserveResponse {
                 not_ready_unit_ids: units.iter().map(|u| u.as_bytes().to_vec()).collect(),
                 ..ReserveResponse::default()
             })),

@@ -2,10 +2,12 @@
 //! Get key with key IDs (hand out a reservation once), and the peer's reservations.
 //!
 //! Get key at KME A for master m (at A) and slave s (at B):
-//! 1. A picks the units it owns (split ownership, [`KmeSide`]) and marks them *in flight* in
-//!    memory, so concurrent requests at A never pick the same unit.
-//! 2. A asks B to reserve them ([`ReservePeer::reserve`]); B removes them from its ready pool and
-//!    records the ETSI keys for (m, s), in one transaction, durably, or changes nothing.
+//! 1. A picks ready units, those it owns first ([`KmeSide`]) and, when they are too few, the
+//!    peer's, and marks them *in flight* in memory, so concurrent requests at A never pick the
+//!    same unit.
+//! 2. A asks B to reserve them ([`ReservePeer::reserve`]); B refuses units its own Get key holds
+//!    in flight (`NotNow`), marks the others in flight while it removes them from its ready pool
+//!    and records the ETSI keys for (m, s), in one transaction, durably, or changes nothing.
 //! 3. Only then A removes the units from its own pool (one transaction) and answers. The removal
 //!    need not reach the disk first: B's durable reservation already keeps the units from being
 //!    delivered again (see "If A stops" below), so the Get key path waits for one fsync, B's.
@@ -29,6 +31,19 @@
 //! unit is ever part of two delivered keys. Units that B holds but has not committed yet (the
 //! block is ready at A, still pending at B for the moment of the two-ended commit) are not
 //! missing: B says so, and A keeps them and tries again with others.
+//!
+//! Why no unit is ever part of two keys, although both KMEs may pick any unit: for KME X to
+//! hand out unit u, the peer Y must first reserve u, which durably removes u from Y's pool; so
+//! Y can hand out u only if X reserved it earlier, removing it from X's pool before X could
+//! pick it. The two can only interleave while each holds u: X's Reserve handler refuses (`NotNow`)
+//! a unit X's own Get key holds in flight, and X's picker skips a unit the handler is
+//! reserving (both take X's in-flight lock). If both pick u at once, both answer `NotNow` and
+//! both pick others. X's own removal after delivering u may be lost in a crash (see above), but
+//! u is gone from Y's pool for good, so only X can pick u again and Y then reports it missing.
+//!
+//! Owning is thus a preference that keeps the two KMEs apart in normal use. Borrowing keeps a
+//! KME serving when all masters sit at it and its own half is spent: without it, the peer's
+//! half would fill the store, stop the link, and leave this KME with nothing to serve.
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -81,6 +96,9 @@ struct Inner {
     /// The last unit picked: the next search starts after it (see
     /// [`SledStore::select_ready_units_after`]). Only used with `in_flight` locked.
     pick_cursor: Mutex<Option<Uuid>>,
+    /// The same for the peer's units, when this KME borrows them. It starts at a random ID, so
+    /// that a borrowing KME seldom reaches for the units the owner picks next.
+    borrow_cursor: Mutex<Option<Uuid>>,
     /// How many of the in-flight units wait for the peer's answer to a cancellation.
     in_doubt: AtomicUsize,
     /// The tasks settling reservations in doubt.
@@ -125,6 +143,7 @@ impl KmeState {
                 peer,
                 in_flight: Mutex::new(HashSet::new()),
                 pick_cursor: Mutex::new(None),
+                borrow_cursor: Mutex::new(Some(Uuid::new_v4())),
                 in_doubt: AtomicUsize::new(0),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -314,11 +333,16 @@ impl KmeState {
     /// The peer KME's reservation (step 2 of the life cycle, at this KME). All or nothing.
     pub async fn reserve_for_peer(&self, request: ReserveRequest) -> Result<(), ReserveError> {
         let reservations = self.validate_reservation(&request)?;
+        // The units are marked in flight while they are reserved, so that this KME's own Get
+        // key cannot pick them meanwhile; units it already holds in flight are refused.
+        let claim = self.claim_for_peer(reservations.iter().flat_map(|r| r.unit_ids.iter().copied()).collect())?;
         let store = self.inner.store.clone();
         let n_keys = reservations.len();
         let result = tokio::task::spawn_blocking(move || store.reserve_keys(&reservations))
             .await
             .map_err(|_| ReserveError::Refused("internal error of the peer KME".into()))?;
+        // The transaction is over: the units are out of the pool, or still in it and free.
+        drop(claim);
         match result {
             Ok(()) => {
                 info!(master = %request.master, n_keys, size_bits = request.size_bits, "keys reserved for the peer KME");
@@ -331,13 +355,30 @@ impl KmeState {
             Err(KmeStoreError::NotYetReady(units)) => {
                 // Not missing: the peer keeps the units and picks others.
                 info!(n_units = units.len(), "peer KME asked for units of a block not committed here yet");
-                Err(ReserveError::NotYetReady(units))
+                Err(ReserveError::NotNow(units))
             }
             Err(e) => {
                 error!(error = %e, "reservation failed");
                 Err(ReserveError::Refused(format!("reservation failed: {e}")))
             }
         }
+    }
+
+    /// Marks `unit_ids` in flight for the peer's reservation, or refuses (`NotNow`, nothing
+    /// marked) if this KME's own Get key holds any of them.
+    fn claim_for_peer(&self, unit_ids: Vec<Uuid>) -> Result<InFlightMarks, ReserveError> {
+        let inner = &self.inner;
+        // Invariant: no code panics while holding this lock, so it is never poisoned.
+        let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
+        let busy: Vec<Uuid> = unit_ids.iter().filter(|id| in_flight.contains(id)).copied().collect();
+        if !busy.is_empty() {
+            drop(in_flight);
+            info!(n_units = busy.len(), "peer KME asked for units this KME's own Get key holds: try others");
+            return Err(ReserveError::NotNow(busy));
+        }
+        in_flight.extend(unit_ids.iter().copied());
+        drop(in_flight);
+        Ok(InFlightMarks { inner: inner.clone(), ids: unit_ids, in_doubt: false })
     }
 
     /// The peer KME's cancellation of reservations whose answer it never got: for each key ID,
@@ -574,9 +615,12 @@ impl KmeState {
                         .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?;
                     discarded.map_err(|e| store_unavailable(&e))?;
                 }
-                Err(ReserveError::NotYetReady(units)) => {
+                Err(ReserveError::NotNow(units)) => {
                     // The units go back to the pool (`picked` dropped); others are picked.
-                    info!(n_units = units.len(), "the peer KME has not committed some units yet: picking others");
+                    info!(
+                        n_units = units.len(),
+                        "the peer KME cannot reserve some units now (not committed there yet, or in use): picking others"
+                    );
                     let ours: HashSet<Uuid> = picked.units.iter().map(|u| u.key_id).collect();
                     let before = not_ready.len();
                     not_ready.extend(units.into_iter().filter(|id| ours.contains(id)));
@@ -699,8 +743,9 @@ impl KmeState {
         // The marks of the discarded units go when `marks` is dropped, after the discard.
     }
 
-    /// Picks `n_units` owned ready units, neither in flight nor in `exclude`, and marks them in
-    /// flight; `Err(n)` with the number available when there are fewer.
+    /// Picks `n_units` ready units, neither in flight nor in `exclude`, owned ones first and then
+    /// the peer's ([`KmeSide`]), and marks them in flight; `Err(n)` with the number available
+    /// when there are fewer.
     ///
     /// Runs on the async worker: it reads sled's in-memory page cache and writes nothing, so it
     /// does not block on the disk; a hop to the blocking pool per request cost more than the
@@ -711,16 +756,30 @@ impl KmeState {
         let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
         let mut cursor = inner.pick_cursor.lock().expect("pick cursor lock poisoned");
         let side = inner.side;
-        let units = inner
+        let mut units = inner
             .store
             .select_ready_units_after(cursor.as_ref(), n_units, |id| {
                 side.owns(id) && !in_flight.contains(id) && !exclude.contains(id)
             })
             .map_err(|e| store_unavailable(&e))?;
-        if units.len() < n_units {
-            return Ok(Err(units.len()));
+        let n_owned = units.len();
+        if n_owned < n_units {
+            let mut borrow_cursor = inner.borrow_cursor.lock().expect("borrow cursor lock poisoned");
+            let borrowed = inner
+                .store
+                .select_ready_units_after(borrow_cursor.as_ref(), n_units - n_owned, |id| {
+                    !side.owns(id) && !in_flight.contains(id) && !exclude.contains(id)
+                })
+                .map_err(|e| store_unavailable(&e))?;
+            if n_owned + borrowed.len() < n_units {
+                return Ok(Err(n_owned + borrowed.len()));
+            }
+            *borrow_cursor = borrowed.last().map(|u| u.key_id);
+            units.extend(borrowed);
         }
-        *cursor = units.last().map(|u| u.key_id);
+        if let Some(last_owned) = units[..n_owned].last() {
+            *cursor = Some(last_owned.key_id);
+        }
         in_flight.extend(units.iter().map(|u| u.key_id));
         drop((cursor, in_flight));
         let marks =
@@ -728,8 +787,8 @@ impl KmeState {
         Ok(Ok(InFlight { marks, units }))
     }
 
-    /// Keys of `size_bits` that can be served now: owned ready units not in flight, in whole
-    /// keys, at most `cap`.
+    /// Keys of `size_bits` that can be served now: ready units not in flight (owned or
+    /// borrowed), in whole keys, at most `cap`.
     async fn servable_keys(&self, size_bits: u32, cap: u64) -> Result<u64, EtsiError> {
         let inner = self.inner.clone();
         let units_per_key = size_bits.div_ceil(UNIT_BITS) as usize;
@@ -738,8 +797,7 @@ impl KmeState {
             // A copy, so that Get key requests do not wait for the count. Invariant: no code
             // panics while holding this lock, so it is never poisoned.
             let in_flight = inner.in_flight.lock().expect("in-flight lock poisoned").clone();
-            let side = inner.side;
-            inner.store.count_ready_units(unit_cap, |id| side.owns(id) && !in_flight.contains(id))
+            inner.store.count_ready_units(unit_cap, |id| !in_flight.contains(id))
         })
         .await
         .map_err(|_| EtsiError::Unavailable("internal error of the KME".into()))?
@@ -786,9 +844,6 @@ impl KmeState {
             for unit_id in unit_ids {
                 if !seen_units.insert(*unit_id) {
                     return refuse(format!("unit {unit_id} is named twice"));
-                }
-                if !self.side().peer().owns(unit_id) {
-                    return refuse(format!("unit {unit_id} is not owned by the peer KME"));
                 }
             }
             out.push(KeyReservation {

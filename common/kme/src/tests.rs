@@ -1,3 +1,4 @@
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -403,9 +404,14 @@ async fn units_not_yet_committed_at_the_peer_are_kept_and_others_served() {
     assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), served).await.unwrap().keys, container.keys);
     // Once B commits the block, they are served like any other.
     b.store().mark_ready(block.block_id).unwrap();
-    let rest = (before - 4) as i64;
-    let all = a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(rest), ..KeyRequest::default() }).await;
-    assert_eq!(all.unwrap().keys.len() as i64, rest);
+    let mut rest = (before - 4) as i64;
+    while rest > 0 {
+        let number = rest.min(16);
+        let request = KeyRequest { number: Some(number), ..KeyRequest::default() };
+        assert_eq!(a.get_key(Some(&sae("m")), &sae("s"), request).await.unwrap().keys.len() as i64, number);
+        rest -= number;
+    }
+    assert_eq!(stored_key_count(&a).await, 0);
 }
 
 #[tokio::test]
@@ -547,7 +553,8 @@ async fn a_reservation_that_never_reached_the_peer_gives_the_units_back() {
     assert!(matches!(b.reserve_for_peer(peer.first_reserve()).await, Err(ReserveError::Refused(_))));
     assert_eq!(b.store().summary().unwrap(), summary_b);
     assert_eq!(b.store().reserved_key_count().unwrap(), 0);
-    // The units given back are served normally (all of A's 20 units, those three included).
+    // The units given back are served normally (all of A's 20 units, those three included;
+    // B's 20 remain, for either KME).
     let container =
         a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(16), ..KeyRequest::default() }).await.unwrap();
     assert_eq!(container.keys.len(), 16);
@@ -555,7 +562,8 @@ async fn a_reservation_that_never_reached_the_peer_gives_the_units_back() {
         a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(4), ..KeyRequest::default() }).await.unwrap();
     let ids = container.keys.iter().map(|k| k.key_id).collect();
     assert_eq!(b.get_key_with_key_ids(Some(&sae("s")), &sae("m"), ids).await.unwrap().keys, container.keys);
-    assert_eq!(stored_key_count(&a).await, 0);
+    assert_eq!(stored_key_count(&a).await, 20);
+    assert!(a.store().select_ready_units(usize::MAX, |id| KmeSide::Alice.owns(id)).unwrap().is_empty());
     assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
 }
 
@@ -572,4 +580,144 @@ async fn shutdown_stops_settling_a_reservation_in_doubt() {
     assert!(peer.cancels.load(Ordering::SeqCst) >= 1);
     assert_eq!(a.in_doubt_units(), 0);
     assert_eq!(stored_key_count(&a).await, before);
+}
+
+/// An in-process peer whose Reserve calls wait at a gate (after saying they arrived) until the
+/// test opens it.
+struct GatedPeer {
+    peer: OnceLock<KmeState>,
+    arrived: tokio::sync::Notify,
+    gate: tokio::sync::Semaphore,
+}
+
+impl ReservePeer for GatedPeer {
+    fn reserve(&self, request: ReserveRequest) -> BoxFuture<'_, Result<(), ReserveError>> {
+        Box::pin(async move {
+            self.arrived.notify_one();
+            let _pass = self.gate.acquire().await.expect("gate open");
+            self.peer.get().expect("peer set").reserve_for_peer(request).await
+        })
+    }
+
+    fn cancel(&self, request: CancelRequest) -> BoxFuture<'_, Result<Vec<CancelOutcome>, CancelError>> {
+        Box::pin(async move { self.peer.get().expect("peer set").cancel_for_peer(request).await })
+    }
+}
+
+/// Every delivered key's bytes (one 256-bit unit each) and the slave's copy of it: the slave
+/// gets each key once, and the same bytes.
+async fn fetch_at_slave(kme: &KmeState, slave: &str, master: &str, keys: &api::KeyContainer) {
+    let ids = keys.keys.iter().map(|k| k.key_id).collect();
+    assert_eq!(kme.get_key_with_key_ids(Some(&sae(slave)), &sae(master), ids).await.unwrap().keys, keys.keys);
+}
+
+/// All masters at A (one-way use): once A's own half is spent, A borrows B's units, so the
+/// whole store is served and none of it is stranded (it used to fill the store and stop the
+/// link while A answered "not enough key").
+#[tokio::test]
+async fn a_kme_whose_own_units_are_spent_borrows_the_peers() {
+    let (a, b) = pair(40, 0);
+    assert_eq!(stored_key_count(&a).await, 40, "Get status counts every unit A can serve, borrowed ones too");
+    let mut delivered = HashSet::new();
+    for _ in 0..4 {
+        let keys =
+            a.get_key(Some(&sae("m")), &sae("s"), KeyRequest { number: Some(10), ..KeyRequest::default() }).await;
+        let keys = keys.unwrap();
+        fetch_at_slave(&b, "s", "m", &keys).await;
+        delivered.extend(keys.keys.iter().map(|k| k.key.decode().unwrap().to_vec()));
+    }
+    assert_eq!(delivered.len(), 40, "40 distinct keys, one per unit");
+    assert_eq!(stored_key_count(&a).await, 0);
+    assert_eq!(b.store().summary().unwrap().n_keys, 0);
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+    let (code, text) = message(a.get_key(Some(&sae("m")), &sae("s"), KeyRequest::default()).await);
+    assert_eq!(code, 503);
+    assert!(text.contains("not enough key"), "{text}");
+}
+
+/// A borrows units that B's own Get key holds in flight at that moment: B answers "not now", A
+/// serves from B's other units, and neither KME ever hands out a unit twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_the_owner_holds_in_flight_is_not_lent() {
+    let (store_a, store_b) = stores(8);
+    let peer_of_a = Arc::new(LocalPeer(OnceLock::new()));
+    let peer_of_b = Arc::new(GatedPeer {
+        peer: OnceLock::new(),
+        arrived: tokio::sync::Notify::new(),
+        gate: tokio::sync::Semaphore::new(0),
+    });
+    let a = KmeState::new(settings("KME_A", "KME_B", 0), KmeSide::Alice, store_a, peer_of_a.clone());
+    let b = KmeState::new(settings("KME_B", "KME_A", 0), KmeSide::Bob, store_b, peer_of_b.clone());
+    let _ = peer_of_a.0.set(b.clone());
+    let _ = peer_of_b.peer.set(a.clone());
+    let one = |n| KeyRequest { number: Some(n), ..KeyRequest::default() };
+    // A spends its own four units.
+    let first = a.get_key(Some(&sae("m")), &sae("s"), one(4)).await.unwrap();
+    fetch_at_slave(&b, "s", "m", &first).await;
+    // B's master asks for two keys: B picks two of its own units and waits at the gate.
+    let b_request = tokio::spawn({
+        let b = b.clone();
+        async move { b.get_key(Some(&sae("s")), &sae("m"), one(2)).await }
+    });
+    peer_of_b.arrived.notified().await;
+    // A borrows: of B's four units, the two B holds are refused, the other two are served.
+    let borrowed = a.get_key(Some(&sae("m")), &sae("s"), one(2)).await.unwrap();
+    fetch_at_slave(&b, "s", "m", &borrowed).await;
+    // Nothing else can be lent now: the last two are B's, in flight.
+    let (code, _) = message(a.get_key(Some(&sae("m")), &sae("s"), one(1)).await);
+    assert_eq!(code, 503);
+    peer_of_b.gate.add_permits(1);
+    let at_b = b_request.await.unwrap().unwrap();
+    fetch_at_slave(&a, "m", "s", &at_b).await;
+    let all: HashSet<Vec<u8>> = [&first, &borrowed, &at_b]
+        .into_iter()
+        .flat_map(|c| c.keys.iter().map(|k| k.key.decode().unwrap().to_vec()))
+        .collect();
+    assert_eq!(all.len(), 8, "eight distinct keys from eight units");
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+    assert_eq!(a.store().summary().unwrap().n_keys, 0);
+}
+
+/// Both KMEs serve masters at once from a small store, each borrowing the other's units when
+/// its own run out: every unit ends in exactly one delivered key, each slave gets each key once,
+/// and the two stores end identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_kmes_drawing_on_one_store_at_once_never_share_a_unit() {
+    let (a, b) = pair(64, 0);
+    let run = |kme: KmeState, master: &'static str, slave: &'static str| {
+        tokio::spawn(async move {
+            let mut got = Vec::new();
+            let mut refusals = 0;
+            // Until nothing is left for this KME; collisions ("not now") only cost a retry.
+            while stored_key_count_for(&kme, master, slave).await > 0 {
+                match kme.get_key(Some(&sae(master)), &sae(slave), KeyRequest::default()).await {
+                    Ok(keys) => got.push(keys),
+                    Err(e) => {
+                        refusals += 1;
+                        assert!(refusals < 1000, "kept failing: {e}");
+                    }
+                }
+            }
+            got
+        })
+    };
+    let (from_a, from_b) = (run(a.clone(), "m", "s"), run(b.clone(), "s", "m"));
+    let (from_a, from_b) = (from_a.await.unwrap(), from_b.await.unwrap());
+    let mut all = HashSet::new();
+    for keys in &from_a {
+        fetch_at_slave(&b, "s", "m", keys).await;
+        all.extend(keys.keys.iter().map(|k| k.key.decode().unwrap().to_vec()));
+    }
+    for keys in &from_b {
+        fetch_at_slave(&a, "m", "s", keys).await;
+        all.extend(keys.keys.iter().map(|k| k.key.decode().unwrap().to_vec()));
+    }
+    assert_eq!(from_a.len() + from_b.len(), 64, "every unit delivered once");
+    assert_eq!(all.len(), 64, "no unit in two keys");
+    assert_eq!(a.store().summary().unwrap(), b.store().summary().unwrap());
+    assert_eq!(a.store().summary().unwrap().n_keys, 0);
+}
+
+async fn stored_key_count_for(kme: &KmeState, master: &str, slave: &str) -> u64 {
+    kme.status(Some(&sae(master)), &sae(slave)).await.unwrap().stored_key_count
 }
