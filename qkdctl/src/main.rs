@@ -142,6 +142,22 @@ enum StoreCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Erase every KME reservation of a stopped daemon's key store: keys whose master already
+    /// has them, still waiting for their slave's Get key with key IDs (the slave then gets 400
+    /// "keys not found" and the applications fetch new keys). Run it after restoring a store
+    /// from a backup, before starting the daemon: a copy may hold reservations fetched since it
+    /// was made, which the re-agreement at Hello cannot see when nothing else changed (see
+    /// docs/store.md). Cancellation records go too. Without --yes, only says how many would go.
+    DropReservations {
+        /// The daemon's data directory (the one holding `store/`).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        kek: store::KekArgs,
+        /// Erase them (without it, nothing is changed).
+        #[arg(long)]
+        yes: bool,
+    },
     /// Make a key-encryption key (KEK) for a daemon's key store: 32 random bytes in a new file
     /// of mode 0600 (never overwrites one). Point `[store] kek_file` at it, or encrypt it as a
     /// systemd credential (`systemd-creds encrypt --name=qkd-store-kek FILE ...`) and remove the
@@ -215,6 +231,9 @@ fn main() -> std::process::ExitCode {
             store::summary(&data_dir, &kek, json)
         }
         Command::Store { command: StoreCommand::Kek { out, keep_existing } } => store::make_kek(&out, keep_existing),
+        Command::Store { command: StoreCommand::DropReservations { data_dir, kek, yes } } => {
+            store::drop_reservations(&data_dir, &kek, yes)
+        }
         Command::Store { command: StoreCommand::Verify { dir, data_dir, kek, json } } => {
             return store::verify(&dir.or(data_dir).unwrap_or_default(), &kek, json);
         }

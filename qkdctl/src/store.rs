@@ -89,6 +89,33 @@ pub fn summary(data_dir: &Path, kek: &KekArgs, json: bool) -> anyhow::Result<()>
     Ok(())
 }
 
+/// `qkdctl store drop-reservations`: erases, durably, every reservation of the stopped store of
+/// the daemon whose data directory is `data_dir` (with `yes`; otherwise counts them and fails).
+pub fn drop_reservations(data_dir: &Path, kek: &KekArgs, yes: bool) -> anyhow::Result<()> {
+    let store_dir = store_dir(data_dir)?;
+    let kek = kek.load()?;
+    let store = SledStore::open(&store_dir, &kek)
+        .map_err(|e| anyhow::anyhow!("opening the key store {}: {}", store_dir.display(), qkd_store::describe(&e)))?;
+    let read_error = |e: qkd_store::StoreError| {
+        anyhow::anyhow!("reading the key store {}: {}", store_dir.display(), qkd_store::describe(&e))
+    };
+    let n = store.reserved_key_count().map_err(read_error)?;
+    if !yes {
+        anyhow::bail!(
+            "{n} reservation(s) in {} would be erased; nothing changed: pass --yes to erase them",
+            store_dir.display()
+        );
+    }
+    let erased = store.purge_reservations(u64::MAX).map_err(|e| {
+        anyhow::anyhow!("erasing the reservations of {}: {}", store_dir.display(), qkd_store::describe(&e))
+    })?;
+    println!(
+        "erased {erased} reservation(s) from {} (their slaves now get 400 \"keys not found\"; the ready keys are untouched)",
+        store_dir.display()
+    );
+    Ok(())
+}
+
 /// Verifies the stopped store of the daemon whose data directory is `data_dir` (the checks
 /// of `qkd_store::verify`, as the daemon makes them when it starts) and prints what it found.
 /// Exit status: 0 healthy, 1 problems found (listed), 2 the store could not be checked.

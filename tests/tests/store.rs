@@ -372,6 +372,60 @@ fn qkdctl_store_verify_tells_a_healthy_store_a_held_one_and_a_missing_one_apart(
     assert!(String::from_utf8_lossy(&out.stderr).contains("holds no key store"));
 }
 
+/// `qkdctl store drop-reservations` (after restoring a store from a backup): without `--yes` it
+/// only counts them and fails; with it, every reservation is erased durably (the slave can no
+/// longer fetch it), and the ready keys are untouched.
+#[test]
+fn qkdctl_store_drop_reservations_erases_them_and_nothing_else() {
+    use qkd_store::kme::{KeyReservation, KmeStoreError};
+    let root = TempDir::new("store-drop-reservations");
+    let data_dir = root.0.join("data");
+    make_store(&data_dir.join("store"));
+    let (ready_before, reserved) = {
+        let store = SledStore::open(&data_dir.join("store"), &kek()).expect("open");
+        let units = store.select_ready_units(4, |_| true).expect("units");
+        let reservations: Vec<KeyReservation> = units
+            .chunks(2)
+            .map(|pair| KeyReservation {
+                key_id: Uuid::new_v4(),
+                unit_ids: pair.iter().map(|u| u.key_id).collect(),
+                size_bits: 512,
+                master: "app-a".into(),
+                slaves: vec!["app-b".into()],
+                created_unix_ms: 1,
+            })
+            .collect();
+        store.reserve_keys(&reservations).expect("reserve");
+        assert_eq!(store.reserved_key_count().unwrap(), 2);
+        (store.summary().expect("summary"), reservations)
+    };
+    let drop_reservations = |yes: bool| {
+        let mut cmd = Command::new(workspace_binary("qkdctl"));
+        cmd.args(["store", "drop-reservations", "--data-dir"]).arg(&data_dir).arg("--kek").arg(kek_file(&root.0));
+        if yes {
+            cmd.arg("--yes");
+        }
+        cmd.output().expect("run qkdctl store drop-reservations")
+    };
+    let dry = drop_reservations(false);
+    assert!(!dry.status.success());
+    let text = String::from_utf8_lossy(&dry.stderr);
+    assert!(text.contains("2 reservation(s)") && text.contains("--yes"), "{text}");
+    let out = drop_reservations(true);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("erased 2 reservation(s)"));
+    let store = SledStore::open(&data_dir.join("store"), &kek()).expect("open");
+    assert_eq!(store.reserved_key_count().unwrap(), 0);
+    let ids: Vec<Uuid> = reserved.iter().map(|r| r.key_id).collect();
+    let delivered = store.deliver_reserved_keys(&ids, "app-a", "app-b");
+    assert!(
+        matches!(delivered, Err(KmeStoreError::NotFound(_))),
+        "an erased reservation: {:?}",
+        delivered.map(|k| k.len())
+    );
+    assert_eq!(store.summary().expect("summary"), ready_before, "the ready keys changed");
+}
+
 /// A tmpfs mounted for the test, unmounted when dropped.
 struct Tmpfs(std::path::PathBuf);
 
