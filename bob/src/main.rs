@@ -49,6 +49,10 @@ async fn run() -> anyhow::Result<()> {
     for failure in hardening {
         tracing::warn!("process hardening: {failure}");
     }
+    match common::service::lock_memory() {
+        Ok(done) => tracing::info!("{done}"),
+        Err(failure) => tracing::warn!("process hardening: {failure}"),
+    }
     let args = Args::parse();
     if let Some(path) = args.check_config {
         let (cfg, link) = BobConfig::load(&path)?;

@@ -27,6 +27,45 @@ pub fn harden_process() -> Vec<String> {
     failed
 }
 
+/// Locks the daemon's memory in RAM where the system allows it, so that no page holding a key
+/// is ever written to swap: `mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)` (mlockall(2);
+/// with `MCL_ONFAULT` pages are locked as they are touched, so thread stacks and arenas reserved
+/// but unused cost nothing). Only when nothing limits the locked memory: `RLIMIT_MEMLOCK`
+/// unlimited (the systemd units set `LimitMEMLOCK=infinity`) or `CAP_IPC_LOCK` in effect
+/// (capabilities(7): it lifts the limit). Under a finite limit every allocation past it would
+/// fail, so the daemon does not lock and says so. `Ok` with what was done (for an info line),
+/// `Err` with what failed (for a warning).
+pub fn lock_memory() -> Result<String, String> {
+    use rustix::mm::{MlockAllFlags, mlockall};
+    use rustix::process::{Resource, getrlimit};
+    let limit = getrlimit(Resource::Memlock).current;
+    if limit.is_some() && !has_cap_ipc_lock() {
+        return Ok(format!(
+            "memory not locked in RAM: RLIMIT_MEMLOCK is {} bytes, not unlimited, and CAP_IPC_LOCK is not in effect \
+             (LimitMEMLOCK=infinity in the unit, or `ulimit -l unlimited`, turns locking on; the units' \
+             MemorySwapMax=0 keeps pages out of swap meanwhile)",
+            limit.unwrap_or_default()
+        ));
+    }
+    match mlockall(MlockAllFlags::CURRENT | MlockAllFlags::FUTURE | MlockAllFlags::ONFAULT) {
+        Ok(()) => Ok("memory locked in RAM (mlockall): no key page can be swapped out".into()),
+        Err(e) => Err(format!("locking memory in RAM (mlockall): {e}; key pages may be swapped out")),
+    }
+}
+
+/// Whether `CAP_IPC_LOCK` (capability 14, linux/capability.h) is in this process's effective set
+/// (`CapEff` of /proc/self/status, proc(5)).
+fn has_cap_ipc_lock() -> bool {
+    const CAP_IPC_LOCK: u32 = 14;
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim().to_owned();
+            u64::from_str_radix(&hex, 16).ok()
+        })
+        .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
+}
+
 /// Creates `dir` (and its parents) if missing and makes it private (0700) whatever it was.
 pub fn private_dir(dir: &std::path::Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;

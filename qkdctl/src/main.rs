@@ -177,6 +177,10 @@ fn run_daemon(role: &str, config: &std::path::Path) -> anyhow::Result<()> {
     for failure in common::service::harden_process() {
         tracing::warn!("process hardening: {failure}");
     }
+    match common::service::lock_memory() {
+        Ok(done) => tracing::info!("{done}"),
+        Err(failure) => tracing::warn!("process hardening: {failure}"),
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     match role {
         "alice" => runtime.block_on(alice::run_from_config(config, None)),

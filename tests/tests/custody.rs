@@ -256,6 +256,29 @@ impl Daemon {
         Self { name, child, log }
     }
 
+    /// As [`Daemon::start`], with locking memory in RAM not allowed: `RLIMIT_MEMLOCK` of 8 MiB
+    /// and `CAP_IPC_LOCK` dropped (`setpriv`, util-linux), through a shell that `exec`s, so the
+    /// child's PID is the daemon's.
+    fn start_without_memlock(name: &'static str, config: &Path, log: PathBuf) -> Self {
+        let child = std::process::Command::new("sh")
+            .arg("-c")
+            .arg("ulimit -l 8192 && exec setpriv --bounding-set -ipc_lock \"$0\" --config \"$1\"")
+            .arg(workspace_binary(name))
+            .arg(config)
+            .stderr(std::fs::File::create(&log).expect("create the log"))
+            .spawn()
+            .unwrap_or_else(|e| panic!("start {name}: {e}"));
+        Self { name, child, log }
+    }
+
+    /// Kilobytes of the daemon's memory locked in RAM (`VmLck` of /proc/PID/status).
+    fn locked_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).expect("read /proc/PID/status");
+        let line = status.lines().find(|l| l.starts_with("VmLck:")).expect("a VmLck line");
+        line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("VmLck in kB")
+    }
+
     /// SIGTERM, and the exit status is success.
     fn stop(mut self) {
         let pid = self.child.id().to_string();
@@ -321,11 +344,22 @@ async fn delivered_keys_are_not_in_the_daemons_memory() {
     let (alice_toml, bob_toml) = (lab.dir.0.join("alice.toml"), lab.dir.0.join("bob.toml"));
     std::fs::write(&alice_toml, toml::to_string(&alice_cfg).expect("alice toml")).unwrap();
     std::fs::write(&bob_toml, toml::to_string(&bob_cfg).expect("bob toml")).unwrap();
+    // Alice may lock her memory in RAM (this test runs as root, CAP_IPC_LOCK in effect, as
+    // LimitMEMLOCK=infinity allows under systemd), Bob may not.
     let alice = Daemon::start("alice", &alice_toml, lab.dir.0.join("alice.log"));
-    let bob = Daemon::start("bob", &bob_toml, lab.dir.0.join("bob.log"));
+    let bob = Daemon::start_without_memlock("bob", &bob_toml, lab.dir.0.join("bob.log"));
 
     wait_for_keys(&lab, etsi_a, etsi_b, 4).await;
     let delivered = deliver_both_ways(&lab, etsi_a, etsi_b).await;
+
+    // Where RLIMIT_MEMLOCK allows it, the daemon's pages are locked (none can be swapped out);
+    // elsewhere it says why it did not lock them.
+    let log = |d: &Daemon| std::fs::read_to_string(&d.log).unwrap_or_default();
+    assert!(log(&alice).contains("memory locked in RAM"), "alice's log:\n{}", log(&alice));
+    assert!(alice.locked_kib() > 1024, "alice locked only {} kB", alice.locked_kib());
+    eprintln!("alice: {} kB of memory locked in RAM; bob: none (not allowed)", alice.locked_kib());
+    assert!(log(&bob).contains("memory not locked in RAM: RLIMIT_MEMLOCK is"), "bob's log:\n{}", log(&bob));
+    assert_eq!(bob.locked_kib(), 0);
 
     // The clients have closed their connections; the KMEs end their side when they read the
     // close, so the search is repeated (for up to 10 s) while it still finds a key.
