@@ -77,6 +77,12 @@ const CANCEL_FIRST_DELAY: Duration = Duration::from_millis(100);
 /// Longest delay between two attempts to cancel a reservation in doubt.
 const CANCEL_MAX_DELAY: Duration = Duration::from_secs(5);
 
+/// After a search for this KME's own units came up short, the next searches skip them (and go
+/// straight to the peer's) for this long, unless the peer's are short too: a search for own
+/// units among a store of the peer's reads the whole pool, which would be paid on every Get key
+/// while a one-way load borrows.
+const OWN_UNITS_RESEARCH_PERIOD: Duration = Duration::from_secs(1);
+
 /// A failed cancellation is logged at warn on the first attempt and then every this many.
 const CANCEL_WARN_EVERY: u32 = 12;
 
@@ -93,12 +99,8 @@ struct Inner {
     peer: Arc<dyn ReservePeer>,
     /// Units picked by a Get key in progress or in doubt (never picked twice).
     in_flight: Mutex<HashSet<Uuid>>,
-    /// The last unit picked: the next search starts after it (see
-    /// [`SledStore::select_ready_units_after`]). Only used with `in_flight` locked.
-    pick_cursor: Mutex<Option<Uuid>>,
-    /// The same for the peer's units, when this KME borrows them. It starts at a random ID, so
-    /// that a borrowing KME seldom reaches for the units the owner picks next.
-    borrow_cursor: Mutex<Option<Uuid>>,
+    /// Where the next searches for units start. Only used with `in_flight` locked.
+    pick: Mutex<PickState>,
     /// How many of the in-flight units wait for the peer's answer to a cancellation.
     in_doubt: AtomicUsize,
     /// The tasks settling reservations in doubt.
@@ -111,6 +113,18 @@ struct Inner {
     audit: std::sync::OnceLock<AuditLog>,
     /// Where the HTTPS server's request metrics go ([`KmeState::set_metrics_recorder`]).
     metrics: std::sync::OnceLock<crate::server::SharedRecorder>,
+}
+
+/// Where the searches for ready units start ([`KmeState`]'s picker).
+struct PickState {
+    /// The last own unit picked: the next search starts after it (see
+    /// [`SledStore::select_ready_units_after`]).
+    own_cursor: Option<Uuid>,
+    /// The same for the peer's units, when this KME borrows them. It starts at a random ID, so
+    /// that a borrowing KME seldom reaches for the units the owner picks next.
+    borrow_cursor: Option<Uuid>,
+    /// When a search for own units last came up short (see [`OWN_UNITS_RESEARCH_PERIOD`]).
+    own_short_at: Option<std::time::Instant>,
 }
 
 /// A Get key that passed every check: who, how many, how big.
@@ -142,8 +156,11 @@ impl KmeState {
                 store,
                 peer,
                 in_flight: Mutex::new(HashSet::new()),
-                pick_cursor: Mutex::new(None),
-                borrow_cursor: Mutex::new(Some(Uuid::new_v4())),
+                pick: Mutex::new(PickState {
+                    own_cursor: None,
+                    borrow_cursor: Some(Uuid::new_v4()),
+                    own_short_at: None,
+                }),
                 in_doubt: AtomicUsize::new(0),
                 tasks: TaskTracker::new(),
                 shutdown: CancellationToken::new(),
@@ -754,34 +771,44 @@ impl KmeState {
         let inner = &self.inner;
         // Invariant: no code panics while holding these locks, so they are never poisoned.
         let mut in_flight = inner.in_flight.lock().expect("in-flight lock poisoned");
-        let mut cursor = inner.pick_cursor.lock().expect("pick cursor lock poisoned");
+        let mut pick = inner.pick.lock().expect("pick state lock poisoned");
         let side = inner.side;
-        let mut units = inner
-            .store
-            .select_ready_units_after(cursor.as_ref(), n_units, |id| {
-                side.owns(id) && !in_flight.contains(id) && !exclude.contains(id)
-            })
-            .map_err(|e| store_unavailable(&e))?;
-        let n_owned = units.len();
-        if n_owned < n_units {
-            let mut borrow_cursor = inner.borrow_cursor.lock().expect("borrow cursor lock poisoned");
+        let free = |id: &Uuid| !in_flight.contains(id) && !exclude.contains(id);
+        let search_own = |pick: &mut PickState, n: usize| {
+            let units = inner
+                .store
+                .select_ready_units_after(pick.own_cursor.as_ref(), n, |id| side.owns(id) && free(id))
+                .map_err(|e| store_unavailable(&e))?;
+            if let Some(last) = units.last() {
+                pick.own_cursor = Some(last.key_id);
+            }
+            pick.own_short_at = (units.len() < n).then(std::time::Instant::now);
+            Ok::<_, EtsiError>(units)
+        };
+        let skip_own = pick.own_short_at.is_some_and(|at| at.elapsed() < OWN_UNITS_RESEARCH_PERIOD);
+        let mut units = if skip_own { Vec::new() } else { search_own(&mut pick, n_units)? };
+        if units.len() < n_units {
             let borrowed = inner
                 .store
-                .select_ready_units_after(borrow_cursor.as_ref(), n_units - n_owned, |id| {
-                    !side.owns(id) && !in_flight.contains(id) && !exclude.contains(id)
+                .select_ready_units_after(pick.borrow_cursor.as_ref(), n_units - units.len(), |id| {
+                    !side.owns(id) && free(id)
                 })
                 .map_err(|e| store_unavailable(&e))?;
-            if n_owned + borrowed.len() < n_units {
-                return Ok(Err(n_owned + borrowed.len()));
+            if let Some(last) = borrowed.last() {
+                pick.borrow_cursor = Some(last.key_id);
             }
-            *borrow_cursor = borrowed.last().map(|u| u.key_id);
             units.extend(borrowed);
         }
-        if let Some(last_owned) = units[..n_owned].last() {
-            *cursor = Some(last_owned.key_id);
+        if units.len() < n_units && skip_own {
+            // The peer's units are short too: own units may have come since the last search.
+            let own = search_own(&mut pick, n_units - units.len())?;
+            units.extend(own);
+        }
+        if units.len() < n_units {
+            return Ok(Err(units.len()));
         }
         in_flight.extend(units.iter().map(|u| u.key_id));
-        drop((cursor, in_flight));
+        drop((pick, in_flight));
         let marks =
             InFlightMarks { inner: inner.clone(), ids: units.iter().map(|u| u.key_id).collect(), in_doubt: false };
         Ok(Ok(InFlight { marks, units }))
