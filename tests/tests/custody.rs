@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use base64::Engine;
+use common::config::{AliceConfig, BobConfig};
 use qkd_kme::KmeConfig;
 use qkd_store::{BlockMeta, Kek, KeyStore, KeyUnit, SledStore};
 use serde_json::{Value, json};
@@ -110,6 +111,42 @@ fn grep(dirs: &[PathBuf], needle: &[u8]) -> Vec<PathBuf> {
         .collect()
 }
 
+/// A lab whose daemons serve keys through their KMEs (app-a at Alice's, app-b at Bob's): its
+/// listeners, the ETSI addresses, and the two configurations, to adjust before the daemons start
+/// ([`KmeLab::spawn`]).
+struct KmeLab {
+    lab: Lab,
+    grpc: tokio::net::TcpListener,
+    fibre: tokio::net::TcpListener,
+    etsi_a: std::net::SocketAddr,
+    etsi_b: std::net::SocketAddr,
+    alice_cfg: AliceConfig,
+    bob_cfg: BobConfig,
+}
+
+impl KmeLab {
+    async fn new(name: &str) -> Self {
+        let lab = Lab::new(name);
+        for (sae, _) in SAES {
+            lab.pki.ensure_sae(sae).expect("issue the SAE certificate");
+        }
+        let (grpc, fibre) = bind_pair().await;
+        let (etsi_a, etsi_b, peer_a, peer_b) = (free_addr(), free_addr(), free_addr(), free_addr());
+        let mut alice_cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+        alice_cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi_a, peer_a, peer_b));
+        let mut bob_cfg = lab.bob_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
+        bob_cfg.kme = Some(kme_config(&lab, "bob", "alice", etsi_b, peer_b, peer_a));
+        Self { lab, grpc, fibre, etsi_a, etsi_b, alice_cfg, bob_cfg }
+    }
+
+    /// Starts Alice and Bob with their configurations; returns the lab and the two daemons.
+    fn spawn(self) -> (Lab, std::net::SocketAddr, std::net::SocketAddr, Running, Running) {
+        let alice = spawn_alice_with(&self.lab, self.alice_cfg, self.grpc, Some(self.fibre));
+        let bob = spawn_bob_with(&self.lab, self.bob_cfg);
+        (self.lab, self.etsi_a, self.etsi_b, alice, bob)
+    }
+}
+
 /// Alice and Bob with their KMEs; the applications fetch keys both ways (master at one KME,
 /// slave at the other); the daemons stop. No file of either data directory (stores, slot files,
 /// audit logs, status files) holds a delivered key's bytes, raw, base64 or hex; nor does any hold
@@ -117,18 +154,7 @@ fn grep(dirs: &[PathBuf], needle: &[u8]) -> Vec<PathBuf> {
 /// search reads every file).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delivered_keys_leave_no_trace_in_the_data_directories() {
-    let lab = Lab::new("custody");
-    for (sae, _) in SAES {
-        lab.pki.ensure_sae(sae).expect("issue the SAE certificate");
-    }
-    let (grpc, fibre) = bind_pair().await;
-    let (etsi_a, etsi_b, peer_a, peer_b) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let mut alice_cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
-    alice_cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi_a, peer_a, peer_b));
-    let mut bob_cfg = lab.bob_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
-    bob_cfg.kme = Some(kme_config(&lab, "bob", "alice", etsi_b, peer_b, peer_a));
-    let alice = spawn_alice_with(&lab, alice_cfg, grpc, Some(fibre));
-    let bob = spawn_bob_with(&lab, bob_cfg);
+    let (lab, etsi_a, etsi_b, alice, bob) = KmeLab::new("custody").await.spawn();
 
     wait_for_keys(&lab, etsi_a, etsi_b, 4).await;
     let delivered = deliver_both_ways(&lab, etsi_a, etsi_b).await;
@@ -491,19 +517,9 @@ async fn a_kme_with_a_wrong_or_missing_kek_refuses_to_serve_and_leaves_the_store
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_way_use_drains_a_full_store_and_the_link_resumes() {
     const MAX_STORED_UNITS: u64 = 40;
-    let lab = Lab::new("oneway");
-    for (sae, _) in SAES {
-        lab.pki.ensure_sae(sae).expect("issue the SAE certificate");
-    }
-    let (grpc, fibre) = bind_pair().await;
-    let (etsi_a, etsi_b, peer_a, peer_b) = (free_addr(), free_addr(), free_addr(), free_addr());
-    let mut alice_cfg = lab.alice_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
-    alice_cfg.kme = Some(kme_config(&lab, "alice", "bob", etsi_a, peer_a, peer_b));
-    let mut bob_cfg = lab.bob_config(grpc.local_addr().unwrap(), fibre.local_addr().unwrap());
-    bob_cfg.kme = Some(kme_config(&lab, "bob", "alice", etsi_b, peer_b, peer_a));
-    bob_cfg.max_stored_units = MAX_STORED_UNITS;
-    let alice = spawn_alice_with(&lab, alice_cfg, grpc, Some(fibre));
-    let bob = spawn_bob_with(&lab, bob_cfg);
+    let mut kme_lab = KmeLab::new("oneway").await;
+    kme_lab.bob_cfg.max_stored_units = MAX_STORED_UNITS;
+    let (lab, etsi_a, etsi_b, alice, bob) = kme_lab.spawn();
 
     let full = wait_for("a block aborted because Bob's store is full", Duration::from_secs(180), || {
         lab.status("bob").filter(|s| {

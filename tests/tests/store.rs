@@ -524,16 +524,17 @@ fn a_full_filesystem_fails_writes_clearly_and_the_store_works_again_once_space_i
             fill(&filler);
             let error = write_until_full(&store);
             assert!(qkd_store::is_disk_full(&error), "{error}");
-            let mut answers = Vec::new();
-            answers.push(store.n_units().map(|_| ()));
-            answers.push(store.summary().map(|_| ()));
-            answers.push(store.blocks().map(|_| ()));
-            answers.push(store.pending_blocks().map(|_| ()));
-            answers.push(store.select_ready_units(10_000, |_| true).map(|_| ()));
-            answers.push(store.count_ready_units(usize::MAX, |_| true).map(|_| ()));
-            answers.push(store.reserved_key_count().map(|_| ()));
-            answers.push(store.verify().map(|_| ()));
-            answers.push(store.put_pending(&block_meta(10, 60), &key_units(10, 60)));
+            let answers = vec![
+                store.n_units().map(|_| ()),
+                store.summary().map(|_| ()),
+                store.blocks().map(|_| ()),
+                store.pending_blocks().map(|_| ()),
+                store.select_ready_units(10_000, |_| true).map(|_| ()),
+                store.count_ready_units(usize::MAX, |_| true).map(|_| ()),
+                store.reserved_key_count().map(|_| ()),
+                store.verify().map(|_| ()),
+                store.put_pending(&block_meta(10, 60), &key_units(10, 60)),
+            ];
             for answer in &answers {
                 if let Err(e) = answer {
                     assert!(qkd_store::is_disk_full(e), "a failure while the disk is full says so: {e}");
