@@ -18,7 +18,7 @@ use qkd_kme::{
     SaeId,
 };
 use qkd_store::kme::UNIT_BYTES;
-use qkd_store::{BlockMeta, KeyStore, KeyUnit, SledStore};
+use qkd_store::{KeyStore, KeyUnit, SledStore};
 use uuid::Uuid;
 use zeroize::Zeroizing;
 
@@ -66,17 +66,7 @@ fn main() {
             KeyUnit { key_id: Uuid::from_bytes(id), key: Zeroizing::new(vec![0x5a; UNIT_BYTES]) }
         })
         .collect();
-    let meta = BlockMeta {
-        block_id: Uuid::new_v4(),
-        created_unix_ms: 0,
-        n_sifted_bits: 0,
-        qber_z: 0.0,
-        qber_x: 0.0,
-        phase_error_upper: 0.0,
-        leak_bits: 0,
-        final_bits: 8 * (UNIT_BYTES * n_units) as u64,
-        simulated: false,
-    };
+    let meta = qkd_kme::pair::test_block_meta(n_units, false);
     let stores = [SledStore::temporary().expect("store"), SledStore::temporary().expect("store")];
     for store in &stores {
         store.put_ready(&meta, &units).expect("fill the store");

@@ -221,18 +221,8 @@ impl KmePair {
     pub async fn start(options: &PairOptions, pki_dir: &Path) -> Result<Self, PairError> {
         let pki = PairPki::new(pki_dir)?;
         let units = random_units(options.n_units);
-        let meta = BlockMeta {
-            block_id: Uuid::new_v4(),
-            created_unix_ms: 0,
-            n_sifted_bits: 0,
-            qber_z: 0.0,
-            qber_x: 0.0,
-            phase_error_upper: 0.0,
-            leak_bits: 0,
-            final_bits: 8 * (UNIT_BYTES * options.n_units) as u64,
-            // Random test keys, not a QKD link's: marked (and served) as simulated.
-            simulated: true,
-        };
+        // Random test keys, not a QKD link's: marked (and served) as simulated.
+        let meta = test_block_meta(options.n_units, true);
         let bind = || async { TcpListener::bind("127.0.0.1:0").await.map_err(PairError::Bind) };
         let (https_a, peer_a, https_b, peer_b) = (bind().await?, bind().await?, bind().await?, bind().await?);
         let (peer_addr_a, peer_addr_b) = (local(&peer_a)?, local(&peer_b)?);
@@ -301,6 +291,22 @@ impl KmePair {
 
 fn local(listener: &TcpListener) -> Result<SocketAddr, PairError> {
     listener.local_addr().map_err(PairError::Bind)
+}
+
+/// Metadata of a fresh block of `n_units` ready units made up for a test or a benchmark (the KME
+/// reads only the units; the link's statistics are zero).
+pub fn test_block_meta(n_units: usize, simulated: bool) -> BlockMeta {
+    BlockMeta {
+        block_id: Uuid::new_v4(),
+        created_unix_ms: 0,
+        n_sifted_bits: 0,
+        qber_z: 0.0,
+        qber_x: 0.0,
+        phase_error_upper: 0.0,
+        leak_bits: 0,
+        final_bits: 8 * (UNIT_BYTES * n_units) as u64,
+        simulated,
+    }
 }
 
 /// `n` units of random bytes with random UUIDs whose last byte alternates parity, so that each

@@ -310,17 +310,7 @@ fn lossy_pair(n_units: usize, peer: LossyPeer) -> (KmeState, KmeState, Arc<Lossy
 
 /// Metadata of a fresh block of `n_units` units (the KME reads only the units).
 fn block_meta(n_units: usize) -> BlockMeta {
-    BlockMeta {
-        block_id: Uuid::new_v4(),
-        created_unix_ms: 0,
-        n_sifted_bits: 0,
-        qber_z: 0.0,
-        qber_x: 0.0,
-        phase_error_upper: 0.0,
-        leak_bits: 0,
-        final_bits: 256 * n_units as u64,
-        simulated: false,
-    }
+    super::pair::test_block_meta(n_units, false)
 }
 
 /// Two stores holding the same `n_units` random ready units.
